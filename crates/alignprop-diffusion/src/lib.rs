@@ -1,0 +1,25 @@
+//! Stable Diffusion 1.5 networks for [burn](https://burn.dev), generic over the backend.
+//!
+//! - [`unet`]: `UNet2DConditionModel` (diffusers), sized entirely by its `config.json`.
+//! - [`vae`]: `AutoencoderKL` encoder and decoder.
+//! - [`clip`]: the CLIP text encoder (transformers `CLIPTextModel`) and [`tokenizer`]: the CLIP BPE tokenizer.
+//! - [`weights`]: safetensors loading by the diffusers / transformers tensor names ([`weights::VarBuilder`]),
+//!   with clear errors naming the file, the key and the expected and found shapes.
+//! - [`single_file`]: the original single-file SD1.5 checkpoint layout (`model.diffusion_model.*`, ...).
+//! - [`pipeline_files`]: a diffusers model folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, ...).
+//! - [`device`]: run-time choice of the CPU (`Flex`) or CUDA backend.
+//!
+//! Every model is built through one code path, [`weights::VarBuilder`], which either reads tensors from files or
+//! initialises them randomly (for tests and benchmarks of the full-size architecture without weights).
+
+pub mod clip;
+pub mod device;
+pub mod nn;
+pub mod pipeline_files;
+pub mod single_file;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use weights::{VarBuilder, WeightError};

@@ -1,0 +1,226 @@
+//! Building blocks shared by the UNet, the VAE and CLIP: linear, convolution, group and layer norms, attention.
+//!
+//! Parameters keep PyTorch's layouts (`Linear.weight` is `[out, in]`, `Conv2d.weight` is
+//! `[out, in, kh, kw]`), so files load and save without transposition.
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
+use burn::tensor::{Tensor, activation};
+
+use crate::weights::{Init, Result, VarBuilder};
+
+/// Wraps a loaded tensor as a parameter. Parameters start frozen: base weights of SD are never trained;
+/// trainable adapters (LoRA) turn gradients on for their own tensors.
+pub fn param<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
+    Param::from_tensor(t).set_require_grad(false)
+}
+
+/// `y = x W^T + b`, applied to the last dimension.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[out_features, in_features]`
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out_features]`
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Loads `weight` (and `bias` when `bias` is true) under `vb`.
+    pub fn new(vb: &VarBuilder<B>, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let init = Init::fan_in(in_features);
+        let weight = param(vb.get([out_features, in_features], "weight", init)?);
+        let bias = if bias {
+            Some(param(vb.get([out_features], "bias", init)?))
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// Same as [`Linear::new`] but the weight may be stored under one of several names (legacy layouts).
+    pub fn new_any(vb: &VarBuilder<B>, names: &[&str], in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
+        for name in &names[..names.len() - 1] {
+            if vb.contains(&format!("{name}.weight")) {
+                return Self::new(&vb.pp(name), in_f, out_f, bias);
+            }
+        }
+        Self::new(&vb.pp(names[names.len() - 1]), in_f, out_f, bias)
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// `x`: `[..., in_features]` -> `[..., out_features]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let x2: Tensor<B, 2> = x.reshape([rows, dims[D - 1]]);
+        let mut y = x2.matmul(self.weight.val().transpose());
+        if let Some(b) = &self.bias {
+            y = y + b.val().unsqueeze::<2>();
+        }
+        let mut out = dims;
+        out[D - 1] = self.out_features();
+        y.reshape(out)
+    }
+}
+
+/// 2-D convolution with square kernel, stride and symmetric zero padding.
+#[derive(Module, Debug)]
+pub struct Conv2d<B: Backend> {
+    /// `[out_channels, in_channels, kernel, kernel]`
+    pub weight: Param<Tensor<B, 4>>,
+    /// `[out_channels]`
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl<B: Backend> Conv2d<B> {
+    pub fn new(
+        vb: &VarBuilder<B>,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let init = Init::fan_in(in_channels * kernel * kernel);
+        Ok(Self {
+            weight: param(vb.get([out_channels, in_channels, kernel, kernel], "weight", init)?),
+            bias: Some(param(vb.get([out_channels], "bias", init)?)),
+            stride,
+            padding,
+        })
+    }
+
+    /// `x`: `[batch, in_channels, height, width]` -> `[batch, out_channels, height', width']`.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        conv2d(
+            x,
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+            ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1),
+        )
+    }
+}
+
+/// Group normalisation over `[batch, channels, ...]` with a per-channel affine transform.
+#[derive(Module, Debug)]
+pub struct GroupNorm<B: Backend> {
+    /// `[channels]`
+    pub weight: Param<Tensor<B, 1>>,
+    /// `[channels]`
+    pub bias: Param<Tensor<B, 1>>,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl<B: Backend> GroupNorm<B> {
+    pub fn new(vb: &VarBuilder<B>, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: param(vb.get([channels], "weight", Init::Ones)?),
+            bias: param(vb.get([channels], "bias", Init::Zeros)?),
+            groups,
+            eps,
+        })
+    }
+
+    /// `x`: `[batch, channels, ...]` (any rank >= 3), same shape out.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let (b, c) = (dims[0], dims[1]);
+        let spatial: usize = dims[2..].iter().product();
+        let n = c / self.groups * spatial;
+        let g = x.reshape([b, self.groups, n]);
+        let mean = g.clone().mean_dim(2);
+        let centred = g - mean;
+        let var = centred.clone().square().mean_dim(2);
+        let normed = centred / (var + self.eps).sqrt();
+        // Affine as one scalar per (batch, channel) row: the layout burn's CPU backend broadcasts fastest.
+        let rows = normed.reshape([b * c, spatial]);
+        let w = self.weight.val().reshape([1, c]).repeat_dim(0, b).reshape([b * c, 1]);
+        let bias = self.bias.val().reshape([1, c]).repeat_dim(0, b).reshape([b * c, 1]);
+        (rows * w + bias).reshape(dims)
+    }
+}
+
+/// Layer normalisation over the last dimension.
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    /// `[features]`
+    pub weight: Param<Tensor<B, 1>>,
+    /// `[features]`
+    pub bias: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    pub fn new(vb: &VarBuilder<B>, features: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: param(vb.get([features], "weight", Init::Ones)?),
+            bias: param(vb.get([features], "bias", Init::Zeros)?),
+            eps,
+        })
+    }
+
+    /// `x`: `[..., features]`, same shape out.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let f = dims[D - 1];
+        let rows: usize = dims[..D - 1].iter().product();
+        let x2: Tensor<B, 2> = x.reshape([rows, f]);
+        let mean = x2.clone().mean_dim(1);
+        let centred = x2 - mean;
+        let var = centred.clone().square().mean_dim(1);
+        let normed = centred / (var + self.eps).sqrt();
+        let y = normed * self.weight.val().unsqueeze::<2>() + self.bias.val().unsqueeze::<2>();
+        y.reshape(dims)
+    }
+}
+
+/// `x * sigmoid(x)`.
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    activation::silu(x)
+}
+
+/// Exact (erf) GELU, as `torch.nn.functional.gelu`.
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    activation::gelu(x)
+}
+
+/// CLIP's `quick_gelu`: `x * sigmoid(1.702 x)`.
+pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.clone() * activation::sigmoid(x * 1.702)
+}
+
+/// Multi-head scaled dot-product attention on token sequences.
+///
+/// `q`: `[batch, n_q, heads * d]`, `k`, `v`: `[batch, n_kv, heads * d]` -> `[batch, n_q, heads * d]`.
+/// Scale `1 / sqrt(d)`; `causal` masks keys after each query (CLIP text encoder).
+pub fn multi_head_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    causal: bool,
+) -> Tensor<B, 3> {
+    let [b, n_q, c] = q.dims();
+    let n_kv = k.dims()[1];
+    let d = c / heads;
+    let split = |t: Tensor<B, 3>, n: usize| t.reshape([b, n, heads, d]).swap_dims(1, 2);
+    let options = AttentionModuleOptions {
+        scale: Some(1.0 / (d as f64).sqrt()),
+        softcap: None,
+        is_causal: causal,
+    };
+    let out = burn::tensor::module::attention(split(q, n_q), split(k, n_kv), split(v, n_kv), None, None, options);
+    out.swap_dims(1, 2).reshape([b, n_q, c])
+}

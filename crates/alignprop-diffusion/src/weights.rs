@@ -1,0 +1,439 @@
+//! Loading tensors by name from safetensors files, or initialising them randomly, through one interface.
+//!
+//! Models are built with a [`VarBuilder`]: `vb.pp("down_blocks").pp(0).get([c_out, c_in], "weight", init)`.
+//! Backed by files, it reads the tensor stored under the full dotted key (`down_blocks.0.weight`), checks the
+//! shape and converts the stored dtype (F32, F16, BF16, F64) to the model's dtype. Backed by nothing, it draws the
+//! tensor from `init`, so the full-size architecture can be built and run without any download.
+//!
+//! Files are memory-mapped and never executed: safetensors holds raw little-endian data and a JSON header only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Distribution, Tensor, TensorData};
+use safetensors::{Dtype as StDtype, SafeTensors};
+
+/// Everything that can go wrong while reading weights. Messages name the file, the tensor key and the shapes.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid safetensors file ({msg})")]
+    Format { path: PathBuf, msg: String },
+    #[error("tensor '{key}' not found in {files}{hint}")]
+    Missing {
+        key: String,
+        files: String,
+        hint: String,
+    },
+    #[error("{path}: tensor '{key}': expected shape {expected:?}, found {found:?}")]
+    Shape {
+        path: PathBuf,
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{path}: tensor '{key}': unsupported dtype {dtype} (supported: F32, F16, BF16, F64)")]
+    Dtype {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+    },
+    #[error("{path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+}
+
+pub type Result<T> = std::result::Result<T, WeightError>;
+
+/// One stored tensor: raw bytes, dtype and shape, plus where it came from (for error messages).
+#[derive(Clone)]
+pub struct RawTensor {
+    pub data: TensorData,
+    pub shape: Vec<usize>,
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// The key under which it is stored in that file (may differ from the requested key, see [`Renamed`]).
+    pub stored_key: String,
+}
+
+/// A place tensors are looked up by name.
+pub trait TensorSource: Send + Sync {
+    /// The tensor stored for `key`, if any.
+    fn find(&self, key: &str) -> Result<Option<RawTensor>>;
+    /// The files behind this source, for error messages.
+    fn describe(&self) -> String;
+    /// The key as it is looked up in the files (differs for renaming sources).
+    fn stored_key(&self, key: &str) -> String {
+        key.to_string()
+    }
+    /// All keys this source holds, in the source's own naming.
+    fn keys(&self) -> Vec<String>;
+}
+
+struct MappedFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    /// Offset of the data section from the start of the file.
+    data_start: usize,
+    tensors: HashMap<String, (StDtype, Vec<usize>, (usize, usize))>,
+    metadata: BTreeMap<String, String>,
+}
+
+/// One or more safetensors files, memory-mapped (a sharded checkpoint is just several files).
+pub struct SafetensorsSource {
+    files: Vec<MappedFile>,
+    index: HashMap<String, usize>,
+}
+
+impl SafetensorsSource {
+    /// Opens and indexes the given files. A key present in two files is taken from the first.
+    pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let path = path.as_ref().to_path_buf();
+            let file = std::fs::File::open(&path).map_err(|source| WeightError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: the map is read-only and the file is not modified by this process while mapped.
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| WeightError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| WeightError::Format {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
+            let tensors: HashMap<_, _> = meta
+                .tensors()
+                .into_iter()
+                .map(|(k, info)| (k, (info.dtype, info.shape.clone(), info.data_offsets)))
+                .collect();
+            for k in tensors.keys() {
+                index.entry(k.clone()).or_insert(i);
+            }
+            let metadata = meta
+                .metadata()
+                .as_ref()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default();
+            files.push(MappedFile {
+                path,
+                mmap,
+                data_start: 8 + header_len,
+                tensors,
+                metadata,
+            });
+        }
+        Ok(Self { files, index })
+    }
+
+    /// The `__metadata__` string map of the first file.
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        self.files.first().map(|f| f.metadata.clone()).unwrap_or_default()
+    }
+
+    /// Shape of a stored tensor, without reading it.
+    pub fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        let &i = self.index.get(key)?;
+        self.files[i].tensors.get(key).map(|t| t.1.clone())
+    }
+}
+
+fn to_burn_dtype(dtype: StDtype) -> Option<DType> {
+    Some(match dtype {
+        StDtype::F32 => DType::F32,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F64 => DType::F64,
+        StDtype::I64 => DType::I64,
+        StDtype::I32 => DType::I32,
+        _ => return None,
+    })
+}
+
+impl TensorSource for SafetensorsSource {
+    fn find(&self, key: &str) -> Result<Option<RawTensor>> {
+        let Some(&i) = self.index.get(key) else {
+            return Ok(None);
+        };
+        let file = &self.files[i];
+        let (dtype, shape, (start, end)) = &file.tensors[key];
+        let dt = to_burn_dtype(*dtype).ok_or_else(|| WeightError::Dtype {
+            path: file.path.clone(),
+            key: key.to_string(),
+            dtype: format!("{dtype:?}"),
+        })?;
+        let bytes = file
+            .mmap
+            .get(file.data_start + start..file.data_start + end)
+            .ok_or_else(|| WeightError::Format {
+                path: file.path.clone(),
+                msg: format!("tensor '{key}' lies outside the file"),
+            })?;
+        Ok(Some(RawTensor {
+            data: TensorData::from_bytes_vec(bytes.to_vec(), shape.clone(), dt),
+            shape: shape.clone(),
+            file: file.path.clone(),
+            stored_key: key.to_string(),
+        }))
+    }
+
+    fn describe(&self) -> String {
+        let names: Vec<String> = self.files.iter().map(|f| f.path.display().to_string()).collect();
+        names.join(", ")
+    }
+
+    fn keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.index.keys().cloned().collect();
+        k.sort();
+        k
+    }
+}
+
+/// A source that looks keys up under other names: `map(requested) -> stored`. Used for the single-file SD
+/// checkpoint layout and for optional prefixes.
+pub struct Renamed<S> {
+    pub inner: S,
+    pub map: Box<dyn Fn(&str) -> String + Send + Sync>,
+}
+
+impl<S: TensorSource> TensorSource for Renamed<S> {
+    fn find(&self, key: &str) -> Result<Option<RawTensor>> {
+        self.inner.find(&(self.map)(key))
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn stored_key(&self, key: &str) -> String {
+        self.inner.stored_key(&(self.map)(key))
+    }
+    fn keys(&self) -> Vec<String> {
+        self.inner.keys()
+    }
+}
+
+impl<S: TensorSource + ?Sized> TensorSource for Arc<S> {
+    fn find(&self, key: &str) -> Result<Option<RawTensor>> {
+        (**self).find(key)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn stored_key(&self, key: &str) -> String {
+        (**self).stored_key(key)
+    }
+    fn keys(&self) -> Vec<String> {
+        (**self).keys()
+    }
+}
+
+/// How a parameter is initialised when no file backs the builder.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Zeros,
+    Ones,
+    /// Uniform in `[-bound, bound]`.
+    Uniform(f64),
+    /// Normal with mean 0 and the given standard deviation.
+    Normal(f64),
+}
+
+impl Init {
+    /// PyTorch's default for `nn.Linear` / `nn.Conv2d` weights: uniform with bound `1 / sqrt(fan_in)`.
+    pub fn fan_in(fan_in: usize) -> Self {
+        Init::Uniform(1.0 / (fan_in as f64).sqrt())
+    }
+}
+
+enum Backing {
+    Files(Box<dyn TensorSource>),
+    Random,
+}
+
+struct Shared<B: Backend> {
+    backing: Backing,
+    device: B::Device,
+    dtype: DType,
+    /// Requested keys, recorded so callers can report tensors a file has that the model did not use.
+    used: Mutex<Vec<String>>,
+}
+
+/// Builds model parameters by dotted name, from files or from random initialisers. Cheap to clone.
+pub struct VarBuilder<B: Backend> {
+    shared: Arc<Shared<B>>,
+    prefix: String,
+}
+
+impl<B: Backend> Clone for VarBuilder<B> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            prefix: self.prefix.clone(),
+        }
+    }
+}
+
+impl<B: Backend> fmt::Debug for VarBuilder<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VarBuilder({:?} at '{}')", self.source_name(), self.prefix)
+    }
+}
+
+impl<B: Backend> VarBuilder<B> {
+    /// A builder reading from `source`, making tensors of `dtype` on `device`.
+    pub fn from_source(source: impl TensorSource + 'static, device: &B::Device, dtype: DType) -> Self {
+        Self::new(Backing::Files(Box::new(source)), device, dtype)
+    }
+
+    /// A builder reading the given safetensors files.
+    pub fn from_safetensors<P: AsRef<Path>>(paths: &[P], device: &B::Device, dtype: DType) -> Result<Self> {
+        Ok(Self::from_source(SafetensorsSource::open(paths)?, device, dtype))
+    }
+
+    /// A builder that initialises every tensor randomly (with `B::seed` set by the caller for reproducibility).
+    pub fn random(device: &B::Device, dtype: DType) -> Self {
+        Self::new(Backing::Random, device, dtype)
+    }
+
+    fn new(backing: Backing, device: &B::Device, dtype: DType) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                backing,
+                device: device.clone(),
+                dtype,
+                used: Mutex::new(Vec::new()),
+            }),
+            prefix: String::new(),
+        }
+    }
+
+    /// The builder for a sub-module: `vb.pp("down_blocks").pp(0)` reads `down_blocks.0.*`.
+    pub fn pp(&self, name: impl fmt::Display) -> Self {
+        let name = name.to_string();
+        let prefix = if self.prefix.is_empty() {
+            name
+        } else if name.is_empty() {
+            self.prefix.clone()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Self {
+            shared: self.shared.clone(),
+            prefix,
+        }
+    }
+
+    /// The full dotted key of `name` under this builder's prefix.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn device(&self) -> &B::Device {
+        &self.shared.device
+    }
+
+    /// The dtype of the tensors this builder makes (F32, F64, F16 or BF16).
+    pub fn dtype(&self) -> DType {
+        self.shared.dtype
+    }
+
+    /// Whether this builder initialises randomly instead of reading files.
+    pub fn is_random(&self) -> bool {
+        matches!(self.shared.backing, Backing::Random)
+    }
+
+    fn source_name(&self) -> String {
+        match &self.shared.backing {
+            Backing::Files(s) => s.describe(),
+            Backing::Random => "random init".into(),
+        }
+    }
+
+    /// Whether a tensor `name` exists under this prefix (always false for a random builder).
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.shared.backing {
+            Backing::Files(s) => matches!(s.find(&self.key(name)), Ok(Some(_))),
+            Backing::Random => false,
+        }
+    }
+
+    /// Reads (or initialises) the tensor `name` under this prefix, checking that it has `shape`.
+    ///
+    /// A stored tensor whose shape differs from `shape` only by trailing dimensions of size 1 is accepted and
+    /// reshaped (1x1 convolution weights stored where a linear layer expects a matrix, as in the original SD VAE).
+    pub fn get<const D: usize>(&self, shape: [usize; D], name: &str, init: Init) -> Result<Tensor<B, D>> {
+        let key = self.key(name);
+        let device = &self.shared.device;
+        let dtype = self.shared.dtype;
+        match &self.shared.backing {
+            Backing::Random => Ok(match init {
+                Init::Zeros => Tensor::zeros(shape, (device, dtype)),
+                Init::Ones => Tensor::ones(shape, (device, dtype)),
+                Init::Uniform(b) => Tensor::random(shape, Distribution::Uniform(-b, b), (device, dtype)),
+                Init::Normal(s) => Tensor::random(shape, Distribution::Normal(0.0, s), (device, dtype)),
+            }),
+            Backing::Files(source) => {
+                let raw = source.find(&key)?.ok_or_else(|| WeightError::Missing {
+                    key: source.stored_key(&key),
+                    files: source.describe(),
+                    hint: if source.stored_key(&key) != key {
+                        format!(" (the model's tensor '{key}')")
+                    } else {
+                        String::new()
+                    },
+                })?;
+                self.shared.used.lock().unwrap().push(key.clone());
+                let squeezed = |s: &[usize]| -> Vec<usize> {
+                    let mut v = s.to_vec();
+                    while v.len() > 1 && v.last() == Some(&1) {
+                        v.pop();
+                    }
+                    v
+                };
+                if raw.shape != shape && squeezed(&raw.shape) != squeezed(&shape) {
+                    return Err(WeightError::Shape {
+                        path: raw.file,
+                        key: raw.stored_key,
+                        expected: shape.to_vec(),
+                        found: raw.shape,
+                    });
+                }
+                let mut data = raw.data;
+                data.shape = shape.into();
+                Ok(Tensor::from_data(data, (device, dtype)))
+            }
+        }
+    }
+
+    /// Reads the first of several alternative names that exists (e.g. current and legacy diffusers names).
+    pub fn get_any<const D: usize>(&self, shape: [usize; D], names: &[&str], init: Init) -> Result<Tensor<B, D>> {
+        for name in &names[..names.len() - 1] {
+            if self.contains(name) {
+                return self.get(shape, name, init);
+            }
+        }
+        self.get(shape, names[names.len() - 1], init)
+    }
+
+    /// Keys requested so far (full dotted model names).
+    pub fn used_keys(&self) -> Vec<String> {
+        self.shared.used.lock().unwrap().clone()
+    }
+}
