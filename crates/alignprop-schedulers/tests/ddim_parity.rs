@@ -1,0 +1,134 @@
+//! DDIM against diffusers' DDIMScheduler (`tests/fixtures/tiny-sd/refs/ddim.safetensors`).
+
+use std::path::PathBuf;
+
+use alignprop_diffusion::weights::{SafetensorsSource, TensorSource};
+use alignprop_schedulers::{DdimScheduler, Scheduler, SchedulerConfig};
+use burn::tensor::{DType, Tensor};
+
+type B = burn::backend::Flex;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd")
+}
+
+fn refs() -> SafetensorsSource {
+    SafetensorsSource::open(&[fixture().join("refs/ddim.safetensors")]).unwrap()
+}
+
+fn values(src: &SafetensorsSource, key: &str) -> Vec<f64> {
+    let raw = src.find(key).unwrap().unwrap_or_else(|| panic!("missing {key}"));
+    raw.data.convert::<f64>().to_vec().unwrap()
+}
+
+fn tensor(src: &SafetensorsSource, key: &str, dtype: DType) -> Tensor<B, 4> {
+    let raw = src.find(key).unwrap().unwrap_or_else(|| panic!("missing {key}"));
+    Tensor::from_data(raw.data, (&Default::default(), dtype))
+}
+
+fn rel_err(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f64 {
+    let a: Vec<f64> = a.into_data().convert::<f64>().to_vec().unwrap();
+    let b: Vec<f64> = b.into_data().convert::<f64>().to_vec().unwrap();
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
+}
+
+fn sd15_config() -> SchedulerConfig {
+    SchedulerConfig::from_file(&fixture().join("scheduler/scheduler_config.json")).unwrap()
+}
+
+#[test]
+fn config_files_parse_to_sd15_defaults() {
+    assert_eq!(sd15_config(), SchedulerConfig::default());
+    // SD1.5 ships a PNDM config; DDIM built from it is the same schedule.
+    let pndm = SchedulerConfig::from_file(&fixture().join("extra/sd15_style_configs/scheduler_config.json")).unwrap();
+    assert_eq!(pndm, SchedulerConfig::default());
+}
+
+#[test]
+fn schedule_matches_diffusers_float32_values() {
+    let r = refs();
+    let cfg = sd15_config();
+    let betas = alignprop_schedulers::schedule::betas(&cfg).unwrap();
+    let ref_betas = values(&r, "betas");
+    // torch's vectorised linspace kernel rounds a few interior points differently (chunked arange); the
+    // values agree to within a few float32 ulps.
+    for (i, (a, b)) in betas.iter().zip(&ref_betas).enumerate() {
+        assert!(((*a as f64 - b) / b).abs() <= 5e-7, "beta[{i}]: {a} vs {b}");
+    }
+    let s = DdimScheduler::new(&cfg, 50, 0.0).unwrap();
+    let ref_ac = values(&r, "alphas_cumprod");
+    let max_rel = s
+        .alphas_cumprod()
+        .iter()
+        .zip(&ref_ac)
+        .map(|(a, b)| ((a - b) / b).abs())
+        .fold(0.0, f64::max);
+    assert!(max_rel <= 1.2e-7, "alphas_cumprod max rel err {max_rel:e}");
+    assert_eq!(s.final_alpha_cumprod(), values(&r, "final_alpha_cumprod")[0]);
+}
+
+#[test]
+fn timesteps_and_sigmas() {
+    let r = refs();
+    let cfg = sd15_config();
+    for n in [50usize, 4] {
+        let s = DdimScheduler::new(&cfg, n, 1.0).unwrap();
+        let t: Vec<f64> = s.timesteps().iter().map(|&t| t as f64).collect();
+        assert_eq!(t, values(&r, &format!("timesteps_{n}")), "timesteps_{n}");
+        let sig: Vec<f64> = (0..n).map(|i| s.sigma_eta1(i)).collect();
+        for (i, (a, b)) in sig.iter().zip(values(&r, &format!("sigma_eta1_{n}"))).enumerate() {
+            assert!(((a - b) / b).abs() < 1e-5, "sigma_eta1_{n}[{i}]: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn single_steps_eta0_and_eta1() {
+    let r = refs();
+    let cfg = sd15_config();
+    for dtype in [DType::F32, DType::F64] {
+        for eta in [0.0, 1.0] {
+            let s = DdimScheduler::new(&cfg, 50, eta).unwrap();
+            for t in [981usize, 481, 1] {
+                let i = s.timesteps().iter().position(|&x| x == t).unwrap();
+                let p = format!("step_t{t}");
+                let out = s.step(
+                    tensor(&r, &format!("{p}.model_output"), dtype),
+                    i,
+                    tensor(&r, &format!("{p}.sample"), dtype),
+                    Some(tensor(&r, &format!("{p}.variance_noise"), dtype)),
+                );
+                let e = eta as usize;
+                let prev = tensor(&r, &format!("{p}.eta{e}.prev_sample"), dtype);
+                let x0 = tensor(&r, &format!("{p}.eta{e}.pred_original_sample"), dtype);
+                let (ep, ex) = (rel_err(out.prev_sample, prev), rel_err(out.pred_original_sample, x0));
+                assert!(ep < 1e-5 && ex < 1e-5, "{dtype:?} eta {eta} t {t}: prev {ep:e}, x0 {ex:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn ddim_step_is_differentiable() {
+    use burn::backend::Autodiff;
+    type A = Autodiff<B>;
+    let s = DdimScheduler::new(&SchedulerConfig::default(), 50, 1.0).unwrap();
+    let device = Default::default();
+    let eps = Tensor::<A, 4>::ones([1, 4, 2, 2], &device).require_grad();
+    let x = Tensor::<A, 4>::ones([1, 4, 2, 2], &device).require_grad();
+    let z = Tensor::<A, 4>::zeros([1, 4, 2, 2], &device);
+    let i = 10;
+    let out = s.step(eps.clone(), i, x.clone(), Some(z)).prev_sample.sum();
+    let grads = out.backward();
+    let c = s.coefficients(i);
+    let (sa, sb) = (c.alpha_prod_t.sqrt(), (1.0 - c.alpha_prod_t).sqrt());
+    // x_prev = sqrt(a_prev) (x - sb eps) / sa + direction eps
+    let d_eps = -c.sqrt_alpha_prev * sb / sa + c.direction;
+    let d_x = c.sqrt_alpha_prev / sa;
+    let g_eps: Vec<f32> = eps.grad(&grads).unwrap().into_data().to_vec().unwrap();
+    let g_x: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+    assert!(g_eps.iter().all(|g| (*g as f64 - d_eps).abs() < 1e-5), "{g_eps:?} vs {d_eps}");
+    assert!(g_x.iter().all(|g| (*g as f64 - d_x).abs() < 1e-5), "{g_x:?} vs {d_x}");
+}

@@ -1,0 +1,83 @@
+//! `cargo xtask <command>`: project automation that is not part of the library crates.
+//!
+//! - `fixtures [--out DIR] [--preset public|alt]`: regenerate the tiny-SD parity fixtures with the reference Python
+//!   libraries (diffusers, transformers, torch from PyPI) in a virtual environment `.venv-fixtures/`, created on
+//!   first use from `xtask/fixtures/requirements.txt`. Default output: a temporary folder, so the committed fixtures
+//!   are only replaced on purpose (`--out tests/fixtures/tiny-sd`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("fixtures") => fixtures(&args[1..]),
+        Some("-h" | "--help") | None => {
+            print_help();
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command '{other}' (try `cargo xtask --help`)")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_help() {
+    println!(
+        "cargo xtask <command>\n\n\
+         commands:\n  \
+         fixtures [--out DIR] [--preset public|alt]   regenerate the parity fixtures (creates .venv-fixtures/ with\n                                               \
+         torch, diffusers, transformers from PyPI on first use; ~3 GB)"
+    );
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed with {status}")) }
+}
+
+/// The fixture venv's python, creating the venv from `xtask/fixtures/requirements.txt` when it is missing.
+fn fixture_python() -> Result<PathBuf, String> {
+    let venv = root().join(".venv-fixtures");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        eprintln!("creating {} with the reference libraries (torch, diffusers, transformers; ~3 GB)", venv.display());
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        let req = root().join("xtask/fixtures/requirements.txt");
+        run(Command::new(&python).args(["-m", "pip", "install", "-r"]).arg(&req))?;
+        // open_clip is only needed for its BPE vocabulary file; its dependencies are not.
+        run(Command::new(&python).args(["-m", "pip", "install", "--no-deps", "open_clip_torch==3.3.0"]))?;
+    }
+    Ok(python)
+}
+
+fn fixtures(args: &[String]) -> Result<(), String> {
+    let mut out = std::env::temp_dir().join("alignprop-fixtures");
+    let mut preset = "public".to_string();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--out" => out = PathBuf::from(it.next().ok_or("--out needs a folder")?),
+            "--preset" => preset = it.next().ok_or("--preset needs a name")?.clone(),
+            other => return Err(format!("unknown option '{other}' for `fixtures`")),
+        }
+    }
+    let python = fixture_python()?;
+    run(Command::new(python)
+        .arg(root().join("xtask/fixtures/make_fixtures.py"))
+        .arg("--out")
+        .arg(&out)
+        .args(["--preset", &preset]))?;
+    eprintln!("fixtures written to {}", out.display());
+    Ok(())
+}
