@@ -16,7 +16,9 @@ fn main() -> ExitCode {
             print_help();
             Ok(())
         }
-        Some(other) => Err(format!("unknown command '{other}' (try `cargo xtask --help`)")),
+        Some(other) => Err(format!(
+            "unknown command '{other}' (try `cargo xtask --help`)"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -37,13 +39,22 @@ fn print_help() {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
     eprintln!("+ {cmd:?}");
-    let status = cmd.status().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed with {status}")) }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed with {status}"))
+    }
 }
 
 /// The fixture venv's python, creating the venv from `xtask/fixtures/requirements.txt` when it is missing.
@@ -51,12 +62,23 @@ fn fixture_python() -> Result<PathBuf, String> {
     let venv = root().join(".venv-fixtures");
     let python = venv.join("bin/python");
     if !python.exists() {
-        eprintln!("creating {} with the reference libraries (torch, diffusers, transformers; ~3 GB)", venv.display());
+        eprintln!(
+            "creating {} with the reference libraries (torch, diffusers, transformers; ~3 GB)",
+            venv.display()
+        );
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
         let req = root().join("xtask/fixtures/requirements.txt");
-        run(Command::new(&python).args(["-m", "pip", "install", "-r"]).arg(&req))?;
+        run(Command::new(&python)
+            .args(["-m", "pip", "install", "-r"])
+            .arg(&req))?;
         // open_clip is only needed for its BPE vocabulary file; its dependencies are not.
-        run(Command::new(&python).args(["-m", "pip", "install", "--no-deps", "open_clip_torch==3.3.0"]))?;
+        run(Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "open_clip_torch==3.3.0",
+        ]))?;
     }
     Ok(python)
 }

@@ -31,7 +31,9 @@ impl FromStr for DeviceChoice {
             "cuda" | "gpu" => Ok(Self::Cuda(0)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(i)) => Ok(Self::Cuda(i)),
-                _ => Err(format!("unknown device '{s}' (expected cpu, cuda or cuda:N)")),
+                _ => Err(format!(
+                    "unknown device '{s}' (expected cpu, cuda or cuda:N)"
+                )),
             },
         }
     }
@@ -83,16 +85,22 @@ fn probe_driver(lib: &libloading::Library) -> CudaStatus {
             lib.get::<CuInit>(b"cuInit\0"),
             lib.get::<CuDeviceGetCount>(b"cuDeviceGetCount\0"),
         ) else {
-            return CudaStatus::Unavailable("the CUDA driver library lacks cuInit/cuDeviceGetCount".into());
+            return CudaStatus::Unavailable(
+                "the CUDA driver library lacks cuInit/cuDeviceGetCount".into(),
+            );
         };
         let rc = init(0);
         if rc != 0 {
-            return CudaStatus::Unavailable(format!("cuInit failed with CUDA error {rc} (no usable GPU?)"));
+            return CudaStatus::Unavailable(format!(
+                "cuInit failed with CUDA error {rc} (no usable GPU?)"
+            ));
         }
         let mut n = 0i32;
         let rc = count(&mut n);
         if rc != 0 || n <= 0 {
-            return CudaStatus::Unavailable(format!("the CUDA driver reports no GPU (error {rc}, count {n})"));
+            return CudaStatus::Unavailable(format!(
+                "the CUDA driver reports no GPU (error {rc}, count {n})"
+            ));
         }
         CudaStatus::Available(n as usize)
     }
@@ -110,7 +118,9 @@ pub fn default_device() -> DeviceChoice {
 pub fn cuda_device(index: usize) -> Result<burn::backend::cuda::CudaDevice, String> {
     match cuda_status() {
         CudaStatus::Available(n) if index < n => Ok(burn::backend::cuda::CudaDevice::new(index)),
-        CudaStatus::Available(n) => Err(format!("cuda:{index} requested but the driver reports {n} GPU(s)")),
+        CudaStatus::Available(n) => Err(format!(
+            "cuda:{index} requested but the driver reports {n} GPU(s)"
+        )),
         CudaStatus::Unavailable(why) => Err(format!("CUDA requested but unavailable: {why}")),
     }
 }
@@ -122,8 +132,14 @@ mod tests {
     #[test]
     fn parses_device_choices() {
         assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
-        assert_eq!("cuda".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(0));
-        assert_eq!("cuda:3".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(3));
+        assert_eq!(
+            "cuda".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Cuda(0)
+        );
+        assert_eq!(
+            "cuda:3".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Cuda(3)
+        );
         assert!("tpu".parse::<DeviceChoice>().is_err());
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
     }

@@ -28,7 +28,12 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     /// Loads `weight` (and `bias` when `bias` is true) under `vb`.
-    pub fn new(vb: &VarBuilder<B>, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+    pub fn new(
+        vb: &VarBuilder<B>,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let init = Init::fan_in(in_features);
         let weight = param(vb.get([out_features, in_features], "weight", init)?);
         let bias = if bias {
@@ -40,7 +45,13 @@ impl<B: Backend> Linear<B> {
     }
 
     /// Same as [`Linear::new`] but the weight may be stored under one of several names (legacy layouts).
-    pub fn new_any(vb: &VarBuilder<B>, names: &[&str], in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
+    pub fn new_any(
+        vb: &VarBuilder<B>,
+        names: &[&str],
+        in_f: usize,
+        out_f: usize,
+        bias: bool,
+    ) -> Result<Self> {
         for name in &names[..names.len() - 1] {
             if vb.contains(&format!("{name}.weight")) {
                 return Self::new(&vb.pp(name), in_f, out_f, bias);
@@ -146,8 +157,18 @@ impl<B: Backend> GroupNorm<B> {
         let normed = centred / (var + self.eps).sqrt();
         // Affine as one scalar per (batch, channel) row: the layout burn's CPU backend broadcasts fastest.
         let rows = normed.reshape([b * c, spatial]);
-        let w = self.weight.val().reshape([1, c]).repeat_dim(0, b).reshape([b * c, 1]);
-        let bias = self.bias.val().reshape([1, c]).repeat_dim(0, b).reshape([b * c, 1]);
+        let w = self
+            .weight
+            .val()
+            .reshape([1, c])
+            .repeat_dim(0, b)
+            .reshape([b * c, 1]);
+        let bias = self
+            .bias
+            .val()
+            .reshape([1, c])
+            .repeat_dim(0, b)
+            .reshape([b * c, 1]);
         (rows * w + bias).reshape(dims)
     }
 }
@@ -221,6 +242,13 @@ pub fn multi_head_attention<B: Backend>(
         softcap: None,
         is_causal: causal,
     };
-    let out = burn::tensor::module::attention(split(q, n_q), split(k, n_kv), split(v, n_kv), None, None, options);
+    let out = burn::tensor::module::attention(
+        split(q, n_q),
+        split(k, n_kv),
+        split(v, n_kv),
+        None,
+        None,
+        options,
+    );
     out.swap_dims(1, 2).reshape([b, n_q, c])
 }

@@ -108,10 +108,11 @@ impl SafetensorsSource {
                 path: path.clone(),
                 source,
             })?;
-            let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| WeightError::Format {
-                path: path.clone(),
-                msg: e.to_string(),
-            })?;
+            let (header_len, meta) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| WeightError::Format {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })?;
             let tensors: HashMap<_, _> = meta
                 .tensors()
                 .into_iter()
@@ -138,7 +139,10 @@ impl SafetensorsSource {
 
     /// The `__metadata__` string map of the first file.
     pub fn metadata(&self) -> BTreeMap<String, String> {
-        self.files.first().map(|f| f.metadata.clone()).unwrap_or_default()
+        self.files
+            .first()
+            .map(|f| f.metadata.clone())
+            .unwrap_or_default()
     }
 
     /// Shape of a stored tensor, without reading it.
@@ -188,7 +192,11 @@ impl TensorSource for SafetensorsSource {
     }
 
     fn describe(&self) -> String {
-        let names: Vec<String> = self.files.iter().map(|f| f.path.display().to_string()).collect();
+        let names: Vec<String> = self
+            .files
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect();
         names.join(", ")
     }
 
@@ -284,19 +292,36 @@ impl<B: Backend> Clone for VarBuilder<B> {
 
 impl<B: Backend> fmt::Debug for VarBuilder<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "VarBuilder({:?} at '{}')", self.source_name(), self.prefix)
+        write!(
+            f,
+            "VarBuilder({:?} at '{}')",
+            self.source_name(),
+            self.prefix
+        )
     }
 }
 
 impl<B: Backend> VarBuilder<B> {
     /// A builder reading from `source`, making tensors of `dtype` on `device`.
-    pub fn from_source(source: impl TensorSource + 'static, device: &B::Device, dtype: DType) -> Self {
+    pub fn from_source(
+        source: impl TensorSource + 'static,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Self {
         Self::new(Backing::Files(Box::new(source)), device, dtype)
     }
 
     /// A builder reading the given safetensors files.
-    pub fn from_safetensors<P: AsRef<Path>>(paths: &[P], device: &B::Device, dtype: DType) -> Result<Self> {
-        Ok(Self::from_source(SafetensorsSource::open(paths)?, device, dtype))
+    pub fn from_safetensors<P: AsRef<Path>>(
+        paths: &[P],
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        Ok(Self::from_source(
+            SafetensorsSource::open(paths)?,
+            device,
+            dtype,
+        ))
     }
 
     /// A builder that initialises every tensor randomly (with `B::seed` set by the caller for reproducibility).
@@ -378,7 +403,12 @@ impl<B: Backend> VarBuilder<B> {
     ///
     /// A stored tensor whose shape differs from `shape` only by trailing dimensions of size 1 is accepted and
     /// reshaped (1x1 convolution weights stored where a linear layer expects a matrix, as in the original SD VAE).
-    pub fn get<const D: usize>(&self, shape: [usize; D], name: &str, init: Init) -> Result<Tensor<B, D>> {
+    pub fn get<const D: usize>(
+        &self,
+        shape: [usize; D],
+        name: &str,
+        init: Init,
+    ) -> Result<Tensor<B, D>> {
         let key = self.key(name);
         let device = &self.shared.device;
         let dtype = self.shared.dtype;
@@ -386,8 +416,12 @@ impl<B: Backend> VarBuilder<B> {
             Backing::Random => Ok(match init {
                 Init::Zeros => Tensor::zeros(shape, (device, dtype)),
                 Init::Ones => Tensor::ones(shape, (device, dtype)),
-                Init::Uniform(b) => Tensor::random(shape, Distribution::Uniform(-b, b), (device, dtype)),
-                Init::Normal(s) => Tensor::random(shape, Distribution::Normal(0.0, s), (device, dtype)),
+                Init::Uniform(b) => {
+                    Tensor::random(shape, Distribution::Uniform(-b, b), (device, dtype))
+                }
+                Init::Normal(s) => {
+                    Tensor::random(shape, Distribution::Normal(0.0, s), (device, dtype))
+                }
             }),
             Backing::Files(source) => {
                 let raw = source.find(&key)?.ok_or_else(|| WeightError::Missing {
@@ -423,7 +457,12 @@ impl<B: Backend> VarBuilder<B> {
     }
 
     /// Reads the first of several alternative names that exists (e.g. current and legacy diffusers names).
-    pub fn get_any<const D: usize>(&self, shape: [usize; D], names: &[&str], init: Init) -> Result<Tensor<B, D>> {
+    pub fn get_any<const D: usize>(
+        &self,
+        shape: [usize; D],
+        names: &[&str],
+        init: Init,
+    ) -> Result<Tensor<B, D>> {
         for name in &names[..names.len() - 1] {
             if self.contains(name) {
                 return self.get(shape, name, init);

@@ -52,7 +52,11 @@ impl DdimScheduler {
             return Err(ConfigError(format!("eta must be in [0, 1], got {eta}")));
         }
         let alphas_cumprod = schedule::alphas_cumprod(&schedule::betas(cfg)?);
-        let final_alpha_cumprod = if cfg.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let final_alpha_cumprod = if cfg.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
         Ok(Self {
             prediction: cfg.prediction()?,
             timesteps: schedule::inference_timesteps(cfg, steps)?,
@@ -151,7 +155,17 @@ impl Scheduler for DdimScheduler {
         sample: Tensor<B, 4>,
         noise: Option<Tensor<B, 4>>,
     ) -> StepOutput<B> {
-        let clip = self.config.clip_sample.then_some(self.config.clip_sample_range);
-        ddim_step(self.prediction, clip, &self.coefficients(i), model_output, sample, noise)
+        let clip = self
+            .config
+            .clip_sample
+            .then_some(self.config.clip_sample_range);
+        ddim_step(
+            self.prediction,
+            clip,
+            &self.coefficients(i),
+            model_output,
+            sample,
+            noise,
+        )
     }
 }

@@ -36,7 +36,9 @@ impl DdpmScheduler {
     /// `(a_t, a_prev)`; `a_prev` is 1 before the first training step.
     fn alphas(&self, i: usize) -> (f64, f64) {
         let t = self.timesteps[i];
-        let a_prev = t.checked_sub(self.step_ratio).map_or(1.0, |p| self.alphas_cumprod[p]);
+        let a_prev = t
+            .checked_sub(self.step_ratio)
+            .map_or(1.0, |p| self.alphas_cumprod[p]);
         (self.alphas_cumprod[t], a_prev)
     }
 

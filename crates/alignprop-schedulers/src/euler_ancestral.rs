@@ -27,7 +27,9 @@ impl EulerAncestralScheduler {
         cfg.validate()?;
         let prediction = cfg.prediction()?;
         if prediction == PredictionType::Sample {
-            return Err(ConfigError("Euler ancestral supports epsilon and v_prediction only".into()));
+            return Err(ConfigError(
+                "Euler ancestral supports epsilon and v_prediction only".into(),
+            ));
         }
         let ac = schedule::alphas_cumprod(&schedule::betas(cfg)?);
         let timesteps = schedule::inference_timesteps(cfg, steps)?;

@@ -58,7 +58,10 @@ pub trait Scheduler {
 }
 
 /// Standard normal noise shaped like `like` (same device and dtype), for callers that do not supply their own.
-pub(crate) fn noise_like<B: Backend>(like: &Tensor<B, 4>, noise: Option<Tensor<B, 4>>) -> Tensor<B, 4> {
+pub(crate) fn noise_like<B: Backend>(
+    like: &Tensor<B, 4>,
+    noise: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
     noise.unwrap_or_else(|| like.random_like(Distribution::Normal(0.0, 1.0)))
 }
 
@@ -94,12 +97,23 @@ pub enum AnyScheduler {
 
 impl AnyScheduler {
     /// `kind`: `ddim` (with `eta`), `ddpm` or `euler_a`.
-    pub fn new(kind: &str, cfg: &SchedulerConfig, steps: usize, eta: f64) -> Result<Self, ConfigError> {
+    pub fn new(
+        kind: &str,
+        cfg: &SchedulerConfig,
+        steps: usize,
+        eta: f64,
+    ) -> Result<Self, ConfigError> {
         Ok(match kind {
             "ddim" => Self::Ddim(DdimScheduler::new(cfg, steps, eta)?),
             "ddpm" => Self::Ddpm(DdpmScheduler::new(cfg, steps)?),
-            "euler_a" | "euler_ancestral" => Self::EulerAncestral(EulerAncestralScheduler::new(cfg, steps)?),
-            other => return Err(ConfigError(format!("unknown scheduler '{other}' (expected ddim, ddpm or euler_a)"))),
+            "euler_a" | "euler_ancestral" => {
+                Self::EulerAncestral(EulerAncestralScheduler::new(cfg, steps)?)
+            }
+            other => {
+                return Err(ConfigError(format!(
+                    "unknown scheduler '{other}' (expected ddim, ddpm or euler_a)"
+                )));
+            }
         })
     }
 }

@@ -62,7 +62,8 @@ pub struct ConfigError(pub String);
 impl SchedulerConfig {
     /// Reads a diffusers `scheduler_config.json`.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
         serde_json::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
     }
 
@@ -81,12 +82,19 @@ impl SchedulerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.prediction()?;
         if self.thresholding {
-            return Err(ConfigError("thresholding (dynamic thresholding) is not supported".into()));
+            return Err(ConfigError(
+                "thresholding (dynamic thresholding) is not supported".into(),
+            ));
         }
         if self.rescale_betas_zero_snr {
-            return Err(ConfigError("rescale_betas_zero_snr is not supported".into()));
+            return Err(ConfigError(
+                "rescale_betas_zero_snr is not supported".into(),
+            ));
         }
-        if !matches!(self.timestep_spacing.as_str(), "leading" | "trailing" | "linspace") {
+        if !matches!(
+            self.timestep_spacing.as_str(),
+            "leading" | "trailing" | "linspace"
+        ) {
             return Err(ConfigError(format!(
                 "unknown timestep_spacing '{}' (expected leading, trailing or linspace)",
                 self.timestep_spacing
@@ -106,7 +114,13 @@ pub fn linspace_f32(start: f64, end: f64, steps: usize) -> Vec<f32> {
     let step = (e - s) / (steps - 1) as f32;
     let halfway = steps / 2;
     (0..steps)
-        .map(|i| if i < halfway { s + step * i as f32 } else { e - step * (steps - i - 1) as f32 })
+        .map(|i| {
+            if i < halfway {
+                s + step * i as f32
+            } else {
+                e - step * (steps - i - 1) as f32
+            }
+        })
         .collect()
 }
 
@@ -115,7 +129,10 @@ pub fn betas(cfg: &SchedulerConfig) -> Result<Vec<f32>, ConfigError> {
     let n = cfg.num_train_timesteps;
     if let Some(b) = &cfg.trained_betas {
         if b.len() != n {
-            return Err(ConfigError(format!("trained_betas has {} values, num_train_timesteps is {n}", b.len())));
+            return Err(ConfigError(format!(
+                "trained_betas has {} values, num_train_timesteps is {n}",
+                b.len()
+            )));
         }
         return Ok(b.iter().map(|&x| x as f32).collect());
     }
@@ -127,7 +144,11 @@ pub fn betas(cfg: &SchedulerConfig) -> Result<Vec<f32>, ConfigError> {
             .collect(),
         "squaredcos_cap_v2" => {
             // Glide cosine schedule, computed in f64 and stored as f32 (diffusers: betas_for_alpha_bar).
-            let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+            let alpha_bar = |t: f64| {
+                ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                    .cos()
+                    .powi(2)
+            };
             (0..n)
                 .map(|i| {
                     let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -160,7 +181,9 @@ pub fn alphas_cumprod(betas: &[f32]) -> Vec<f64> {
 pub fn inference_timesteps(cfg: &SchedulerConfig, n: usize) -> Result<Vec<usize>, ConfigError> {
     let train = cfg.num_train_timesteps;
     if n == 0 || n > train {
-        return Err(ConfigError(format!("number of inference steps must be in 1..={train}, got {n}")));
+        return Err(ConfigError(format!(
+            "number of inference steps must be in 1..={train}, got {n}"
+        )));
     }
     Ok(match cfg.timestep_spacing.as_str() {
         "leading" => {
@@ -169,13 +192,21 @@ pub fn inference_timesteps(cfg: &SchedulerConfig, n: usize) -> Result<Vec<usize>
         }
         "trailing" => {
             let ratio = train as f64 / n as f64;
-            (0..n).map(|i| ((train as f64 - i as f64 * ratio).round() as usize).saturating_sub(1)).collect()
+            (0..n)
+                .map(|i| ((train as f64 - i as f64 * ratio).round() as usize).saturating_sub(1))
+                .collect()
         }
         "linspace" => {
             let last = (train - 1) as f64;
             (0..n)
                 .rev()
-                .map(|i| if n == 1 { 0 } else { (last * i as f64 / (n - 1) as f64).round() as usize })
+                .map(|i| {
+                    if n == 1 {
+                        0
+                    } else {
+                        (last * i as f64 / (n - 1) as f64).round() as usize
+                    }
+                })
                 .collect()
         }
         other => return Err(ConfigError(format!("unknown timestep_spacing '{other}'"))),
@@ -192,11 +223,26 @@ mod tests {
         let t50 = inference_timesteps(&cfg, 50).unwrap();
         assert_eq!(t50.len(), 50);
         assert_eq!((t50[0], t50[1], t50[49]), (981, 961, 1));
-        assert_eq!(inference_timesteps(&cfg, 4).unwrap(), vec![751, 501, 251, 1]);
-        let trailing = SchedulerConfig { timestep_spacing: "trailing".into(), ..cfg.clone() };
-        assert_eq!(inference_timesteps(&trailing, 4).unwrap(), vec![999, 749, 499, 249]);
-        let lin = SchedulerConfig { timestep_spacing: "linspace".into(), ..cfg.clone() };
-        assert_eq!(inference_timesteps(&lin, 4).unwrap(), vec![999, 666, 333, 0]);
+        assert_eq!(
+            inference_timesteps(&cfg, 4).unwrap(),
+            vec![751, 501, 251, 1]
+        );
+        let trailing = SchedulerConfig {
+            timestep_spacing: "trailing".into(),
+            ..cfg.clone()
+        };
+        assert_eq!(
+            inference_timesteps(&trailing, 4).unwrap(),
+            vec![999, 749, 499, 249]
+        );
+        let lin = SchedulerConfig {
+            timestep_spacing: "linspace".into(),
+            ..cfg.clone()
+        };
+        assert_eq!(
+            inference_timesteps(&lin, 4).unwrap(),
+            vec![999, 666, 333, 0]
+        );
         assert!(inference_timesteps(&cfg, 0).is_err());
     }
 
@@ -209,9 +255,15 @@ mod tests {
 
     #[test]
     fn rejects_unknown_options() {
-        let bad = SchedulerConfig { beta_schedule: "quadratic".into(), ..Default::default() };
+        let bad = SchedulerConfig {
+            beta_schedule: "quadratic".into(),
+            ..Default::default()
+        };
         assert!(bad.validate().unwrap_err().0.contains("quadratic"));
-        let bad = SchedulerConfig { prediction_type: "x".into(), ..Default::default() };
+        let bad = SchedulerConfig {
+            prediction_type: "x".into(),
+            ..Default::default()
+        };
         assert!(bad.validate().is_err());
     }
 }

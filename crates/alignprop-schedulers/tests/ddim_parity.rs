@@ -17,12 +17,18 @@ fn refs() -> SafetensorsSource {
 }
 
 fn values(src: &SafetensorsSource, key: &str) -> Vec<f64> {
-    let raw = src.find(key).unwrap().unwrap_or_else(|| panic!("missing {key}"));
+    let raw = src
+        .find(key)
+        .unwrap()
+        .unwrap_or_else(|| panic!("missing {key}"));
     raw.data.convert::<f64>().to_vec().unwrap()
 }
 
 fn tensor(src: &SafetensorsSource, key: &str, dtype: DType) -> Tensor<B, 4> {
-    let raw = src.find(key).unwrap().unwrap_or_else(|| panic!("missing {key}"));
+    let raw = src
+        .find(key)
+        .unwrap()
+        .unwrap_or_else(|| panic!("missing {key}"));
     Tensor::from_data(raw.data, (&Default::default(), dtype))
 }
 
@@ -42,7 +48,10 @@ fn sd15_config() -> SchedulerConfig {
 fn config_files_parse_to_sd15_defaults() {
     assert_eq!(sd15_config(), SchedulerConfig::default());
     // SD1.5 ships a PNDM config; DDIM built from it is the same schedule.
-    let pndm = SchedulerConfig::from_file(&fixture().join("extra/sd15_style_configs/scheduler_config.json")).unwrap();
+    let pndm = SchedulerConfig::from_file(
+        &fixture().join("extra/sd15_style_configs/scheduler_config.json"),
+    )
+    .unwrap();
     assert_eq!(pndm, SchedulerConfig::default());
 }
 
@@ -66,7 +75,10 @@ fn schedule_matches_diffusers_float32_values() {
         .map(|(a, b)| ((a - b) / b).abs())
         .fold(0.0, f64::max);
     assert!(max_rel <= 1.2e-7, "alphas_cumprod max rel err {max_rel:e}");
-    assert_eq!(s.final_alpha_cumprod(), values(&r, "final_alpha_cumprod")[0]);
+    assert_eq!(
+        s.final_alpha_cumprod(),
+        values(&r, "final_alpha_cumprod")[0]
+    );
 }
 
 #[test]
@@ -78,8 +90,15 @@ fn timesteps_and_sigmas() {
         let t: Vec<f64> = s.timesteps().iter().map(|&t| t as f64).collect();
         assert_eq!(t, values(&r, &format!("timesteps_{n}")), "timesteps_{n}");
         let sig: Vec<f64> = (0..n).map(|i| s.sigma_eta1(i)).collect();
-        for (i, (a, b)) in sig.iter().zip(values(&r, &format!("sigma_eta1_{n}"))).enumerate() {
-            assert!(((a - b) / b).abs() < 1e-5, "sigma_eta1_{n}[{i}]: {a} vs {b}");
+        for (i, (a, b)) in sig
+            .iter()
+            .zip(values(&r, &format!("sigma_eta1_{n}")))
+            .enumerate()
+        {
+            assert!(
+                ((a - b) / b).abs() < 1e-5,
+                "sigma_eta1_{n}[{i}]: {a} vs {b}"
+            );
         }
     }
 }
@@ -103,8 +122,14 @@ fn single_steps_eta0_and_eta1() {
                 let e = eta as usize;
                 let prev = tensor(&r, &format!("{p}.eta{e}.prev_sample"), dtype);
                 let x0 = tensor(&r, &format!("{p}.eta{e}.pred_original_sample"), dtype);
-                let (ep, ex) = (rel_err(out.prev_sample, prev), rel_err(out.pred_original_sample, x0));
-                assert!(ep < 1e-5 && ex < 1e-5, "{dtype:?} eta {eta} t {t}: prev {ep:e}, x0 {ex:e}");
+                let (ep, ex) = (
+                    rel_err(out.prev_sample, prev),
+                    rel_err(out.pred_original_sample, x0),
+                );
+                assert!(
+                    ep < 1e-5 && ex < 1e-5,
+                    "{dtype:?} eta {eta} t {t}: prev {ep:e}, x0 {ex:e}"
+                );
             }
         }
     }
@@ -129,6 +154,12 @@ fn ddim_step_is_differentiable() {
     let d_x = c.sqrt_alpha_prev / sa;
     let g_eps: Vec<f32> = eps.grad(&grads).unwrap().into_data().to_vec().unwrap();
     let g_x: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
-    assert!(g_eps.iter().all(|g| (*g as f64 - d_eps).abs() < 1e-5), "{g_eps:?} vs {d_eps}");
-    assert!(g_x.iter().all(|g| (*g as f64 - d_x).abs() < 1e-5), "{g_x:?} vs {d_x}");
+    assert!(
+        g_eps.iter().all(|g| (*g as f64 - d_eps).abs() < 1e-5),
+        "{g_eps:?} vs {d_eps}"
+    );
+    assert!(
+        g_x.iter().all(|g| (*g as f64 - d_x).abs() < 1e-5),
+        "{g_x:?} vs {d_x}"
+    );
 }

@@ -1,0 +1,394 @@
+//! LoRA weight files (safetensors) in the three layouts people exchange them in.
+//!
+//! | format | key of the down (A) matrix `[rank, in]` | up (B) matrix `[out, rank]` | scale `alpha / rank` |
+//! |---|---|---|---|
+//! | [`LoraFormat::Peft`] (diffusers >= 0.24 `save_lora_weights`) | `unet.<module>.lora_A.weight` | `unet.<module>.lora_B.weight` | `lora_adapter_metadata` (`unet.lora_alpha`, `unet.r`), else 1 |
+//! | [`LoraFormat::Diffusers`] (older diffusers training scripts) | `unet.<module>.lora.down.weight` | `unet.<module>.lora.up.weight` | 1 (or `network_alphas`) |
+//! | [`LoraFormat::Kohya`] (A1111 / ComfyUI) | `lora_unet_<module with _>.lora_down.weight` | `....lora_up.weight` | `....alpha` scalar |
+//!
+//! `<module>` is the diffusers module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use alignprop_diffusion::weights::{SafetensorsSource, TensorSource};
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+
+/// Errors reading or writing LoRA files; messages name the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error(transparent)]
+    Weights(#[from] alignprop_diffusion::WeightError),
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, LoraError>;
+
+/// The key layout of a LoRA file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraFormat {
+    Peft,
+    Diffusers,
+    Kohya,
+}
+
+impl std::str::FromStr for LoraFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "peft" => Ok(Self::Peft),
+            "diffusers" => Ok(Self::Diffusers),
+            "kohya" => Ok(Self::Kohya),
+            _ => Err(format!(
+                "unknown LoRA format '{s}' (expected peft, diffusers or kohya)"
+            )),
+        }
+    }
+}
+
+/// A row-major f32 matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Matrix {
+    /// `[rows, cols]`
+    pub shape: [usize; 2],
+    pub values: Vec<f32>,
+}
+
+impl Matrix {
+    pub fn new(shape: [usize; 2], values: Vec<f32>) -> Self {
+        assert_eq!(
+            shape[0] * shape[1],
+            values.len(),
+            "matrix shape {shape:?} vs {} values",
+            values.len()
+        );
+        Self { shape, values }
+    }
+
+    fn to_le_bytes(&self) -> Vec<u8> {
+        self.values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+}
+
+/// The adapter of one linear layer: `delta W = scale * up @ down`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraPair {
+    /// `[rank, in_features]` (peft `lora_A`, diffusers `lora.down`).
+    pub down: Matrix,
+    /// `[out_features, rank]` (peft `lora_B`, diffusers `lora.up`).
+    pub up: Matrix,
+    /// `alpha`; the effective scale is `alpha / rank`. `None` means `alpha = rank` (scale 1).
+    pub alpha: Option<f64>,
+}
+
+impl LoraPair {
+    pub fn rank(&self) -> usize {
+        self.down.shape[0]
+    }
+
+    /// `alpha / rank`.
+    pub fn scale(&self) -> f64 {
+        self.alpha.map_or(1.0, |a| a / self.rank() as f64)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.down.values.len() + self.up.values.len()
+    }
+}
+
+/// The adapters of a model, keyed by diffusers module path (`down_blocks.0...attn1.to_q`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoraWeights {
+    pub modules: BTreeMap<String, LoraPair>,
+}
+
+impl LoraWeights {
+    pub fn num_params(&self) -> usize {
+        self.modules.values().map(LoraPair::num_params).sum()
+    }
+
+    /// The rank shared by all adapters (`None` if empty or mixed).
+    pub fn rank(&self) -> Option<usize> {
+        let mut ranks = self.modules.values().map(LoraPair::rank);
+        let first = ranks.next()?;
+        ranks.all(|r| r == first).then_some(first)
+    }
+
+    /// Reads a LoRA file in any of the three formats (detected from its keys).
+    pub fn read(path: &Path) -> Result<Self> {
+        let src = SafetensorsSource::open(&[path])?;
+        let keys = src.keys();
+        let err = |msg: String| LoraError::File {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let format = detect(&keys).ok_or_else(|| {
+            err(format!(
+                "not a LoRA file: no peft (lora_A/lora_B), diffusers (lora.down/lora.up) or kohya \
+                 (lora_down/lora_up) keys among {} tensors (first: {})",
+                keys.len(),
+                keys.first().map_or("none", String::as_str)
+            ))
+        })?;
+        let (down_sfx, up_sfx, prefix) = match format {
+            LoraFormat::Peft => (".lora_A.weight", ".lora_B.weight", "unet."),
+            LoraFormat::Diffusers => (".lora.down.weight", ".lora.up.weight", "unet."),
+            LoraFormat::Kohya => (".lora_down.weight", ".lora_up.weight", "lora_unet_"),
+        };
+        let peft_alpha = peft_alpha(&src.metadata());
+        let mut modules = BTreeMap::new();
+        for key in &keys {
+            let Some(module) = key.strip_suffix(down_sfx) else {
+                continue;
+            };
+            let up_key = format!("{module}{up_sfx}");
+            let down = read_matrix(&src, key, path)?;
+            let up = read_matrix(&src, &up_key, path)?;
+            if up.shape[1] != down.shape[0] {
+                return Err(err(format!(
+                    "'{up_key}' has shape {:?} but '{key}' has rank {} ({:?})",
+                    up.shape, down.shape[0], down.shape
+                )));
+            }
+            let alpha = match format {
+                LoraFormat::Kohya => read_scalar(&src, &format!("{module}.alpha"))?,
+                _ => peft_alpha,
+            };
+            let Some(name) = module.strip_prefix(prefix) else {
+                // Text-encoder adapters (`text_encoder.*`, `lora_te_*`) are not used by this project.
+                continue;
+            };
+            let name = match format {
+                LoraFormat::Kohya => kohya_to_diffusers(name),
+                _ => name.to_string(),
+            };
+            modules.insert(name, LoraPair { down, up, alpha });
+        }
+        if modules.is_empty() {
+            return Err(err("no UNet adapters in this LoRA file".into()));
+        }
+        Ok(Self { modules })
+    }
+
+    /// Writes the adapters as safetensors in `format` (float32). Peft files carry diffusers'
+    /// `lora_adapter_metadata`, so `pipe.load_lora_weights(dir)` restores rank and alpha.
+    pub fn write(&self, path: &Path, format: LoraFormat) -> Result<()> {
+        let rank = self
+            .rank()
+            .ok_or_else(|| LoraError::Invalid("cannot save: adapters have mixed ranks".into()))?;
+        let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut alphas = BTreeMap::new();
+        for (module, pair) in &self.modules {
+            let (dk, uk) = match format {
+                LoraFormat::Peft => (
+                    format!("unet.{module}.lora_A.weight"),
+                    format!("unet.{module}.lora_B.weight"),
+                ),
+                LoraFormat::Diffusers => (
+                    format!("unet.{module}.lora.down.weight"),
+                    format!("unet.{module}.lora.up.weight"),
+                ),
+                LoraFormat::Kohya => {
+                    let k = format!("lora_unet_{}", module.replace('.', "_"));
+                    let alpha = pair.alpha.unwrap_or(pair.rank() as f64) as f32;
+                    tensors.push((
+                        format!("{k}.alpha"),
+                        Dtype::F32,
+                        vec![],
+                        alpha.to_le_bytes().to_vec(),
+                    ));
+                    (
+                        format!("{k}.lora_down.weight"),
+                        format!("{k}.lora_up.weight"),
+                    )
+                }
+            };
+            tensors.push((
+                dk,
+                Dtype::F32,
+                pair.down.shape.to_vec(),
+                pair.down.to_le_bytes(),
+            ));
+            tensors.push((
+                uk,
+                Dtype::F32,
+                pair.up.shape.to_vec(),
+                pair.up.to_le_bytes(),
+            ));
+            alphas.insert(pair.alpha.map(|a| a.to_bits()), ());
+        }
+        let mut metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        if format == LoraFormat::Peft {
+            let alpha = match alphas.keys().collect::<Vec<_>>().as_slice() {
+                [a] => a.map_or(rank as f64, f64::from_bits),
+                _ => {
+                    return Err(LoraError::Invalid(
+                        "cannot save peft metadata: adapters have mixed alphas".into(),
+                    ));
+                }
+            };
+            metadata.insert(
+                "lora_adapter_metadata".into(),
+                peft_metadata(rank, alpha, &self.target_modules()),
+            );
+        }
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .map(|(k, dt, shape, bytes)| {
+                let view =
+                    TensorView::new(*dt, shape.clone(), bytes).expect("tensor bytes match shape");
+                (k.clone(), view)
+            })
+            .collect();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| LoraError::File {
+                path: dir.to_path_buf(),
+                msg: format!("cannot create folder: {e}"),
+            })?;
+        }
+        // Write to a temporary file and rename, so a crash never leaves a truncated LoRA behind.
+        let tmp = path.with_extension("safetensors.tmp");
+        safetensors::serialize_to_file(views, Some(metadata), &tmp)
+            .and_then(|_| std::fs::rename(&tmp, path).map_err(Into::into))
+            .map_err(|e| LoraError::File {
+                path: path.to_path_buf(),
+                msg: format!("cannot write: {e}"),
+            })
+    }
+
+    /// The distinct last path components of the adapted modules (`to_q`, `to_out.0`, ...), sorted.
+    pub fn target_modules(&self) -> Vec<String> {
+        let mut t: Vec<String> = self
+            .modules
+            .keys()
+            .map(|m| {
+                // `...attn1.to_out.0` -> `to_out.0`; `...attn1.to_q` -> `to_q`
+                let parts: Vec<&str> = m.split('.').collect();
+                match parts.as_slice() {
+                    [.., a, b] if b.parse::<usize>().is_ok() => format!("{a}.{b}"),
+                    [.., b] => b.to_string(),
+                    [] => String::new(),
+                }
+            })
+            .collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+}
+
+fn detect(keys: &[String]) -> Option<LoraFormat> {
+    if keys.iter().any(|k| k.ends_with(".lora_A.weight")) {
+        Some(LoraFormat::Peft)
+    } else if keys.iter().any(|k| k.ends_with(".lora.down.weight")) {
+        Some(LoraFormat::Diffusers)
+    } else if keys.iter().any(|k| k.ends_with(".lora_down.weight")) {
+        Some(LoraFormat::Kohya)
+    } else {
+        None
+    }
+}
+
+/// `down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0` ->
+/// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0`: every `_` becomes `.` except inside the
+/// multi-word names of the diffusers UNet.
+pub fn kohya_to_diffusers(name: &str) -> String {
+    const COMPOUNDS: &[&str] = &[
+        "down_blocks",
+        "up_blocks",
+        "mid_block",
+        "transformer_blocks",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "proj_in",
+        "proj_out",
+        "time_emb_proj",
+        "conv_shortcut",
+        "conv_in",
+        "conv_out",
+        "time_embedding",
+        "linear_1",
+        "linear_2",
+        "conv_norm_out",
+    ];
+    let mut out = name.replace('_', ".");
+    for c in COMPOUNDS {
+        out = out.replace(&c.replace('_', "."), c);
+    }
+    out
+}
+
+fn read_matrix(src: &SafetensorsSource, key: &str, path: &Path) -> Result<Matrix> {
+    let raw = src.find(key)?.ok_or_else(|| LoraError::File {
+        path: path.to_path_buf(),
+        msg: format!("tensor '{key}' is missing"),
+    })?;
+    // Conv-shaped adapters ([r, in, 1, 1]) are accepted as matrices.
+    let shape = match raw.shape.as_slice() {
+        [a, b, rest @ ..] if rest.iter().all(|&d| d == 1) => [*a, *b],
+        _ => {
+            return Err(LoraError::File {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "tensor '{key}': expected a matrix, found shape {:?}",
+                    raw.shape
+                ),
+            });
+        }
+    };
+    let values = raw
+        .data
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| LoraError::File {
+            path: path.to_path_buf(),
+            msg: format!("tensor '{key}': {e:?}"),
+        })?;
+    Ok(Matrix::new(shape, values))
+}
+
+fn read_scalar(src: &SafetensorsSource, key: &str) -> Result<Option<f64>> {
+    Ok(match src.find(key)? {
+        Some(raw) => raw
+            .data
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .ok()
+            .and_then(|v| v.first().copied()),
+        None => None,
+    })
+}
+
+/// `lora_alpha` from diffusers' peft metadata (`{"unet.lora_alpha": 4, "unet.r": 4, ...}`).
+fn peft_alpha(metadata: &BTreeMap<String, String>) -> Option<f64> {
+    let json: serde_json::Value =
+        serde_json::from_str(metadata.get("lora_adapter_metadata")?).ok()?;
+    json.get("unet.lora_alpha")
+        .or_else(|| json.get("lora_alpha"))?
+        .as_f64()
+}
+
+/// The metadata diffusers writes with `save_lora_weights(..., unet_lora_adapter_metadata=config)`.
+fn peft_metadata(rank: usize, alpha: f64, targets: &[String]) -> String {
+    let value = serde_json::json!({
+        "unet.r": rank,
+        "unet.lora_alpha": alpha,
+        "unet.target_modules": targets,
+        "unet.peft_type": "LORA",
+        "unet.bias": "none",
+        "unet.lora_dropout": 0.0,
+        "unet.init_lora_weights": "gaussian",
+        "unet.fan_in_fan_out": false,
+        "unet.use_dora": false,
+        "unet.use_rslora": false,
+        "unet.rank_pattern": {},
+        "unet.alpha_pattern": {},
+    });
+    serde_json::to_string_pretty(&value).expect("json")
+}
