@@ -17,13 +17,39 @@ pub fn param<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>>
     Param::from_tensor(t).set_require_grad(false)
 }
 
-/// `y = x W^T + b`, applied to the last dimension.
+/// A low-rank adapter on a linear layer: `delta y = scale * multiplier * (x A^T) B^T` (LoRA, Hu et al. 2021).
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// `A`: `[rank, in_features]` (peft `lora_A`, diffusers `lora.down`).
+    pub down: Param<Tensor<B, 2>>,
+    /// `B`: `[out_features, rank]` (peft `lora_B`, diffusers `lora.up`).
+    pub up: Param<Tensor<B, 2>>,
+    /// `alpha / rank`.
+    pub scale: f64,
+    /// A run-time strength (diffusers' `cross_attention_kwargs={"scale": s}`), 1 by default.
+    pub multiplier: f64,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    pub fn rank(&self) -> usize {
+        self.down.dims()[0]
+    }
+
+    /// The dense weight delta `scale * multiplier * B A`: `[out_features, in_features]`.
+    pub fn delta(&self) -> Tensor<B, 2> {
+        self.up.val().matmul(self.down.val()) * (self.scale * self.multiplier)
+    }
+}
+
+/// `y = x W^T + b`, applied to the last dimension, plus an optional LoRA adapter.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// `[out_features, in_features]`
     pub weight: Param<Tensor<B, 2>>,
     /// `[out_features]`
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A trainable low-rank adapter (None for plain layers).
+    pub lora: Option<LoraAdapter<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -41,7 +67,7 @@ impl<B: Backend> Linear<B> {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, lora: None })
     }
 
     /// Same as [`Linear::new`] but the weight may be stored under one of several names (legacy layouts).
@@ -73,9 +99,13 @@ impl<B: Backend> Linear<B> {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<B, 2> = x.reshape([rows, dims[D - 1]]);
-        let mut y = x2.matmul(self.weight.val().transpose());
+        let mut y = x2.clone().matmul(self.weight.val().transpose());
         if let Some(b) = &self.bias {
             y = y + b.val().unsqueeze::<2>();
+        }
+        if let Some(l) = &self.lora {
+            let low = x2.matmul(l.down.val().transpose());
+            y = y + low.matmul(l.up.val().transpose()) * (l.scale * l.multiplier);
         }
         let mut out = dims;
         out[D - 1] = self.out_features();
