@@ -1,0 +1,48 @@
+//! Differentiable reward models: each maps decoded images `[batch, 3, H, W]` in `[-1, 1]` to one score per image,
+//! end to end in burn tensor ops, so the gradient reaches the images (and through the VAE and sampler, the LoRA).
+//!
+//! - [`preprocess`]: AlignProp's CLIP preprocessing (clamp, shorter-side bilinear resize, normalisation).
+//! - [`tiny`]: the tiny scorer of the parity fixtures.
+//! - [`brightness`]: mean brightness, for demos and loop tests.
+
+pub mod brightness;
+pub mod preprocess;
+pub mod tiny;
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+/// A differentiable reward: `score` maps images to `[batch]` scores, `loss` maps scores to per-image losses to
+/// minimise. Implement it to plug a new reward into the trainer.
+pub trait Reward<B: Backend> {
+    /// A short name for logs.
+    fn name(&self) -> String;
+    /// `images`: `[batch, 3, H, W]` in `[-1, 1]` -> `[batch]`.
+    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1>;
+    /// Per-image loss from scores (default: `-score`, i.e. maximise the reward).
+    fn loss(&self, scores: Tensor<B, 1>) -> Tensor<B, 1> {
+        -scores
+    }
+}
+
+impl<B: Backend> Reward<B> for tiny::TinyReward<B> {
+    fn name(&self) -> String {
+        "tiny".into()
+    }
+    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
+        tiny::TinyReward::score(self, images)
+    }
+}
+
+/// Mean image brightness as a reward.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Brightness;
+
+impl<B: Backend> Reward<B> for Brightness {
+    fn name(&self) -> String {
+        "brightness".into()
+    }
+    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
+        brightness::brightness(images)
+    }
+}

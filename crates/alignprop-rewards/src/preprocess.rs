@@ -1,0 +1,53 @@
+//! AlignProp's differentiable image preprocessing for CLIP-based rewards:
+//! `x / 2 + 0.5` clamped to `[0, 1]`, bilinear resize of the shorter side (no centre crop, no antialiasing, as the
+//! AlignProp reference's torchvision pin did), then CLIP's per-channel normalisation.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::{Tensor, TensorData};
+
+/// OpenAI CLIP's image mean.
+pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// OpenAI CLIP's image standard deviation.
+pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+/// Decoder output in `[-1, 1]` to `[0, 1]`: `clamp(x / 2 + 0.5, 0, 1)`.
+pub fn to_unit_range<B: Backend>(images: Tensor<B, 4>) -> Tensor<B, 4> {
+    (images / 2.0 + 0.5).clamp(0.0, 1.0)
+}
+
+/// The size torchvision's `Resize(size)` gives an `h x w` image: the shorter side becomes `size`, the longer
+/// `int(size * long / short)`.
+pub fn shorter_side_size(h: usize, w: usize, size: usize) -> [usize; 2] {
+    if h <= w { [size, size * w / h] } else { [size * h / w, size] }
+}
+
+/// Bilinear resize to `[out_h, out_w]` with half-pixel centres (`align_corners = False`), differentiable.
+/// `images`: `[batch, channels, h, w]`.
+pub fn resize_bilinear<B: Backend>(images: Tensor<B, 4>, size: [usize; 2]) -> Tensor<B, 4> {
+    let [_, _, h, w] = images.dims();
+    if [h, w] == size {
+        return images;
+    }
+    let options = InterpolateOptions {
+        mode: InterpolateMode::Bilinear,
+        align_corners: false,
+    };
+    interpolate(images, size, options)
+}
+
+/// `(x - mean[c]) / std[c]` for `[batch, 3, h, w]`.
+pub fn normalize<B: Backend>(images: Tensor<B, 4>, mean: [f64; 3], std: [f64; 3]) -> Tensor<B, 4> {
+    let (device, dtype) = (images.device(), images.dtype());
+    let col = |v: [f64; 3]| Tensor::<B, 4>::from_data(TensorData::new(v.to_vec(), [1, 3, 1, 1]), (&device, dtype));
+    (images - col(mean)) / col(std)
+}
+
+/// The whole preprocessing: decoder output `[batch, 3, H, W]` in `[-1, 1]` to CLIP input with the shorter side
+/// resized to `size`.
+pub fn clip_preprocess<B: Backend>(images: Tensor<B, 4>, size: usize, mean: [f64; 3], std: [f64; 3]) -> Tensor<B, 4> {
+    let [_, _, h, w] = images.dims();
+    let x = resize_bilinear(to_unit_range(images), shorter_side_size(h, w, size));
+    normalize(x, mean, std)
+}
