@@ -1,1 +1,833 @@
-//! (work in progress)
+//! The original single-file Stable Diffusion 1.x checkpoint layout (CompVis / `ldm`, as in
+//! `v1-5-pruned-emaonly.safetensors`), read through the diffusers tensor names the models ask for.
+//!
+//! One file holds all three networks under different prefixes and, for the UNet and the VAE, different module
+//! names than diffusers uses:
+//!
+//! | network | prefix | naming |
+//! |---|---|---|
+//! | UNet | `model.diffusion_model.` | `input_blocks.N.M`, `middle_block.M`, `output_blocks.N.M`, `time_embed`, `out` |
+//! | VAE | `first_stage_model.` | `encoder.down.i.block.j`, `mid.block_1`, `mid.attn_1.{q,k,v,proj_out}`, `decoder.up.i` (reversed) |
+//! | CLIP text encoder | `cond_stage_model.transformer.` | transformers' `text_model.*` names |
+//!
+//! The pure functions [`unet_key`], [`vae_key`] and [`clip_key`] translate a diffusers / transformers key into the
+//! key under which the same tensor is stored in such a file. [`SingleFileCheckpoint`] opens a file once
+//! (memory-mapped), checks that it is an SD1.x original checkpoint, infers what the tensor shapes tell about the
+//! architecture, and hands out one [`Renamed`] source per network for [`crate::VarBuilder::from_source`]:
+//!
+//! ```no_run
+//! # use alignprop_diffusion::{single_file::SingleFileCheckpoint, VarBuilder};
+//! # use burn::tensor::DType;
+//! # type B = alignprop_diffusion::device::Cpu;
+//! # fn main() -> alignprop_diffusion::weights::Result<()> {
+//! let ckpt = SingleFileCheckpoint::open("v1-5-pruned-emaonly.safetensors")?;
+//! let device = Default::default();
+//! let unet_vb = VarBuilder::<B>::from_source(ckpt.unet(), &device, DType::F32);
+//! let vae_vb = VarBuilder::<B>::from_source(ckpt.vae(), &device, DType::F32);
+//! let text_vb = VarBuilder::<B>::from_source(ckpt.text_encoder(), &device, DType::F32);
+//! # Ok(()) }
+//! ```
+//!
+//! Weights stored as F16 or BF16 (the common `*-fp16.safetensors` files) are converted by the builder. The VAE's
+//! mid-block attention projections are stored as 1x1 convolutions `[C, C, 1, 1]`; the builder accepts them where a
+//! linear layer expects `[C, C]`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::weights::{Renamed, Result, SafetensorsSource, TensorSource, WeightError};
+
+/// Prefix of the UNet's tensors in an original checkpoint.
+pub const UNET_PREFIX: &str = "model.diffusion_model.";
+/// Prefix of the VAE's tensors in an original checkpoint.
+pub const VAE_PREFIX: &str = "first_stage_model.";
+/// Prefix of the CLIP text encoder's tensors in an SD1.x original checkpoint (followed by `text_model.`).
+pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
+
+/// The tensor whose presence marks an SD1.x original checkpoint (the UNet's `conv_in` weight).
+const MARKER_KEY: &str = "model.diffusion_model.input_blocks.0.0.weight";
+
+/// Buffers of the DDPM training wrapper (`ldm.models.diffusion.ddpm.LatentDiffusion`), stored at the top level of
+/// original checkpoints, 1-D over the 1000 training timesteps. No network reads them.
+pub const SCHEDULE_BUFFERS: &[&str] = &[
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+];
+
+/// Whether a tensor of an original checkpoint belongs to none of the three networks' parameters: the DDPM
+/// schedule buffers ([`SCHEDULE_BUFFERS`]), the EMA copy and its counters (`model_ema.*`), the VAE training loss
+/// (`first_stage_model.loss.*`) and the text encoder's constant `position_ids` buffer.
+pub fn is_ignorable_key(key: &str) -> bool {
+    SCHEDULE_BUFFERS.contains(&key)
+        || key.starts_with("model_ema.")
+        || key.starts_with("first_stage_model.loss.")
+        || (key.starts_with(CLIP_PREFIX) && key.ends_with("embeddings.position_ids"))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Key mapping
+// ---------------------------------------------------------------------------------------------------------------
+
+/// What the UNet key mapping needs to know about the architecture (plain numbers, independent of the UNet config
+/// type): the original layout numbers its blocks consecutively, so the index of a diffusers block depends on how
+/// many resnets each level has and on whether an up level has attentions (its up-sampler then comes third).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SingleFileUnetLayout {
+    /// Resnets per down level (`layers_per_block` in the diffusers config); up levels have one more.
+    pub layers_per_block: usize,
+    /// For each up level in diffusers order (`up_blocks.0` is the lowest resolution), whether it has attentions
+    /// (`CrossAttnUpBlock2D`) or not (`UpBlock2D`).
+    pub up_block_has_attention: Vec<bool>,
+}
+
+impl SingleFileUnetLayout {
+    /// The layout of SD1.x's UNet: 2 resnets per down level, up levels `UpBlock2D` + 3 × `CrossAttnUpBlock2D`.
+    pub fn sd15() -> Self {
+        Self {
+            layers_per_block: 2,
+            up_block_has_attention: vec![false, true, true, true],
+        }
+    }
+
+    /// The layout for a diffusers UNet config's `layers_per_block` and `up_block_types`
+    /// (`"CrossAttnUpBlock2D"` has attentions, `"UpBlock2D"` not).
+    pub fn from_block_types<S: AsRef<str>>(layers_per_block: usize, up_block_types: &[S]) -> Self {
+        Self {
+            layers_per_block,
+            up_block_has_attention: up_block_types
+                .iter()
+                .map(|t| t.as_ref().contains("CrossAttn"))
+                .collect(),
+        }
+    }
+}
+
+impl Default for SingleFileUnetLayout {
+    fn default() -> Self {
+        Self::sd15()
+    }
+}
+
+/// Splits `a.b.rest` at the first dot: `("a", "b.rest")`; a key without a dot gives `(key, "")`.
+fn head(key: &str) -> (&str, &str) {
+    key.split_once('.').unwrap_or((key, ""))
+}
+
+/// Splits `name.i.rest` into `(i, rest)` when `key` starts with `name.` followed by a number.
+fn indexed<'a>(key: &'a str, name: &str) -> Option<(usize, &'a str)> {
+    let rest = key.strip_prefix(name)?.strip_prefix('.')?;
+    let (idx, rest) = head(rest);
+    Some((idx.parse().ok()?, rest))
+}
+
+/// Joins a module path and the remaining key (`rest` may be empty).
+fn join(path: String, rest: &str) -> String {
+    if rest.is_empty() {
+        path
+    } else {
+        format!("{path}.{rest}")
+    }
+}
+
+/// A diffusers `ResnetBlock2D` parameter name inside a UNet resnet, in the original `ResBlock` naming.
+fn unet_resnet(rest: &str) -> String {
+    let (module, tail) = head(rest);
+    let module = match module {
+        "norm1" => "in_layers.0",
+        "conv1" => "in_layers.2",
+        "time_emb_proj" => "emb_layers.1",
+        "norm2" => "out_layers.0",
+        "conv2" => "out_layers.3",
+        "conv_shortcut" => "skip_connection",
+        other => other,
+    };
+    join(module.to_string(), tail)
+}
+
+/// The key under which the diffusers UNet tensor `key` (e.g. `down_blocks.1.resnets.0.conv1.weight`) is stored in
+/// an original checkpoint (`model.diffusion_model.input_blocks.4.0.in_layers.2.weight`).
+///
+/// Transformer blocks (`attentions.*`) keep their inner names (`proj_in`, `transformer_blocks.0.attn1.to_q`, ...),
+/// which the original `SpatialTransformer` shares with diffusers. A key outside the known modules, or with a resnet
+/// or attention index beyond the layout (which would otherwise alias the next block), is returned with the prefix
+/// only, so a lookup fails naming it.
+pub fn unet_key(cfg: &SingleFileUnetLayout, key: &str) -> String {
+    let per_level = cfg.layers_per_block + 1; // original blocks per level: resnets (+ attention) and the sampler
+    let (module, rest) = head(key);
+    let inner = match module {
+        "conv_in" => join("input_blocks.0.0".into(), rest),
+        "time_embedding" => {
+            let (layer, tail) = head(rest);
+            match layer {
+                "linear_1" => join("time_embed.0".into(), tail),
+                "linear_2" => join("time_embed.2".into(), tail),
+                _ => key.to_string(),
+            }
+        }
+        "conv_norm_out" => join("out.0".into(), rest),
+        "conv_out" => join("out.2".into(), rest),
+        "down_blocks" => match head(rest) {
+            (i, tail) if i.parse::<usize>().is_ok() => {
+                let i: usize = i.parse().unwrap();
+                let in_range = |j: usize| j < cfg.layers_per_block;
+                if let Some((j, r)) = indexed(tail, "resnets").filter(|&(j, _)| in_range(j)) {
+                    format!("input_blocks.{}.0.{}", 1 + i * per_level + j, unet_resnet(r))
+                } else if let Some((j, r)) = indexed(tail, "attentions").filter(|&(j, _)| in_range(j)) {
+                    join(format!("input_blocks.{}.1", 1 + i * per_level + j), r)
+                } else if let Some((_, r)) = indexed(tail, "downsamplers") {
+                    let r = r
+                        .strip_prefix("conv")
+                        .map(|t| t.strip_prefix('.').unwrap_or(t))
+                        .unwrap_or(r);
+                    join(format!("input_blocks.{}.0.op", (i + 1) * per_level), r)
+                } else {
+                    key.to_string()
+                }
+            }
+            _ => key.to_string(),
+        },
+        "mid_block" => {
+            if let Some((j, r)) = indexed(rest, "resnets").filter(|&(j, _)| j < 2) {
+                format!("middle_block.{}.{}", 2 * j, unet_resnet(r))
+            } else if let Some((_, r)) = indexed(rest, "attentions").filter(|&(j, _)| j == 0) {
+                join("middle_block.1".into(), r)
+            } else {
+                key.to_string()
+            }
+        }
+        "up_blocks" => match head(rest) {
+            (i, tail) if i.parse::<usize>().is_ok() => {
+                let i: usize = i.parse().unwrap();
+                let in_range = |j: usize| j < per_level;
+                if let Some((j, r)) = indexed(tail, "resnets").filter(|&(j, _)| in_range(j)) {
+                    format!("output_blocks.{}.0.{}", i * per_level + j, unet_resnet(r))
+                } else if let Some((j, r)) = indexed(tail, "attentions").filter(|&(j, _)| in_range(j)) {
+                    join(format!("output_blocks.{}.1", i * per_level + j), r)
+                } else if let Some((_, r)) = indexed(tail, "upsamplers") {
+                    // The up-sampler follows the level's last resnet (and its attention, if any).
+                    let has_attention = cfg.up_block_has_attention.get(i).copied().unwrap_or(true);
+                    let slot = if has_attention { 2 } else { 1 };
+                    join(
+                        format!("output_blocks.{}.{slot}", i * per_level + cfg.layers_per_block),
+                        r,
+                    )
+                } else {
+                    key.to_string()
+                }
+            }
+            _ => key.to_string(),
+        },
+        _ => key.to_string(),
+    };
+    format!("{UNET_PREFIX}{inner}")
+}
+
+/// A diffusers VAE `ResnetBlock2D` parameter name in the original naming (only the shortcut differs).
+fn vae_resnet(rest: &str) -> String {
+    match head(rest) {
+        ("conv_shortcut", tail) => join("nin_shortcut".into(), tail),
+        _ => rest.to_string(),
+    }
+}
+
+/// A diffusers VAE mid block parameter (`resnets.j.*`, `attentions.0.*`) in the original `mid.*` naming. The
+/// attention accepts the current (`to_q`, `to_out.0`, `group_norm`) and the pre-0.14 diffusers names
+/// (`query`, `proj_attn`).
+fn vae_mid(rest: &str) -> Option<String> {
+    if let Some((j, r)) = indexed(rest, "resnets") {
+        return Some(format!("mid.block_{}.{}", j + 1, vae_resnet(r)));
+    }
+    let (_, r) = indexed(rest, "attentions")?;
+    let (module, tail) = head(r);
+    let (module, tail) = match module {
+        "group_norm" => ("norm", tail),
+        "to_q" | "query" => ("q", tail),
+        "to_k" | "key" => ("k", tail),
+        "to_v" | "value" => ("v", tail),
+        "proj_attn" => ("proj_out", tail),
+        "to_out" => ("proj_out", tail.strip_prefix("0.").unwrap_or(tail)),
+        other => (other, tail),
+    };
+    Some(join(format!("mid.attn_1.{module}"), tail))
+}
+
+/// The key under which the diffusers VAE tensor `key` (e.g. `decoder.up_blocks.0.resnets.1.conv1.weight`) is
+/// stored in an original checkpoint (`first_stage_model.decoder.up.3.block.1.conv1.weight`). The decoder's levels
+/// are numbered from the highest resolution in the original layout, hence `num_up_blocks` (4 for SD1.x).
+pub fn vae_key(num_up_blocks: usize, key: &str) -> String {
+    let (part, rest) = head(key);
+    let inner = match part {
+        "encoder" | "decoder" => {
+            let (module, tail) = head(rest);
+            let mapped = match module {
+                "conv_norm_out" => Some(join("norm_out".into(), tail)),
+                "mid_block" => vae_mid(tail),
+                "down_blocks" if part == "encoder" => match head(tail) {
+                    (i, r) if i.parse::<usize>().is_ok() => {
+                        if let Some((j, r)) = indexed(r, "resnets") {
+                            Some(format!("down.{i}.block.{j}.{}", vae_resnet(r)))
+                        } else {
+                            indexed(r, "downsamplers").map(|(_, r)| join(format!("down.{i}.downsample"), r))
+                        }
+                    }
+                    _ => None,
+                },
+                "up_blocks" if part == "decoder" => match head(tail) {
+                    (i, r) if i.parse::<usize>().is_ok() => {
+                        let level = num_up_blocks.saturating_sub(1).saturating_sub(i.parse().unwrap());
+                        if let Some((j, r)) = indexed(r, "resnets") {
+                            Some(format!("up.{level}.block.{j}.{}", vae_resnet(r)))
+                        } else {
+                            indexed(r, "upsamplers").map(|(_, r)| join(format!("up.{level}.upsample"), r))
+                        }
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            format!("{part}.{}", mapped.unwrap_or_else(|| rest.to_string()))
+        }
+        _ => key.to_string(), // quant_conv, post_quant_conv: same names
+    };
+    format!("{VAE_PREFIX}{inner}")
+}
+
+/// The key under which the transformers CLIP text-encoder tensor `key` is stored in an SD1.x original checkpoint:
+/// `cond_stage_model.transformer.` + the transformers name. The names inside are transformers' own; a key given
+/// without the `text_model.` prefix (transformers ≥ 5 naming) gets it added.
+pub fn clip_key(key: &str) -> String {
+    if key.starts_with("text_model.") {
+        format!("{CLIP_PREFIX}{key}")
+    } else {
+        format!("{CLIP_PREFIX}text_model.{key}")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The checkpoint
+// ---------------------------------------------------------------------------------------------------------------
+
+/// What the tensor shapes of an original checkpoint tell about the UNet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InferredUnet {
+    /// The block layout used by [`unet_key`].
+    pub layout: SingleFileUnetLayout,
+    /// Latent channels in (`conv_in`) and out (`conv_out`).
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Output channels of each down level (`block_out_channels`), from the first resnet of each level.
+    pub block_out_channels: Vec<usize>,
+    /// For each down level, whether it has attentions (`CrossAttnDownBlock2D`).
+    pub down_block_has_attention: Vec<bool>,
+    /// Width of the text-encoder states the cross-attentions read (`cross_attention_dim`), if there are any.
+    pub cross_attention_dim: Option<usize>,
+    /// Whether the transformer blocks' `proj_in` / `proj_out` are linear layers (SD2.x) instead of 1x1 convs.
+    pub use_linear_projection: bool,
+}
+
+/// What the tensor shapes of an original checkpoint tell about the VAE.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InferredVae {
+    /// Output channels of each encoder level (`block_out_channels`).
+    pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder level (`layers_per_block`); decoder levels have one more.
+    pub layers_per_block: usize,
+    /// Number of decoder levels, the `num_up_blocks` of [`vae_key`].
+    pub num_up_blocks: usize,
+    pub latent_channels: usize,
+    /// Image channels in and out.
+    pub in_channels: usize,
+    pub out_channels: usize,
+}
+
+/// What the tensor shapes of an original checkpoint tell about the CLIP text encoder (the number of attention
+/// heads is not visible in the shapes: 12 for SD1.x).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InferredTextEncoder {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub max_position_embeddings: usize,
+}
+
+/// A single-file SD1.x checkpoint in the original layout, memory-mapped once and shared by the three per-network
+/// sources it hands out.
+pub struct SingleFileCheckpoint {
+    path: PathBuf,
+    source: Arc<SafetensorsSource>,
+    unet: InferredUnet,
+    vae: InferredVae,
+    text_encoder: InferredTextEncoder,
+    /// Whether the text encoder's keys lack transformers' `text_model.` level (some early conversions).
+    clip_without_text_model: bool,
+}
+
+impl std::fmt::Debug for SingleFileCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SingleFileCheckpoint")
+            .field("path", &self.path)
+            .field("unet", &self.unet)
+            .field("vae", &self.vae)
+            .field("text_encoder", &self.text_encoder)
+            .finish()
+    }
+}
+
+/// Reads the shapes of an opened file and answers the few structural questions the inference needs.
+struct Shapes<'a> {
+    path: &'a Path,
+    src: &'a SafetensorsSource,
+    /// All keys, sorted (for prefix queries).
+    keys: Vec<String>,
+}
+
+impl<'a> Shapes<'a> {
+    fn new(path: &'a Path, src: &'a SafetensorsSource) -> Self {
+        Self {
+            path,
+            src,
+            keys: src.keys(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<Vec<usize>> {
+        self.src.shape(key)
+    }
+
+    /// Dimension `dim` of the tensor `key`, which must exist.
+    fn dim(&self, key: &str, dim: usize) -> Result<usize> {
+        let shape = self
+            .get(key)
+            .ok_or_else(|| self.err(format!("expected tensor '{key}' is missing")))?;
+        shape
+            .get(dim)
+            .copied()
+            .ok_or_else(|| self.err(format!("tensor '{key}' has shape {shape:?}")))
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Whether some key starts with `prefix`.
+    fn has_prefix(&self, prefix: &str) -> bool {
+        let i = self.keys.partition_point(|k| k.as_str() < prefix);
+        self.keys.get(i).is_some_and(|k| k.starts_with(prefix))
+    }
+
+    /// How many consecutive indices `i = 0, 1, ...` satisfy `present(i)`.
+    fn count(&self, present: impl Fn(usize) -> bool) -> usize {
+        (0..).take_while(|&i| present(i)).count()
+    }
+
+    fn err(&self, msg: String) -> WeightError {
+        WeightError::Config {
+            path: self.path.to_path_buf(),
+            msg: format!("single-file SD1.x checkpoint: {msg}"),
+        }
+    }
+}
+
+impl SingleFileCheckpoint {
+    /// Opens `path` (a `.safetensors` file), checks that it is an SD1.x checkpoint in the original layout and infers
+    /// the networks' structure from its tensor shapes.
+    ///
+    /// Errors: the file's I/O or format errors, or a [`WeightError::Config`] naming the file and the tensor that was
+    /// expected when it holds something else (a diffusers component file, an SD2.x / SDXL checkpoint, ...).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let source = SafetensorsSource::open(&[&path])?;
+        let shapes = Shapes::new(&path, &source);
+        if !shapes.has(MARKER_KEY) {
+            return Err(WeightError::Config {
+                path: path.clone(),
+                msg: format!(
+                    "not a Stable Diffusion 1.x single-file checkpoint in the original (CompVis/ldm) layout: \
+                     expected the tensor '{MARKER_KEY}' (UNet under 'model.diffusion_model.', VAE under \
+                     'first_stage_model.', CLIP under 'cond_stage_model.transformer.'){}",
+                    describe_other(&shapes)
+                ),
+            });
+        }
+        let clip_without_text_model = if shapes.has(&clip_key("embeddings.token_embedding.weight")) {
+            false
+        } else if shapes.has(&format!("{CLIP_PREFIX}embeddings.token_embedding.weight")) {
+            true
+        } else {
+            let other = if shapes.has_prefix("cond_stage_model.model.") {
+                " (found 'cond_stage_model.model.*': an OpenCLIP text encoder, i.e. a Stable Diffusion 2.x \
+                 checkpoint, which is not supported)"
+            } else if shapes.has_prefix("conditioner.embedders.") {
+                " (found 'conditioner.embedders.*': an SDXL checkpoint, which is not supported)"
+            } else {
+                ""
+            };
+            return Err(shapes.err(format!(
+                "expected the CLIP text encoder tensor '{}'{other}",
+                clip_key("text_model.embeddings.token_embedding.weight")
+            )));
+        };
+        let unet = infer_unet(&shapes)?;
+        let vae = infer_vae(&shapes)?;
+        let text_encoder = infer_text_encoder(&shapes, clip_without_text_model)?;
+        Ok(Self {
+            path,
+            source: Arc::new(source),
+            unet,
+            vae,
+            text_encoder,
+            clip_without_text_model,
+        })
+    }
+
+    /// The checkpoint file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The whole file, under its own (original) key names.
+    pub fn source(&self) -> &Arc<SafetensorsSource> {
+        &self.source
+    }
+
+    /// The UNet structure read from the tensor shapes.
+    pub fn unet_info(&self) -> &InferredUnet {
+        &self.unet
+    }
+
+    /// The VAE structure read from the tensor shapes.
+    pub fn vae_info(&self) -> &InferredVae {
+        &self.vae
+    }
+
+    /// The text-encoder structure read from the tensor shapes.
+    pub fn text_encoder_info(&self) -> &InferredTextEncoder {
+        &self.text_encoder
+    }
+
+    /// The UNet's tensors under their diffusers names (`conv_in.weight`, `down_blocks.0.resnets.0.norm1.weight`,
+    /// ...), with the block layout inferred from the file (compare [`Self::unet_info`] with the model config).
+    pub fn unet(&self) -> Renamed<Arc<SafetensorsSource>> {
+        let layout = self.unet.layout.clone();
+        Renamed {
+            inner: self.source.clone(),
+            map: Box::new(move |key| unet_key(&layout, key)),
+        }
+    }
+
+    /// The VAE's tensors under their diffusers names (`decoder.up_blocks.0.resnets.0.conv1.weight`, ...; the
+    /// mid-block attention under the current and the legacy names).
+    pub fn vae(&self) -> Renamed<Arc<SafetensorsSource>> {
+        let n = self.vae.num_up_blocks;
+        Renamed {
+            inner: self.source.clone(),
+            map: Box::new(move |key| vae_key(n, key)),
+        }
+    }
+
+    /// The CLIP text encoder's tensors under transformers' names, with or without the `text_model.` prefix.
+    pub fn text_encoder(&self) -> Renamed<Arc<SafetensorsSource>> {
+        let map: Box<dyn Fn(&str) -> String + Send + Sync> = if self.clip_without_text_model {
+            Box::new(|key| format!("{CLIP_PREFIX}{}", key.strip_prefix("text_model.").unwrap_or(key)))
+        } else {
+            Box::new(clip_key)
+        };
+        Renamed {
+            inner: self.source.clone(),
+            map,
+        }
+    }
+
+    /// Keys of the file that belong to none of the three networks under the layouts above and are not known to be
+    /// ignorable ([`is_ignorable_key`]): normally empty. Handy to warn about an unexpected variant.
+    pub fn unknown_keys(&self) -> Vec<String> {
+        let known = |k: &str| {
+            k.starts_with(UNET_PREFIX) || k.starts_with(VAE_PREFIX) || k.starts_with(CLIP_PREFIX) || is_ignorable_key(k)
+        };
+        self.source.keys().into_iter().filter(|k| !known(k)).collect()
+    }
+}
+
+/// A hint for a file that is not an original SD1.x checkpoint: what it looks like instead.
+fn describe_other(s: &Shapes) -> String {
+    if s.has_prefix("down_blocks.") && s.has_prefix("time_embedding.") {
+        "; it looks like a diffusers UNet file (diffusers names such as 'down_blocks.*'): load its model folder instead"
+            .into()
+    } else if s.has_prefix("encoder.down_blocks.") || s.has_prefix("decoder.up_blocks.") {
+        "; it looks like a diffusers VAE file: load its model folder instead".into()
+    } else if s.has_prefix("text_model.") || s.has_prefix("embeddings.token_embedding.") {
+        "; it looks like a transformers CLIP text-encoder file: load its model folder instead".into()
+    } else {
+        let first: Vec<&str> = s.keys.iter().take(3).map(String::as_str).collect();
+        format!("; its first tensors are {first:?}")
+    }
+}
+
+fn infer_unet(s: &Shapes) -> Result<InferredUnet> {
+    let p = UNET_PREFIX;
+    // Levels: one down-sampler (`input_blocks.N.0.op`) per level but the last.
+    let n_inputs = s.count(|i| s.has_prefix(&format!("{p}input_blocks.{i}.")));
+    let n_outputs = s.count(|i| s.has_prefix(&format!("{p}output_blocks.{i}.")));
+    let downsamplers = (1..n_inputs)
+        .filter(|i| s.has(&format!("{p}input_blocks.{i}.0.op.weight")))
+        .count();
+    let levels = downsamplers + 1;
+    if n_outputs == 0 || !n_outputs.is_multiple_of(levels) || n_outputs / levels < 2 {
+        return Err(s.err(format!(
+            "cannot read the UNet's block layout: {n_inputs} input blocks, {n_outputs} output blocks, {levels} levels"
+        )));
+    }
+    let per_level = n_outputs / levels;
+    let layers_per_block = per_level - 1;
+    let first_resnet = |level: usize| 1 + level * per_level;
+    let block_out_channels = (0..levels)
+        .map(|l| s.dim(&format!("{p}input_blocks.{}.0.out_layers.3.weight", first_resnet(l)), 0))
+        .collect::<Result<Vec<_>>>()?;
+    let down_block_has_attention = (0..levels)
+        .map(|l| s.has(&format!("{p}input_blocks.{}.1.norm.weight", first_resnet(l))))
+        .collect();
+    let up_block_has_attention = (0..levels)
+        .map(|l| s.has(&format!("{p}output_blocks.{}.1.norm.weight", l * per_level)))
+        .collect();
+    let attn2 = |b: &str| format!("{p}{b}.1.transformer_blocks.0.attn2.to_k.weight");
+    let cross_attention_dim = s.get(&attn2("middle_block")).map(|shape| shape[1]);
+    let use_linear_projection = s
+        .get(&format!("{p}middle_block.1.proj_in.weight"))
+        .is_some_and(|sh| sh.len() == 2);
+    Ok(InferredUnet {
+        layout: SingleFileUnetLayout {
+            layers_per_block,
+            up_block_has_attention,
+        },
+        in_channels: s.dim(&format!("{p}input_blocks.0.0.weight"), 1)?,
+        out_channels: s.dim(&format!("{p}out.2.weight"), 0)?,
+        block_out_channels,
+        down_block_has_attention,
+        cross_attention_dim,
+        use_linear_projection,
+    })
+}
+
+fn infer_vae(s: &Shapes) -> Result<InferredVae> {
+    let p = VAE_PREFIX;
+    let levels = s.count(|i| s.has(&format!("{p}encoder.down.{i}.block.0.conv1.weight")));
+    let num_up_blocks = s.count(|i| s.has(&format!("{p}decoder.up.{i}.block.0.conv1.weight")));
+    if levels == 0 || num_up_blocks == 0 {
+        return Err(s.err(format!(
+            "expected the VAE tensors '{p}encoder.down.0.block.0.conv1.weight' and \
+             '{p}decoder.up.0.block.0.conv1.weight'"
+        )));
+    }
+    let block_out_channels = (0..levels)
+        .map(|i| s.dim(&format!("{p}encoder.down.{i}.block.0.conv1.weight"), 0))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(InferredVae {
+        block_out_channels,
+        layers_per_block: s.count(|j| s.has(&format!("{p}encoder.down.0.block.{j}.conv1.weight"))),
+        num_up_blocks,
+        latent_channels: s.dim(&format!("{p}post_quant_conv.weight"), 0)?,
+        in_channels: s.dim(&format!("{p}encoder.conv_in.weight"), 1)?,
+        out_channels: s.dim(&format!("{p}decoder.conv_out.weight"), 0)?,
+    })
+}
+
+fn infer_text_encoder(s: &Shapes, without_text_model: bool) -> Result<InferredTextEncoder> {
+    let key = |k: &str| {
+        if without_text_model {
+            format!("{CLIP_PREFIX}{k}")
+        } else {
+            clip_key(k)
+        }
+    };
+    let token = key("embeddings.token_embedding.weight");
+    Ok(InferredTextEncoder {
+        vocab_size: s.dim(&token, 0)?,
+        hidden_size: s.dim(&token, 1)?,
+        intermediate_size: s.dim(&key("encoder.layers.0.mlp.fc1.weight"), 0)?,
+        num_hidden_layers: s.count(|i| s.has(&key(&format!("encoder.layers.{i}.layer_norm1.weight")))),
+        max_position_embeddings: s.dim(&key("embeddings.position_embedding.weight"), 0)?,
+    })
+}
+
+/// The set of original-layout keys that the three mappings produce for the given diffusers key lists; a helper
+/// for checks that every tensor of a file is used.
+pub fn mapped_keys<'a>(
+    layout: &SingleFileUnetLayout,
+    num_vae_up_blocks: usize,
+    unet: impl IntoIterator<Item = &'a str>,
+    vae: impl IntoIterator<Item = &'a str>,
+    text_encoder: impl IntoIterator<Item = &'a str>,
+) -> BTreeSet<String> {
+    unet.into_iter()
+        .map(|k| unet_key(layout, k))
+        .chain(vae.into_iter().map(|k| vae_key(num_vae_up_blocks, k)))
+        .chain(text_encoder.into_iter().map(clip_key))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Well-known correspondences of the real SD1.5 checkpoint.
+    #[test]
+    fn sd15_unet_keys() {
+        let l = SingleFileUnetLayout::sd15();
+        let cases = [
+            ("conv_in.weight", "input_blocks.0.0.weight"),
+            ("time_embedding.linear_1.bias", "time_embed.0.bias"),
+            ("time_embedding.linear_2.weight", "time_embed.2.weight"),
+            (
+                "down_blocks.0.resnets.0.norm1.weight",
+                "input_blocks.1.0.in_layers.0.weight",
+            ),
+            (
+                "down_blocks.0.resnets.1.conv1.weight",
+                "input_blocks.2.0.in_layers.2.weight",
+            ),
+            (
+                "down_blocks.0.attentions.1.proj_in.weight",
+                "input_blocks.2.1.proj_in.weight",
+            ),
+            ("down_blocks.0.downsamplers.0.conv.weight", "input_blocks.3.0.op.weight"),
+            (
+                "down_blocks.1.resnets.0.conv_shortcut.weight",
+                "input_blocks.4.0.skip_connection.weight",
+            ),
+            (
+                "down_blocks.1.resnets.0.time_emb_proj.bias",
+                "input_blocks.4.0.emb_layers.1.bias",
+            ),
+            ("down_blocks.2.downsamplers.0.conv.bias", "input_blocks.9.0.op.bias"),
+            (
+                "down_blocks.3.resnets.1.conv2.weight",
+                "input_blocks.11.0.out_layers.3.weight",
+            ),
+            ("mid_block.resnets.0.norm2.bias", "middle_block.0.out_layers.0.bias"),
+            (
+                "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+                "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+            ),
+            ("mid_block.resnets.1.conv1.weight", "middle_block.2.in_layers.2.weight"),
+            (
+                "up_blocks.0.resnets.2.conv2.weight",
+                "output_blocks.2.0.out_layers.3.weight",
+            ),
+            ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.2.1.conv.weight"),
+            ("up_blocks.1.attentions.0.norm.weight", "output_blocks.3.1.norm.weight"),
+            ("up_blocks.1.upsamplers.0.conv.bias", "output_blocks.5.2.conv.bias"),
+            ("up_blocks.2.upsamplers.0.conv.weight", "output_blocks.8.2.conv.weight"),
+            (
+                "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj.weight",
+                "output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight",
+            ),
+            ("conv_norm_out.weight", "out.0.weight"),
+            ("conv_out.bias", "out.2.bias"),
+        ];
+        for (diffusers, original) in cases {
+            assert_eq!(
+                unet_key(&l, diffusers),
+                format!("{UNET_PREFIX}{original}"),
+                "{diffusers}"
+            );
+        }
+    }
+
+    #[test]
+    fn sd15_vae_and_clip_keys() {
+        let cases = [
+            ("encoder.conv_in.weight", "encoder.conv_in.weight"),
+            (
+                "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+                "encoder.down.1.block.0.nin_shortcut.weight",
+            ),
+            (
+                "encoder.down_blocks.2.downsamplers.0.conv.bias",
+                "encoder.down.2.downsample.conv.bias",
+            ),
+            (
+                "encoder.mid_block.resnets.1.norm2.weight",
+                "encoder.mid.block_2.norm2.weight",
+            ),
+            (
+                "encoder.mid_block.attentions.0.group_norm.bias",
+                "encoder.mid.attn_1.norm.bias",
+            ),
+            (
+                "decoder.mid_block.attentions.0.to_q.weight",
+                "decoder.mid.attn_1.q.weight",
+            ),
+            ("decoder.mid_block.attentions.0.value.bias", "decoder.mid.attn_1.v.bias"),
+            (
+                "decoder.mid_block.attentions.0.to_out.0.weight",
+                "decoder.mid.attn_1.proj_out.weight",
+            ),
+            (
+                "decoder.mid_block.attentions.0.proj_attn.bias",
+                "decoder.mid.attn_1.proj_out.bias",
+            ),
+            ("encoder.conv_norm_out.weight", "encoder.norm_out.weight"),
+            (
+                "decoder.up_blocks.0.resnets.2.conv1.weight",
+                "decoder.up.3.block.2.conv1.weight",
+            ),
+            (
+                "decoder.up_blocks.0.upsamplers.0.conv.weight",
+                "decoder.up.3.upsample.conv.weight",
+            ),
+            (
+                "decoder.up_blocks.3.resnets.0.conv_shortcut.bias",
+                "decoder.up.0.block.0.nin_shortcut.bias",
+            ),
+            ("quant_conv.weight", "quant_conv.weight"),
+            ("post_quant_conv.bias", "post_quant_conv.bias"),
+        ];
+        for (diffusers, original) in cases {
+            assert_eq!(vae_key(4, diffusers), format!("{VAE_PREFIX}{original}"), "{diffusers}");
+        }
+        let full = "cond_stage_model.transformer.text_model.encoder.layers.3.self_attn.q_proj.weight";
+        assert_eq!(clip_key("text_model.encoder.layers.3.self_attn.q_proj.weight"), full);
+        assert_eq!(clip_key("encoder.layers.3.self_attn.q_proj.weight"), full);
+    }
+
+    /// Indices beyond the layout are not numbered into the next block.
+    #[test]
+    fn out_of_range_indices_are_not_aliased() {
+        let l = SingleFileUnetLayout::sd15();
+        for key in [
+            "down_blocks.0.resnets.2.norm1.weight",
+            "down_blocks.1.attentions.2.norm.weight",
+            "up_blocks.1.resnets.3.conv1.weight",
+            "mid_block.resnets.2.conv1.weight",
+            "mid_block.attentions.1.norm.weight",
+        ] {
+            assert_eq!(unet_key(&l, key), format!("{UNET_PREFIX}{key}"));
+        }
+    }
+
+    #[test]
+    fn layout_from_block_types() {
+        let l = SingleFileUnetLayout::from_block_types(
+            2,
+            &[
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ],
+        );
+        assert_eq!(l, SingleFileUnetLayout::sd15());
+    }
+}
