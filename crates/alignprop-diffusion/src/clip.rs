@@ -54,7 +54,8 @@ impl ClipActivation {
             Self::Gelu => nn::gelu(x),
             Self::GeluTanh => {
                 // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-                let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * (2.0 / std::f64::consts::PI).sqrt();
+                let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715)
+                    * (2.0 / std::f64::consts::PI).sqrt();
                 x.clone() * 0.5 * (activation::tanh(inner) + 1.0)
             }
         }
@@ -136,7 +137,8 @@ pub struct ClipEncoderDims {
 
 impl ClipEncoderDims {
     fn check(&self) -> Result<()> {
-        let ok = self.num_attention_heads > 0 && self.hidden_size.is_multiple_of(self.num_attention_heads);
+        let ok = self.num_attention_heads > 0
+            && self.hidden_size.is_multiple_of(self.num_attention_heads);
         if ok {
             Ok(())
         } else {
@@ -198,7 +200,12 @@ pub struct ClipMlp<B: Backend> {
 }
 
 impl<B: Backend> ClipMlp<B> {
-    pub fn new(vb: &VarBuilder<B>, hidden: usize, intermediate: usize, activation: ClipActivation) -> Result<Self> {
+    pub fn new(
+        vb: &VarBuilder<B>,
+        hidden: usize,
+        intermediate: usize,
+        activation: ClipActivation,
+    ) -> Result<Self> {
         Ok(Self {
             fc1: Linear::new(&vb.pp("fc1"), hidden, intermediate, true)?,
             fc2: Linear::new(&vb.pp("fc2"), intermediate, hidden, true)?,
@@ -208,7 +215,8 @@ impl<B: Backend> ClipMlp<B> {
 
     /// `x`: `[batch, tokens, hidden]` -> `[batch, tokens, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2.forward(self.activation.forward(self.fc1.forward(x)))
+        self.fc2
+            .forward(self.activation.forward(self.fc1.forward(x)))
     }
 }
 
@@ -306,7 +314,11 @@ impl<B: Backend> ClipTextEmbeddings<B> {
         let position = vb.pp("position_embedding");
         Ok(Self {
             token_embedding: param(token.get([cfg.vocab_size, h], "weight", Init::Normal(0.02))?),
-            position_embedding: param(position.get([cfg.max_position_embeddings, h], "weight", Init::Normal(0.01))?),
+            position_embedding: param(position.get(
+                [cfg.max_position_embeddings, h],
+                "weight",
+                Init::Normal(0.01),
+            )?),
         })
     }
 
@@ -314,7 +326,10 @@ impl<B: Backend> ClipTextEmbeddings<B> {
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let n = input_ids.dims()[1];
         let max = self.position_embedding.dims()[0];
-        assert!(n <= max, "{n} tokens given, the text encoder has {max} positions");
+        assert!(
+            n <= max,
+            "{n} tokens given, the text encoder has {max} positions"
+        );
         let tokens = burn::tensor::module::embedding(self.token_embedding.val(), input_ids);
         let positions = self.position_embedding.val().slice(0..n).unsqueeze::<3>();
         tokens + positions
@@ -357,7 +372,11 @@ impl<B: Backend> ClipTextTransformer<B> {
         Ok(Self {
             embeddings: ClipTextEmbeddings::new(&vb.pp("embeddings"), cfg)?,
             encoder: ClipEncoder::new(&vb.pp("encoder"), &dims)?,
-            final_layer_norm: LayerNorm::new(&vb.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            final_layer_norm: LayerNorm::new(
+                &vb.pp("final_layer_norm"),
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+            )?,
             eos_token_id: cfg.eos_token_id,
         })
     }
@@ -385,9 +404,9 @@ impl<B: Backend> ClipTextTransformer<B> {
         let eos = self.eos_positions(input_ids.clone());
         let x = self.embeddings.forward(input_ids);
         let mut hidden_states = keep_hidden_states.then(Vec::new);
-        let x = self
-            .encoder
-            .forward_layers(x, true, self.encoder.layers.len(), hidden_states.as_mut());
+        let x =
+            self.encoder
+                .forward_layers(x, true, self.encoder.layers.len(), hidden_states.as_mut());
         let last_hidden_state = self.final_layer_norm.forward(x);
         let [b, _, h] = last_hidden_state.dims();
         let index = eos.reshape([b, 1, 1]).repeat_dim(2, h);

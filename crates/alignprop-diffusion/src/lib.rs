@@ -17,6 +17,7 @@ pub mod device;
 pub mod nn;
 pub mod pipeline_files;
 pub mod single_file;
+pub mod testing;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

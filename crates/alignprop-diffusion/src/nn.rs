@@ -67,7 +67,11 @@ impl<B: Backend> Linear<B> {
         } else {
             None
         };
-        Ok(Self { weight, bias, lora: None })
+        Ok(Self {
+            weight,
+            bias,
+            lora: None,
+        })
     }
 
     /// Same as [`Linear::new`] but the weight may be stored under one of several names (legacy layouts).

@@ -182,8 +182,14 @@ pub fn unet_key(cfg: &SingleFileUnetLayout, key: &str) -> String {
                 let i: usize = i.parse().unwrap();
                 let in_range = |j: usize| j < cfg.layers_per_block;
                 if let Some((j, r)) = indexed(tail, "resnets").filter(|&(j, _)| in_range(j)) {
-                    format!("input_blocks.{}.0.{}", 1 + i * per_level + j, unet_resnet(r))
-                } else if let Some((j, r)) = indexed(tail, "attentions").filter(|&(j, _)| in_range(j)) {
+                    format!(
+                        "input_blocks.{}.0.{}",
+                        1 + i * per_level + j,
+                        unet_resnet(r)
+                    )
+                } else if let Some((j, r)) =
+                    indexed(tail, "attentions").filter(|&(j, _)| in_range(j))
+                {
                     join(format!("input_blocks.{}.1", 1 + i * per_level + j), r)
                 } else if let Some((_, r)) = indexed(tail, "downsamplers") {
                     let r = r
@@ -212,14 +218,19 @@ pub fn unet_key(cfg: &SingleFileUnetLayout, key: &str) -> String {
                 let in_range = |j: usize| j < per_level;
                 if let Some((j, r)) = indexed(tail, "resnets").filter(|&(j, _)| in_range(j)) {
                     format!("output_blocks.{}.0.{}", i * per_level + j, unet_resnet(r))
-                } else if let Some((j, r)) = indexed(tail, "attentions").filter(|&(j, _)| in_range(j)) {
+                } else if let Some((j, r)) =
+                    indexed(tail, "attentions").filter(|&(j, _)| in_range(j))
+                {
                     join(format!("output_blocks.{}.1", i * per_level + j), r)
                 } else if let Some((_, r)) = indexed(tail, "upsamplers") {
                     // The up-sampler follows the level's last resnet (and its attention, if any).
                     let has_attention = cfg.up_block_has_attention.get(i).copied().unwrap_or(true);
                     let slot = if has_attention { 2 } else { 1 };
                     join(
-                        format!("output_blocks.{}.{slot}", i * per_level + cfg.layers_per_block),
+                        format!(
+                            "output_blocks.{}.{slot}",
+                            i * per_level + cfg.layers_per_block
+                        ),
                         r,
                     )
                 } else {
@@ -278,18 +289,22 @@ pub fn vae_key(num_up_blocks: usize, key: &str) -> String {
                         if let Some((j, r)) = indexed(r, "resnets") {
                             Some(format!("down.{i}.block.{j}.{}", vae_resnet(r)))
                         } else {
-                            indexed(r, "downsamplers").map(|(_, r)| join(format!("down.{i}.downsample"), r))
+                            indexed(r, "downsamplers")
+                                .map(|(_, r)| join(format!("down.{i}.downsample"), r))
                         }
                     }
                     _ => None,
                 },
                 "up_blocks" if part == "decoder" => match head(tail) {
                     (i, r) if i.parse::<usize>().is_ok() => {
-                        let level = num_up_blocks.saturating_sub(1).saturating_sub(i.parse().unwrap());
+                        let level = num_up_blocks
+                            .saturating_sub(1)
+                            .saturating_sub(i.parse().unwrap());
                         if let Some((j, r)) = indexed(r, "resnets") {
                             Some(format!("up.{level}.block.{j}.{}", vae_resnet(r)))
                         } else {
-                            indexed(r, "upsamplers").map(|(_, r)| join(format!("up.{level}.upsample"), r))
+                            indexed(r, "upsamplers")
+                                .map(|(_, r)| join(format!("up.{level}.upsample"), r))
                         }
                     }
                     _ => None,
@@ -461,7 +476,8 @@ impl SingleFileCheckpoint {
                 ),
             });
         }
-        let clip_without_text_model = if shapes.has(&clip_key("embeddings.token_embedding.weight")) {
+        let clip_without_text_model = if shapes.has(&clip_key("embeddings.token_embedding.weight"))
+        {
             false
         } else if shapes.has(&format!("{CLIP_PREFIX}embeddings.token_embedding.weight")) {
             true
@@ -540,7 +556,12 @@ impl SingleFileCheckpoint {
     /// The CLIP text encoder's tensors under transformers' names, with or without the `text_model.` prefix.
     pub fn text_encoder(&self) -> Renamed<Arc<SafetensorsSource>> {
         let map: Box<dyn Fn(&str) -> String + Send + Sync> = if self.clip_without_text_model {
-            Box::new(|key| format!("{CLIP_PREFIX}{}", key.strip_prefix("text_model.").unwrap_or(key)))
+            Box::new(|key| {
+                format!(
+                    "{CLIP_PREFIX}{}",
+                    key.strip_prefix("text_model.").unwrap_or(key)
+                )
+            })
         } else {
             Box::new(clip_key)
         };
@@ -554,9 +575,16 @@ impl SingleFileCheckpoint {
     /// ignorable ([`is_ignorable_key`]): normally empty. Handy to warn about an unexpected variant.
     pub fn unknown_keys(&self) -> Vec<String> {
         let known = |k: &str| {
-            k.starts_with(UNET_PREFIX) || k.starts_with(VAE_PREFIX) || k.starts_with(CLIP_PREFIX) || is_ignorable_key(k)
+            k.starts_with(UNET_PREFIX)
+                || k.starts_with(VAE_PREFIX)
+                || k.starts_with(CLIP_PREFIX)
+                || is_ignorable_key(k)
         };
-        self.source.keys().into_iter().filter(|k| !known(k)).collect()
+        self.source
+            .keys()
+            .into_iter()
+            .filter(|k| !known(k))
+            .collect()
     }
 }
 
@@ -568,7 +596,8 @@ fn describe_other(s: &Shapes) -> String {
     } else if s.has_prefix("encoder.down_blocks.") || s.has_prefix("decoder.up_blocks.") {
         "; it looks like a diffusers VAE file: load its model folder instead".into()
     } else if s.has_prefix("text_model.") || s.has_prefix("embeddings.token_embedding.") {
-        "; it looks like a transformers CLIP text-encoder file: load its model folder instead".into()
+        "; it looks like a transformers CLIP text-encoder file: load its model folder instead"
+            .into()
     } else {
         let first: Vec<&str> = s.keys.iter().take(3).map(String::as_str).collect();
         format!("; its first tensors are {first:?}")
@@ -593,10 +622,20 @@ fn infer_unet(s: &Shapes) -> Result<InferredUnet> {
     let layers_per_block = per_level - 1;
     let first_resnet = |level: usize| 1 + level * per_level;
     let block_out_channels = (0..levels)
-        .map(|l| s.dim(&format!("{p}input_blocks.{}.0.out_layers.3.weight", first_resnet(l)), 0))
+        .map(|l| {
+            s.dim(
+                &format!("{p}input_blocks.{}.0.out_layers.3.weight", first_resnet(l)),
+                0,
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     let down_block_has_attention = (0..levels)
-        .map(|l| s.has(&format!("{p}input_blocks.{}.1.norm.weight", first_resnet(l))))
+        .map(|l| {
+            s.has(&format!(
+                "{p}input_blocks.{}.1.norm.weight",
+                first_resnet(l)
+            ))
+        })
         .collect();
     let up_block_has_attention = (0..levels)
         .map(|l| s.has(&format!("{p}output_blocks.{}.1.norm.weight", l * per_level)))
@@ -656,7 +695,8 @@ fn infer_text_encoder(s: &Shapes, without_text_model: bool) -> Result<InferredTe
         vocab_size: s.dim(&token, 0)?,
         hidden_size: s.dim(&token, 1)?,
         intermediate_size: s.dim(&key("encoder.layers.0.mlp.fc1.weight"), 0)?,
-        num_hidden_layers: s.count(|i| s.has(&key(&format!("encoder.layers.{i}.layer_norm1.weight")))),
+        num_hidden_layers: s
+            .count(|i| s.has(&key(&format!("encoder.layers.{i}.layer_norm1.weight")))),
         max_position_embeddings: s.dim(&key("embeddings.position_embedding.weight"), 0)?,
     })
 }
@@ -701,7 +741,10 @@ mod tests {
                 "down_blocks.0.attentions.1.proj_in.weight",
                 "input_blocks.2.1.proj_in.weight",
             ),
-            ("down_blocks.0.downsamplers.0.conv.weight", "input_blocks.3.0.op.weight"),
+            (
+                "down_blocks.0.downsamplers.0.conv.weight",
+                "input_blocks.3.0.op.weight",
+            ),
             (
                 "down_blocks.1.resnets.0.conv_shortcut.weight",
                 "input_blocks.4.0.skip_connection.weight",
@@ -710,25 +753,46 @@ mod tests {
                 "down_blocks.1.resnets.0.time_emb_proj.bias",
                 "input_blocks.4.0.emb_layers.1.bias",
             ),
-            ("down_blocks.2.downsamplers.0.conv.bias", "input_blocks.9.0.op.bias"),
+            (
+                "down_blocks.2.downsamplers.0.conv.bias",
+                "input_blocks.9.0.op.bias",
+            ),
             (
                 "down_blocks.3.resnets.1.conv2.weight",
                 "input_blocks.11.0.out_layers.3.weight",
             ),
-            ("mid_block.resnets.0.norm2.bias", "middle_block.0.out_layers.0.bias"),
+            (
+                "mid_block.resnets.0.norm2.bias",
+                "middle_block.0.out_layers.0.bias",
+            ),
             (
                 "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
                 "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
             ),
-            ("mid_block.resnets.1.conv1.weight", "middle_block.2.in_layers.2.weight"),
+            (
+                "mid_block.resnets.1.conv1.weight",
+                "middle_block.2.in_layers.2.weight",
+            ),
             (
                 "up_blocks.0.resnets.2.conv2.weight",
                 "output_blocks.2.0.out_layers.3.weight",
             ),
-            ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.2.1.conv.weight"),
-            ("up_blocks.1.attentions.0.norm.weight", "output_blocks.3.1.norm.weight"),
-            ("up_blocks.1.upsamplers.0.conv.bias", "output_blocks.5.2.conv.bias"),
-            ("up_blocks.2.upsamplers.0.conv.weight", "output_blocks.8.2.conv.weight"),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                "output_blocks.2.1.conv.weight",
+            ),
+            (
+                "up_blocks.1.attentions.0.norm.weight",
+                "output_blocks.3.1.norm.weight",
+            ),
+            (
+                "up_blocks.1.upsamplers.0.conv.bias",
+                "output_blocks.5.2.conv.bias",
+            ),
+            (
+                "up_blocks.2.upsamplers.0.conv.weight",
+                "output_blocks.8.2.conv.weight",
+            ),
             (
                 "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj.weight",
                 "output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight",
@@ -769,7 +833,10 @@ mod tests {
                 "decoder.mid_block.attentions.0.to_q.weight",
                 "decoder.mid.attn_1.q.weight",
             ),
-            ("decoder.mid_block.attentions.0.value.bias", "decoder.mid.attn_1.v.bias"),
+            (
+                "decoder.mid_block.attentions.0.value.bias",
+                "decoder.mid.attn_1.v.bias",
+            ),
             (
                 "decoder.mid_block.attentions.0.to_out.0.weight",
                 "decoder.mid.attn_1.proj_out.weight",
@@ -795,10 +862,18 @@ mod tests {
             ("post_quant_conv.bias", "post_quant_conv.bias"),
         ];
         for (diffusers, original) in cases {
-            assert_eq!(vae_key(4, diffusers), format!("{VAE_PREFIX}{original}"), "{diffusers}");
+            assert_eq!(
+                vae_key(4, diffusers),
+                format!("{VAE_PREFIX}{original}"),
+                "{diffusers}"
+            );
         }
-        let full = "cond_stage_model.transformer.text_model.encoder.layers.3.self_attn.q_proj.weight";
-        assert_eq!(clip_key("text_model.encoder.layers.3.self_attn.q_proj.weight"), full);
+        let full =
+            "cond_stage_model.transformer.text_model.encoder.layers.3.self_attn.q_proj.weight";
+        assert_eq!(
+            clip_key("text_model.encoder.layers.3.self_attn.q_proj.weight"),
+            full
+        );
         assert_eq!(clip_key("encoder.layers.3.self_attn.q_proj.weight"), full);
     }
 

@@ -112,12 +112,21 @@ impl ClipTokenizer {
     /// (`#version` header, then one `left right` merge per line, highest priority first).
     pub fn from_vocab_merges(vocab: impl AsRef<Path>, merges: impl AsRef<Path>) -> Result<Self> {
         let (vocab_path, merges_path) = (vocab.as_ref(), merges.as_ref());
-        let vocab: HashMap<String, u32> = serde_json::from_str(&read_text(vocab_path)?)
-            .map_err(|e| load_err(vocab_path, format!("invalid vocabulary (expected {{token: id}}): {e}")))?;
-        let merges = parse_merges(&read_text(merges_path)?).map_err(|msg| load_err(merges_path, msg))?;
+        let vocab: HashMap<String, u32> =
+            serde_json::from_str(&read_text(vocab_path)?).map_err(|e| {
+                load_err(
+                    vocab_path,
+                    format!("invalid vocabulary (expected {{token: id}}): {e}"),
+                )
+            })?;
+        let merges =
+            parse_merges(&read_text(merges_path)?).map_err(|msg| load_err(merges_path, msg))?;
         for token in [BOS_TOKEN, EOS_TOKEN] {
             if !vocab.contains_key(token) {
-                return Err(load_err(vocab_path, format!("special token {token} missing")));
+                return Err(load_err(
+                    vocab_path,
+                    format!("special token {token} missing"),
+                ));
             }
         }
         let bpe = BPE::builder()
@@ -125,7 +134,12 @@ impl ClipTokenizer {
             .unk_token(EOS_TOKEN.into())
             .end_of_word_suffix("</w>".into())
             .build()
-            .map_err(|e| load_err(merges_path, format!("merges do not fit {}: {e}", vocab_path.display())))?;
+            .map_err(|e| {
+                load_err(
+                    merges_path,
+                    format!("merges do not fit {}: {e}", vocab_path.display()),
+                )
+            })?;
         let pipeline_err = |e| load_err(vocab_path, format!("cannot build the CLIP pipeline: {e}"));
 
         let mut inner = Tokenizer::new(bpe);
@@ -136,7 +150,9 @@ impl ClipTokenizer {
                 .into(),
             Lowercase.into(),
         ]);
-        inner.with_normalizer(Some(normalizer)).map_err(pipeline_err)?;
+        inner
+            .with_normalizer(Some(normalizer))
+            .map_err(pipeline_err)?;
         let split = Split::new(
             SplitPattern::Regex(CLIP_SPLIT_PATTERN.into()),
             SplitDelimiterBehavior::Removed,
@@ -156,7 +172,10 @@ impl ClipTokenizer {
         ));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         inner
-            .add_special_tokens([AddedToken::from(BOS_TOKEN, true), AddedToken::from(EOS_TOKEN, true)])
+            .add_special_tokens([
+                AddedToken::from(BOS_TOKEN, true),
+                AddedToken::from(EOS_TOKEN, true),
+            ])
             .map_err(pipeline_err)?;
         Self::with_tokenizer(inner, vocab_path)
     }
@@ -199,10 +218,13 @@ impl ClipTokenizer {
 
     /// The ids of `prompt` with `bos` and `eos`, neither truncated nor padded.
     pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(prompt, true).map_err(|e| TokenizerError::Encode {
-            prompt: prompt.to_string(),
-            msg: e.to_string(),
-        })?;
+        let encoding = self
+            .inner
+            .encode(prompt, true)
+            .map_err(|e| TokenizerError::Encode {
+                prompt: prompt.to_string(),
+                msg: e.to_string(),
+            })?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -223,7 +245,11 @@ impl ClipTokenizer {
     }
 
     /// The padded ids of `prompts` as a `[batch, max_length]` integer tensor on `device`.
-    pub fn input_ids<B: Backend, S: AsRef<str>>(&self, prompts: &[S], device: &B::Device) -> Result<Tensor<B, 2, Int>> {
+    pub fn input_ids<B: Backend, S: AsRef<str>>(
+        &self,
+        prompts: &[S],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 2, Int>> {
         let ids: Vec<i64> = self
             .encode_batch(prompts)?
             .into_iter()
@@ -238,10 +264,13 @@ impl ClipTokenizer {
 
     /// Text of `ids` without special tokens (word ends become spaces), for inspection.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let text = self.inner.decode(ids, true).map_err(|e| TokenizerError::Encode {
-            prompt: format!("{ids:?}"),
-            msg: e.to_string(),
-        })?;
+        let text = self
+            .inner
+            .decode(ids, true)
+            .map_err(|e| TokenizerError::Encode {
+                prompt: format!("{ids:?}"),
+                msg: e.to_string(),
+            })?;
         Ok(text.replace("</w>", " ").trim_end().to_string())
     }
 
@@ -289,7 +318,9 @@ fn parse_merges(text: &str) -> std::result::Result<Vec<(String, String)>, String
         })
         .take(CLIP_NUM_MERGES)
         .map(|(i, line)| match line.split_once(' ') {
-            Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => Ok((a.to_string(), b.to_string())),
+            Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => {
+                Ok((a.to_string(), b.to_string()))
+            }
             _ => Err(format!(
                 "line {}: expected two symbols separated by a space, found {line:?}",
                 i + 1
@@ -300,11 +331,14 @@ fn parse_merges(text: &str) -> std::result::Result<Vec<(String, String)>, String
 
 /// `pad_token` of a `tokenizer_config.json` (a string or `{"content": ...}`), if any.
 fn pad_token(config: &Path) -> Result<Option<String>> {
-    let value: serde_json::Value =
-        serde_json::from_str(&read_text(config)?).map_err(|e| load_err(config, format!("invalid JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(&read_text(config)?)
+        .map_err(|e| load_err(config, format!("invalid JSON: {e}")))?;
     Ok(match value.get("pad_token") {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Some(serde_json::Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     })
 }

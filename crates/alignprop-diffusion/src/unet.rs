@@ -336,20 +336,27 @@ impl UNet2DConditionConfig {
             act,
             heads,
             layers: self.layers_per_block.per_block(n, "layers_per_block")?,
-            cross_dims: self.cross_attention_dim.per_block(n, "cross_attention_dim")?,
+            cross_dims: self
+                .cross_attention_dim
+                .per_block(n, "cross_attention_dim")?,
             transformer_layers: self
                 .transformer_layers_per_block
                 .per_block(n, "transformer_layers_per_block")?,
             down_cross,
             up_cross,
             mid,
-            time_embed_dim: self.time_embedding_dim.unwrap_or(4 * self.block_out_channels[0]),
+            time_embed_dim: self
+                .time_embedding_dim
+                .unwrap_or(4 * self.block_out_channels[0]),
         })
     }
 }
 
 fn config_error(path: impl Into<PathBuf>, msg: String) -> WeightError {
-    WeightError::Config { path: path.into(), msg }
+    WeightError::Config {
+        path: path.into(),
+        msg,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -407,7 +414,9 @@ impl Timesteps {
         let half = self.num_channels / 2;
         let log_period = -(self.max_period.ln()) as f32;
         let denom = (half as f64 - self.downscale_freq_shift) as f32;
-        (0..half).map(|k| (k as f32 * log_period / denom).exp()).collect()
+        (0..half)
+            .map(|k| (k as f32 * log_period / denom).exp())
+            .collect()
     }
 
     /// `timesteps`: `[batch]` (any float dtype, fractional values allowed) -> `[batch, num_channels]` float32.
@@ -416,7 +425,10 @@ impl Timesteps {
         let device = timesteps.device();
         let half = self.num_channels / 2;
         let t = timesteps.cast(DType::F32).reshape([n, 1]);
-        let freqs = Tensor::<B, 2>::from_data(TensorData::new(self.frequencies(), [1, half]), (&device, DType::F32));
+        let freqs = Tensor::<B, 2>::from_data(
+            TensorData::new(self.frequencies(), [1, half]),
+            (&device, DType::F32),
+        );
         let arg = t * freqs;
         let (sin, cos) = (arg.clone().sin(), arg.cos());
         let mut parts = if self.flip_sin_to_cos {
@@ -440,7 +452,12 @@ pub struct TimestepEmbedding<B: Backend> {
 }
 
 impl<B: Backend> TimestepEmbedding<B> {
-    pub fn new(vb: &VarBuilder<B>, in_dim: usize, embed_dim: usize, act: Activation) -> Result<Self> {
+    pub fn new(
+        vb: &VarBuilder<B>,
+        in_dim: usize,
+        embed_dim: usize,
+        act: Activation,
+    ) -> Result<Self> {
         Ok(Self {
             linear_1: Linear::new(&vb.pp("linear_1"), in_dim, embed_dim, true)?,
             linear_2: Linear::new(&vb.pp("linear_2"), embed_dim, embed_dim, true)?,
@@ -450,7 +467,8 @@ impl<B: Backend> TimestepEmbedding<B> {
 
     /// `[batch, in_dim]` -> `[batch, embed_dim]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.linear_2.forward(self.act.forward(self.linear_1.forward(x)))
+        self.linear_2
+            .forward(self.act.forward(self.linear_1.forward(x)))
     }
 }
 
@@ -513,10 +531,17 @@ impl<B: Backend> ResnetBlock2D<B> {
     /// activation (diffusers applies it inside every resnet; the UNet does it once for all of them).
     /// Returns `[batch, out, h, w]`.
     pub fn forward(&self, x: Tensor<B, 4>, temb: &Tensor<B, 2>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(self.act.forward(self.norm1.forward(x.clone())));
+        let h = self
+            .conv1
+            .forward(self.act.forward(self.norm1.forward(x.clone())));
         let [b, c] = [h.dims()[0], h.dims()[1]];
-        let t = self.time_emb_proj.forward(temb.clone()).reshape([b, c, 1, 1]);
-        let h = self.conv2.forward(self.act.forward(self.norm2.forward(h + t)));
+        let t = self
+            .time_emb_proj
+            .forward(temb.clone())
+            .reshape([b, c, 1, 1]);
+        let h = self
+            .conv2
+            .forward(self.act.forward(self.norm2.forward(h + t)));
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
             None => x,
@@ -714,7 +739,14 @@ impl<B: Backend> BasicTransformerBlock<B> {
             norm1: LayerNorm::new(&vb.pp("norm1"), dim, LN_EPS)?,
             attn1: Attention::new(&vb.pp("attn1"), dim, None, heads, head_dim, upcast)?,
             norm2: LayerNorm::new(&vb.pp("norm2"), dim, LN_EPS)?,
-            attn2: Attention::new(&vb.pp("attn2"), dim, Some(cross_dim), heads, head_dim, upcast)?,
+            attn2: Attention::new(
+                &vb.pp("attn2"),
+                dim,
+                Some(cross_dim),
+                heads,
+                head_dim,
+                upcast,
+            )?,
             norm3: LayerNorm::new(&vb.pp("norm3"), dim, LN_EPS)?,
             ff: FeedForward::new(&vb.pp("ff"), dim)?,
         })
@@ -723,7 +755,10 @@ impl<B: Backend> BasicTransformerBlock<B> {
     /// `x`: `[batch, tokens, dim]`; `context`: `[batch, context_tokens, cross_dim]`. Same shape out.
     pub fn forward(&self, x: Tensor<B, 3>, context: &Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
-        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context.clone())) + x;
+        let x = self
+            .attn2
+            .forward(self.norm2.forward(x.clone()), Some(context.clone()))
+            + x;
         self.ff.forward(self.norm3.forward(x.clone())) + x
     }
 }
@@ -764,7 +799,16 @@ impl<B: Backend> Transformer2DModel<B> {
             norm: GroupNorm::new(&vb.pp("norm"), groups, channels, 1e-6)?,
             proj_in: Linear::new(&vb.pp("proj_in"), channels, inner, true)?,
             transformer_blocks: (0..layers)
-                .map(|i| BasicTransformerBlock::new(&blocks.pp(i), inner, heads, head_dim, cross_dim, upcast))
+                .map(|i| {
+                    BasicTransformerBlock::new(
+                        &blocks.pp(i),
+                        inner,
+                        heads,
+                        head_dim,
+                        cross_dim,
+                        upcast,
+                    )
+                })
                 .collect::<Result<_>>()?,
             proj_out: Linear::new(&vb.pp("proj_out"), inner, channels, true)?,
             use_linear_projection,
@@ -774,7 +818,11 @@ impl<B: Backend> Transformer2DModel<B> {
     /// `x`: `[batch, channels, h, w]`; `context`: `[batch, context_tokens, cross_dim]`. Same shape out.
     pub fn forward(&self, x: Tensor<B, 4>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let tokens = self.norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
+        let tokens = self
+            .norm
+            .forward(x.clone())
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2);
         let mut t = self.proj_in.forward(tokens);
         for block in &self.transformer_blocks {
             t = block.forward(t, context);
@@ -843,7 +891,16 @@ fn down_resnets<B: Backend>(
     (0..layers)
         .map(|j| {
             let c_in = if j == 0 { in_c } else { out_c };
-            ResnetBlock2D::new(&vb.pp(j), c_in, out_c, s.temb, s.groups, s.eps, s.act, s.resnet_scale)
+            ResnetBlock2D::new(
+                &vb.pp(j),
+                c_in,
+                out_c,
+                s.temb,
+                s.groups,
+                s.eps,
+                s.act,
+                s.resnet_scale,
+            )
         })
         .collect()
 }
@@ -876,13 +933,19 @@ fn up_resnets<B: Backend>(
         .collect()
 }
 
-fn downsampler<B: Backend>(vb: &VarBuilder<B>, add: bool, c: usize, padding: usize) -> Result<Option<Downsample2D<B>>> {
+fn downsampler<B: Backend>(
+    vb: &VarBuilder<B>,
+    add: bool,
+    c: usize,
+    padding: usize,
+) -> Result<Option<Downsample2D<B>>> {
     add.then(|| Downsample2D::new(&vb.pp("downsamplers").pp(0), c, padding))
         .transpose()
 }
 
 fn upsampler<B: Backend>(vb: &VarBuilder<B>, add: bool, c: usize) -> Result<Option<Upsample2D<B>>> {
-    add.then(|| Upsample2D::new(&vb.pp("upsamplers").pp(0), c)).transpose()
+    add.then(|| Upsample2D::new(&vb.pp("upsamplers").pp(0), c))
+        .transpose()
 }
 
 /// diffusers' `DownBlock2D`: resnets, then an optional downsampler.
@@ -896,7 +959,12 @@ pub struct DownBlock2D<B: Backend> {
 impl<B: Backend> DownBlock2D<B> {
     /// `x`: `[batch, in, h, w]` -> `[batch, out, h', w']`; pushes every resnet's output and the downsampler's
     /// output onto `skips`.
-    pub fn forward(&self, mut x: Tensor<B, 4>, temb: &Tensor<B, 2>, skips: &mut Vec<Tensor<B, 4>>) -> Tensor<B, 4> {
+    pub fn forward(
+        &self,
+        mut x: Tensor<B, 4>,
+        temb: &Tensor<B, 2>,
+        skips: &mut Vec<Tensor<B, 4>>,
+    ) -> Tensor<B, 4> {
         for resnet in &self.resnets {
             x = resnet.forward(x, temb);
             skips.push(x.clone());
@@ -982,7 +1050,9 @@ impl<B: Backend> UpBlock2D<B> {
         upsample_size: Option<[usize; 2]>,
     ) -> Tensor<B, 4> {
         for resnet in &self.resnets {
-            let skip = skips.pop().expect("one skip connection per up-block resnet");
+            let skip = skips
+                .pop()
+                .expect("one skip connection per up-block resnet");
             x = resnet.forward(Tensor::cat(vec![x, skip], 1), temb);
         }
         match &self.upsampler {
@@ -1012,7 +1082,9 @@ impl<B: Backend> CrossAttnUpBlock2D<B> {
         upsample_size: Option<[usize; 2]>,
     ) -> Tensor<B, 4> {
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
-            let skip = skips.pop().expect("one skip connection per up-block resnet");
+            let skip = skips
+                .pop()
+                .expect("one skip connection per up-block resnet");
             x = attn.forward(resnet.forward(Tensor::cat(vec![x, skip], 1), temb), context);
         }
         match &self.upsampler {
@@ -1063,7 +1135,12 @@ pub struct UNetMidBlock2DCrossAttn<B: Backend> {
 
 impl<B: Backend> UNetMidBlock2DCrossAttn<B> {
     /// `x`: `[batch, c, h, w]`, `context`: `[batch, tokens, cross_dim]`. Same shape out.
-    pub fn forward(&self, x: Tensor<B, 4>, temb: &Tensor<B, 2>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 4>,
+        temb: &Tensor<B, 2>,
+        context: &Tensor<B, 3>,
+    ) -> Tensor<B, 4> {
         let mut x = self.resnets[0].forward(x, temb);
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             x = resnet.forward(attn.forward(x, context), temb);
@@ -1116,7 +1193,9 @@ impl<B: Backend> UNet2DConditionModel<B> {
     /// Builds the model described by `cfg`, reading (or randomly initialising) every tensor through `vb` under
     /// diffusers' names.
     pub fn new(cfg: &UNet2DConditionConfig, vb: &VarBuilder<B>) -> Result<Self> {
-        let plan = cfg.plan().map_err(|msg| config_error("UNet2DConditionConfig", msg))?;
+        let plan = cfg
+            .plan()
+            .map_err(|msg| config_error("UNet2DConditionConfig", msg))?;
         let channels = &cfg.block_out_channels;
         let n = channels.len();
         let c0 = channels[0];
@@ -1141,7 +1220,8 @@ impl<B: Backend> UNet2DConditionModel<B> {
         // Built in the order of the layers (conv_in first), so a mismatched file is reported at its first layer.
         let (k_in, k_out) = (cfg.conv_in_kernel, cfg.conv_out_kernel);
         let conv_in = Conv2d::new(&vb.pp("conv_in"), cfg.in_channels, c0, k_in, 1, k_in / 2)?;
-        let time_embedding = TimestepEmbedding::new(&vb.pp("time_embedding"), c0, plan.time_embed_dim, plan.act)?;
+        let time_embedding =
+            TimestepEmbedding::new(&vb.pp("time_embedding"), c0, plan.time_embed_dim, plan.act)?;
 
         let down_vb = vb.pp("down_blocks");
         let mut down_blocks = Vec::with_capacity(n);
@@ -1152,12 +1232,21 @@ impl<B: Backend> UNet2DConditionModel<B> {
             let downsampler = downsampler(&vb, i + 1 < n, out_c, cfg.downsample_padding)?;
             down_blocks.push(if plan.down_cross[i] {
                 DownBlock::CrossAttn(CrossAttnDownBlock2D {
-                    attentions: transformers(&vb, resnets.len(), out_c, &settings, &attn(i, false))?,
+                    attentions: transformers(
+                        &vb,
+                        resnets.len(),
+                        out_c,
+                        &settings,
+                        &attn(i, false),
+                    )?,
                     resnets,
                     downsampler,
                 })
             } else {
-                DownBlock::Plain(DownBlock2D { resnets, downsampler })
+                DownBlock::Plain(DownBlock2D {
+                    resnets,
+                    downsampler,
+                })
             });
             in_c = out_c;
         }
@@ -1210,8 +1299,20 @@ impl<B: Backend> UNet2DConditionModel<B> {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::new(&vb.pp("conv_norm_out"), cfg.norm_num_groups, c0, cfg.norm_eps)?,
-            conv_out: Conv2d::new(&vb.pp("conv_out"), c0, cfg.out_channels, k_out, 1, k_out / 2)?,
+            conv_norm_out: GroupNorm::new(
+                &vb.pp("conv_norm_out"),
+                cfg.norm_num_groups,
+                c0,
+                cfg.norm_eps,
+            )?,
+            conv_out: Conv2d::new(
+                &vb.pp("conv_out"),
+                c0,
+                cfg.out_channels,
+                k_out,
+                1,
+                k_out / 2,
+            )?,
             act: plan.act,
             center_input_sample: cfg.center_input_sample,
             skip_time_act: cfg.resnet_skip_time_act,
@@ -1271,9 +1372,13 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let time_proj = next().into_2d();
         let time_embedding = next().into_2d();
         let conv_in = next().into_4d();
-        let down_blocks = (0..self.down_blocks.len()).map(|_| next().into_4d()).collect();
+        let down_blocks = (0..self.down_blocks.len())
+            .map(|_| next().into_4d())
+            .collect();
         let mid_block = self.mid_block.as_ref().map(|_| next().into_4d());
-        let up_blocks = (0..self.up_blocks.len()).map(|_| next().into_4d()).collect();
+        let up_blocks = (0..self.up_blocks.len())
+            .map(|_| next().into_4d())
+            .collect();
         let conv_norm_out = next().into_4d();
         let conv_out = out.clone();
         let trace = UNetTrace {
@@ -1314,7 +1419,11 @@ impl<B: Backend> UNet2DConditionModel<B> {
         note(&mut trace, || Traced::D2(t_proj.clone()));
         let emb = self.time_embedding.forward(t_proj.cast(dtype));
         note(&mut trace, || Traced::D2(emb.clone()));
-        let temb = if self.skip_time_act { emb } else { self.act.forward(emb) };
+        let temb = if self.skip_time_act {
+            emb
+        } else {
+            self.act.forward(emb)
+        };
 
         let sample = if self.center_input_sample {
             sample * 2.0 - 1.0
@@ -1353,6 +1462,11 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let h = self.conv_norm_out.forward(h);
         note(&mut trace, || Traced::D4(h.clone()));
         self.conv_out.forward(self.act.forward(h))
+    }
+
+    /// Channels of the latents the model takes (4 for SD).
+    pub fn in_channels(&self) -> usize {
+        self.conv_in.weight.dims()[1]
     }
 
     /// Every attention module with its diffusers name (`down_blocks.0.attentions.0.transformer_blocks.0.attn1`,

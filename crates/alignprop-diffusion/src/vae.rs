@@ -138,7 +138,11 @@ impl AutoencoderKLConfig {
                 "unsupported down block type '{t}' (supported: DownEncoderBlock2D)"
             )));
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| t.as_str() != "UpDecoderBlock2D") {
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| t.as_str() != "UpDecoderBlock2D")
+        {
             return Err(err(format!(
                 "unsupported up block type '{t}' (supported: UpDecoderBlock2D)"
             )));
@@ -149,7 +153,7 @@ impl AutoencoderKLConfig {
         }
         if self.in_channels == 0 || self.out_channels == 0 || self.latent_channels == 0 {
             return Err(err(
-                "in_channels, out_channels and latent_channels must be positive".into()
+                "in_channels, out_channels and latent_channels must be positive".into(),
             ));
         }
         let g = self.norm_num_groups;
@@ -230,7 +234,13 @@ pub struct ResnetBlock2D<B: Backend> {
 }
 
 impl<B: Backend> ResnetBlock2D<B> {
-    pub fn new(vb: &VarBuilder<B>, in_c: usize, out_c: usize, groups: usize, act: Activation) -> Result<Self> {
+    pub fn new(
+        vb: &VarBuilder<B>,
+        in_c: usize,
+        out_c: usize,
+        groups: usize,
+        act: Activation,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: GroupNorm::new(&vb.pp("norm1"), groups, in_c, VAE_NORM_EPS)?,
             conv1: Conv2d::new(&vb.pp("conv1"), in_c, out_c, 3, 1, 1)?,
@@ -247,7 +257,9 @@ impl<B: Backend> ResnetBlock2D<B> {
 
     /// `x`: `[batch, in_c, height, width]` -> `[batch, out_c, height, width]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(self.act.forward(self.norm1.forward(x.clone())));
+        let h = self
+            .conv1
+            .forward(self.act.forward(self.norm1.forward(x.clone())));
         let h = self.conv2.forward(self.act.forward(self.norm2.forward(h)));
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
@@ -312,12 +324,22 @@ pub struct MidBlock2D<B: Backend> {
 }
 
 impl<B: Backend> MidBlock2D<B> {
-    pub fn new(vb: &VarBuilder<B>, channels: usize, groups: usize, act: Activation, attention: bool) -> Result<Self> {
+    pub fn new(
+        vb: &VarBuilder<B>,
+        channels: usize,
+        groups: usize,
+        act: Activation,
+        attention: bool,
+    ) -> Result<Self> {
         let resnets = (0..2)
             .map(|i| ResnetBlock2D::new(&vb.pp("resnets").pp(i), channels, channels, groups, act))
             .collect::<Result<Vec<_>>>()?;
         let attention = if attention {
-            Some(AttentionBlock::new(&vb.pp("attentions").pp(0), channels, groups)?)
+            Some(AttentionBlock::new(
+                &vb.pp("attentions").pp(0),
+                channels,
+                groups,
+            )?)
         } else {
             None
         };
@@ -354,7 +376,10 @@ impl<B: Backend> Downsample2D<B> {
         let [b, c, h, w] = x.dims();
         let (device, dtype) = (x.device(), x.dtype());
         let x = Tensor::cat(vec![x, Tensor::zeros([b, c, h, 1], (&device, dtype))], 3);
-        let x = Tensor::cat(vec![x, Tensor::zeros([b, c, 1, w + 1], (&device, dtype))], 2);
+        let x = Tensor::cat(
+            vec![x, Tensor::zeros([b, c, 1, w + 1], (&device, dtype))],
+            2,
+        );
         self.conv.forward(x)
     }
 }
@@ -375,7 +400,11 @@ impl<B: Backend> Upsample2D<B> {
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [_, _, h, w] = x.dims();
-        let up = interpolate(x, [2 * h, 2 * w], InterpolateOptions::new(InterpolateMode::Nearest));
+        let up = interpolate(
+            x,
+            [2 * h, 2 * w],
+            InterpolateOptions::new(InterpolateMode::Nearest),
+        );
         self.conv.forward(up)
     }
 }
@@ -409,7 +438,10 @@ impl<B: Backend> DownEncoderBlock2D<B> {
         } else {
             None
         };
-        Ok(Self { resnets, downsampler })
+        Ok(Self {
+            resnets,
+            downsampler,
+        })
     }
 
     /// `x`: `[batch, in_c, h, w]` -> `[batch, out_c, h/2, w/2]` (or `[batch, out_c, h, w]` at the last level).
@@ -502,7 +534,13 @@ impl<B: Backend> Encoder<B> {
         Ok(Self {
             conv_in: Conv2d::new(&vb.pp("conv_in"), cfg.in_channels, channels[0], 3, 1, 1)?,
             down_blocks,
-            mid_block: MidBlock2D::new(&vb.pp("mid_block"), top, groups, act, cfg.mid_block_add_attention)?,
+            mid_block: MidBlock2D::new(
+                &vb.pp("mid_block"),
+                top,
+                groups,
+                act,
+                cfg.mid_block_add_attention,
+            )?,
             conv_norm_out: GroupNorm::new(&vb.pp("conv_norm_out"), groups, top, VAE_NORM_EPS)?,
             conv_out: Conv2d::new(&vb.pp("conv_out"), top, 2 * cfg.latent_channels, 3, 1, 1)?,
             act,
@@ -514,7 +552,8 @@ impl<B: Backend> Encoder<B> {
         let h = self.conv_in.forward(image);
         let h = self.down_blocks.iter().fold(h, |h, block| block.forward(h));
         let h = self.mid_block.forward(h);
-        self.conv_out.forward(self.act.forward(self.conv_norm_out.forward(h)))
+        self.conv_out
+            .forward(self.act.forward(self.conv_norm_out.forward(h)))
     }
 }
 
@@ -556,9 +595,20 @@ impl<B: Backend> Decoder<B> {
         }
         Ok(Self {
             conv_in: Conv2d::new(&vb.pp("conv_in"), cfg.latent_channels, top, 3, 1, 1)?,
-            mid_block: MidBlock2D::new(&vb.pp("mid_block"), top, groups, act, cfg.mid_block_add_attention)?,
+            mid_block: MidBlock2D::new(
+                &vb.pp("mid_block"),
+                top,
+                groups,
+                act,
+                cfg.mid_block_add_attention,
+            )?,
             up_blocks,
-            conv_norm_out: GroupNorm::new(&vb.pp("conv_norm_out"), groups, channels[0], VAE_NORM_EPS)?,
+            conv_norm_out: GroupNorm::new(
+                &vb.pp("conv_norm_out"),
+                groups,
+                channels[0],
+                VAE_NORM_EPS,
+            )?,
             conv_out: Conv2d::new(&vb.pp("conv_out"), channels[0], cfg.out_channels, 3, 1, 1)?,
             act,
         })
@@ -568,7 +618,8 @@ impl<B: Backend> Decoder<B> {
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
         let h = self.mid_block.forward(self.conv_in.forward(z));
         let h = self.up_blocks.iter().fold(h, |h, block| block.forward(h));
-        self.conv_out.forward(self.act.forward(self.conv_norm_out.forward(h)))
+        self.conv_out
+            .forward(self.act.forward(self.conv_norm_out.forward(h)))
     }
 }
 
@@ -642,12 +693,26 @@ impl<B: Backend> AutoencoderKL<B> {
             encoder: Encoder::new(cfg, &vb.pp("encoder"))?,
             decoder: Decoder::new(cfg, &vb.pp("decoder"))?,
             quant_conv: if cfg.use_quant_conv {
-                Some(Conv2d::new(&vb.pp("quant_conv"), 2 * latent, 2 * latent, 1, 1, 0)?)
+                Some(Conv2d::new(
+                    &vb.pp("quant_conv"),
+                    2 * latent,
+                    2 * latent,
+                    1,
+                    1,
+                    0,
+                )?)
             } else {
                 None
             },
             post_quant_conv: if cfg.use_post_quant_conv {
-                Some(Conv2d::new(&vb.pp("post_quant_conv"), latent, latent, 1, 1, 0)?)
+                Some(Conv2d::new(
+                    &vb.pp("post_quant_conv"),
+                    latent,
+                    latent,
+                    1,
+                    1,
+                    0,
+                )?)
             } else {
                 None
             },

@@ -160,6 +160,7 @@ fn to_burn_dtype(dtype: StDtype) -> Option<DType> {
         StDtype::F64 => DType::F64,
         StDtype::I64 => DType::I64,
         StDtype::I32 => DType::I32,
+        StDtype::U8 => DType::U8,
         _ => return None,
     })
 }
@@ -265,6 +266,7 @@ impl Init {
 enum Backing {
     Files(Box<dyn TensorSource>),
     Random,
+    Zeros,
 }
 
 struct Shared<B: Backend> {
@@ -329,6 +331,11 @@ impl<B: Backend> VarBuilder<B> {
         Self::new(Backing::Random, device, dtype)
     }
 
+    /// A builder that makes every tensor zero: a cheap way to build a model for its shapes and parameter count.
+    pub fn zeros(device: &B::Device, dtype: DType) -> Self {
+        Self::new(Backing::Zeros, device, dtype)
+    }
+
     fn new(backing: Backing, device: &B::Device, dtype: DType) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -379,15 +386,16 @@ impl<B: Backend> VarBuilder<B> {
         self.shared.dtype
     }
 
-    /// Whether this builder initialises randomly instead of reading files.
+    /// Whether this builder initialises tensors itself (random or zeros) instead of reading files.
     pub fn is_random(&self) -> bool {
-        matches!(self.shared.backing, Backing::Random)
+        matches!(self.shared.backing, Backing::Random | Backing::Zeros)
     }
 
     fn source_name(&self) -> String {
         match &self.shared.backing {
             Backing::Files(s) => s.describe(),
             Backing::Random => "random init".into(),
+            Backing::Zeros => "zeros".into(),
         }
     }
 
@@ -395,7 +403,7 @@ impl<B: Backend> VarBuilder<B> {
     pub fn contains(&self, name: &str) -> bool {
         match &self.shared.backing {
             Backing::Files(s) => matches!(s.find(&self.key(name)), Ok(Some(_))),
-            Backing::Random => false,
+            Backing::Random | Backing::Zeros => false,
         }
     }
 
@@ -413,6 +421,7 @@ impl<B: Backend> VarBuilder<B> {
         let device = &self.shared.device;
         let dtype = self.shared.dtype;
         match &self.shared.backing {
+            Backing::Zeros => Ok(Tensor::zeros(shape, (device, dtype))),
             Backing::Random => Ok(match init {
                 Init::Zeros => Tensor::zeros(shape, (device, dtype)),
                 Init::Ones => Tensor::ones(shape, (device, dtype)),

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use alignprop_diffusion::VarBuilder;
 use alignprop_diffusion::single_file::{
-    self, InferredTextEncoder, InferredVae, SingleFileCheckpoint, SingleFileUnetLayout, clip_key, unet_key, vae_key,
+    self, InferredTextEncoder, InferredVae, SingleFileCheckpoint, SingleFileUnetLayout, clip_key,
+    unet_key, vae_key,
 };
 use alignprop_diffusion::weights::{Init, RawTensor, SafetensorsSource, TensorSource, WeightError};
 use burn::tensor::{DType, Tensor};
@@ -105,7 +106,10 @@ fn check_component(
             .unwrap()
             .unwrap_or_else(|| panic!("{what}: '{key}' -> '{stored}' is not in the single file"));
         assert_eq!(found.stored_key, stored);
-        assert_eq!(found.data.dtype, expected.data.dtype, "{what}: dtype of '{key}'");
+        assert_eq!(
+            found.data.dtype, expected.data.dtype,
+            "{what}: dtype of '{key}'"
+        );
         if found.shape != expected.shape {
             assert_eq!(
                 squeezed(&found.shape),
@@ -125,17 +129,23 @@ fn check_component(
             found.data.as_bytes() == expected.data.as_bytes(),
             "{what}: bytes of '{key}' differ from '{stored}'"
         );
-        assert!(reached.insert(stored.clone()), "{what}: two keys map to '{stored}'");
+        assert!(
+            reached.insert(stored.clone()),
+            "{what}: two keys map to '{stored}'"
+        );
         n += 1;
     }
-    eprintln!("{what}: {n} tensors equal under their original names ({reshaped} stored as [C,C,1,1])");
+    eprintln!(
+        "{what}: {n} tensors equal under their original names ({reshaped} stored as [C,C,1,1])"
+    );
     assert!(n > 0);
     reached
 }
 
 #[test]
 fn every_diffusers_tensor_is_in_the_single_file_with_equal_bytes() {
-    let ckpt = SingleFileCheckpoint::open(single_file("tiny-sd15.safetensors")).unwrap_or_else(|e| panic!("{e}"));
+    let ckpt = SingleFileCheckpoint::open(single_file("tiny-sd15.safetensors"))
+        .unwrap_or_else(|e| panic!("{e}"));
     let layout = unet_layout_from_config();
     assert_eq!(
         ckpt.unet_info().layout,
@@ -143,7 +153,10 @@ fn every_diffusers_tensor_is_in_the_single_file_with_equal_bytes() {
         "layout inferred from the file vs unet/config.json"
     );
     let n_up = ckpt.vae_info().num_up_blocks;
-    assert_eq!(n_up, config("vae")["up_block_types"].as_array().unwrap().len());
+    assert_eq!(
+        n_up,
+        config("vae")["up_block_types"].as_array().unwrap().len()
+    );
 
     let none = |_: &str| false;
     let mut reached = check_component(
@@ -212,8 +225,14 @@ fn the_structure_is_inferred_from_the_shapes() {
     let (u, v, t) = (config("unet"), config("vae"), config("text_encoder"));
     let unet = ckpt.unet_info();
     assert_eq!(unet.block_out_channels, usizes(&u["block_out_channels"]));
-    assert_eq!(unet.in_channels, u["in_channels"].as_u64().unwrap() as usize);
-    assert_eq!(unet.out_channels, u["out_channels"].as_u64().unwrap() as usize);
+    assert_eq!(
+        unet.in_channels,
+        u["in_channels"].as_u64().unwrap() as usize
+    );
+    assert_eq!(
+        unet.out_channels,
+        u["out_channels"].as_u64().unwrap() as usize
+    );
     assert_eq!(
         unet.cross_attention_dim,
         Some(u["cross_attention_dim"].as_u64().unwrap() as usize)
@@ -268,7 +287,10 @@ fn fp16_single_file_holds_the_float32_values_rounded() {
         let h = half.find(&key).unwrap().unwrap();
         assert_eq!(a.shape, h.shape, "{key}");
         if a.data.dtype != DType::F32 {
-            assert_eq!(a.data.dtype, h.data.dtype, "{key}: non-float tensors keep their dtype");
+            assert_eq!(
+                a.data.dtype, h.data.dtype,
+                "{key}: non-float tensors keep their dtype"
+            );
             assert!(a.data.as_bytes() == h.data.as_bytes(), "{key}");
             n_ints += 1;
             continue;
@@ -306,7 +328,8 @@ fn a_var_builder_reads_the_networks_through_the_checkpoint() {
     };
 
     // A linear [C, C] read from the original 1x1 conv [C, C, 1, 1], under the current and the legacy name.
-    let vb = VarBuilder::<B>::from_source(ckpt.vae(), &device, DType::F32).pp("decoder.mid_block.attentions.0");
+    let vb = VarBuilder::<B>::from_source(ckpt.vae(), &device, DType::F32)
+        .pp("decoder.mid_block.attentions.0");
     let c = ckpt.vae_info().block_out_channels.last().copied().unwrap();
     let q: Tensor<B, 2> = vb.get([c, c], "to_q.weight", Init::Zeros).unwrap();
     let q_legacy: Tensor<B, 2> = vb
@@ -318,7 +341,8 @@ fn a_var_builder_reads_the_networks_through_the_checkpoint() {
 
     // The float16 file through the same builder: float32 tensors within float16 rounding.
     let ckpt16 = SingleFileCheckpoint::open(single_file("tiny-sd15.fp16.safetensors")).unwrap();
-    let vb16 = VarBuilder::<B>::from_source(ckpt16.vae(), &device, DType::F32).pp("decoder.mid_block.attentions.0");
+    let vb16 = VarBuilder::<B>::from_source(ckpt16.vae(), &device, DType::F32)
+        .pp("decoder.mid_block.attentions.0");
     let q16: Tensor<B, 2> = vb16.get([c, c], "to_q.weight", Init::Zeros).unwrap();
     assert_eq!(q16.dtype(), DType::F32);
     let (rel, _) = common::rel_err(q16, q);
@@ -330,7 +354,11 @@ fn a_var_builder_reads_the_networks_through_the_checkpoint() {
     let t = ckpt.text_encoder_info();
     let shape = [t.vocab_size, t.hidden_size];
     let a: Tensor<B, 2> = tvb
-        .get(shape, "text_model.embeddings.token_embedding.weight", Init::Zeros)
+        .get(
+            shape,
+            "text_model.embeddings.token_embedding.weight",
+            Init::Zeros,
+        )
         .unwrap();
     let b: Tensor<B, 2> = tvb
         .get(shape, "embeddings.token_embedding.weight", Init::Zeros)
@@ -349,13 +377,21 @@ fn a_var_builder_reads_the_networks_through_the_checkpoint() {
     let beyond = format!("down_blocks.0.resnets.{lpb}.norm1.weight");
     let norm: Tensor<B, 1> = uvb.get([c0], &last, Init::Zeros).unwrap();
     assert_eq!(norm.dims(), [c0]);
-    let err = uvb.get::<1>([c0], &beyond, Init::Zeros).unwrap_err().to_string();
+    let err = uvb
+        .get::<1>([c0], &beyond, Init::Zeros)
+        .unwrap_err()
+        .to_string();
     eprintln!("missing: {err}");
     assert!(
-        err.contains(&format!("tensor 'model.diffusion_model.{beyond}' not found")),
+        err.contains(&format!(
+            "tensor 'model.diffusion_model.{beyond}' not found"
+        )),
         "{err}"
     );
-    assert!(err.contains(&format!("(the model's tensor '{beyond}')")), "{err}");
+    assert!(
+        err.contains(&format!("(the model's tensor '{beyond}')")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -365,7 +401,10 @@ fn files_that_are_not_sd1_checkpoints_are_refused_clearly() {
         assert!(matches!(err, WeightError::Config { .. }), "{err:?}");
         let msg = err.to_string();
         eprintln!("{msg}");
-        assert!(msg.contains(&path.display().to_string()), "names the file: {msg}");
+        assert!(
+            msg.contains(&path.display().to_string()),
+            "names the file: {msg}"
+        );
         assert!(
             msg.contains("model.diffusion_model.input_blocks.0.0.weight"),
             "names the expected tensor: {msg}"
@@ -385,10 +424,14 @@ fn files_that_are_not_sd1_checkpoints_are_refused_clearly() {
         tiny_sd().join("text_encoder/model.safetensors"),
         "CLIP text-encoder file",
     );
-    expect_config_error(tiny_sd().join("refs/unet.safetensors"), "its first tensors are");
+    expect_config_error(
+        tiny_sd().join("refs/unet.safetensors"),
+        "its first tensors are",
+    );
 
     // SD2.x / SDXL-like files: the UNet marker is there, the SD1.x CLIP text encoder is not.
-    let dir = std::env::temp_dir().join(format!("alignprop-single-file-test-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("alignprop-single-file-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let zeros = [0u8; 4];
     for (name, other, hint) in [
@@ -397,10 +440,16 @@ fn files_that_are_not_sd1_checkpoints_are_refused_clearly() {
             "cond_stage_model.model.token_embedding.weight",
             "Stable Diffusion 2.x",
         ),
-        ("sdxl.safetensors", "conditioner.embedders.0.transformer.x", "SDXL"),
+        (
+            "sdxl.safetensors",
+            "conditioner.embedders.0.transformer.x",
+            "SDXL",
+        ),
     ] {
         let path = dir.join(name);
-        let view = || safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &zeros).unwrap();
+        let view = || {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &zeros).unwrap()
+        };
         let tensors = [
             ("model.diffusion_model.input_blocks.0.0.weight", view()),
             (other, view()),
@@ -410,7 +459,9 @@ fn files_that_are_not_sd1_checkpoints_are_refused_clearly() {
         eprintln!("{msg}");
         assert!(msg.contains(&path.display().to_string()), "{msg}");
         assert!(
-            msg.contains("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"),
+            msg.contains(
+                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+            ),
             "{msg}"
         );
         assert!(msg.contains(hint), "'{hint}' in: {msg}");

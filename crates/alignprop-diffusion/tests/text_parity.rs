@@ -38,7 +38,9 @@ fn tokenizer_dir() -> PathBuf {
 
 /// A fresh scratch folder for this test (under cargo's per-target temporary directory).
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("text_parity").join(name);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("text_parity")
+        .join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -48,7 +50,12 @@ fn check_tokenizer(tok: &ClipTokenizer, what: &str) {
     let rows = prompt_refs();
     let expected_rows = ref_int::<2>(&refs("tokenizer.safetensors"), "input_ids");
     for p in &rows {
-        assert_eq!(tok.tokenize(&p.prompt).unwrap(), p.ids, "{what}: ids of {:?}", p.prompt);
+        assert_eq!(
+            tok.tokenize(&p.prompt).unwrap(),
+            p.ids,
+            "{what}: ids of {:?}",
+            p.prompt
+        );
         let padded = tok.encode(&p.prompt).unwrap();
         assert_eq!(padded, p.padded_77, "{what}: padded ids of {:?}", p.prompt);
         assert_eq!(p.truncated, p.ids.len() > 77);
@@ -58,7 +65,11 @@ fn check_tokenizer(tok: &ClipTokenizer, what: &str) {
     assert_eq!(ids.dims(), [15, 77]);
     assert_eq!(
         ids.into_data().convert::<i64>().to_vec::<i64>().unwrap(),
-        expected_rows.into_data().convert::<i64>().to_vec::<i64>().unwrap(),
+        expected_rows
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .unwrap(),
         "{what}: input_ids tensor vs refs/tokenizer.safetensors"
     );
     eprintln!("{what}: 15/15 prompts identical (ids and padded_77)");
@@ -73,7 +84,8 @@ fn tokenizer_json_matches_transformers() {
     );
     check_tokenizer(&tok, "tokenizer.json");
     assert_eq!(
-        tok.decode(&tok.encode("a photo of a cat").unwrap()).unwrap(),
+        tok.decode(&tok.encode("a photo of a cat").unwrap())
+            .unwrap(),
         "a photo of a cat"
     );
 }
@@ -81,7 +93,8 @@ fn tokenizer_json_matches_transformers() {
 #[test]
 fn vocab_and_merges_match_transformers() {
     let dir = tokenizer_dir();
-    let tok = ClipTokenizer::from_vocab_merges(dir.join("vocab.json"), dir.join("merges.txt")).unwrap();
+    let tok =
+        ClipTokenizer::from_vocab_merges(dir.join("vocab.json"), dir.join("merges.txt")).unwrap();
     assert_eq!(
         (tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.vocab_size()),
         (49406, 49407, 49407, 49408)
@@ -116,16 +129,22 @@ fn tokenizer_from_folder_picks_available_files() {
 fn tokenizer_errors_name_the_file() {
     let dir = scratch("bad_tokenizer");
     let missing = dir.join("vocab.json");
-    let err = ClipTokenizer::from_vocab_merges(&missing, tokenizer_dir().join("merges.txt")).unwrap_err();
+    let err =
+        ClipTokenizer::from_vocab_merges(&missing, tokenizer_dir().join("merges.txt")).unwrap_err();
     eprintln!("{err}");
-    assert!(err.to_string().contains(&missing.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&missing.display().to_string()),
+        "{err}"
+    );
 
     let merges = dir.join("merges.txt");
     std::fs::write(&merges, "#version: 0.2\ni n\nthree symbols here\n").unwrap();
-    let err = ClipTokenizer::from_vocab_merges(tokenizer_dir().join("vocab.json"), &merges).unwrap_err();
+    let err =
+        ClipTokenizer::from_vocab_merges(tokenizer_dir().join("vocab.json"), &merges).unwrap_err();
     eprintln!("{err}");
     assert!(
-        err.to_string().contains(&merges.display().to_string()) && err.to_string().contains("line 3"),
+        err.to_string().contains(&merges.display().to_string())
+            && err.to_string().contains("line 3"),
         "{err}"
     );
 
@@ -133,7 +152,10 @@ fn tokenizer_errors_name_the_file() {
     std::fs::write(&json, "{not json").unwrap();
     let err = ClipTokenizer::from_file(&json).unwrap_err();
     eprintln!("{err}");
-    assert!(err.to_string().contains(&json.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&json.display().to_string()),
+        "{err}"
+    );
 }
 
 fn te_dir() -> PathBuf {
@@ -168,7 +190,12 @@ fn check_against_refs(model: &ClipTextTransformer<B>, dtype: DType, what: &str) 
     assert_eq!(hidden.len(), 3);
     for (i, h) in hidden.into_iter().enumerate() {
         let key = format!("debug.hidden_states.{i}");
-        assert_close(&format!("{what} {key}"), h, ref_tensor(&r, &key, dtype), 1e-4);
+        assert_close(
+            &format!("{what} {key}"),
+            h,
+            ref_tensor(&r, &key, dtype),
+            1e-4,
+        );
     }
 }
 
@@ -191,7 +218,10 @@ fn text_encoder_f64_matches_transformers() {
         1e-6,
     );
     // The f32 references, for scale: the f64 model against float32 PyTorch.
-    let (rel, _) = rel_err(out.last_hidden_state, ref_tensor(&r, "last_hidden_state", DType::F64));
+    let (rel, _) = rel_err(
+        out.last_hidden_state,
+        ref_tensor(&r, "last_hidden_state", DType::F64),
+    );
     eprintln!("f64 model vs f32 last_hidden_state: rel L2 err {rel:.3e}");
     assert_close(
         "f64 pooler_output (vs f32 ref)",
@@ -205,7 +235,8 @@ fn text_encoder_f64_matches_transformers() {
 #[test]
 fn text_encoder_runs_under_autodiff() {
     type AD = alignprop_diffusion::device::CpuAutodiff;
-    let model = ClipTextTransformer::<AD>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
+    let model =
+        ClipTextTransformer::<AD>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
     let r = refs("text_encoder.safetensors");
     let ids = Tensor::<AD, 2, Int>::from_inner(ref_int(&r, "input_ids"));
     let out = model.forward(ids).last_hidden_state.inner();
@@ -220,11 +251,17 @@ fn text_encoder_runs_under_autodiff() {
 #[test]
 fn tokenizer_gives_the_text_encoder_reference_ids() {
     let tok = ClipTokenizer::from_folder(tokenizer_dir()).unwrap();
-    let ids: Tensor<B, 2, Int> = tok.input_ids(&["", "a photo of a cat"], &Default::default()).unwrap();
+    let ids: Tensor<B, 2, Int> = tok
+        .input_ids(&["", "a photo of a cat"], &Default::default())
+        .unwrap();
     let expected = ref_int::<2>(&refs("text_encoder.safetensors"), "input_ids");
     assert_eq!(
         ids.into_data().convert::<i64>().to_vec::<i64>().unwrap(),
-        expected.into_data().convert::<i64>().to_vec::<i64>().unwrap()
+        expected
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .unwrap()
     );
 }
 
@@ -249,7 +286,8 @@ fn config_defaults_and_sd15_style_config() {
     assert_eq!(empty.encoder_dims(), d.encoder_dims());
 
     let new = tiny_config();
-    let old: ClipTextConfig = read_json(&tiny_sd().join("extra/sd15_style_configs/text_encoder_config.json")).unwrap();
+    let old: ClipTextConfig =
+        read_json(&tiny_sd().join("extra/sd15_style_configs/text_encoder_config.json")).unwrap();
     assert_eq!(new.encoder_dims(), old.encoder_dims());
     assert_eq!(
         (new.vocab_size, new.max_position_embeddings),
@@ -275,7 +313,8 @@ fn config_defaults_and_sd15_style_config() {
 fn pooling_follows_eos_token_id() {
     let files = [te_dir().join("model.safetensors")];
     let vb = VarBuilder::<B>::from_safetensors(&files, &Default::default(), DType::F32).unwrap();
-    let old: ClipTextConfig = read_json(&tiny_sd().join("extra/sd15_style_configs/text_encoder_config.json")).unwrap();
+    let old: ClipTextConfig =
+        read_json(&tiny_sd().join("extra/sd15_style_configs/text_encoder_config.json")).unwrap();
     let new_model = ClipTextTransformer::new(&tiny_config(), &vb).unwrap();
     let legacy_model = ClipTextTransformer::new(&old, &vb).unwrap();
     // Row 0: no 49407, largest id 2368 at positions 2 and 4. Row 1: 49407 at 2 and 4.
@@ -283,7 +322,8 @@ fn pooling_follows_eos_token_id() {
         [320, 1125, 2368, 320, 2368, 539, 1],
         [49406, 320, 49407, 539, 49407, 1, 1],
     ];
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(rows.concat(), [2, 7]), &Default::default());
+    let ids =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(rows.concat(), [2, 7]), &Default::default());
     for (model, expected, what) in [
         (&new_model, [0, 2], "eos 49407"),
         (&legacy_model, [2, 2], "legacy eos 2"),
@@ -307,11 +347,19 @@ fn clip_skip_uses_earlier_layers() {
     let model = ClipTextTransformer::<B>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
     let ids = ref_int::<2>(&refs("text_encoder.safetensors"), "input_ids");
     let out = model.forward_hidden_states(ids.clone());
-    let (rel, _) = rel_err(model.encode_clip_skip(ids.clone(), 0), out.last_hidden_state);
+    let (rel, _) = rel_err(
+        model.encode_clip_skip(ids.clone(), 0),
+        out.last_hidden_state,
+    );
     assert_eq!(rel, 0.0, "clip_skip 0 is last_hidden_state");
-    let penultimate = model.final_layer_norm.forward(out.hidden_states.unwrap()[1].clone());
+    let penultimate = model
+        .final_layer_norm
+        .forward(out.hidden_states.unwrap()[1].clone());
     let (rel, _) = rel_err(model.encode_clip_skip(ids, 1), penultimate);
-    assert_eq!(rel, 0.0, "clip_skip 1 is final_layer_norm(hidden_states[-2])");
+    assert_eq!(
+        rel, 0.0,
+        "clip_skip 1 is final_layer_norm(hidden_states[-2])"
+    );
 }
 
 /// transformers >= 5 saves `CLIPTextModel` keys without `text_model.` and without `position_ids`.
@@ -339,7 +387,8 @@ fn loads_keys_without_text_model_prefix() {
 
     let model = ClipTextTransformer::<B>::load(&dir, &Default::default(), DType::F32).unwrap();
     check_against_refs(&model, DType::F32, "unprefixed file");
-    let reference = ClipTextTransformer::<B>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
+    let reference =
+        ClipTextTransformer::<B>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
     let ids = ref_int::<2>(&refs("text_encoder.safetensors"), "input_ids");
     let (rel, _) = rel_err(
         model.forward(ids.clone()).last_hidden_state,
@@ -375,7 +424,10 @@ fn shape_mismatch_error_names_key_and_shapes() {
     };
     let msg = ClipTextTransformer::new(&cfg, &vb).unwrap_err().to_string();
     eprintln!("{msg}");
-    assert!(msg.contains("text_model.encoder.layers.2.layer_norm1.weight"), "{msg}");
+    assert!(
+        msg.contains("text_model.encoder.layers.2.layer_norm1.weight"),
+        "{msg}"
+    );
     // Heads that do not divide the width.
     let cfg = ClipTextConfig {
         num_attention_heads: 5,
@@ -398,7 +450,8 @@ fn full_size_sd15_text_encoder_random_weights() {
     B::seed(&device, 0);
     let cfg = ClipTextConfig::default();
     let t0 = std::time::Instant::now();
-    let model = ClipTextTransformer::<B>::new(&cfg, &VarBuilder::random(&device, DType::F32)).unwrap();
+    let model =
+        ClipTextTransformer::<B>::new(&cfg, &VarBuilder::random(&device, DType::F32)).unwrap();
     eprintln!("built in {:.2?}", t0.elapsed());
     let tok = ClipTokenizer::from_folder(tokenizer_dir()).unwrap();
     let ids: Tensor<B, 2, Int> = tok.input_ids(&["", "a photo of a cat"], &device).unwrap();
@@ -416,6 +469,11 @@ fn full_size_sd15_text_encoder_random_weights() {
     assert_eq!(out.last_hidden_state.dims(), [2, 77, 768]);
     assert_eq!(out.pooler_output.dims(), [2, 768]);
     assert!(hidden.iter().all(|x| x.is_finite()));
-    let pooled: Vec<f32> = out.pooler_output.into_data().convert::<f32>().to_vec().unwrap();
+    let pooled: Vec<f32> = out
+        .pooler_output
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap();
     assert!(pooled.iter().all(|x| x.is_finite()));
 }

@@ -28,7 +28,12 @@ fn inputs(src: &SafetensorsSource, dtype: DType) -> (Tensor<B, 4>, Tensor<B, 1>,
 }
 
 /// Compares every traced intermediate with the forward-hook outputs stored under `debug.*` (float32 refs).
-fn check_trace(model: &UNet2DConditionModel<B>, src: &SafetensorsSource, dtype: DType, tol: f64) -> Tensor<B, 4> {
+fn check_trace(
+    model: &UNet2DConditionModel<B>,
+    src: &SafetensorsSource,
+    dtype: DType,
+    tol: f64,
+) -> Tensor<B, 4> {
     let (sample, t, enc) = inputs(src, dtype);
     let (out, trace) = model.forward_traced(sample, t, enc);
     let r = |key: &str| format!("debug.{key}");
@@ -46,7 +51,12 @@ fn check_trace(model: &UNet2DConditionModel<B>, src: &SafetensorsSource, dtype: 
         ref_tensor(src, &r("time_embedding"), dtype),
         tol,
     );
-    assert_close("conv_in", trace.conv_in, ref_tensor(src, &r("conv_in"), dtype), tol);
+    assert_close(
+        "conv_in",
+        trace.conv_in,
+        ref_tensor(src, &r("conv_in"), dtype),
+        tol,
+    );
     for (i, h) in trace.down_blocks.into_iter().enumerate() {
         let key = format!("down_blocks.{i}");
         assert_close(&key, h, ref_tensor(src, &r(&key), dtype), tol);
@@ -67,7 +77,12 @@ fn check_trace(model: &UNet2DConditionModel<B>, src: &SafetensorsSource, dtype: 
         ref_tensor(src, &r("conv_norm_out"), dtype),
         tol,
     );
-    assert_close("conv_out", trace.conv_out, ref_tensor(src, &r("conv_out"), dtype), tol);
+    assert_close(
+        "conv_out",
+        trace.conv_out,
+        ref_tensor(src, &r("conv_out"), dtype),
+        tol,
+    );
     out
 }
 
@@ -88,7 +103,12 @@ fn unet_f64_matches_diffusers() {
     assert_eq!(out.dtype(), DType::F64);
     // The sinusoid is float32 as in diffusers, so f64 agrees far below the 1e-6 budget (measured ~1e-9; what
     // remains is the last-ulp difference of torch's and Rust's float32 sin/cos/exp).
-    assert_close("out f64", out, ref_tensor(&src, "out_f64", DType::F64), 1e-8);
+    assert_close(
+        "out f64",
+        out,
+        ref_tensor(&src, "out_f64", DType::F64),
+        1e-8,
+    );
 }
 
 #[test]
@@ -123,7 +143,12 @@ fn unet_2block_matches_diffusers() {
         let model = load(&dir, dtype);
         let (sample, t, enc) = inputs(&src, dtype);
         let out = model.forward(sample, t, enc);
-        assert_close(&format!("unet_2block {key}"), out, ref_tensor(&src, key, dtype), tol);
+        assert_close(
+            &format!("unet_2block {key}"),
+            out,
+            ref_tensor(&src, key, dtype),
+            tol,
+        );
     }
 }
 
@@ -140,7 +165,8 @@ fn sd15_style_config_gives_the_same_model() {
     );
 
     let device = Default::default();
-    let weights = alignprop_diffusion::pipeline_files::component_weights(&tiny_sd().join("unet")).unwrap();
+    let weights =
+        alignprop_diffusion::pipeline_files::component_weights(&tiny_sd().join("unet")).unwrap();
     let vb = VarBuilder::<B>::from_safetensors(&weights, &device, DType::F32).unwrap();
     let model = UNet2DConditionModel::new(&old, &vb).expect("model from the SD1.5-style config");
     let src = refs("unet.safetensors");
@@ -163,16 +189,21 @@ fn sd15_style_config_gives_the_same_model() {
         sample_size: full.sample_size.clone(),
         ..sd15
     };
-    assert_eq!(tiny_widths, full, "tiny config = SD1.5 config with tiny widths");
+    assert_eq!(
+        tiny_widths, full,
+        "tiny config = SD1.5 config with tiny widths"
+    );
 }
 
 #[test]
 fn wrong_weights_name_key_and_shapes() {
     let device = Default::default();
     let main_cfg: UNet2DConditionConfig =
-        alignprop_diffusion::pipeline_files::read_json(&tiny_sd().join("unet/config.json")).unwrap();
+        alignprop_diffusion::pipeline_files::read_json(&tiny_sd().join("unet/config.json"))
+            .unwrap();
     let two_block_dir = tiny_sd().join("extra/unet_2block");
-    let two_block_files = alignprop_diffusion::pipeline_files::component_weights(&two_block_dir).unwrap();
+    let two_block_files =
+        alignprop_diffusion::pipeline_files::component_weights(&two_block_dir).unwrap();
     let vb = VarBuilder::<B>::from_safetensors(&two_block_files, &device, DType::F32).unwrap();
 
     // Main config, 2-block weights: the first tensor read already has the wrong shape.
@@ -197,7 +228,10 @@ fn wrong_weights_name_key_and_shapes() {
     let msg = err.to_string();
     eprintln!("missing error: {msg}");
     assert!(matches!(err, WeightError::Missing { .. }), "{msg}");
-    assert!(msg.contains("down_blocks.0.resnets.1.norm1.weight"), "{msg}");
+    assert!(
+        msg.contains("down_blocks.0.resnets.1.norm1.weight"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -205,7 +239,8 @@ fn unsupported_configs_are_rejected() {
     let device = Default::default();
     let vb = VarBuilder::<B>::random(&device, DType::F32);
     let base: UNet2DConditionConfig =
-        alignprop_diffusion::pipeline_files::read_json(&tiny_sd().join("unet/config.json")).unwrap();
+        alignprop_diffusion::pipeline_files::read_json(&tiny_sd().join("unet/config.json"))
+            .unwrap();
     let cases: Vec<(UNet2DConditionConfig, &str)> = vec![
         (
             UNet2DConditionConfig {
@@ -254,14 +289,18 @@ fn unsupported_configs_are_rejected() {
     let dir = std::env::temp_dir().join(format!("unet-bad-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny_sd().join("unet/config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(tiny_sd().join("unet/config.json")).unwrap())
+            .unwrap();
     json["up_block_types"][0] = "KUpBlock2D".into();
     std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
     let err = UNet2DConditionModel::<B>::load(&dir, &device, DType::F32)
         .unwrap_err()
         .to_string();
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(err.contains("config.json") && err.contains("KUpBlock2D"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("KUpBlock2D"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -270,7 +309,8 @@ fn config_variants_build() {
     // odd latent sizes (upsampling to the skip's size): random weights, shapes only.
     let device = Default::default();
     let base: UNet2DConditionConfig =
-        alignprop_diffusion::pipeline_files::read_json(&tiny_sd().join("unet/config.json")).unwrap();
+        alignprop_diffusion::pipeline_files::read_json(&tiny_sd().join("unet/config.json"))
+            .unwrap();
     let cfg = UNet2DConditionConfig {
         attention_head_dim: alignprop_diffusion::unet::OneOrMany::Many(vec![1, 2, 4, 4]),
         num_attention_heads: Some(alignprop_diffusion::unet::OneOrMany::One(2)),
@@ -281,10 +321,21 @@ fn config_variants_build() {
     let mut model = UNet2DConditionModel::new(&cfg, &vb).unwrap();
     let attn = model.attentions_mut();
     assert_eq!(attn.len(), 32, "16 transformer blocks, 2 attentions each");
-    assert_eq!(attn[0].0, "down_blocks.0.attentions.0.transformer_blocks.0.attn1");
+    assert_eq!(
+        attn[0].0,
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    );
     assert!(attn.iter().all(|(_, a)| a.heads == 2));
-    let sample = Tensor::<B, 4>::random([1, 4, 13, 7], Distribution::Normal(0.0, 1.0), (&device, DType::F32));
-    let enc = Tensor::<B, 3>::random([1, 5, 32], Distribution::Normal(0.0, 1.0), (&device, DType::F32));
+    let sample = Tensor::<B, 4>::random(
+        [1, 4, 13, 7],
+        Distribution::Normal(0.0, 1.0),
+        (&device, DType::F32),
+    );
+    let enc = Tensor::<B, 3>::random(
+        [1, 5, 32],
+        Distribution::Normal(0.0, 1.0),
+        (&device, DType::F32),
+    );
     let out = model.forward_with_timestep(sample, 10.5, enc);
     assert_eq!(out.dims(), [1, 4, 13, 7]);
 }
@@ -299,15 +350,29 @@ fn full_size_sd15_random_forward() {
     let start = Instant::now();
     let model = UNet2DConditionModel::new(&UNet2DConditionConfig::default(), &vb).unwrap();
     let n_params = model.num_params();
-    println!("SD1.5 UNet: {n_params} parameters, built in {:.2?}", start.elapsed());
+    println!(
+        "SD1.5 UNet: {n_params} parameters, built in {:.2?}",
+        start.elapsed()
+    );
     assert_eq!(n_params, 859_520_964);
 
-    let sample = Tensor::<B, 4>::random([1, 4, 64, 64], Distribution::Normal(0.0, 1.0), (&device, DType::F32));
-    let enc = Tensor::<B, 3>::random([1, 77, 768], Distribution::Normal(0.0, 1.0), (&device, DType::F32));
+    let sample = Tensor::<B, 4>::random(
+        [1, 4, 64, 64],
+        Distribution::Normal(0.0, 1.0),
+        (&device, DType::F32),
+    );
+    let enc = Tensor::<B, 3>::random(
+        [1, 77, 768],
+        Distribution::Normal(0.0, 1.0),
+        (&device, DType::F32),
+    );
     let start = Instant::now();
     let out = model.forward_with_timestep(sample, 981.0, enc);
     let values: Vec<f32> = out.clone().into_data().convert::<f32>().to_vec().unwrap();
-    println!("forward 1x4x64x64, 77x768 text states: {:.2?}", start.elapsed());
+    println!(
+        "forward 1x4x64x64, 77x768 text states: {:.2?}",
+        start.elapsed()
+    );
     assert_eq!(out.dims(), [1, 4, 64, 64]);
     assert!(values.iter().all(|v| v.is_finite()), "non-finite output");
 }

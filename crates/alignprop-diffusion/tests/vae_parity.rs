@@ -33,7 +33,10 @@ fn ref4(key: &str, dtype: DType) -> Tensor<B, 4> {
 fn assert_identical(what: &str, a: Tensor<B, 4>, b: Tensor<B, 4>) {
     let (rel, max_abs) = rel_err(a, b);
     eprintln!("{what}: rel L2 err {rel:.3e}, max abs {max_abs:.3e}");
-    assert_eq!(max_abs, 0.0, "{what}: outputs differ (max abs {max_abs:.3e})");
+    assert_eq!(
+        max_abs, 0.0,
+        "{what}: outputs differ (max abs {max_abs:.3e})"
+    );
 }
 
 // ------------------------------------------------------------------------------------------------ decode
@@ -67,12 +70,17 @@ fn decode_f64() {
 fn decode_stages(dtype: DType) {
     let vae = vae(dtype);
     let d = |stage: &str| ref4(&format!("debug.decode.{stage}"), dtype);
-    let check = |stage: &str, out: Tensor<B, 4>| assert_close(&format!("{stage} {dtype:?}"), out, d(stage), TOL_F32);
+    let check = |stage: &str, out: Tensor<B, 4>| {
+        assert_close(&format!("{stage} {dtype:?}"), out, d(stage), TOL_F32)
+    };
     let pqc = vae.post_quant_conv.as_ref().expect("post_quant_conv");
     check("post_quant_conv", pqc.forward(ref4("decoder_input", dtype)));
     let dec = &vae.decoder;
     check("decoder.conv_in", dec.conv_in.forward(d("post_quant_conv")));
-    check("decoder.mid_block", dec.mid_block.forward(d("decoder.conv_in")));
+    check(
+        "decoder.mid_block",
+        dec.mid_block.forward(d("decoder.conv_in")),
+    );
     let mut prev = "decoder.mid_block".to_string();
     for (i, block) in dec.up_blocks.iter().enumerate() {
         let stage = format!("decoder.up_blocks.{i}");
@@ -80,7 +88,9 @@ fn decode_stages(dtype: DType) {
         prev = stage;
     }
     check("decoder.conv_norm_out", dec.conv_norm_out.forward(d(&prev)));
-    let out = dec.conv_out.forward(dec.act.forward(d("decoder.conv_norm_out")));
+    let out = dec
+        .conv_out
+        .forward(dec.act.forward(d("decoder.conv_norm_out")));
     assert_close(
         &format!("decoder.conv_out {dtype:?}"),
         out,
@@ -107,8 +117,18 @@ fn encode_f32() {
     let r = |k: &str| ref4(k, DType::F32);
     let dist = vae.encode(r("image"));
     assert_eq!(dist.mean.dims(), [1, 4, 8, 6]);
-    assert_close("encode mean f32", dist.mean.clone(), r("encode_mean"), TOL_F32);
-    assert_close("encode logvar f32", dist.logvar.clone(), r("encode_logvar"), TOL_F32);
+    assert_close(
+        "encode mean f32",
+        dist.mean.clone(),
+        r("encode_mean"),
+        TOL_F32,
+    );
+    assert_close(
+        "encode logvar f32",
+        dist.logvar.clone(),
+        r("encode_logvar"),
+        TOL_F32,
+    );
     assert_close("encode std f32", dist.std(), r("encode_std"), TOL_F32);
     assert_close(
         "encode sample f32",
@@ -117,7 +137,12 @@ fn encode_f32() {
         TOL_F32,
     );
     let scaled = vae.encode_scaled(r("image"), r("encode_noise"));
-    assert_close("encode_scaled f32", scaled, r("encode_sample_scaled"), TOL_F32);
+    assert_close(
+        "encode_scaled f32",
+        scaled,
+        r("encode_sample_scaled"),
+        TOL_F32,
+    );
 }
 
 #[test]
@@ -125,14 +150,21 @@ fn encode_f64() {
     let vae = vae(DType::F64);
     let mean = vae.encode(ref4("image", DType::F64)).mean;
     assert_eq!(mean.dtype(), DType::F64);
-    assert_close("encode mean f64", mean, ref4("encode_mean_f64", DType::F64), TOL_F64);
+    assert_close(
+        "encode mean f64",
+        mean,
+        ref4("encode_mean_f64", DType::F64),
+        TOL_F64,
+    );
 }
 
 /// Each encoder stage fed with diffusers' input to that stage (float32 references, see `decode_stages`).
 fn encode_stages(dtype: DType) {
     let vae = vae(dtype);
     let d = |stage: &str| ref4(&format!("debug.encode.{stage}"), dtype);
-    let check = |stage: &str, out: Tensor<B, 4>| assert_close(&format!("{stage} {dtype:?}"), out, d(stage), TOL_F32);
+    let check = |stage: &str, out: Tensor<B, 4>| {
+        assert_close(&format!("{stage} {dtype:?}"), out, d(stage), TOL_F32)
+    };
     let enc = &vae.encoder;
     check("encoder.conv_in", enc.conv_in.forward(ref4("image", dtype)));
     let mut prev = "encoder.conv_in".to_string();
@@ -143,7 +175,10 @@ fn encode_stages(dtype: DType) {
     }
     check("encoder.mid_block", enc.mid_block.forward(d(&prev)));
     let normed = enc.conv_norm_out.forward(d("encoder.mid_block"));
-    check("encoder.conv_out", enc.conv_out.forward(enc.act.forward(normed)));
+    check(
+        "encoder.conv_out",
+        enc.conv_out.forward(enc.act.forward(normed)),
+    );
     let qc = vae.quant_conv.as_ref().expect("quant_conv");
     check("quant_conv", qc.forward(d("encoder.conv_out")));
 }
@@ -189,7 +224,9 @@ fn decode_gradient_matches_finite_differences_f64() {
     // 4th-order central stencil.
     let numeric = (8.0 * (j(h) - j(-h)) - (j(2.0 * h) - j(-2.0 * h))) / (12.0 * h);
     let rel = (analytic - numeric).abs() / numeric.abs();
-    eprintln!("decode gradient: autodiff {analytic:.10e}, finite differences {numeric:.10e}, rel {rel:.2e}");
+    eprintln!(
+        "decode gradient: autodiff {analytic:.10e}, finite differences {numeric:.10e}, rel {rel:.2e}"
+    );
     assert!(rel < 1e-7, "gradient mismatch: rel {rel:.2e}");
 }
 
@@ -198,8 +235,8 @@ fn decode_gradient_matches_finite_differences_f64() {
 #[test]
 fn legacy_attention_names_load_identically() {
     let dev = Default::default();
-    let legacy =
-        AutoencoderKL::<B>::load(&tiny_sd().join("extra/vae_legacy"), &dev, DType::F32).expect("legacy VAE loads");
+    let legacy = AutoencoderKL::<B>::load(&tiny_sd().join("extra/vae_legacy"), &dev, DType::F32)
+        .expect("legacy VAE loads");
     let current = vae(DType::F32);
     let z = ref4("decoder_input", DType::F32);
     let out = legacy.decode(z.clone());
@@ -221,7 +258,8 @@ fn legacy_attention_names_load_identically() {
 #[test]
 fn sd15_style_config_builds_the_same_model() {
     let full: AutoencoderKLConfig = read_json(&tiny_sd().join("vae/config.json")).unwrap();
-    let old: AutoencoderKLConfig = read_json(&tiny_sd().join("extra/sd15_style_configs/vae_config.json")).unwrap();
+    let old: AutoencoderKLConfig =
+        read_json(&tiny_sd().join("extra/sd15_style_configs/vae_config.json")).unwrap();
     // Every field that shapes the model or its use must agree (the old file lacks most of the newer keys).
     let effective = |c: &AutoencoderKLConfig| {
         serde_json::json!([
@@ -261,25 +299,38 @@ fn sd15_style_config_builds_the_same_model() {
         ref4("decoded", DType::F32),
         TOL_F32,
     );
-    assert_identical("sd15-style config decode vs full config", out, a.decode_scaled(z));
+    assert_identical(
+        "sd15-style config decode vs full config",
+        out,
+        a.decode_scaled(z),
+    );
 }
 
 #[test]
 fn default_config_is_sd15() {
     let c = AutoencoderKLConfig::default();
     assert_eq!(c.block_out_channels, [128, 256, 512, 512]);
-    assert_eq!((c.layers_per_block, c.latent_channels, c.norm_num_groups), (2, 4, 32));
+    assert_eq!(
+        (c.layers_per_block, c.latent_channels, c.norm_num_groups),
+        (2, 4, 32)
+    );
     assert_eq!(c.scaling_factor, 0.18215);
     assert_eq!(c.downsample_factor(), 8);
     // An empty JSON object deserializes to the defaults.
     let empty: AutoencoderKLConfig = serde_json::from_str("{}").unwrap();
-    assert_eq!(serde_json::to_value(&empty).unwrap(), serde_json::to_value(&c).unwrap());
+    assert_eq!(
+        serde_json::to_value(&empty).unwrap(),
+        serde_json::to_value(&c).unwrap()
+    );
 }
 
 /// A copy of the tiny VAE folder whose weights file is rewritten by `edit(key, shape)`: `None` drops the tensor,
 /// `Some(shape)` stores the same bytes under a new shape.
 fn edited_vae(name: &str, edit: impl Fn(&str, &[usize]) -> Option<Vec<usize>>) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("alignprop_vae_parity_{}_{name}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "alignprop_vae_parity_{}_{name}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let src = tiny_sd().join("vae");
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
@@ -332,7 +383,8 @@ fn wrong_shape_error_names_file_key_and_shapes() {
             shape.to_vec()
         })
     });
-    let err = AutoencoderKL::<B>::load(&dir, &Default::default(), DType::F32).expect_err("must fail");
+    let err =
+        AutoencoderKL::<B>::load(&dir, &Default::default(), DType::F32).expect_err("must fail");
     cleanup(&dir);
     let msg = err.to_string();
     eprintln!("{msg}");
@@ -365,7 +417,8 @@ fn missing_tensor_error_names_file_and_key() {
     let dir = edited_vae("missing", |key, shape| {
         (key != "decoder.mid_block.attentions.0.to_v.weight").then(|| shape.to_vec())
     });
-    let err = AutoencoderKL::<B>::load(&dir, &Default::default(), DType::F32).expect_err("must fail");
+    let err =
+        AutoencoderKL::<B>::load(&dir, &Default::default(), DType::F32).expect_err("must fail");
     cleanup(&dir);
     let msg = err.to_string();
     eprintln!("{msg}");
@@ -420,12 +473,16 @@ fn unsupported_configs_are_config_errors() {
     check(&|c| c.norm_num_groups = 3, "norm_num_groups");
 
     // Through `load`, the error names the config file.
-    let dir = std::env::temp_dir().join(format!("alignprop_vae_parity_{}_bad_config", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "alignprop_vae_parity_{}_bad_config",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let mut cfg: serde_json::Value = read_json(&tiny_sd().join("vae/config.json")).unwrap();
     cfg["down_block_types"][0] = "SomethingElse2D".into();
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let err = AutoencoderKL::<B>::load(&dir, &Default::default(), DType::F32).expect_err("must fail");
+    let err =
+        AutoencoderKL::<B>::load(&dir, &Default::default(), DType::F32).expect_err("must fail");
     cleanup(&dir);
     eprintln!("{err}");
     match err {
@@ -463,7 +520,12 @@ fn full_size_sd15_decode_512() {
     assert!(values.iter().all(|v| v.is_finite()), "non-finite output");
     let n = values.len() as f64;
     let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let std = (values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let std = (values
+        .iter()
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n)
+        .sqrt();
     eprintln!(
         "full-size SD1.5 VAE: {} params, built in {built:.2?}; decode [1,4,64,64] -> {:?} in {decoded:.2?} \
          (output mean {mean:.3e}, std {std:.3e})",

@@ -20,7 +20,11 @@ pub fn to_unit_range<B: Backend>(images: Tensor<B, 4>) -> Tensor<B, 4> {
 /// The size torchvision's `Resize(size)` gives an `h x w` image: the shorter side becomes `size`, the longer
 /// `int(size * long / short)`.
 pub fn shorter_side_size(h: usize, w: usize, size: usize) -> [usize; 2] {
-    if h <= w { [size, size * w / h] } else { [size * h / w, size] }
+    if h <= w {
+        [size, size * w / h]
+    } else {
+        [size * h / w, size]
+    }
 }
 
 /// Bilinear resize to `[out_h, out_w]` with half-pixel centres (`align_corners = False`), differentiable.
@@ -40,13 +44,20 @@ pub fn resize_bilinear<B: Backend>(images: Tensor<B, 4>, size: [usize; 2]) -> Te
 /// `(x - mean[c]) / std[c]` for `[batch, 3, h, w]`.
 pub fn normalize<B: Backend>(images: Tensor<B, 4>, mean: [f64; 3], std: [f64; 3]) -> Tensor<B, 4> {
     let (device, dtype) = (images.device(), images.dtype());
-    let col = |v: [f64; 3]| Tensor::<B, 4>::from_data(TensorData::new(v.to_vec(), [1, 3, 1, 1]), (&device, dtype));
+    let col = |v: [f64; 3]| {
+        Tensor::<B, 4>::from_data(TensorData::new(v.to_vec(), [1, 3, 1, 1]), (&device, dtype))
+    };
     (images - col(mean)) / col(std)
 }
 
 /// The whole preprocessing: decoder output `[batch, 3, H, W]` in `[-1, 1]` to CLIP input with the shorter side
 /// resized to `size`.
-pub fn clip_preprocess<B: Backend>(images: Tensor<B, 4>, size: usize, mean: [f64; 3], std: [f64; 3]) -> Tensor<B, 4> {
+pub fn clip_preprocess<B: Backend>(
+    images: Tensor<B, 4>,
+    size: usize,
+    mean: [f64; 3],
+    std: [f64; 3],
+) -> Tensor<B, 4> {
     let [_, _, h, w] = images.dims();
     let x = resize_bilinear(to_unit_range(images), shorter_side_size(h, w, size));
     normalize(x, mean, std)

@@ -58,7 +58,11 @@ impl<B: Backend> TinyReward<B> {
         let s = cfg.resize[0];
         let inputs = 3 * s * s;
         Ok(Self {
-            proj: alignprop_diffusion::nn::param(vb.pp("proj").get([cfg.embed_dim, inputs], "weight", Init::fan_in(inputs))?),
+            proj: alignprop_diffusion::nn::param(vb.pp("proj").get(
+                [cfg.embed_dim, inputs],
+                "weight",
+                Init::fan_in(inputs),
+            )?),
             mlp0: Linear::new(&vb.pp("mlp").pp(0), cfg.embed_dim, 16, true)?,
             mlp1: Linear::new(&vb.pp("mlp").pp(1), 16, 1, true)?,
             size: s,
@@ -70,7 +74,8 @@ impl<B: Backend> TinyReward<B> {
     /// Loads `folder/config.json` and `folder/tiny_reward.safetensors`.
     pub fn load(folder: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
         let cfg: TinyRewardConfig = read_json(&folder.join("config.json"))?;
-        let vb = VarBuilder::from_safetensors(&[folder.join("tiny_reward.safetensors")], device, dtype)?;
+        let vb =
+            VarBuilder::from_safetensors(&[folder.join("tiny_reward.safetensors")], device, dtype)?;
         Self::new(&cfg, &vb)
     }
 
@@ -78,7 +83,9 @@ impl<B: Backend> TinyReward<B> {
     pub fn embed(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
         let x = clip_preprocess(images, self.size, self.mean, self.std);
         let [b, c, h, w] = x.dims();
-        let f = x.reshape([b, c * h * w]).matmul(self.proj.val().transpose());
+        let f = x
+            .reshape([b, c * h * w])
+            .matmul(self.proj.val().transpose());
         let norm = f.clone().square().sum_dim(1).sqrt();
         f / norm
     }

@@ -1,43 +1,26 @@
 //! DDIM against diffusers' DDIMScheduler (`tests/fixtures/tiny-sd/refs/ddim.safetensors`).
 
-use std::path::PathBuf;
-
-use alignprop_diffusion::weights::{SafetensorsSource, TensorSource};
+use alignprop_diffusion::testing::{ref_tensor_on, ref_values, rel_err, tiny_sd};
+use alignprop_diffusion::weights::SafetensorsSource;
 use alignprop_schedulers::{DdimScheduler, Scheduler, SchedulerConfig};
 use burn::tensor::{DType, Tensor};
 
 type B = burn::backend::Flex;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd")
+fn fixture() -> std::path::PathBuf {
+    tiny_sd()
 }
 
 fn refs() -> SafetensorsSource {
-    SafetensorsSource::open(&[fixture().join("refs/ddim.safetensors")]).unwrap()
+    alignprop_diffusion::testing::refs("ddim.safetensors")
 }
 
 fn values(src: &SafetensorsSource, key: &str) -> Vec<f64> {
-    let raw = src
-        .find(key)
-        .unwrap()
-        .unwrap_or_else(|| panic!("missing {key}"));
-    raw.data.convert::<f64>().to_vec().unwrap()
+    ref_values(src, key)
 }
 
 fn tensor(src: &SafetensorsSource, key: &str, dtype: DType) -> Tensor<B, 4> {
-    let raw = src
-        .find(key)
-        .unwrap()
-        .unwrap_or_else(|| panic!("missing {key}"));
-    Tensor::from_data(raw.data, (&Default::default(), dtype))
-}
-
-fn rel_err(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f64 {
-    let a: Vec<f64> = a.into_data().convert::<f64>().to_vec().unwrap();
-    let b: Vec<f64> = b.into_data().convert::<f64>().to_vec().unwrap();
-    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    (num / den).sqrt()
+    ref_tensor_on(src, key, &Default::default(), dtype)
 }
 
 fn sd15_config() -> SchedulerConfig {
@@ -123,8 +106,8 @@ fn single_steps_eta0_and_eta1() {
                 let prev = tensor(&r, &format!("{p}.eta{e}.prev_sample"), dtype);
                 let x0 = tensor(&r, &format!("{p}.eta{e}.pred_original_sample"), dtype);
                 let (ep, ex) = (
-                    rel_err(out.prev_sample, prev),
-                    rel_err(out.pred_original_sample, x0),
+                    rel_err(out.prev_sample, prev).0,
+                    rel_err(out.pred_original_sample, x0).0,
                 );
                 assert!(
                     ep < 1e-5 && ex < 1e-5,

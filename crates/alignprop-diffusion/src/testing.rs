@@ -1,0 +1,106 @@
+//! Helpers for parity tests against the PyTorch reference fixtures (`tests/fixtures/tiny-sd`, made by
+//! `xtask/fixtures/make_fixtures.py`): fixture paths, reference tensors, error measures. Used by the tests of
+//! every crate of the workspace; handy for users checking their own ports too.
+
+use std::path::PathBuf;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+
+use crate::weights::{SafetensorsSource, TensorSource};
+
+/// The tiny SD1.5-topology fixture model of this repository (`tests/fixtures/tiny-sd`).
+pub fn tiny_sd() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd")
+}
+
+/// A reference file under `tiny-sd/refs/`.
+pub fn refs(name: &str) -> SafetensorsSource {
+    SafetensorsSource::open(&[tiny_sd().join("refs").join(name)]).expect("reference file")
+}
+
+/// A float reference tensor, converted to `dtype`, on `device`.
+pub fn ref_tensor_on<B: Backend, const D: usize>(
+    src: &SafetensorsSource,
+    key: &str,
+    device: &B::Device,
+    dtype: DType,
+) -> Tensor<B, D> {
+    let raw = src
+        .find(key)
+        .unwrap()
+        .unwrap_or_else(|| panic!("reference '{key}' missing"));
+    assert_eq!(
+        raw.shape.len(),
+        D,
+        "reference '{key}' has shape {:?}",
+        raw.shape
+    );
+    Tensor::from_data(raw.data, (device, dtype))
+}
+
+/// An integer reference tensor (token ids, timesteps), on `device`.
+pub fn ref_int_on<B: Backend, const D: usize>(
+    src: &SafetensorsSource,
+    key: &str,
+    device: &B::Device,
+) -> Tensor<B, D, Int> {
+    let raw = src
+        .find(key)
+        .unwrap()
+        .unwrap_or_else(|| panic!("reference '{key}' missing"));
+    let v: Vec<i64> = raw.data.convert::<i64>().to_vec().unwrap();
+    Tensor::from_data(TensorData::new(v, raw.shape.clone()), device)
+}
+
+/// The values of a reference tensor as f64.
+pub fn ref_values(src: &SafetensorsSource, key: &str) -> Vec<f64> {
+    let raw = src
+        .find(key)
+        .unwrap()
+        .unwrap_or_else(|| panic!("reference '{key}' missing"));
+    raw.data.convert::<f64>().to_vec().unwrap()
+}
+
+/// The values of any tensor as f64.
+pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().to_vec().unwrap()
+}
+
+/// Relative L2 error `||a - b|| / ||b||` and max absolute difference of two value lists (panics on non-finite).
+pub fn rel_err_values(a: &[f64], e: &[f64]) -> (f64, f64) {
+    assert_eq!(a.len(), e.len(), "length mismatch");
+    let (mut num, mut den, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(e) {
+        assert!(x.is_finite(), "non-finite output");
+        num += (x - y) * (x - y);
+        den += y * y;
+        max_abs = max_abs.max((x - y).abs());
+    }
+    ((num / den.max(1e-300)).sqrt(), max_abs)
+}
+
+/// Relative L2 error and max absolute difference of two tensors, computed in f64.
+pub fn rel_err<B: Backend, const D: usize>(
+    actual: Tensor<B, D>,
+    expected: Tensor<B, D>,
+) -> (f64, f64) {
+    assert_eq!(actual.dims(), expected.dims(), "shape mismatch");
+    rel_err_values(&values(actual), &values(expected))
+}
+
+/// Asserts `actual` matches `expected` within relative L2 error `tol` (and prints the errors).
+#[track_caller]
+pub fn assert_close<B: Backend, const D: usize>(
+    what: &str,
+    actual: Tensor<B, D>,
+    expected: Tensor<B, D>,
+    tol: f64,
+) {
+    let (rel, max_abs) = rel_err(actual, expected);
+    eprintln!("{what}: rel L2 err {rel:.3e}, max abs {max_abs:.3e}");
+    assert!(
+        rel <= tol,
+        "{what}: relative error {rel:.3e} > {tol:.1e} (max abs {max_abs:.3e})"
+    );
+}
