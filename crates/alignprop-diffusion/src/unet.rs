@@ -1469,6 +1469,40 @@ impl<B: Backend> UNet2DConditionModel<B> {
         self.conv_in.weight.dims()[1]
     }
 
+    /// Every attention module with its diffusers name, read-only (see [`Self::attentions_mut`]).
+    pub fn attentions(&self) -> Vec<(String, &Attention<B>)> {
+        let mut out = Vec::new();
+        for (prefix, transformers) in self.attention_groups() {
+            for (j, t) in transformers.iter().enumerate() {
+                for (k, block) in t.transformer_blocks.iter().enumerate() {
+                    let p = format!("{prefix}.attentions.{j}.transformer_blocks.{k}");
+                    out.push((format!("{p}.attn1"), &block.attn1));
+                    out.push((format!("{p}.attn2"), &block.attn2));
+                }
+            }
+        }
+        out
+    }
+
+    /// The transformer stacks of the model with their block prefix (`down_blocks.0`, `mid_block`, ...).
+    fn attention_groups(&self) -> Vec<(String, &Vec<Transformer2DModel<B>>)> {
+        let mut groups = Vec::new();
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            if let DownBlock::CrossAttn(b) = block {
+                groups.push((format!("down_blocks.{i}"), &b.attentions));
+            }
+        }
+        if let Some(mid) = &self.mid_block {
+            groups.push(("mid_block".into(), &mid.attentions));
+        }
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            if let UpBlock::CrossAttn(b) = block {
+                groups.push((format!("up_blocks.{i}"), &b.attentions));
+            }
+        }
+        groups
+    }
+
     /// Every attention module with its diffusers name (`down_blocks.0.attentions.0.transformer_blocks.0.attn1`,
     /// ...), in the order of the model's layers: where adapters such as LoRA attach to `to_q`, `to_k`, `to_v`,
     /// `to_out` (= `to_out.0`).

@@ -1,0 +1,212 @@
+//! The trainable LoRA tensors of a UNet, their gradients, and the AdamW update (decoupled weight decay,
+//! global-norm clipping) applied to them.
+
+use std::collections::BTreeMap;
+
+use alignprop_diffusion::nn::{Linear, LoraAdapter};
+use alignprop_diffusion::unet::UNet2DConditionModel;
+use burn::module::Param;
+use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+
+/// Gradients (or any per-tensor values) of the LoRA tensors, keyed by peft-style names
+/// (`<module>.lora_A.weight` for `down`, `<module>.lora_B.weight` for `up`).
+#[derive(Clone, Debug)]
+pub struct LoraGrads<B: Backend> {
+    pub tensors: BTreeMap<String, Tensor<B, 2>>,
+}
+
+impl<B: Backend> Default for LoraGrads<B> {
+    fn default() -> Self {
+        Self {
+            tensors: BTreeMap::new(),
+        }
+    }
+}
+
+impl<B: Backend> LoraGrads<B> {
+    /// Adds `other` into `self` (tensor by tensor; missing ones are inserted).
+    pub fn add(&mut self, other: LoraGrads<B>) {
+        for (k, v) in other.tensors {
+            let sum = match self.tensors.remove(&k) {
+                Some(a) => a + v,
+                None => v,
+            };
+            self.tensors.insert(k, sum);
+        }
+    }
+
+    /// Multiplies every tensor by `c`.
+    pub fn scale(&mut self, c: f64) {
+        for v in self.tensors.values_mut() {
+            *v = v.clone() * c;
+        }
+    }
+
+    /// The global L2 norm over all tensors.
+    pub fn norm(&self) -> f64 {
+        self.tensors
+            .values()
+            .map(|t| {
+                t.clone()
+                    .square()
+                    .sum()
+                    .into_data()
+                    .convert::<f64>()
+                    .to_vec::<f64>()
+                    .expect("f64")[0]
+            })
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// Whether every value is finite.
+    pub fn all_finite(&self) -> bool {
+        self.tensors.values().all(|t| {
+            let v: Vec<f64> = t
+                .clone()
+                .into_data()
+                .convert::<f64>()
+                .to_vec()
+                .expect("f64");
+            v.iter().all(|x| x.is_finite())
+        })
+    }
+}
+
+/// The installed adapters with their module names.
+pub fn adapters<B: Backend>(unet: &UNet2DConditionModel<B>) -> Vec<(String, &LoraAdapter<B>)> {
+    let mut out = Vec::new();
+    for (name, attn) in unet.attentions() {
+        let parts: [(&str, &Linear<B>); 4] = [
+            ("to_q", &attn.to_q),
+            ("to_k", &attn.to_k),
+            ("to_v", &attn.to_v),
+            ("to_out.0", &attn.to_out),
+        ];
+        for (p, linear) in parts {
+            if let Some(l) = &linear.lora {
+                out.push((format!("{name}.{p}"), l));
+            }
+        }
+    }
+    out
+}
+
+/// The LoRA gradients contained in an autodiff gradient set.
+pub fn lora_grads_from<B: AutodiffBackend>(
+    unet: &UNet2DConditionModel<B>,
+    grads: &B::Gradients,
+) -> LoraGrads<B::InnerBackend> {
+    let mut out = LoraGrads::default();
+    for (name, l) in adapters(unet) {
+        if let Some(g) = l.down.val().grad(grads) {
+            out.tensors.insert(format!("{name}.lora_A.weight"), g);
+        }
+        if let Some(g) = l.up.val().grad(grads) {
+            out.tensors.insert(format!("{name}.lora_B.weight"), g);
+        }
+    }
+    out
+}
+
+/// AdamW hyper-parameters (PyTorch semantics: decoupled weight decay `p -= lr * wd * p`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global-norm gradient clipping (None: off).
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for AdamWConfig {
+    /// AlignProp's settings: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 1e-4, clip 5.0.
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-4,
+            max_grad_norm: Some(5.0),
+        }
+    }
+}
+
+/// AdamW state for the LoRA tensors (first and second moments, step count), kept in f32 or the model dtype.
+#[derive(Clone, Debug)]
+pub struct AdamW<B: Backend> {
+    pub config: AdamWConfig,
+    pub step: u64,
+    pub m: LoraGrads<B>,
+    pub v: LoraGrads<B>,
+}
+
+impl<B: Backend> AdamW<B> {
+    pub fn new(config: AdamWConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            m: LoraGrads::default(),
+            v: LoraGrads::default(),
+        }
+    }
+
+    /// Clips `grads` to the configured global norm (returns the norm before clipping) and applies one AdamW step
+    /// to the UNet's adapters.
+    pub fn step<AB>(&mut self, unet: &mut UNet2DConditionModel<AB>, mut grads: LoraGrads<B>) -> f64
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+    {
+        let norm = grads.norm();
+        if let Some(max) = self.config.max_grad_norm {
+            if norm > max {
+                grads.scale(max / (norm + 1e-6));
+            }
+        }
+        self.step += 1;
+        let c = &self.config;
+        let (bc1, bc2) = (
+            1.0 - c.beta1.powi(self.step as i32),
+            1.0 - c.beta2.powi(self.step as i32),
+        );
+        for (name, attn) in unet.attentions_mut() {
+            let parts: [(&str, &mut Linear<AB>); 4] = [
+                ("to_q", &mut attn.to_q),
+                ("to_k", &mut attn.to_k),
+                ("to_v", &mut attn.to_v),
+                ("to_out.0", &mut attn.to_out),
+            ];
+            for (p, linear) in parts {
+                let Some(l) = &mut linear.lora else { continue };
+                for (suffix, param) in
+                    [("lora_A.weight", &mut l.down), ("lora_B.weight", &mut l.up)]
+                {
+                    let key = format!("{name}.{p}.{suffix}");
+                    let Some(g) = grads.tensors.remove(&key) else {
+                        continue;
+                    };
+                    let m = match self.m.tensors.remove(&key) {
+                        Some(m) => m * c.beta1 + g.clone() * (1.0 - c.beta1),
+                        None => g.clone() * (1.0 - c.beta1),
+                    };
+                    let v = match self.v.tensors.remove(&key) {
+                        Some(v) => v * c.beta2 + g.square() * (1.0 - c.beta2),
+                        None => g.square() * (1.0 - c.beta2),
+                    };
+                    let value = param.val().inner();
+                    let update = (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + c.eps);
+                    let new = value.clone() * (1.0 - c.lr * c.weight_decay) - update * c.lr;
+                    *param = Param::initialized(param.id, Tensor::from_inner(new).require_grad());
+                    self.m.tensors.insert(key.clone(), m);
+                    self.v.tensors.insert(key, v);
+                }
+            }
+        }
+        norm
+    }
+}

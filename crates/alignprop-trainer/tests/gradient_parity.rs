@@ -1,0 +1,151 @@
+//! The decisive test: the LoRA gradients of our checkpointed backward equal PyTorch autograd's gradient through
+//! the same chain (`refs/alignprop_grad.safetensors`: LoRA UNet, 4 DDIM steps with CFG 7.5 and eta 1 with given
+//! noise, VAE decode, tiny reward; objective J = mean reward), for the full chain and for K = 1, in float64 and
+//! float32.
+
+use alignprop_diffusion::testing::{
+    ref_tensor_on, ref_values, refs, rel_err_values, tiny_sd, values,
+};
+use alignprop_diffusion::unet::UNet2DConditionModel;
+use alignprop_diffusion::vae::AutoencoderKL;
+use alignprop_lora::LoraWeights;
+use alignprop_pipeline::Conditioning;
+use alignprop_rewards::tiny::TinyReward;
+use alignprop_schedulers::{DdimScheduler, SchedulerConfig};
+use alignprop_trainer::{Truncation, trajectory};
+use burn::backend::Autodiff;
+use burn::tensor::{DType, Tensor};
+
+type I = burn::backend::Flex;
+type A = Autodiff<I>;
+
+struct Setup {
+    unet: UNet2DConditionModel<A>,
+    vae: AutoencoderKL<A>,
+    reward: TinyReward<A>,
+    text: Conditioning<I>,
+    x_t: Tensor<I, 4>,
+    noises: Vec<Option<Tensor<I, 4>>>,
+    scheduler: DdimScheduler,
+}
+
+fn setup(dtype: DType) -> Setup {
+    let d = Default::default();
+    let r = refs("alignprop_grad.safetensors");
+    let mut unet = UNet2DConditionModel::<A>::load(&tiny_sd().join("unet"), &d, dtype).unwrap();
+    let lora =
+        LoraWeights::read(&tiny_sd().join("lora_peft/pytorch_lora_weights.safetensors")).unwrap();
+    alignprop_lora::apply(&mut unet, &lora, 1.0, true).unwrap();
+    let cfg =
+        SchedulerConfig::from_file(&tiny_sd().join("scheduler/scheduler_config.json")).unwrap();
+    Setup {
+        unet,
+        vae: AutoencoderKL::load(&tiny_sd().join("vae"), &d, dtype).unwrap(),
+        reward: TinyReward::load(&tiny_sd().join("reward"), &d, dtype).unwrap(),
+        text: Conditioning {
+            uncond: ref_tensor_on(&r, "uncond_embeds", &d, dtype),
+            cond: ref_tensor_on(&r, "cond_embeds", &d, dtype),
+        },
+        x_t: ref_tensor_on(&r, "x_T", &d, dtype),
+        noises: (0..4)
+            .map(|i| Some(ref_tensor_on(&r, &format!("variance_noise.{i}"), &d, dtype)))
+            .collect(),
+        scheduler: DdimScheduler::new(&cfg, 4, 1.0).unwrap(),
+    }
+}
+
+/// Runs our chain and compares with the reference gradients under `prefix` (`grad_full_f64`, ...).
+fn check(dtype: DType, truncation: Truncation, prefix: &str, suffix: &str, tol: f64) {
+    let s = setup(dtype);
+    let mut rng = alignprop_pipeline::NoiseRng::new(0);
+    let grad_steps = truncation.grad_steps(4, &mut rng);
+    let out = trajectory(
+        &s.unet,
+        &s.vae,
+        &s.scheduler,
+        &s.text,
+        7.5,
+        s.x_t.clone(),
+        &s.noises,
+        &grad_steps,
+        |img| {
+            let scores = s.reward.score(img);
+            (scores.clone().mean(), scores)
+        },
+    );
+    let r = refs("alignprop_grad.safetensors");
+    // Forward values first.
+    let (e_lat, _) = rel_err_values(
+        &values(out.final_latents.clone()),
+        &ref_values(&r, &format!("final_latents_{suffix}")),
+    );
+    let j = ref_values(&r, &format!("J_{suffix}"))[0];
+    eprintln!(
+        "{prefix}: final latents rel {e_lat:.2e}, J {} vs {j}",
+        out.loss
+    );
+    assert!(e_lat < 1e-4 && ((out.loss - j) / j).abs() < 1e-4);
+    // Gradients: the whole concatenated vector, and each tensor with an absolute floor.
+    assert_eq!(out.grads.tensors.len(), 256, "one gradient per LoRA tensor");
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let mut per_tensor = Vec::new();
+    for (key, g) in &out.grads.tensors {
+        let a = values(g.clone());
+        let b = ref_values(&r, &format!("{prefix}.unet.{key}"));
+        per_tensor.push((key.clone(), a.clone(), b.clone()));
+        ours.extend(a);
+        theirs.extend(b);
+    }
+    let (rel, max_abs) = rel_err_values(&ours, &theirs);
+    let norm = theirs.iter().map(|x| x * x).sum::<f64>().sqrt();
+    eprintln!("{prefix}: gradient rel L2 {rel:.3e} (max abs {max_abs:.2e}, |g| {norm:.3e})");
+    assert!(
+        rel <= tol,
+        "{prefix}: gradient relative error {rel:.3e} > {tol:e}"
+    );
+    for (key, a, b) in per_tensor {
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f64>()
+            .sqrt();
+        let scale = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+        assert!(
+            diff <= tol * scale + 1e-6 * norm,
+            "{prefix}.{key}: |diff| {diff:.3e} vs |g| {scale:.3e}"
+        );
+    }
+}
+
+#[test]
+fn full_chain_f64() {
+    check(DType::F64, Truncation::Full, "grad_full_f64", "f64", 1e-4);
+}
+
+#[test]
+fn k1_f64() {
+    check(
+        DType::F64,
+        Truncation::Fixed { k: 1 },
+        "grad_k1_f64",
+        "f64",
+        1e-4,
+    );
+}
+
+#[test]
+fn full_chain_f32() {
+    check(DType::F32, Truncation::Full, "grad_full_f32", "f32", 1e-3);
+}
+
+#[test]
+fn k1_f32() {
+    check(
+        DType::F32,
+        Truncation::Fixed { k: 1 },
+        "grad_k1_f32",
+        "f32",
+        1e-3,
+    );
+}
