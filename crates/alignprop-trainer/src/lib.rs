@@ -2,12 +2,17 @@
 //!
 //! - [`chain`]: one trajectory forward and our own checkpointed backward (memory flat in the number of kept steps).
 //! - [`truncation`]: which steps carry gradient (fixed K, uniform, gaussian, per-step random detach).
+//! - [`train`]: the loop (gradient accumulation, AdamW, evaluation, JSONL logs, LoRA checkpoints), [`config`]: TOML.
 //! - [`lora_params`]: LoRA gradients and AdamW with global-norm clipping.
 
 pub mod chain;
+pub mod config;
 pub mod lora_params;
+pub mod train;
 pub mod truncation;
 
 pub use chain::{TrajectoryOutput, trajectory};
+pub use config::TrainConfig;
 pub use lora_params::{AdamW, AdamWConfig, LoraGrads};
+pub use train::{EvalLog, RunSummary, StepLog, TrainError, Trainer, run};
 pub use truncation::Truncation;

@@ -1,0 +1,220 @@
+//! The training configuration, read from TOML (`configs/*.toml`). Unknown keys are errors that name the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::lora_params::AdamWConfig;
+use crate::truncation::Truncation;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelConfig,
+    pub reward: RewardConfig,
+    pub sampling: SamplingConfig,
+    pub truncation: Truncation,
+    pub lora: alignprop_lora::LoraConfig,
+    pub optimizer: AdamWConfig,
+    pub train: LoopConfig,
+    pub eval: EvalConfig,
+    pub output: OutputConfig,
+}
+
+/// Which Stable Diffusion to fine-tune.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A diffusers folder. `None`: the tiny built-in demo model (the repository's test fixture).
+    pub path: Option<PathBuf>,
+    /// `f32` (CPU, GPU) or `bf16` / `f16` (GPU: frozen networks in half precision, LoRA and optimiser in f32).
+    pub dtype: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            dtype: "f32".into(),
+        }
+    }
+}
+
+/// The reward and the loss built from it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardConfig {
+    /// `brightness` (mean image brightness, for demos) or `tiny` (the fixtures' tiny scorer, needs `path`).
+    pub kind: String,
+    /// Weights for rewards that have them (a folder for `tiny`).
+    pub path: Option<PathBuf>,
+    /// The loss is `loss_coeff * mean(per-image loss)`; AlignProp uses 0.01 for the aesthetic reward.
+    pub loss_coeff: f64,
+    /// For `|score - target|` losses (aesthetic: 10); `None` maximises the score (`-score`).
+    pub target: Option<f64>,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self {
+            kind: "brightness".into(),
+            path: None,
+            loss_coeff: 1.0,
+            target: None,
+        }
+    }
+}
+
+/// The sampler used for training trajectories and evaluation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingConfig {
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub eta: f64,
+    /// Image size in pixels; `None`: the UNet's `sample_size * 8`.
+    pub resolution: Option<usize>,
+    pub negative_prompt: String,
+}
+
+impl Default for SamplingConfig {
+    /// AlignProp v1 preset: DDIM 50 steps, eta 0, guidance 7.5.
+    fn default() -> Self {
+        Self {
+            steps: 50,
+            guidance_scale: 7.5,
+            eta: 0.0,
+            resolution: None,
+            negative_prompt: String::new(),
+        }
+    }
+}
+
+/// The optimisation loop.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoopConfig {
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Trajectories (images) per backward pass.
+    pub batch_size: usize,
+    /// Backward passes accumulated per optimiser step (effective batch = batch_size * grad_accum).
+    pub grad_accum: usize,
+    /// Seeds every random stream (noise, prompts, truncation) of the run.
+    pub seed: u64,
+    /// A prompt file (one per line); relative paths are taken from the config file's folder.
+    pub prompts: PathBuf,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            batch_size: 2,
+            grad_accum: 1,
+            seed: 42,
+            prompts: "prompts/animals.txt".into(),
+        }
+    }
+}
+
+/// Evaluation on fixed prompts with fixed initial noise.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Evaluate every this many optimiser steps (and before the first and after the last).
+    pub every: usize,
+    pub prompts: PathBuf,
+    pub seed: u64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            every: 10,
+            prompts: "prompts/eval_animals.txt".into(),
+            seed: 1234,
+        }
+    }
+}
+
+/// Where results go.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputConfig {
+    pub dir: PathBuf,
+    /// Write the LoRA every this many optimiser steps (and at the end).
+    pub save_every: usize,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            dir: "runs/alignprop".into(),
+            save_every: 50,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML config; relative prompt paths are resolved against the config's folder.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let mut cfg: TrainConfig =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.train.prompts, &mut cfg.eval.prompts] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(p) = &mut cfg.reward.path {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        let s = &self.sampling;
+        if s.steps == 0 {
+            return Err("sampling.steps must be at least 1".into());
+        }
+        self.truncation.validate(s.steps)?;
+        if self.train.batch_size == 0 || self.train.grad_accum == 0 {
+            return Err("train.batch_size and train.grad_accum must be at least 1".into());
+        }
+        if !matches!(self.reward.kind.as_str(), "brightness" | "tiny") {
+            return Err(format!(
+                "reward.kind '{}' is not available (expected brightness or tiny)",
+                self.reward.kind
+            ));
+        }
+        if self.reward.kind == "tiny" && self.reward.path.is_none() {
+            return Err("reward.kind = \"tiny\" needs reward.path (the folder with tiny_reward.safetensors)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Reads prompts, one per line (blank lines and `#` comments skipped); an empty file is an error.
+pub fn read_prompts(path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read prompt file: {e}", path.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    if prompts.is_empty() {
+        return Err(format!(
+            "{}: the prompt file has no prompts",
+            path.display()
+        ));
+    }
+    Ok(prompts)
+}

@@ -1,0 +1,390 @@
+//! The AlignProp training loop: sample trajectories, backpropagate the reward through them (checkpointed),
+//! accumulate LoRA gradients, AdamW, evaluate on fixed prompts and noise, log, save the LoRA.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use alignprop_diffusion::unet::UNet2DConditionModel;
+use alignprop_diffusion::vae::AutoencoderKL;
+use alignprop_lora::LoraFormat;
+use alignprop_pipeline::images::{grid, save_png, to_rgb8};
+use alignprop_pipeline::{Conditioning, NoiseRng, StableDiffusion, denoise};
+use alignprop_rewards::tiny::TinyReward;
+use alignprop_rewards::{Brightness, Reward};
+use alignprop_schedulers::{DdimScheduler, Scheduler};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, Tensor};
+use serde::Serialize;
+
+use crate::chain::trajectory;
+use crate::config::{TrainConfig, read_prompts};
+use crate::lora_params::{AdamW, LoraGrads};
+
+/// Errors of a training run; each message says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Pipeline(#[from] alignprop_pipeline::PipelineError),
+    #[error(transparent)]
+    Lora(#[from] alignprop_lora::LoraError),
+    #[error(transparent)]
+    Weights(#[from] alignprop_diffusion::WeightError),
+    #[error(
+        "step {step}: the loss or a gradient is not finite ({what}); the update was skipped and the run stopped. \
+             Lower the learning rate or the guidance scale, or check the reward."
+    )]
+    NonFinite { step: usize, what: String },
+    #[error("{path}: {msg}")]
+    Io { path: PathBuf, msg: String },
+}
+
+/// One optimiser step's log line (written to `metrics.jsonl`).
+#[derive(Clone, Debug, Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub loss: f64,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    pub grad_norm: f64,
+    /// Mean number of differentiated steps per trajectory.
+    pub k: f64,
+    pub time_s: f64,
+    pub images_per_s: f64,
+}
+
+/// One evaluation (written to `eval.jsonl`).
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalLog {
+    pub step: usize,
+    pub eval_reward_mean: f64,
+    pub eval_reward_std: f64,
+}
+
+/// The reward of a run.
+pub enum RewardModel<B: AutodiffBackend> {
+    Brightness(Brightness),
+    Tiny(TinyReward<B>),
+}
+
+impl<B: AutodiffBackend> RewardModel<B> {
+    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
+        match self {
+            Self::Brightness(r) => Reward::<B>::score(r, images),
+            Self::Tiny(r) => Reward::<B>::score(r, images),
+        }
+    }
+}
+
+/// A training run in progress.
+pub struct Trainer<B: AutodiffBackend> {
+    pub config: TrainConfig,
+    pub sd: StableDiffusion<B>,
+    pub scheduler: DdimScheduler,
+    pub reward: RewardModel<B>,
+    pub optimizer: AdamW<B::InnerBackend>,
+    pub prompts: Vec<String>,
+    pub eval_prompts: Vec<String>,
+    pub step: usize,
+    rng: NoiseRng,
+    out_dir: PathBuf,
+}
+
+/// The tiny model shipped with the repository (its test fixture), used when no model is configured.
+pub fn builtin_tiny_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd")
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// Loads the model, injects fresh LoRA adapters, reads the prompts, prepares the output folder.
+    pub fn new(config: TrainConfig, device: &B::Device) -> Result<Self, TrainError> {
+        config.validate().map_err(TrainError::Config)?;
+        let dtype = match config.model.dtype.as_str() {
+            "f32" => DType::F32,
+            "f64" => DType::F64,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => {
+                return Err(TrainError::Config(format!(
+                    "model.dtype '{other}' (expected f32, bf16, f16 or f64)"
+                )));
+            }
+        };
+        let model_dir = config.model.path.clone().unwrap_or_else(builtin_tiny_model);
+        let mut sd = StableDiffusion::<B>::load(&model_dir, device, dtype)?;
+        B::seed(device, config.train.seed);
+        alignprop_lora::inject(&mut sd.unet, &config.lora)?;
+        let scheduler = DdimScheduler::new(
+            &sd.scheduler_config,
+            config.sampling.steps,
+            config.sampling.eta,
+        )
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+        let reward = match config.reward.kind.as_str() {
+            "tiny" => {
+                let path = config.reward.path.as_ref().expect("validated");
+                RewardModel::Tiny(TinyReward::load(path, device, dtype)?)
+            }
+            _ => RewardModel::Brightness(Brightness),
+        };
+        let prompts = read_prompts(&config.train.prompts).map_err(TrainError::Config)?;
+        let eval_prompts = read_prompts(&config.eval.prompts).map_err(TrainError::Config)?;
+        let out_dir = config.output.dir.clone();
+        if out_dir.exists() && !out_dir.is_dir() {
+            return Err(TrainError::Config(format!(
+                "{}: output.dir exists and is not a folder",
+                out_dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&out_dir).map_err(|e| io_err(&out_dir, e))?;
+        let cfg_text =
+            toml::to_string_pretty(&config).map_err(|e| TrainError::Config(e.to_string()))?;
+        std::fs::write(out_dir.join("config.toml"), cfg_text).map_err(|e| io_err(&out_dir, e))?;
+        Ok(Self {
+            rng: NoiseRng::new(config.train.seed),
+            optimizer: AdamW::new(config.optimizer.clone()),
+            config,
+            sd,
+            scheduler,
+            reward,
+            prompts,
+            eval_prompts,
+            step: 0,
+            out_dir,
+        })
+    }
+
+    fn resolution(&self) -> usize {
+        self.config
+            .sampling
+            .resolution
+            .unwrap_or_else(|| self.sd.default_image_size())
+    }
+
+    fn latent_shape(&self, batch: usize) -> [usize; 4] {
+        let side = self.resolution() / self.sd.vae_factor();
+        [batch, self.sd.unet.in_channels(), side, side]
+    }
+
+    fn text(&self, prompts: &[String]) -> Result<Conditioning<B::InnerBackend>, TrainError> {
+        let c = self
+            .sd
+            .conditioning(prompts, &self.config.sampling.negative_prompt)?;
+        Ok(Conditioning {
+            uncond: c.uncond.inner(),
+            cond: c.cond.inner(),
+        })
+    }
+
+    /// One optimiser step (with gradient accumulation). Returns its log line.
+    pub fn train_step(&mut self) -> Result<StepLog, TrainError> {
+        let t0 = Instant::now();
+        let cfg = self.config.clone();
+        let n = cfg.sampling.steps;
+        let (device, dtype) = (self.sd.device.clone(), self.sd.dtype);
+        let mut acc = LoraGrads::default();
+        let (mut losses, mut scores, mut ks) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..cfg.train.grad_accum {
+            let batch: Vec<String> = (0..cfg.train.batch_size)
+                .map(|_| self.prompts[self.rng.below(self.prompts.len() as u64) as usize].clone())
+                .collect();
+            let text = self.text(&batch)?;
+            let shape = self.latent_shape(batch.len());
+            let x_t = self.rng.normal_tensor(shape, &device, dtype);
+            let noises: Vec<_> = (0..n)
+                .map(|i| {
+                    self.scheduler
+                        .needs_noise(i)
+                        .then(|| self.rng.normal_tensor(shape, &device, dtype))
+                })
+                .collect();
+            let grad_steps = cfg.truncation.grad_steps(n, &mut self.rng);
+            ks.push(grad_steps.iter().filter(|&&k| k).count() as f64);
+            let reward = &self.reward;
+            let (coeff, target) = (cfg.reward.loss_coeff, cfg.reward.target);
+            let out = trajectory(
+                &self.sd.unet,
+                &self.sd.vae,
+                &self.scheduler,
+                &text,
+                cfg.sampling.guidance_scale,
+                x_t,
+                &noises,
+                &grad_steps,
+                |images| {
+                    let s = reward.score(images);
+                    let per_image = match target {
+                        Some(t) => (s.clone() - t).abs(),
+                        None => -s.clone(),
+                    };
+                    (per_image.mean() * coeff, s)
+                },
+            );
+            if !out.loss.is_finite() || out.scores.iter().any(|s| !s.is_finite()) {
+                return Err(TrainError::NonFinite {
+                    step: self.step + 1,
+                    what: format!("loss {}", out.loss),
+                });
+            }
+            if !out.grads.all_finite() {
+                return Err(TrainError::NonFinite {
+                    step: self.step + 1,
+                    what: "LoRA gradient".into(),
+                });
+            }
+            losses.push(out.loss);
+            scores.extend(out.scores);
+            acc.add(out.grads);
+        }
+        acc.scale(1.0 / cfg.train.grad_accum as f64);
+        let grad_norm = self.optimizer.step(&mut self.sd.unet, acc);
+        self.step += 1;
+        let (reward_mean, reward_std) = mean_std(&scores);
+        let time_s = t0.elapsed().as_secs_f64();
+        let log = StepLog {
+            step: self.step,
+            loss: losses.iter().sum::<f64>() / losses.len() as f64,
+            reward_mean,
+            reward_std,
+            grad_norm,
+            k: ks.iter().sum::<f64>() / ks.len() as f64,
+            time_s,
+            images_per_s: scores.len() as f64 / time_s,
+        };
+        self.append_jsonl("metrics.jsonl", &log)?;
+        Ok(log)
+    }
+
+    /// Samples the eval prompts from fixed noise (no gradients), scores them, writes a PNG grid.
+    pub fn evaluate(&mut self) -> Result<EvalLog, TrainError> {
+        let (device, dtype) = (self.sd.device.clone(), self.sd.dtype);
+        let prompts = self.eval_prompts.clone();
+        let text = self.text(&prompts)?;
+        let mut rng = NoiseRng::new(self.config.eval.seed);
+        let shape = self.latent_shape(prompts.len());
+        let x_t = rng.normal_tensor(shape, &device, dtype);
+        let n = self.config.sampling.steps;
+        let noises: Vec<_> = (0..n)
+            .map(|i| {
+                self.scheduler
+                    .needs_noise(i)
+                    .then(|| rng.normal_tensor(shape, &device, dtype))
+            })
+            .collect();
+        let unet: UNet2DConditionModel<B::InnerBackend> = self.sd.unet.valid();
+        let latents = denoise(
+            &unet,
+            &self.scheduler,
+            x_t,
+            &text,
+            self.config.sampling.guidance_scale,
+            noises,
+            &mut |_, _| {},
+        );
+        let vae: AutoencoderKL<B::InnerBackend> = self.sd.vae.valid();
+        let images = vae.decode_scaled(latents);
+        let scores: Vec<f64> = self
+            .reward
+            .score(Tensor::from_inner(images.clone()))
+            .inner()
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .expect("f64 scores");
+        let (eval_reward_mean, eval_reward_std) = mean_std(&scores);
+        let pictures = to_rgb8(images);
+        let path = self.out_dir.join(format!("eval_{:05}.png", self.step));
+        save_png(&grid(&pictures, pictures.len().min(8)), &path).map_err(|msg| TrainError::Io {
+            path: path.clone(),
+            msg,
+        })?;
+        let log = EvalLog {
+            step: self.step,
+            eval_reward_mean,
+            eval_reward_std,
+        };
+        self.append_jsonl("eval.jsonl", &log)?;
+        Ok(log)
+    }
+
+    /// Writes the LoRA (diffusers/peft format) to `<output.dir>/<name>`, atomically.
+    pub fn save_lora(&mut self, name: &str) -> Result<PathBuf, TrainError> {
+        let path = self.out_dir.join(name);
+        alignprop_lora::extract(&mut self.sd.unet).write(&path, LoraFormat::Peft)?;
+        Ok(path)
+    }
+
+    fn append_jsonl<T: Serialize>(&self, file: &str, value: &T) -> Result<(), TrainError> {
+        let path = self.out_dir.join(file);
+        let line = serde_json::to_string(value).map_err(|e| TrainError::Config(e.to_string()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        writeln!(f, "{line}").map_err(|e| io_err(&path, e))
+    }
+
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    pub steps: Vec<StepLog>,
+    pub evals: Vec<EvalLog>,
+    pub lora: PathBuf,
+}
+
+/// Runs the whole configured training: eval before the first step, every `eval.every` steps and at the end;
+/// LoRA saved every `output.save_every` steps and at the end. `on_step` sees each step's log.
+pub fn run<B: AutodiffBackend>(
+    config: TrainConfig,
+    device: &B::Device,
+    on_step: &mut dyn FnMut(&StepLog),
+    on_eval: &mut dyn FnMut(&EvalLog),
+) -> Result<RunSummary, TrainError> {
+    let mut trainer = Trainer::<B>::new(config, device)?;
+    let total = trainer.config.train.steps;
+    let (every, save_every) = (
+        trainer.config.eval.every.max(1),
+        trainer.config.output.save_every.max(1),
+    );
+    let mut evals = vec![trainer.evaluate()?];
+    on_eval(&evals[0]);
+    let mut steps = Vec::new();
+    for _ in 0..total {
+        let log = trainer.train_step()?;
+        on_step(&log);
+        steps.push(log);
+        if trainer.step % every == 0 || trainer.step == total {
+            let e = trainer.evaluate()?;
+            on_eval(&e);
+            evals.push(e);
+        }
+        if trainer.step % save_every == 0 {
+            trainer.save_lora(&format!("lora_step{:05}.safetensors", trainer.step))?;
+        }
+    }
+    let lora = trainer.save_lora("pytorch_lora_weights.safetensors")?;
+    Ok(RunSummary { steps, evals, lora })
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> TrainError {
+    TrainError::Io {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    }
+}
