@@ -2,6 +2,7 @@
 
 mod lora_cmd;
 mod sample_cmd;
+mod train_cmd;
 
 use std::process::ExitCode;
 
@@ -22,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Fine-tune LoRA adapters by reward backpropagation (AlignProp). Without --config: the tiny CPU demo.
+    Train(train_cmd::TrainArgs),
     /// Generate images from prompts with a Stable Diffusion model (optionally with a LoRA).
     Sample(sample_cmd::SampleArgs),
     /// Inspect, convert, scale and mix LoRA files.
@@ -41,6 +44,7 @@ pub fn resolve_device(choice: Option<DeviceChoice>) -> DeviceChoice {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => train_cmd::run(args),
         Command::Sample(args) => sample_cmd::run(args),
         Command::Lora(cmd) => lora_cmd::run(cmd),
     };

@@ -147,3 +147,51 @@ fn scalar<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> f64 {
         .to_vec::<f64>()
         .expect("scalar")[0]
 }
+
+/// The same trajectory differentiated the plain way: the autodiff graph of every kept step is built during the
+/// forward pass and freed only after one backward. Memory grows linearly with the number of kept steps; kept for
+/// comparison (tests, benchmarks) with the checkpointed [`trajectory`]. Returns `(loss, LoRA gradients)`.
+#[allow(clippy::too_many_arguments)]
+pub fn trajectory_full_graph<B, F>(
+    unet: &UNet2DConditionModel<B>,
+    vae: &AutoencoderKL<B>,
+    scheduler: &DdimScheduler,
+    text: &Conditioning<B::InnerBackend>,
+    guidance: f64,
+    x_t: Tensor<B::InnerBackend, 4>,
+    noises: &[Option<Tensor<B::InnerBackend, 4>>],
+    grad_steps: &[bool],
+    loss_fn: F,
+) -> (f64, LoraGrads<B::InnerBackend>)
+where
+    B: AutodiffBackend,
+    F: Fn(Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>),
+{
+    let n = scheduler.timesteps().len();
+    let inner_unet = unet.valid();
+    let text_ad = Conditioning::<B> {
+        uncond: Tensor::from_inner(text.uncond.clone()),
+        cond: Tensor::from_inner(text.cond.clone()),
+    };
+    let mut x = Tensor::<B, 4>::from_inner(x_t);
+    for i in 0..n {
+        let t = scheduler.timesteps()[i] as f64;
+        let eps = if grad_steps[i] {
+            guided_noise(unet, x.clone(), t, &text_ad, guidance)
+        } else {
+            Tensor::from_inner(guided_noise(
+                &inner_unet,
+                x.clone().inner(),
+                t,
+                text,
+                guidance,
+            ))
+        };
+        let z = noises.get(i).cloned().flatten().map(Tensor::from_inner);
+        x = scheduler.step(eps, i, x, z).prev_sample;
+    }
+    let (loss, _) = loss_fn(vae.decode_scaled(x));
+    let value = scalar(loss.clone().inner());
+    let grads = loss.backward();
+    (value, lora_grads_from(unet, &grads))
+}

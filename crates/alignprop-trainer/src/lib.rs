@@ -11,7 +11,7 @@ pub mod lora_params;
 pub mod train;
 pub mod truncation;
 
-pub use chain::{TrajectoryOutput, trajectory};
+pub use chain::{TrajectoryOutput, trajectory, trajectory_full_graph};
 pub use config::TrainConfig;
 pub use lora_params::{AdamW, AdamWConfig, LoraGrads};
 pub use train::{EvalLog, RunSummary, StepLog, TrainError, Trainer, run};
