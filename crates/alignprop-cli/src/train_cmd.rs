@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use alignprop_diffusion::device::{Cpu, Cuda, DeviceChoice, cuda_device};
-use alignprop_trainer::TrainConfig;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use alignprop_trainer::{RunEnd, TrainConfig};
 use anyhow::{Context, Result, anyhow, bail};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
@@ -22,6 +24,10 @@ pub struct TrainArgs {
     /// Output folder (overrides output.dir).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Continue the run in the output folder from its newest checkpoint (same config and seed give the same
+    /// numbers as an uninterrupted run).
+    #[arg(long)]
+    pub resume: bool,
     /// cpu, cuda or cuda:N (default: CUDA when a GPU is present, else CPU).
     #[arg(long, value_parser = crate::parse_device)]
     pub device: Option<DeviceChoice>,
@@ -91,18 +97,28 @@ pub fn run(args: TrainArgs) -> Result<()> {
         crate::resolve_device(args.device)
     };
     match device {
-        DeviceChoice::Cpu => train::<Autodiff<Cpu>>(cfg, &Default::default()),
+        DeviceChoice::Cpu => train::<Autodiff<Cpu>>(cfg, &Default::default(), args.resume),
         DeviceChoice::Cuda(i) => {
             let d = cuda_device(i).map_err(anyhow::Error::msg)?;
-            train::<Autodiff<Cuda>>(cfg, &d)
+            train::<Autodiff<Cuda>>(cfg, &d, args.resume)
         }
     }
 }
 
-fn train<B: AutodiffBackend>(cfg: TrainConfig, device: &B::Device) -> Result<()> {
+fn train<B: AutodiffBackend>(cfg: TrainConfig, device: &B::Device, resume: bool) -> Result<()> {
     if cfg.train.steps == 0 {
         bail!("train.steps is 0: nothing to do");
     }
+    // Ctrl-C: finish the current step, write a checkpoint, exit (resume with --resume).
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130); // a second Ctrl-C quits at once
+        }
+        eprintln!(
+            "\nCtrl-C: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)"
+        );
+    });
     let out = cfg.output.dir.clone();
     let bar = ProgressBar::new(cfg.train.steps as u64);
     bar.set_style(
@@ -112,6 +128,8 @@ fn train<B: AutodiffBackend>(cfg: TrainConfig, device: &B::Device) -> Result<()>
     let summary = alignprop_trainer::run::<B>(
         cfg,
         device,
+        resume,
+        &STOP,
         &mut |s| {
             bar.set_message(format!(
                 "loss {:.4} reward {:.4} |g| {:.3} K {:.0}",
@@ -133,6 +151,13 @@ fn train<B: AutodiffBackend>(cfg: TrainConfig, device: &B::Device) -> Result<()>
         },
     )?;
     bar.finish_and_clear();
+    if summary.end == RunEnd::Interrupted {
+        eprintln!(
+            "interrupted: checkpoint written in {}/checkpoints; continue with --resume",
+            out.display()
+        );
+        return Ok(());
+    }
     let (first, last) = (
         summary.evals.first().unwrap(),
         summary.evals.last().unwrap(),

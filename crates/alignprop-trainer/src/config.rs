@@ -143,8 +143,10 @@ impl Default for EvalConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct OutputConfig {
     pub dir: PathBuf,
-    /// Write the LoRA every this many optimiser steps (and at the end).
+    /// Write the LoRA and a checkpoint every this many optimiser steps (and at the end).
     pub save_every: usize,
+    /// Checkpoints kept (the newest ones).
+    pub keep_last: usize,
 }
 
 impl Default for OutputConfig {
@@ -152,6 +154,7 @@ impl Default for OutputConfig {
         Self {
             dir: "runs/alignprop".into(),
             save_every: 50,
+            keep_last: 2,
         }
     }
 }

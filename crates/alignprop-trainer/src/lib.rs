@@ -6,6 +6,7 @@
 //! - [`lora_params`]: LoRA gradients and AdamW with global-norm clipping.
 
 pub mod chain;
+pub mod checkpoint;
 pub mod config;
 pub mod lora_params;
 pub mod train;
@@ -14,5 +15,5 @@ pub mod truncation;
 pub use chain::{TrajectoryOutput, trajectory, trajectory_full_graph};
 pub use config::TrainConfig;
 pub use lora_params::{AdamW, AdamWConfig, LoraGrads};
-pub use train::{EvalLog, RunSummary, StepLog, TrainError, Trainer, run};
+pub use train::{EvalLog, RunEnd, RunSummary, StepLog, TrainError, Trainer, run};
 pub use truncation::Truncation;

@@ -110,6 +110,60 @@ pub fn lora_grads_from<B: AutodiffBackend>(
     out
 }
 
+/// Calls `f(key, param)` for every LoRA tensor of the UNet (`<module>.lora_A.weight` = down,
+/// `<module>.lora_B.weight` = up).
+pub fn for_each_adapter_param<B: Backend>(
+    unet: &mut UNet2DConditionModel<B>,
+    mut f: impl FnMut(&str, &mut Param<Tensor<B, 2>>),
+) {
+    for (name, attn) in unet.attentions_mut() {
+        let parts: [(&str, &mut Linear<B>); 4] = [
+            ("to_q", &mut attn.to_q),
+            ("to_k", &mut attn.to_k),
+            ("to_v", &mut attn.to_v),
+            ("to_out.0", &mut attn.to_out),
+        ];
+        for (p, linear) in parts {
+            let Some(l) = &mut linear.lora else { continue };
+            f(&format!("{name}.{p}.lora_A.weight"), &mut l.down);
+            f(&format!("{name}.{p}.lora_B.weight"), &mut l.up);
+        }
+    }
+}
+
+/// The current LoRA tensors, keyed like the gradients.
+pub fn adapter_values<B: AutodiffBackend>(
+    unet: &mut UNet2DConditionModel<B>,
+) -> LoraGrads<B::InnerBackend> {
+    let mut out = LoraGrads::default();
+    for_each_adapter_param(unet, |key, p| {
+        out.tensors.insert(key.to_string(), p.val().inner());
+    });
+    out
+}
+
+/// Sets the LoRA tensors from `values` (trainable); every adapter of the UNet must be present.
+pub fn set_adapter_values<B: AutodiffBackend>(
+    unet: &mut UNet2DConditionModel<B>,
+    values: &LoraGrads<B::InnerBackend>,
+) -> Result<(), String> {
+    let mut missing = None;
+    for_each_adapter_param(unet, |key, p| match values.tensors.get(key) {
+        Some(v) if v.dims() == p.val().dims() => {
+            *p = Param::initialized(p.id, Tensor::from_inner(v.clone()).require_grad());
+        }
+        Some(v) => {
+            missing = Some(format!(
+                "'{key}' has shape {:?}, the model's is {:?}",
+                v.dims(),
+                p.val().dims()
+            ))
+        }
+        None => missing = Some(format!("'{key}' is missing")),
+    });
+    missing.map_or(Ok(()), Err)
+}
+
 /// AdamW hyper-parameters (PyTorch semantics: decoupled weight decay `p -= lr * wd * p`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -169,44 +223,30 @@ impl<B: Backend> AdamW<B> {
             }
         }
         self.step += 1;
-        let c = &self.config;
+        let c = self.config.clone();
         let (bc1, bc2) = (
             1.0 - c.beta1.powi(self.step as i32),
             1.0 - c.beta2.powi(self.step as i32),
         );
-        for (name, attn) in unet.attentions_mut() {
-            let parts: [(&str, &mut Linear<AB>); 4] = [
-                ("to_q", &mut attn.to_q),
-                ("to_k", &mut attn.to_k),
-                ("to_v", &mut attn.to_v),
-                ("to_out.0", &mut attn.to_out),
-            ];
-            for (p, linear) in parts {
-                let Some(l) = &mut linear.lora else { continue };
-                for (suffix, param) in
-                    [("lora_A.weight", &mut l.down), ("lora_B.weight", &mut l.up)]
-                {
-                    let key = format!("{name}.{p}.{suffix}");
-                    let Some(g) = grads.tensors.remove(&key) else {
-                        continue;
-                    };
-                    let m = match self.m.tensors.remove(&key) {
-                        Some(m) => m * c.beta1 + g.clone() * (1.0 - c.beta1),
-                        None => g.clone() * (1.0 - c.beta1),
-                    };
-                    let v = match self.v.tensors.remove(&key) {
-                        Some(v) => v * c.beta2 + g.square() * (1.0 - c.beta2),
-                        None => g.square() * (1.0 - c.beta2),
-                    };
-                    let value = param.val().inner();
-                    let update = (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + c.eps);
-                    let new = value.clone() * (1.0 - c.lr * c.weight_decay) - update * c.lr;
-                    *param = Param::initialized(param.id, Tensor::from_inner(new).require_grad());
-                    self.m.tensors.insert(key.clone(), m);
-                    self.v.tensors.insert(key, v);
-                }
-            }
-        }
+        for_each_adapter_param(unet, |key, param| {
+            let Some(g) = grads.tensors.remove(key) else {
+                return;
+            };
+            let m = match self.m.tensors.remove(key) {
+                Some(m) => m * c.beta1 + g.clone() * (1.0 - c.beta1),
+                None => g.clone() * (1.0 - c.beta1),
+            };
+            let v = match self.v.tensors.remove(key) {
+                Some(v) => v * c.beta2 + g.square() * (1.0 - c.beta2),
+                None => g.square() * (1.0 - c.beta2),
+            };
+            let value = param.val().inner();
+            let update = (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + c.eps);
+            let new = value * (1.0 - c.lr * c.weight_decay) - update * c.lr;
+            *param = Param::initialized(param.id, Tensor::from_inner(new).require_grad());
+            self.m.tensors.insert(key.to_string(), m);
+            self.v.tensors.insert(key.to_string(), v);
+        });
         norm
     }
 }

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use alignprop_diffusion::unet::UNet2DConditionModel;
@@ -19,8 +20,9 @@ use burn::tensor::{DType, Tensor};
 use serde::Serialize;
 
 use crate::chain::trajectory;
+use crate::checkpoint::{CheckpointState, list_checkpoints, read_checkpoint, write_checkpoint};
 use crate::config::{TrainConfig, read_prompts};
-use crate::lora_params::{AdamW, LoraGrads};
+use crate::lora_params::{AdamW, LoraGrads, adapter_values, set_adapter_values};
 
 /// Errors of a training run; each message says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +312,68 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(log)
     }
 
+    /// Writes a training checkpoint `<output.dir>/checkpoints/step_NNNNN` (LoRA, AdamW state, step, RNG) and
+    /// deletes all but the newest `output.keep_last`.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
+        let root = self.out_dir.join("checkpoints");
+        std::fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
+        let mut tensors = std::collections::BTreeMap::new();
+        for (k, v) in adapter_values(&mut self.sd.unet).tensors {
+            tensors.insert(format!("lora.{k}"), v);
+        }
+        for (k, v) in &self.optimizer.m.tensors {
+            tensors.insert(format!("adam_m.{k}"), v.clone());
+        }
+        for (k, v) in &self.optimizer.v.tensors {
+            tensors.insert(format!("adam_v.{k}"), v.clone());
+        }
+        let (rng, rng_spare) = self.rng.state();
+        let state = CheckpointState {
+            step: self.step,
+            adam_step: self.optimizer.step,
+            rng,
+            rng_spare,
+        };
+        let dir = root.join(format!("step_{:05}", self.step));
+        write_checkpoint(&dir, &tensors, &state).map_err(TrainError::Config)?;
+        let all = list_checkpoints(&root);
+        let keep = self.config.output.keep_last.max(1);
+        for old in &all[..all.len().saturating_sub(keep)] {
+            let _ = std::fs::remove_dir_all(old);
+        }
+        Ok(dir)
+    }
+
+    /// Continues from a checkpoint folder written by [`Trainer::save_checkpoint`].
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let (tensors, state) =
+            read_checkpoint::<B::InnerBackend>(dir, &self.sd.device, self.sd.dtype)
+                .map_err(TrainError::Config)?;
+        let mut lora = LoraGrads::default();
+        let (mut m, mut v) = (LoraGrads::default(), LoraGrads::default());
+        for (k, t) in tensors {
+            if let Some(key) = k.strip_prefix("lora.") {
+                lora.tensors.insert(key.to_string(), t);
+            } else if let Some(key) = k.strip_prefix("adam_m.") {
+                m.tensors.insert(key.to_string(), t);
+            } else if let Some(key) = k.strip_prefix("adam_v.") {
+                v.tensors.insert(key.to_string(), t);
+            }
+        }
+        set_adapter_values(&mut self.sd.unet, &lora).map_err(|e| {
+            TrainError::Config(format!(
+                "{}: checkpoint does not fit this model: {e}",
+                dir.display()
+            ))
+        })?;
+        self.optimizer.m = m;
+        self.optimizer.v = v;
+        self.optimizer.step = state.adam_step;
+        self.rng = NoiseRng::from_state(state.rng, state.rng_spare);
+        self.step = state.step;
+        Ok(())
+    }
+
     /// Writes the LoRA (diffusers/peft format) to `<output.dir>/<name>`, atomically.
     pub fn save_lora(&mut self, name: &str) -> Result<PathBuf, TrainError> {
         let path = self.out_dir.join(name);
@@ -339,26 +403,53 @@ pub struct RunSummary {
     pub steps: Vec<StepLog>,
     pub evals: Vec<EvalLog>,
     pub lora: PathBuf,
+    pub end: RunEnd,
 }
 
-/// Runs the whole configured training: eval before the first step, every `eval.every` steps and at the end;
-/// LoRA saved every `output.save_every` steps and at the end. `on_step` sees each step's log.
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    Finished,
+    /// `stop` was raised (e.g. Ctrl-C): a checkpoint was written first.
+    Interrupted,
+}
+
+/// Runs the whole configured training: eval before the first step (unless resuming), every `eval.every` steps
+/// and at the end; LoRA and checkpoint every `output.save_every` steps and at the end. With `resume`, continues
+/// from the newest checkpoint under `<output.dir>/checkpoints`. When `stop` becomes true the current step
+/// finishes, a checkpoint is written and the run returns [`RunEnd::Interrupted`].
 pub fn run<B: AutodiffBackend>(
     config: TrainConfig,
     device: &B::Device,
+    resume: bool,
+    stop: &AtomicBool,
     on_step: &mut dyn FnMut(&StepLog),
     on_eval: &mut dyn FnMut(&EvalLog),
 ) -> Result<RunSummary, TrainError> {
     let mut trainer = Trainer::<B>::new(config, device)?;
+    let mut evals = Vec::new();
+    if resume {
+        let root = trainer.out_dir.join("checkpoints");
+        let latest = list_checkpoints(&root).pop().ok_or_else(|| {
+            TrainError::Config(format!(
+                "--resume: no checkpoint under {} (nothing to resume)",
+                root.display()
+            ))
+        })?;
+        trainer.load_checkpoint(&latest)?;
+    } else {
+        let e = trainer.evaluate()?;
+        on_eval(&e);
+        evals.push(e);
+    }
     let total = trainer.config.train.steps;
     let (every, save_every) = (
         trainer.config.eval.every.max(1),
         trainer.config.output.save_every.max(1),
     );
-    let mut evals = vec![trainer.evaluate()?];
-    on_eval(&evals[0]);
     let mut steps = Vec::new();
-    for _ in 0..total {
+    let mut end = RunEnd::Finished;
+    while trainer.step < total {
         let log = trainer.train_step()?;
         on_step(&log);
         steps.push(log);
@@ -367,12 +458,23 @@ pub fn run<B: AutodiffBackend>(
             on_eval(&e);
             evals.push(e);
         }
-        if trainer.step % save_every == 0 {
+        if trainer.step % save_every == 0 || trainer.step == total {
             trainer.save_lora(&format!("lora_step{:05}.safetensors", trainer.step))?;
+            trainer.save_checkpoint()?;
+        }
+        if stop.load(Ordering::SeqCst) && trainer.step < total {
+            trainer.save_checkpoint()?;
+            end = RunEnd::Interrupted;
+            break;
         }
     }
     let lora = trainer.save_lora("pytorch_lora_weights.safetensors")?;
-    Ok(RunSummary { steps, evals, lora })
+    Ok(RunSummary {
+        steps,
+        evals,
+        lora,
+        end,
+    })
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {

@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use alignprop_trainer::{TrainConfig, Truncation, run};
+use std::sync::atomic::AtomicBool;
+
+use alignprop_trainer::{RunEnd, TrainConfig, Truncation, run};
 
 type A = burn::backend::Autodiff<burn::backend::Flex>;
 
@@ -23,7 +25,15 @@ fn brightness_rises_and_outputs_are_written() {
     cfg.truncation = Truncation::Fixed { k: 2 };
     cfg.eval.every = 4;
     let dir = cfg.output.dir.clone();
-    let summary = run::<A>(cfg, &Default::default(), &mut |_| {}, &mut |_| {}).unwrap();
+    let summary = run::<A>(
+        cfg,
+        &Default::default(),
+        false,
+        &AtomicBool::new(false),
+        &mut |_| {},
+        &mut |_| {},
+    )
+    .unwrap();
     let evals: Vec<f64> = summary.evals.iter().map(|e| e.eval_reward_mean).collect();
     eprintln!("eval brightness: {evals:?}");
     assert_eq!(evals.len(), 4);
@@ -66,7 +76,15 @@ fn same_seed_same_numbers() {
         cfg.truncation = Truncation::Fixed { k: 3 };
         cfg.eval.every = 100;
         let dir = cfg.output.dir.clone();
-        let s = run::<A>(cfg, &Default::default(), &mut |_| {}, &mut |_| {}).unwrap();
+        let s = run::<A>(
+            cfg,
+            &Default::default(),
+            false,
+            &AtomicBool::new(false),
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap();
         runs.push(
             s.steps
                 .iter()
@@ -88,10 +106,98 @@ fn config_errors_are_clear() {
     assert!(err.contains("stepz") && err.contains("bad.toml"), "{err}");
     let mut cfg = demo_config("err");
     cfg.truncation = Truncation::Fixed { k: 99 };
-    let msg = run::<A>(cfg, &Default::default(), &mut |_| {}, &mut |_| {})
-        .err()
-        .unwrap()
-        .to_string();
+    let msg = run::<A>(
+        cfg,
+        &Default::default(),
+        false,
+        &AtomicBool::new(false),
+        &mut |_| {},
+        &mut |_| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(msg.contains("truncation k = 99"), "{msg}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn resume_continues_with_the_same_numbers() {
+    let small = |name: &str, steps: usize| {
+        let mut cfg = demo_config(name);
+        cfg.train.steps = steps;
+        cfg.sampling.steps = 3;
+        cfg.truncation = Truncation::Fixed { k: 2 };
+        cfg.eval.every = 100;
+        cfg.output.save_every = 2;
+        cfg
+    };
+    // One run of 4 steps.
+    let straight = small("straight", 4);
+    let dir_a = straight.output.dir.clone();
+    let a = run::<A>(
+        straight,
+        &Default::default(),
+        false,
+        &AtomicBool::new(false),
+        &mut |_| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    // The same run stopped after step 2 (as Ctrl-C does), then resumed to step 4.
+    let first = small("resumed", 4);
+    let dir_b = first.output.dir.clone();
+    let stop = AtomicBool::new(false);
+    let b1 = run::<A>(
+        first,
+        &Default::default(),
+        false,
+        &stop,
+        &mut |s| {
+            if s.step == 2 {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(b1.end, RunEnd::Interrupted);
+    assert_eq!(b1.steps.len(), 2);
+    let b2 = run::<A>(
+        small("resumed", 4),
+        &Default::default(),
+        true,
+        &AtomicBool::new(false),
+        &mut |_| {},
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(b2.end, RunEnd::Finished);
+    let nums = |v: &[alignprop_trainer::StepLog]| {
+        v.iter()
+            .map(|s| (s.step, s.loss, s.grad_norm))
+            .collect::<Vec<_>>()
+    };
+    let resumed: Vec<_> = nums(&b1.steps).into_iter().chain(nums(&b2.steps)).collect();
+    assert_eq!(nums(&a.steps), resumed);
+    let la = alignprop_lora::LoraWeights::read(&a.lora).unwrap();
+    let lb = alignprop_lora::LoraWeights::read(&b2.lora).unwrap();
+    assert_eq!(la, lb, "final LoRA differs after resume");
+    // Resuming a folder without checkpoints is a clear error.
+    let none = small("nothing", 2);
+    let dir_c = none.output.dir.clone();
+    let err = run::<A>(
+        none,
+        &Default::default(),
+        true,
+        &AtomicBool::new(false),
+        &mut |_| {},
+        &mut |_| {},
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("no checkpoint"), "{err}");
+    for d in [dir_a, dir_b, dir_c] {
+        std::fs::remove_dir_all(&d).ok();
+    }
 }
