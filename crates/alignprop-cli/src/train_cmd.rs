@@ -158,17 +158,20 @@ fn train<B: AutodiffBackend>(cfg: TrainConfig, device: &B::Device, resume: bool)
         );
         return Ok(());
     }
-    let (first, last) = (
-        summary.evals.first().unwrap(),
-        summary.evals.last().unwrap(),
-    );
-    eprintln!(
-        "done: eval reward {:.4} -> {:.4} over {} steps; LoRA {}; logs and eval grids in {}",
-        first.eval_reward_mean,
-        last.eval_reward_mean,
-        summary.steps.len(),
-        summary.lora.display(),
-        out.display()
-    );
+    match (summary.evals.first(), summary.evals.last()) {
+        (Some(first), Some(last)) => eprintln!(
+            "done: eval reward {:.4} -> {:.4}; {} steps run; LoRA {}; logs, eval grids and reward_curve.png in {}",
+            first.eval_reward_mean,
+            last.eval_reward_mean,
+            summary.steps.len(),
+            summary.lora.display(),
+            out.display()
+        ),
+        _ => eprintln!(
+            "done: {} steps run; LoRA {}",
+            summary.steps.len(),
+            summary.lora.display()
+        ),
+    }
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod config;
 pub mod lora_params;
+pub mod plot;
 pub mod train;
 pub mod truncation;
 

@@ -309,6 +309,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             eval_reward_std,
         };
         self.append_jsonl("eval.jsonl", &log)?;
+        self.plot_rewards()?;
         Ok(log)
     }
 
@@ -379,6 +380,24 @@ impl<B: AutodiffBackend> Trainer<B> {
         let path = self.out_dir.join(name);
         alignprop_lora::extract(&mut self.sd.unet).write(&path, LoraFormat::Peft)?;
         Ok(path)
+    }
+
+    /// Redraws `reward_curve.png` from `eval.jsonl` (so a resumed run's curve includes the earlier evals).
+    fn plot_rewards(&self) -> Result<(), TrainError> {
+        let log = self.out_dir.join("eval.jsonl");
+        let text = std::fs::read_to_string(&log).map_err(|e| io_err(&log, e))?;
+        let points: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| {
+                Some((
+                    v.get("step")?.as_f64()?,
+                    v.get("eval_reward_mean")?.as_f64()?,
+                ))
+            })
+            .collect();
+        let path = self.out_dir.join("reward_curve.png");
+        crate::plot::reward_curve(&points, &path).map_err(|msg| TrainError::Io { path, msg })
     }
 
     fn append_jsonl<T: Serialize>(&self, file: &str, value: &T) -> Result<(), TrainError> {
