@@ -132,10 +132,10 @@ fn sample<B: Backend>(args: &SampleArgs, device: &B::Device, dtype: DType) -> Re
         alignprop_lora::apply(&mut sd.unet, &lora, args.lora_scale, false)
             .with_context(|| format!("applying {}", path.display()))?;
         eprintln!(
-            "LoRA {} ({} parameters, rank {:?}) at scale {}",
+            "LoRA {} ({} parameters, rank {}) at scale {}",
             path.display(),
             lora.num_params(),
-            lora.rank(),
+            lora.rank().map_or("mixed".to_string(), |r| r.to_string()),
             args.lora_scale
         );
     }
