@@ -241,6 +241,48 @@ impl<B: Backend> LayerNorm<B> {
     }
 }
 
+/// The element-wise nonlinearity named by a diffusers `act_fn` (`get_activation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x * sigmoid(x)` (`silu` / `swish`), SD's choice.
+    Silu,
+    /// Exact (erf) GELU.
+    Gelu,
+    Relu,
+    /// `x * tanh(softplus(x))`.
+    Mish,
+}
+
+impl Activation {
+    /// `silu` / `swish`, `gelu`, `relu`, `mish`; `None` for other names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "silu" | "swish" => Self::Silu,
+            "gelu" => Self::Gelu,
+            "relu" => Self::Relu,
+            "mish" => Self::Mish,
+            _ => return None,
+        })
+    }
+
+    /// [`Activation::from_name`] with an error message naming the supported values.
+    pub fn parse(name: &str) -> std::result::Result<Self, String> {
+        Self::from_name(name).ok_or_else(|| {
+            format!("unsupported act_fn '{name}' (supported: silu, swish, gelu, relu, mish)")
+        })
+    }
+
+    /// Applies the activation element-wise.
+    pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::Silu => activation::silu(x),
+            Self::Gelu => activation::gelu(x),
+            Self::Relu => activation::relu(x),
+            Self::Mish => activation::mish(x),
+        }
+    }
+}
+
 /// `x * sigmoid(x)`.
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     activation::silu(x)

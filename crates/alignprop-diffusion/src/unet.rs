@@ -26,6 +26,7 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions, PadMode};
 use burn::tensor::{DType, Tensor, TensorData, activation};
 use serde::{Deserialize, Serialize};
 
+pub use crate::nn::Activation;
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear, multi_head_attention};
 use crate::pipeline_files::{component_weights, read_json};
 use crate::weights::{Result, VarBuilder, WeightError};
@@ -362,37 +363,6 @@ fn config_error(path: impl Into<PathBuf>, msg: String) -> WeightError {
 // ---------------------------------------------------------------------------------------------------------------
 // Small pieces
 // ---------------------------------------------------------------------------------------------------------------
-
-/// The activation named by `act_fn` (diffusers' `get_activation`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    Silu,
-    Gelu,
-    Relu,
-    Mish,
-}
-
-impl Activation {
-    /// `silu` / `swish`, `gelu` (exact erf form), `relu`, `mish`.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Some(match name {
-            "silu" | "swish" => Self::Silu,
-            "gelu" => Self::Gelu,
-            "relu" => Self::Relu,
-            "mish" => Self::Mish,
-            _ => return None,
-        })
-    }
-
-    pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
-        match self {
-            Self::Silu => activation::silu(x),
-            Self::Gelu => activation::gelu(x),
-            Self::Relu => activation::relu(x),
-            Self::Mish => activation::mish(x),
-        }
-    }
-}
 
 /// Sinusoidal timestep features (diffusers `Timesteps` / `get_timestep_embedding`), computed in float32 whatever
 /// the model's dtype, exactly as diffusers does, and returned in float32 (the caller casts).

@@ -27,9 +27,10 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{DType, Tensor, activation};
+use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use crate::nn::Activation;
 use crate::nn::{Conv2d, GroupNorm, Linear, multi_head_attention};
 use crate::pipeline_files::{component_weights, read_json};
 use crate::weights::{Result, VarBuilder, WeightError};
@@ -178,43 +179,6 @@ impl AutoencoderKLConfig {
     /// Spatial down-sampling factor between image and latents: `2^(levels - 1)` (8 for SD1.5).
     pub fn downsample_factor(&self) -> usize {
         1 << self.block_out_channels.len().saturating_sub(1)
-    }
-}
-
-/// The element-wise nonlinearity named by `act_fn`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// `x * sigmoid(x)` (`silu` / `swish`), SD's choice.
-    Silu,
-    /// Exact (erf) GELU.
-    Gelu,
-    Relu,
-    /// `x * tanh(softplus(x))`.
-    Mish,
-}
-
-impl Activation {
-    /// Parses a diffusers activation name.
-    pub fn parse(name: &str) -> std::result::Result<Self, String> {
-        match name {
-            "silu" | "swish" => Ok(Self::Silu),
-            "gelu" => Ok(Self::Gelu),
-            "relu" => Ok(Self::Relu),
-            "mish" => Ok(Self::Mish),
-            other => Err(format!(
-                "unsupported act_fn '{other}' (supported: silu, swish, gelu, relu, mish)"
-            )),
-        }
-    }
-
-    /// Applies the activation element-wise.
-    pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
-        match self {
-            Self::Silu => activation::silu(x),
-            Self::Gelu => activation::gelu(x),
-            Self::Relu => activation::relu(x),
-            Self::Mish => activation::mish(x),
-        }
     }
 }
 
