@@ -108,8 +108,14 @@ impl<B: Backend> Linear<B> {
             y = y + b.val().unsqueeze::<2>();
         }
         if let Some(l) = &self.lora {
-            let low = x2.matmul(l.down.val().transpose());
-            y = y + low.matmul(l.up.val().transpose()) * (l.scale * l.multiplier);
+            // Mixed precision: adapters may be f32 on a half-precision base; the low-rank path runs in the
+            // adapter's dtype and is cast back.
+            let (down, up) = (l.down.val(), l.up.val());
+            let (base, ad) = (y.dtype(), down.dtype());
+            let x2 = if ad == base { x2 } else { x2.cast(ad) };
+            let delta =
+                x2.matmul(down.transpose()).matmul(up.transpose()) * (l.scale * l.multiplier);
+            y = y + if ad == base { delta } else { delta.cast(base) };
         }
         let mut out = dims;
         out[D - 1] = self.out_features();

@@ -7,7 +7,7 @@ use alignprop_diffusion::nn::{Linear, LoraAdapter};
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use burn::module::Param;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::tensor::{DType, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::format::{LoraError, LoraPair, LoraWeights, Matrix, Result};
@@ -51,6 +51,14 @@ pub fn projections_mut<B: Backend>(
     out
 }
 
+/// Adapters (and so their gradients and optimiser state) stay in f32 when the frozen base runs in half precision.
+fn adapter_dtype(base: DType) -> DType {
+    match base {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
 fn is_target(module: &str, targets: &[String]) -> bool {
     targets
         .iter()
@@ -72,7 +80,7 @@ pub fn inject<B: Backend>(unet: &mut UNet2DConditionModel<B>, cfg: &LoraConfig) 
         }
         let w = linear.weight.val();
         let [out_f, in_f] = w.dims();
-        let (device, dtype) = (w.device(), w.dtype());
+        let (device, dtype) = (w.device(), adapter_dtype(w.dtype()));
         let bound = 1.0 / (in_f as f64).sqrt();
         let down = Tensor::random(
             [cfg.rank, in_f],
@@ -121,7 +129,7 @@ pub fn apply<B: Backend>(
                 pair.down.shape, pair.up.shape
             )));
         }
-        let (device, dtype) = (w.device(), w.dtype());
+        let (device, dtype) = (w.device(), adapter_dtype(w.dtype()));
         let t = |m: &Matrix| {
             let p = Param::from_tensor(Tensor::<B, 2>::from_data(
                 TensorData::new(m.values.clone(), m.shape),
@@ -184,7 +192,9 @@ pub fn set_multiplier<B: Backend>(unet: &mut UNet2DConditionModel<B>, multiplier
 pub fn merge<B: Backend>(unet: &mut UNet2DConditionModel<B>) {
     for (_, linear) in projections_mut(unet) {
         if let Some(l) = linear.lora.take() {
-            let merged = linear.weight.val() + l.delta();
+            let w = linear.weight.val();
+            let dtype = w.dtype();
+            let merged = w + l.delta().cast(dtype);
             linear.weight = Param::from_tensor(merged.detach()).set_require_grad(false);
         }
     }

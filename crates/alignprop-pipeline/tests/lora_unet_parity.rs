@@ -113,3 +113,41 @@ fn sd15_rank4_has_797184_parameters() {
         797_184
     );
 }
+
+#[test]
+fn half_precision_base_keeps_f32_adapters_and_trains_them() {
+    use burn::backend::Autodiff;
+    type A = Autodiff<B>;
+    let d = Default::default();
+    let mut u = UNet2DConditionModel::<A>::load(&tiny_sd().join("unet"), &d, DType::BF16).unwrap();
+    let lora =
+        LoraWeights::read(&tiny_sd().join("lora_peft/pytorch_lora_weights.safetensors")).unwrap();
+    alignprop_lora::apply(&mut u, &lora, 1.0, true).unwrap();
+    let (name, attn) = u.attentions().into_iter().next().unwrap();
+    let l = attn.to_q.lora.as_ref().unwrap();
+    assert_eq!(
+        (attn.to_q.weight.val().dtype(), l.down.val().dtype()),
+        (DType::BF16, DType::F32),
+        "{name}"
+    );
+    let r = refs("lora_unet.safetensors");
+    let out = u.forward(
+        ref_tensor_on(&r, "sample", &d, DType::BF16),
+        ref_int_on::<A, 1>(&r, "timesteps", &d).float(),
+        ref_tensor_on(&r, "encoder_hidden_states", &d, DType::BF16),
+    );
+    assert_eq!(out.dtype(), DType::BF16);
+    // bf16 keeps ~3 significant digits: the output is still close to the f32 LoRA reference.
+    let (rel, _) = alignprop_diffusion::testing::rel_err(
+        out.clone().inner().cast(DType::F32),
+        expected("out"),
+    );
+    assert!(rel < 3e-2, "bf16 LoRA UNet rel err {rel:e}");
+    let grads = out.cast(DType::F32).sum().backward();
+    let g = l
+        .down
+        .val()
+        .grad(&grads)
+        .expect("the f32 adapter gets a gradient");
+    assert_eq!(g.dtype(), DType::F32);
+}

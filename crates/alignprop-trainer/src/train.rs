@@ -347,9 +347,13 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Continues from a checkpoint folder written by [`Trainer::save_checkpoint`].
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<(), TrainError> {
-        let (tensors, state) =
-            read_checkpoint::<B::InnerBackend>(dir, &self.sd.device, self.sd.dtype)
-                .map_err(TrainError::Config)?;
+        // Adapters and optimiser state are f32 when the frozen base runs in half precision.
+        let dtype = match self.sd.dtype {
+            DType::F16 | DType::BF16 => DType::F32,
+            other => other,
+        };
+        let (tensors, state) = read_checkpoint::<B::InnerBackend>(dir, &self.sd.device, dtype)
+            .map_err(TrainError::Config)?;
         let mut lora = LoraGrads::default();
         let (mut m, mut v) = (LoraGrads::default(), LoraGrads::default());
         for (k, t) in tensors {
