@@ -56,6 +56,8 @@ pub struct StepLog {
     pub k: f64,
     pub time_s: f64,
     pub images_per_s: f64,
+    /// Peak resident memory of the process so far (MiB; Linux `VmHWM`), where the OS reports it.
+    pub peak_rss_mib: Option<f64>,
 }
 
 /// One evaluation (written to `eval.jsonl`).
@@ -255,6 +257,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             k: ks.iter().sum::<f64>() / ks.len() as f64,
             time_s,
             images_per_s: scores.len() as f64 / time_s,
+            peak_rss_mib: peak_rss_mib(),
         };
         self.append_jsonl("metrics.jsonl", &log)?;
         Ok(log)
@@ -498,6 +501,14 @@ pub fn run<B: AutodiffBackend>(
         lora,
         end,
     })
+}
+
+/// The process's peak resident set size in MiB (`VmHWM` in `/proc/self/status`; `None` elsewhere).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
