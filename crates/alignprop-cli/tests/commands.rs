@@ -190,6 +190,19 @@ fn bad_input_is_one_clear_error() {
         &run(bin().args(["lora", "inspect"]).arg(&not_lora)),
         "not a LoRA file",
     );
+    // eval of a folder without images; an unknown reward.
+    assert_clean_error(
+        &run(bin()
+            .args(["eval", "--device", "cpu", "--images"])
+            .arg(tiny().join("unet"))),
+        "no PNG",
+    );
+    assert_clean_error(
+        &run(bin()
+            .args(["eval", "--reward", "clip", "--images"])
+            .arg(&out)),
+        "unknown reward",
+    );
     // A config key that does not exist.
     assert_clean_error(
         &run(bin().args(["train", "--set", "train.stepz=3"])),

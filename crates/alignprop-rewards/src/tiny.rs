@@ -3,7 +3,7 @@
 //! head. It lets the whole AlignProp gradient be checked against PyTorch on a tiny model.
 //!
 //! ```text
-//! x = normalize(resize(clamp(img / 2 + 0.5, 0, 1)))     [b, 3, s, s]
+//! x = normalize(resize_to_s_x_s(clamp(img / 2 + 0.5, 0, 1)))     [b, 3, s, s]
 //! f = flatten(x) @ proj^T; f = f / ||f||                [b, embed]
 //! r = mlp.1(mlp.0(f))                                   [b]
 //! ```
@@ -19,7 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use serde::Deserialize;
 
-use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess};
+use crate::preprocess::{CLIP_MEAN, CLIP_STD, normalize, resize_bilinear, to_unit_range};
 
 /// `reward/config.json` of the fixture.
 #[derive(Clone, Debug, Deserialize)]
@@ -81,7 +81,12 @@ impl<B: Backend> TinyReward<B> {
 
     /// The L2-normalised embedding `[b, embed]` of decoder output `images` `[b, 3, H, W]` in `[-1, 1]`.
     pub fn embed(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = clip_preprocess(images, self.size, self.mean, self.std);
+        // The fixture's scorer resizes to exactly `size x size` (`F.interpolate(x, (s, s))`), whatever the aspect.
+        let x = normalize(
+            resize_bilinear(to_unit_range(images), [self.size, self.size]),
+            self.mean,
+            self.std,
+        );
         let [b, c, h, w] = x.dims();
         let f = x
             .reshape([b, c * h * w])
