@@ -2,10 +2,14 @@
 //! end to end in burn tensor ops, so the gradient reaches the images (and through the VAE and sampler, the LoRA).
 //!
 //! - [`preprocess`]: AlignProp's CLIP preprocessing (clamp, shorter-side bilinear resize, normalisation).
+//! - [`clip_vision`]: the CLIP vision transformer (transformers `CLIPVisionModelWithProjection` weights).
+//! - [`aesthetic`]: the LAION aesthetic predictor (CLIP embedding -> linear MLP), loss `|score - 10|`.
 //! - [`tiny`]: the tiny scorer of the parity fixtures.
 //! - [`brightness`]: mean brightness, for demos and loop tests.
 
+pub mod aesthetic;
 pub mod brightness;
+pub mod clip_vision;
 pub mod preprocess;
 pub mod tiny;
 

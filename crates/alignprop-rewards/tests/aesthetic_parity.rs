@@ -1,0 +1,62 @@
+//! CLIP vision transformer + LAION-style aesthetic head against transformers / torch
+//! (`tests/fixtures/tiny-reward`, made by `xtask/fixtures/make_reward_refs.py`): preprocessing, embeddings,
+//! scores and the gradient of the score with respect to the image, in f32 and f64.
+
+use std::path::PathBuf;
+
+use alignprop_diffusion::testing::{ref_tensor_on, rel_err};
+use alignprop_diffusion::weights::SafetensorsSource;
+use alignprop_rewards::aesthetic::AestheticScorer;
+use alignprop_rewards::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess};
+use burn::backend::Autodiff;
+use burn::tensor::{DType, Tensor};
+
+type I = burn::backend::Flex;
+type A = Autodiff<I>;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-reward")
+}
+
+fn refs() -> SafetensorsSource {
+    SafetensorsSource::open(&[dir().join("refs.safetensors")]).unwrap()
+}
+
+#[test]
+fn scores_and_image_gradients_match_torch() {
+    let r = refs();
+    let d = Default::default();
+    for (dtype, sfx, tol) in [(DType::F32, "", 1e-4), (DType::F64, "_f64", 1e-9)] {
+        let scorer = AestheticScorer::<A>::load(&dir().join("clip_vision"), &dir().join("aesthetic/mlp.safetensors"), &d, dtype).unwrap();
+        let image: Tensor<A, 4> = ref_tensor_on(&r, "image", &d, dtype);
+        let image = image.require_grad();
+        let px = clip_preprocess(image.clone(), 32, CLIP_MEAN, CLIP_STD);
+        let (e_px, _) = rel_err(px.clone().inner(), ref_tensor_on(&r, &format!("pixel_values{sfx}"), &d, dtype));
+        let (e_emb, _) = rel_err(scorer.clip.forward(px).inner(), ref_tensor_on(&r, &format!("image_embeds{sfx}"), &d, dtype));
+        let score = scorer.score(image.clone());
+        let (e_s, _) = rel_err(score.clone().inner(), ref_tensor_on(&r, &format!("score{sfx}"), &d, dtype));
+        let g = image.grad(&score.sum().backward()).unwrap();
+        let (e_g, _) = rel_err(g, ref_tensor_on(&r, &format!("grad_image{sfx}"), &d, dtype));
+        eprintln!("{dtype:?}: pixel_values {e_px:.2e}, embeds {e_emb:.2e}, score {e_s:.2e}, d score/d image {e_g:.2e}");
+        assert!(e_px < tol && e_emb < tol && e_s < tol && e_g < tol.max(1e-4), "{dtype:?}: {e_px:e} {e_emb:e} {e_s:e} {e_g:e}");
+    }
+}
+
+#[test]
+fn aesthetic_loss_is_distance_to_target() {
+    use alignprop_rewards::Reward;
+    let d = Default::default();
+    let scorer = AestheticScorer::<I>::load(&dir().join("clip_vision"), &dir().join("aesthetic/mlp.safetensors"), &d, DType::F32).unwrap();
+    let s = Tensor::<I, 1>::from_floats([9.0, 11.5], &d);
+    let l: Vec<f32> = scorer.loss(s).into_data().to_vec().unwrap();
+    assert_eq!(l, [1.0, 1.5]);
+}
+
+#[test]
+fn wrong_head_file_is_a_clear_error() {
+    let d = Default::default();
+    let err = AestheticScorer::<I>::load(&dir().join("clip_vision"), &dir().join("refs.safetensors"), &d, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layers.0.weight") && err.contains("refs.safetensors"), "{err}");
+}
