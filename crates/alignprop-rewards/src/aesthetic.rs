@@ -6,7 +6,7 @@ use std::path::Path;
 
 use alignprop_diffusion::VarBuilder;
 use alignprop_diffusion::nn::Linear;
-use alignprop_diffusion::weights::{Result, SafetensorsSource, WeightError};
+use alignprop_diffusion::weights::{Result, SafetensorsSource, TensorSource, WeightError};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
@@ -14,6 +14,7 @@ use burn::tensor::{DType, Tensor};
 use crate::Reward;
 use crate::clip_vision::ClipVisionTransformer;
 use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess};
+use crate::pth::PthSource;
 
 /// The MLP head, sized from the weight file (the LAION layout: Linear at indices 0, 2, 4, 6, 7).
 #[derive(Module, Debug)]
@@ -25,24 +26,35 @@ pub struct AestheticMlp<B: Backend> {
 pub const LAION_LINEAR_INDICES: [usize; 5] = [0, 2, 4, 6, 7];
 
 impl<B: Backend> AestheticMlp<B> {
-    /// Loads `layers.{0,2,4,6,7}.{weight,bias}` from a safetensors file, reading the widths from the file.
+    /// Loads `layers.{0,2,4,6,7}.{weight,bias}` from a safetensors file or a PyTorch `.pth` state dict (read
+    /// without executing pickle code), taking the widths from the file.
     pub fn load(path: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
-        let shapes = std::sync::Arc::new(SafetensorsSource::open(&[path])?);
+        let shapes: std::sync::Arc<dyn TensorSource> =
+            if path.extension().is_some_and(|e| e == "pth" || e == "pt") {
+                std::sync::Arc::new(PthSource::open(path)?)
+            } else {
+                std::sync::Arc::new(SafetensorsSource::open(&[path])?)
+            };
         let vb = VarBuilder::from_source(shapes.clone(), device, dtype);
         let mut layers = Vec::new();
         for i in LAION_LINEAR_INDICES {
             let key = format!("layers.{i}.weight");
-            let shape = shapes.shape(&key).ok_or_else(|| WeightError::Missing {
-                key: key.clone(),
-                files: path.display().to_string(),
-                hint: " (expected the LAION aesthetic MLP layout layers.0/2/4/6/7)".into(),
-            })?;
-            let [out_f, in_f] = <[usize; 2]>::try_from(shape.as_slice()).map_err(|_| WeightError::Shape {
-                path: path.to_path_buf(),
-                key: key.clone(),
-                expected: vec![0, 0],
-                found: shape.clone(),
-            })?;
+            let shape =
+                shapes
+                    .find(&key)?
+                    .map(|t| t.shape)
+                    .ok_or_else(|| WeightError::Missing {
+                        key: key.clone(),
+                        files: path.display().to_string(),
+                        hint: " (expected the LAION aesthetic MLP layout layers.0/2/4/6/7)".into(),
+                    })?;
+            let [out_f, in_f] =
+                <[usize; 2]>::try_from(shape.as_slice()).map_err(|_| WeightError::Shape {
+                    path: path.to_path_buf(),
+                    key: key.clone(),
+                    expected: vec![0, 0],
+                    found: shape.clone(),
+                })?;
             layers.push(Linear::new(&vb.pp("layers").pp(i), in_f, out_f, true)?);
         }
         Ok(Self { layers })

@@ -88,24 +88,39 @@ impl<B: Backend> ClipVisionTransformer<B> {
         if p == 0 || cfg.image_size % p != 0 {
             return Err(WeightError::Config {
                 path: "CLIPVisionConfig".into(),
-                msg: format!("image_size {} is not a multiple of patch_size {p}", cfg.image_size),
+                msg: format!(
+                    "image_size {} is not a multiple of patch_size {p}",
+                    cfg.image_size
+                ),
             });
         }
         let n_pos = (cfg.image_size / p).pow(2) + 1;
         let v = vb.pp("vision_model");
         let e = v.pp("embeddings");
         Ok(Self {
-            class_embedding: param(e.get([h], "class_embedding", Init::Normal((h as f64).powf(-0.5)))?),
+            class_embedding: param(e.get(
+                [h],
+                "class_embedding",
+                Init::Normal((h as f64).powf(-0.5)),
+            )?),
             patch_embedding: param(e.pp("patch_embedding").get(
                 [h, cfg.num_channels, p, p],
                 "weight",
                 Init::fan_in(cfg.num_channels * p * p),
             )?),
-            position_embedding: param(e.pp("position_embedding").get([n_pos, h], "weight", Init::Normal(0.02))?),
+            position_embedding: param(e.pp("position_embedding").get(
+                [n_pos, h],
+                "weight",
+                Init::Normal(0.02),
+            )?),
             pre_layrnorm: LayerNorm::new(&v.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
             encoder: ClipEncoder::new(&v.pp("encoder"), &cfg.dims())?,
             post_layernorm: LayerNorm::new(&v.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
-            visual_projection: param(vb.pp("visual_projection").get([cfg.projection_dim, h], "weight", Init::fan_in(h))?),
+            visual_projection: param(vb.pp("visual_projection").get(
+                [cfg.projection_dim, h],
+                "weight",
+                Init::fan_in(h),
+            )?),
             patch_size: p,
             image_size: cfg.image_size,
         })
@@ -121,7 +136,12 @@ impl<B: Backend> ClipVisionTransformer<B> {
     /// `pixel_values` `[b, 3, image_size, image_size]` (CLIP-normalised) -> projected embeddings `[b, projection]`.
     pub fn forward(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 2> {
         let [b, _, hh, ww] = pixel_values.dims();
-        assert_eq!([hh, ww], [self.image_size; 2], "CLIP vision expects {0}x{0} inputs", self.image_size);
+        assert_eq!(
+            [hh, ww],
+            [self.image_size; 2],
+            "CLIP vision expects {0}x{0} inputs",
+            self.image_size
+        );
         let patches = conv2d(
             pixel_values,
             self.patch_embedding.val(),
@@ -130,10 +150,16 @@ impl<B: Backend> ClipVisionTransformer<B> {
         );
         let [_, h, gh, gw] = patches.dims();
         let tokens = patches.reshape([b, h, gh * gw]).swap_dims(1, 2); // [b, n, h]
-        let cls = self.class_embedding.val().reshape([1, 1, h]).repeat_dim(0, b);
+        let cls = self
+            .class_embedding
+            .val()
+            .reshape([1, 1, h])
+            .repeat_dim(0, b);
         let x = Tensor::cat(vec![cls, tokens], 1) + self.position_embedding.val().unsqueeze::<3>();
         let x = self.encoder.forward(self.pre_layrnorm.forward(x), false);
-        let pooled = self.post_layernorm.forward(x.narrow(1, 0, 1).reshape([b, h]));
+        let pooled = self
+            .post_layernorm
+            .forward(x.narrow(1, 0, 1).reshape([b, h]));
         pooled.matmul(self.visual_projection.val().transpose())
     }
 }

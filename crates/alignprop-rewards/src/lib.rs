@@ -11,6 +11,7 @@ pub mod aesthetic;
 pub mod brightness;
 pub mod clip_vision;
 pub mod preprocess;
+pub mod pth;
 pub mod tiny;
 
 use burn::tensor::Tensor;

@@ -27,18 +27,38 @@ fn scores_and_image_gradients_match_torch() {
     let r = refs();
     let d = Default::default();
     for (dtype, sfx, tol) in [(DType::F32, "", 1e-4), (DType::F64, "_f64", 1e-9)] {
-        let scorer = AestheticScorer::<A>::load(&dir().join("clip_vision"), &dir().join("aesthetic/mlp.safetensors"), &d, dtype).unwrap();
+        let scorer = AestheticScorer::<A>::load(
+            &dir().join("clip_vision"),
+            &dir().join("aesthetic/mlp.safetensors"),
+            &d,
+            dtype,
+        )
+        .unwrap();
         let image: Tensor<A, 4> = ref_tensor_on(&r, "image", &d, dtype);
         let image = image.require_grad();
         let px = clip_preprocess(image.clone(), 32, CLIP_MEAN, CLIP_STD);
-        let (e_px, _) = rel_err(px.clone().inner(), ref_tensor_on(&r, &format!("pixel_values{sfx}"), &d, dtype));
-        let (e_emb, _) = rel_err(scorer.clip.forward(px).inner(), ref_tensor_on(&r, &format!("image_embeds{sfx}"), &d, dtype));
+        let (e_px, _) = rel_err(
+            px.clone().inner(),
+            ref_tensor_on(&r, &format!("pixel_values{sfx}"), &d, dtype),
+        );
+        let (e_emb, _) = rel_err(
+            scorer.clip.forward(px).inner(),
+            ref_tensor_on(&r, &format!("image_embeds{sfx}"), &d, dtype),
+        );
         let score = scorer.score(image.clone());
-        let (e_s, _) = rel_err(score.clone().inner(), ref_tensor_on(&r, &format!("score{sfx}"), &d, dtype));
+        let (e_s, _) = rel_err(
+            score.clone().inner(),
+            ref_tensor_on(&r, &format!("score{sfx}"), &d, dtype),
+        );
         let g = image.grad(&score.sum().backward()).unwrap();
         let (e_g, _) = rel_err(g, ref_tensor_on(&r, &format!("grad_image{sfx}"), &d, dtype));
-        eprintln!("{dtype:?}: pixel_values {e_px:.2e}, embeds {e_emb:.2e}, score {e_s:.2e}, d score/d image {e_g:.2e}");
-        assert!(e_px < tol && e_emb < tol && e_s < tol && e_g < tol.max(1e-4), "{dtype:?}: {e_px:e} {e_emb:e} {e_s:e} {e_g:e}");
+        eprintln!(
+            "{dtype:?}: pixel_values {e_px:.2e}, embeds {e_emb:.2e}, score {e_s:.2e}, d score/d image {e_g:.2e}"
+        );
+        assert!(
+            e_px < tol && e_emb < tol && e_s < tol && e_g < tol.max(1e-4),
+            "{dtype:?}: {e_px:e} {e_emb:e} {e_s:e} {e_g:e}"
+        );
     }
 }
 
@@ -46,7 +66,13 @@ fn scores_and_image_gradients_match_torch() {
 fn aesthetic_loss_is_distance_to_target() {
     use alignprop_rewards::Reward;
     let d = Default::default();
-    let scorer = AestheticScorer::<I>::load(&dir().join("clip_vision"), &dir().join("aesthetic/mlp.safetensors"), &d, DType::F32).unwrap();
+    let scorer = AestheticScorer::<I>::load(
+        &dir().join("clip_vision"),
+        &dir().join("aesthetic/mlp.safetensors"),
+        &d,
+        DType::F32,
+    )
+    .unwrap();
     let s = Tensor::<I, 1>::from_floats([9.0, 11.5], &d);
     let l: Vec<f32> = scorer.loss(s).into_data().to_vec().unwrap();
     assert_eq!(l, [1.0, 1.5]);
@@ -55,8 +81,48 @@ fn aesthetic_loss_is_distance_to_target() {
 #[test]
 fn wrong_head_file_is_a_clear_error() {
     let d = Default::default();
-    let err = AestheticScorer::<I>::load(&dir().join("clip_vision"), &dir().join("refs.safetensors"), &d, DType::F32)
+    let err = AestheticScorer::<I>::load(
+        &dir().join("clip_vision"),
+        &dir().join("refs.safetensors"),
+        &d,
+        DType::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("layers.0.weight") && err.contains("refs.safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn laion_style_pth_head_loads_and_converts() {
+    use alignprop_diffusion::testing::values;
+    use alignprop_rewards::aesthetic::AestheticMlp;
+    let d = Default::default();
+    let pth = dir().join("aesthetic/mlp.pth");
+    let st = dir().join("aesthetic/mlp.safetensors");
+    let a = AestheticMlp::<I>::load(&pth, &d, DType::F32).unwrap();
+    let b = AestheticMlp::<I>::load(&st, &d, DType::F32).unwrap();
+    let x = Tensor::<I, 2>::ones([2, 16], &d);
+    assert_eq!(values(a.forward(x.clone())), values(b.forward(x.clone())));
+    // Conversion to safetensors gives the same tensors.
+    let out =
+        std::env::temp_dir().join(format!("alignprop-mlp-{}.safetensors", std::process::id()));
+    assert_eq!(
+        alignprop_rewards::pth::pth_to_safetensors(&pth, &out).unwrap(),
+        10
+    );
+    let c = AestheticMlp::<I>::load(&out, &d, DType::F32).unwrap();
+    assert_eq!(values(c.forward(x.clone())), values(b.forward(x)));
+    std::fs::remove_file(&out).ok();
+    // A file that is not a PyTorch archive is a clear error naming it.
+    let bad = dir().join("clip_vision/config.json");
+    let bad_pth = std::env::temp_dir().join(format!("alignprop-bad-{}.pth", std::process::id()));
+    std::fs::copy(&bad, &bad_pth).unwrap();
+    let err = AestheticMlp::<I>::load(&bad_pth, &d, DType::F32)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("layers.0.weight") && err.contains("refs.safetensors"), "{err}");
+    assert!(err.contains("alignprop-bad"), "{err}");
+    std::fs::remove_file(&bad_pth).ok();
 }
