@@ -44,10 +44,13 @@ impl Default for ModelConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RewardConfig {
-    /// `brightness` (mean image brightness, for demos) or `tiny` (the fixtures' tiny scorer, needs `path`).
+    /// `brightness` (mean image brightness, for demos), `aesthetic` (LAION aesthetic predictor: needs
+    /// `clip_path` and `path`) or `tiny` (the fixtures' tiny scorer, needs `path`).
     pub kind: String,
-    /// Weights for rewards that have them (a folder for `tiny`).
+    /// Weights: the aesthetic head (`.pth` as LAION publishes it, or `.safetensors`), or the `tiny` folder.
     pub path: Option<PathBuf>,
+    /// `aesthetic`: a transformers `CLIPVisionModelWithProjection` folder (OpenAI CLIP ViT-L/14).
+    pub clip_path: Option<PathBuf>,
     /// The loss is `loss_coeff * mean(per-image loss)`; AlignProp uses 0.01 for the aesthetic reward.
     pub loss_coeff: f64,
     /// For `|score - target|` losses (aesthetic: 10); `None` maximises the score (`-score`).
@@ -59,6 +62,7 @@ impl Default for RewardConfig {
         Self {
             kind: "brightness".into(),
             path: None,
+            clip_path: None,
             loss_coeff: 1.0,
             target: None,
         }
@@ -172,7 +176,10 @@ impl TrainConfig {
                 *p = base.join(&*p);
             }
         }
-        if let Some(p) = &mut cfg.reward.path {
+        for p in [&mut cfg.reward.path, &mut cfg.reward.clip_path]
+            .into_iter()
+            .flatten()
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -190,11 +197,21 @@ impl TrainConfig {
         if self.train.batch_size == 0 || self.train.grad_accum == 0 {
             return Err("train.batch_size and train.grad_accum must be at least 1".into());
         }
-        if !matches!(self.reward.kind.as_str(), "brightness" | "tiny") {
+        if !matches!(
+            self.reward.kind.as_str(),
+            "brightness" | "aesthetic" | "tiny"
+        ) {
             return Err(format!(
-                "reward.kind '{}' is not available (expected brightness or tiny)",
+                "reward.kind '{}' is not available (expected brightness, aesthetic or tiny)",
                 self.reward.kind
             ));
+        }
+        if self.reward.kind == "aesthetic"
+            && (self.reward.path.is_none() || self.reward.clip_path.is_none())
+        {
+            return Err("reward.kind = \"aesthetic\" needs reward.clip_path (CLIP ViT-L/14 vision folder) and \
+                        reward.path (the aesthetic head .pth or .safetensors)"
+                .into());
         }
         if self.reward.kind == "tiny" && self.reward.path.is_none() {
             return Err("reward.kind = \"tiny\" needs reward.path (the folder with tiny_reward.safetensors)".into());

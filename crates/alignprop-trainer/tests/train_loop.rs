@@ -201,3 +201,32 @@ fn resume_continues_with_the_same_numbers() {
         std::fs::remove_dir_all(&d).ok();
     }
 }
+
+#[test]
+fn shipped_configs_parse_and_validate() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let cfg = TrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(
+                cfg.train.prompts.is_file(),
+                "{}: prompt file missing",
+                path.display()
+            );
+            n += 1;
+        }
+    }
+    assert!(
+        n >= 3,
+        "expected the demo and the aesthetic presets, found {n} configs"
+    );
+    let k1 = TrainConfig::from_file(&dir.join("aesthetic_k1.toml")).unwrap();
+    assert_eq!(
+        (k1.truncation, k1.reward.kind.as_str(), k1.reward.loss_coeff),
+        (Truncation::Fixed { k: 1 }, "aesthetic", 0.01)
+    );
+}
