@@ -7,7 +7,7 @@ use alignprop_diffusion::nn::{Linear, LoraAdapter};
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use burn::module::Param;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Distribution, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::format::{LoraError, LoraPair, LoraWeights, Matrix, Result};
@@ -67,9 +67,40 @@ fn is_target(module: &str, targets: &[String]) -> bool {
 
 /// Adds fresh trainable adapters to the targeted projections, initialised as peft's `init_lora_weights=True`
 /// for training: `A ~ kaiming-uniform(a = sqrt(5))`, i.e. uniform in `[-1/sqrt(in), 1/sqrt(in)]`, and `B = 0`,
-/// so the model starts exactly at the base model. Base weights stay frozen. Seed the backend
-/// (`B::seed`) for reproducible draws. Returns the number of trainable parameters.
+/// so the model starts exactly at the base model. Base weights stay frozen. The draws come from a generator of
+/// this crate seeded with 0 (see [`inject_seeded`]), never from the backend's global RNG, so they do not depend
+/// on what else runs in the process. Returns the number of trainable parameters.
 pub fn inject<B: Backend>(unet: &mut UNet2DConditionModel<B>, cfg: &LoraConfig) -> Result<usize> {
+    inject_seeded(unet, cfg, 0)
+}
+
+/// SplitMix64: a small, fast, well-mixed generator for reproducible initialisation.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-bound, bound)`.
+    fn uniform(&mut self, bound: f64) -> f64 {
+        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        (2.0 * u - 1.0) * bound
+    }
+}
+
+/// As [`inject`], with the adapters' `A` matrices drawn from a generator seeded with `seed` (module by module in
+/// the UNet's order), so a training run is reproducible whatever else shares the process.
+pub fn inject_seeded<B: Backend>(
+    unet: &mut UNet2DConditionModel<B>,
+    cfg: &LoraConfig,
+    seed: u64,
+) -> Result<usize> {
+    let mut rng = SplitMix64(seed);
     if cfg.rank == 0 {
         return Err(LoraError::Invalid("LoRA rank must be at least 1".into()));
     }
@@ -82,11 +113,10 @@ pub fn inject<B: Backend>(unet: &mut UNet2DConditionModel<B>, cfg: &LoraConfig) 
         let [out_f, in_f] = w.dims();
         let (device, dtype) = (w.device(), adapter_dtype(w.dtype()));
         let bound = 1.0 / (in_f as f64).sqrt();
-        let down = Tensor::random(
-            [cfg.rank, in_f],
-            Distribution::Uniform(-bound, bound),
-            (&device, dtype),
-        );
+        let values: Vec<f32> = (0..cfg.rank * in_f)
+            .map(|_| rng.uniform(bound) as f32)
+            .collect();
+        let down = Tensor::<B, 2>::from_data(TensorData::new(values, [cfg.rank, in_f]), (&device, dtype));
         let up = Tensor::zeros([out_f, cfg.rank], (&device, dtype));
         linear.lora = Some(LoraAdapter {
             down: Param::from_tensor(down),

@@ -11,6 +11,7 @@ use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_lora::LoraFormat;
 use alignprop_pipeline::images::{grid, save_png, to_rgb8};
 use alignprop_pipeline::{Conditioning, NoiseRng, StableDiffusion, denoise};
+use alignprop_rewards::aesthetic::AestheticScorer;
 use alignprop_rewards::tiny::TinyReward;
 use alignprop_rewards::{Brightness, Reward};
 use alignprop_schedulers::{DdimScheduler, Scheduler};
@@ -71,6 +72,7 @@ pub struct EvalLog {
 /// The reward of a run.
 pub enum RewardModel<B: AutodiffBackend> {
     Brightness(Brightness),
+    Aesthetic(AestheticScorer<B>),
     Tiny(TinyReward<B>),
 }
 
@@ -78,6 +80,7 @@ impl<B: AutodiffBackend> RewardModel<B> {
     fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
         match self {
             Self::Brightness(r) => Reward::<B>::score(r, images),
+            Self::Aesthetic(r) => Reward::<B>::score(r, images),
             Self::Tiny(r) => Reward::<B>::score(r, images),
         }
     }
@@ -120,7 +123,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let model_dir = config.model.path.clone().unwrap_or_else(builtin_tiny_model);
         let mut sd = StableDiffusion::<B>::load(&model_dir, device, dtype)?;
         B::seed(device, config.train.seed);
-        alignprop_lora::inject(&mut sd.unet, &config.lora)?;
+        alignprop_lora::inject_seeded(&mut sd.unet, &config.lora, config.train.seed)?;
         let scheduler = DdimScheduler::new(
             &sd.scheduler_config,
             config.sampling.steps,
@@ -128,6 +131,14 @@ impl<B: AutodiffBackend> Trainer<B> {
         )
         .map_err(|e| TrainError::Config(e.to_string()))?;
         let reward = match config.reward.kind.as_str() {
+            "aesthetic" => {
+                let (clip, head) = (
+                    config.reward.clip_path.as_ref(),
+                    config.reward.path.as_ref(),
+                );
+                let (clip, head) = (clip.expect("validated"), head.expect("validated"));
+                RewardModel::Aesthetic(AestheticScorer::load(clip, head, device, dtype)?)
+            }
             "tiny" => {
                 let path = config.reward.path.as_ref().expect("validated");
                 RewardModel::Tiny(TinyReward::load(path, device, dtype)?)
