@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use alignprop_diffusion::device::{Cpu, Cuda, DeviceChoice, cuda_device};
 use alignprop_lora::LoraWeights;
 use alignprop_pipeline::{SampleOptions, StableDiffusion};
+use alignprop_rewards::aesthetic::AestheticScorer;
 use alignprop_rewards::tiny::TinyReward;
 use alignprop_rewards::{Brightness, Reward};
 use anyhow::{Context, Result, bail};
@@ -15,12 +16,16 @@ use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// The reward: brightness, or tiny (the test fixtures' scorer; give --reward-path).
+    /// The reward: brightness; aesthetic (LAION aesthetic predictor: --reward-path the head .pth/.safetensors,
+    /// --clip-path the CLIP ViT-L/14 vision folder); tiny (the test fixtures' scorer; --reward-path its folder).
     #[arg(long, default_value = "brightness")]
     pub reward: String,
-    /// The reward's weights (a folder for `tiny`).
+    /// The reward's weights (the aesthetic head file; a folder for `tiny`).
     #[arg(long)]
     pub reward_path: Option<PathBuf>,
+    /// The CLIP vision tower of the aesthetic reward (a transformers CLIPVisionModelWithProjection folder).
+    #[arg(long)]
+    pub clip_path: Option<PathBuf>,
     /// Score the PNG/JPEG files of this folder.
     #[arg(long, conflicts_with = "model")]
     pub images: Option<PathBuf>,
@@ -66,6 +71,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
 enum AnyReward<B: Backend> {
     Brightness(Brightness),
+    Aesthetic(AestheticScorer<B>),
     Tiny(TinyReward<B>),
 }
 
@@ -79,13 +85,23 @@ impl<B: Backend> AnyReward<B> {
                 };
                 Self::Tiny(TinyReward::load(path, device, DType::F32)?)
             }
-            other => bail!("unknown reward '{other}' (available: brightness, tiny)"),
+            "aesthetic" => {
+                let (Some(head), Some(clip)) = (&args.reward_path, &args.clip_path) else {
+                    bail!(
+                        "--reward aesthetic needs --reward-path (the head .pth or .safetensors) and --clip-path \
+                         (the CLIP ViT-L/14 vision folder)"
+                    )
+                };
+                Self::Aesthetic(AestheticScorer::load(clip, head, device, DType::F32)?)
+            }
+            other => bail!("unknown reward '{other}' (available: brightness, aesthetic, tiny)"),
         })
     }
 
     fn score(&self, images: Tensor<B, 4>) -> Vec<f64> {
         let s = match self {
             Self::Brightness(r) => Reward::<B>::score(r, images),
+            Self::Aesthetic(r) => Reward::<B>::score(r, images),
             Self::Tiny(r) => Reward::<B>::score(r, images),
         };
         s.into_data().convert::<f64>().to_vec().expect("f64 scores")

@@ -1,4 +1,4 @@
-//! `alignprop lora ...`: inspect, convert, scale and mix LoRA files.
+//! `alignprop lora ...`: inspect, convert, scale, mix LoRA files, and merge one into a model.
 
 use std::path::PathBuf;
 
@@ -39,6 +39,22 @@ pub enum LoraCommand {
         mode: MixMode,
         #[arg(long, default_value = "peft")]
         format: LoraFormat,
+    },
+    /// Merge a LoRA into a diffusers model folder's UNet and write a complete merged model folder (usable by
+    /// tools without LoRA support). Weights keep their stored dtype.
+    Merge {
+        /// The diffusers model folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+        #[arg(long)]
+        model: PathBuf,
+        /// The LoRA file (peft, diffusers or kohya keys).
+        #[arg(long)]
+        lora: PathBuf,
+        /// Multiplier of the LoRA (1 = as trained, 0 = base model).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// The merged model folder to write (created; must not be the model folder).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -100,6 +116,22 @@ pub fn run(cmd: LoraCommand) -> Result<()> {
             )?;
             m.write(&output, format)?;
             eprintln!("wrote {}", output.display());
+        }
+        LoraCommand::Merge {
+            model,
+            lora,
+            scale,
+            out,
+        } => {
+            let l = LoraWeights::read(&lora)?;
+            let r = alignprop_lora::merge_files::merge_into_model_folder(&model, &l, scale, &out)?;
+            eprintln!(
+                "merged {} adapters (x{scale}) into {} ({} tensors); model folder {}",
+                r.merged,
+                r.unet_file.display(),
+                r.tensors,
+                out.display()
+            );
         }
     }
     Ok(())

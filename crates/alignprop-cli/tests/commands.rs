@@ -210,3 +210,147 @@ fn bad_input_is_one_clear_error() {
     );
     std::fs::remove_dir_all(out).ok();
 }
+
+/// The RGB pixels of a PNG.
+fn pixels(p: &Path) -> Vec<u8> {
+    image::open(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .to_rgb8()
+        .into_raw()
+}
+
+fn sample_from(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut c = bin();
+    c.args([
+        "sample", "--prompt", "a cat", "--steps", "3", "--seed", "5", "--device", "cpu",
+    ])
+    .arg("--model")
+    .arg(model)
+    .arg("--out")
+    .arg(out)
+    .args(extra);
+    run(&mut c)
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn convert_single_file_and_merge_lora_give_usable_model_folders() {
+    use alignprop_diffusion::weights::{SafetensorsSource, TensorSource};
+    let d = tmp("conv");
+    std::fs::create_dir_all(&d).unwrap();
+    let png = "0000_a_cat_0.png";
+
+    // Single-file checkpoint -> diffusers folder: samples exactly as the original folder.
+    let conv = d.join("converted");
+    ok(run(bin()
+        .args(["convert", "single-file"])
+        .arg(tiny().join("single_file/tiny-sd15.safetensors"))
+        .arg(&conv)
+        .arg("--configs")
+        .arg(tiny())));
+    for f in [
+        "model_index.json",
+        "unet/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        assert!(conv.join(f).is_file(), "{f} missing");
+    }
+    ok(sample_from(&tiny(), &d.join("s_orig"), &[]));
+    ok(sample_from(&conv, &d.join("s_conv"), &[]));
+    assert_eq!(
+        read(&d.join("s_orig").join(png)),
+        read(&d.join("s_conv").join(png)),
+        "the converted model samples differently"
+    );
+    // A non-empty output folder is refused; a file that is not a single-file checkpoint is named as what it is.
+    assert_clean_error(
+        &run(bin()
+            .args(["convert", "single-file"])
+            .arg(tiny().join("single_file/tiny-sd15.safetensors"))
+            .arg(&conv)),
+        "not empty",
+    );
+    assert_clean_error(
+        &run(bin()
+            .args(["convert", "single-file"])
+            .arg(tiny().join("unet/diffusion_pytorch_model.safetensors"))
+            .arg(d.join("x"))),
+        "diffusers UNet file",
+    );
+
+    // LoRA merged into the model = the model with the LoRA applied.
+    let lora = tiny().join("lora_peft/pytorch_lora_weights.safetensors");
+    let merged = d.join("merged");
+    ok(run(bin()
+        .args(["lora", "merge", "--model"])
+        .arg(tiny())
+        .arg("--lora")
+        .arg(&lora)
+        .arg("--out")
+        .arg(&merged)));
+    ok(sample_from(&merged, &d.join("s_merged"), &[]));
+    ok(sample_from(
+        &tiny(),
+        &d.join("s_lora"),
+        &["--lora", lora.to_str().unwrap()],
+    ));
+    let (a, b, base) = (
+        pixels(&d.join("s_merged").join(png)),
+        pixels(&d.join("s_lora").join(png)),
+        pixels(&d.join("s_orig").join(png)),
+    );
+    let max_diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap();
+    assert!(
+        max_diff <= 2,
+        "merged vs applied LoRA differ by {max_diff} levels"
+    );
+    assert_ne!(a, base, "the merge changed nothing");
+    assert_clean_error(
+        &run(bin()
+            .args(["lora", "merge", "--model"])
+            .arg(tiny())
+            .arg("--lora")
+            .arg(&lora)
+            .arg("--out")
+            .arg(d.join("s_orig").join(png))),
+        "is a file",
+    );
+
+    // A reward head's .pth to safetensors: the same tensors as the generator's safetensors copy.
+    let head = d.join("mlp.safetensors");
+    let fixtures = tiny().join("../tiny-reward/aesthetic");
+    ok(run(bin()
+        .args(["convert", "pth"])
+        .arg(fixtures.join("mlp.pth"))
+        .arg(&head)));
+    let (ours, theirs) = (
+        SafetensorsSource::open(&[&head]).unwrap(),
+        SafetensorsSource::open(&[fixtures.join("mlp.safetensors")]).unwrap(),
+    );
+    assert_eq!(ours.keys(), theirs.keys());
+    for k in ours.keys() {
+        let (x, y) = (
+            ours.find(&k).unwrap().unwrap(),
+            theirs.find(&k).unwrap().unwrap(),
+        );
+        assert_eq!(x.shape, y.shape, "{k}");
+        assert_eq!(x.data.as_bytes(), y.data.as_bytes(), "{k}");
+    }
+    std::fs::remove_dir_all(d).ok();
+}

@@ -5,6 +5,7 @@
 //! - [`clip`]: the CLIP text encoder (transformers `CLIPTextModel`) and [`tokenizer`]: the CLIP BPE tokenizer.
 //! - [`weights`]: safetensors loading by the diffusers / transformers tensor names ([`weights::VarBuilder`]),
 //!   with clear errors naming the file, the key and the expected and found shapes.
+//! - [`convert`]: a single-file checkpoint into a diffusers folder.
 //! - [`single_file`]: the original single-file SD1.5 checkpoint layout (`model.diffusion_model.*`, ...).
 //! - [`pipeline_files`]: a diffusers model folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, ...).
 //! - [`device`]: run-time choice of the CPU (`Flex`) or CUDA backend.
@@ -13,6 +14,7 @@
 //! initialises them randomly (for tests and benchmarks of the full-size architecture without weights).
 
 pub mod clip;
+pub mod convert;
 pub mod device;
 pub mod nn;
 pub mod pipeline_files;

@@ -48,6 +48,8 @@ pub enum WeightError {
     },
     #[error("{path}: {msg}")]
     Config { path: PathBuf, msg: String },
+    #[error("{path}: cannot write: {msg}")]
+    Write { path: PathBuf, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, WeightError>;
@@ -230,6 +232,21 @@ impl<S: TensorSource> TensorSource for Renamed<S> {
     }
 }
 
+impl<S: TensorSource + ?Sized> TensorSource for Box<S> {
+    fn find(&self, key: &str) -> Result<Option<RawTensor>> {
+        (**self).find(key)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn stored_key(&self, key: &str) -> String {
+        (**self).stored_key(key)
+    }
+    fn keys(&self) -> Vec<String> {
+        (**self).keys()
+    }
+}
+
 impl<S: TensorSource + ?Sized> TensorSource for Arc<S> {
     fn find(&self, key: &str) -> Result<Option<RawTensor>> {
         (**self).find(key)
@@ -273,8 +290,9 @@ struct Shared<B: Backend> {
     backing: Backing,
     device: B::Device,
     dtype: DType,
-    /// Requested keys, recorded so callers can report tensors a file has that the model did not use.
-    used: Mutex<Vec<String>>,
+    /// Requested keys with the shape the model asked for, recorded so callers can report tensors a file has that
+    /// the model did not use, or re-save the tensors the model reads (format conversion).
+    used: Mutex<Vec<(String, Vec<usize>)>>,
 }
 
 /// Builds model parameters by dotted name, from files or from random initialisers. Cheap to clone.
@@ -442,7 +460,11 @@ impl<B: Backend> VarBuilder<B> {
                         String::new()
                     },
                 })?;
-                self.shared.used.lock().unwrap().push(key.clone());
+                self.shared
+                    .used
+                    .lock()
+                    .unwrap()
+                    .push((key.clone(), shape.to_vec()));
                 let squeezed = |s: &[usize]| -> Vec<usize> {
                     let mut v = s.to_vec();
                     while v.len() > 1 && v.last() == Some(&1) {
@@ -482,6 +504,56 @@ impl<B: Backend> VarBuilder<B> {
 
     /// Keys requested so far (full dotted model names).
     pub fn used_keys(&self) -> Vec<String> {
+        self.used_tensors().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Keys read from files so far, each with the shape the model expects (which may drop trailing 1s of the
+    /// stored shape, see [`Self::get`]).
+    pub fn used_tensors(&self) -> Vec<(String, Vec<usize>)> {
         self.shared.used.lock().unwrap().clone()
     }
+}
+
+fn to_safetensors_dtype(dtype: DType) -> Option<StDtype> {
+    Some(match dtype {
+        DType::F32 => StDtype::F32,
+        DType::F16 => StDtype::F16,
+        DType::BF16 => StDtype::BF16,
+        DType::F64 => StDtype::F64,
+        DType::I64 => StDtype::I64,
+        DType::I32 => StDtype::I32,
+        DType::U8 => StDtype::U8,
+        _ => return None,
+    })
+}
+
+/// Writes `tensors` (name, stored data whose `shape` is the one to write) as one safetensors file, atomically: a
+/// temporary file renamed into place, so an interrupted write never leaves a truncated file. `metadata` goes into
+/// the header's `__metadata__` (diffusers writes `{"format": "pt"}`).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, TensorData)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let err = |msg: String| WeightError::Write {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut views = Vec::with_capacity(tensors.len());
+    for (key, data) in tensors {
+        let dtype = to_safetensors_dtype(data.dtype)
+            .ok_or_else(|| err(format!("tensor '{key}': dtype {:?} cannot be stored", data.dtype)))?;
+        let view = safetensors::tensor::TensorView::new(dtype, data.shape.to_vec(), data.as_bytes())
+            .map_err(|e| err(format!("tensor '{key}': {e}")))?;
+        views.push((key.clone(), view));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
 }

@@ -1,0 +1,85 @@
+//! `alignprop convert ...`: weight-file conversions (a reward's `.pth` to safetensors; a single-file SD checkpoint
+//! to a diffusers folder).
+
+use std::path::PathBuf;
+
+use alignprop_diffusion::convert::{ConvertOptions, single_file_to_diffusers};
+use anyhow::{Result, bail};
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum ConvertCommand {
+    /// A PyTorch `.pth` / `.pt` state dict (e.g. LAION's aesthetic head) to safetensors, read without executing
+    /// any pickle code. Float tensors are written as float32.
+    Pth {
+        /// The `.pth` / `.pt` file.
+        input: PathBuf,
+        /// The `.safetensors` file to write.
+        output: PathBuf,
+    },
+    /// A single-file SD1.x checkpoint (`model.diffusion_model.*`, `first_stage_model.*`,
+    /// `cond_stage_model.transformer.*` keys) to a diffusers folder (unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/, model_index.json), tensors in their stored dtype.
+    SingleFile {
+        /// The `.safetensors` checkpoint (`.ckpt` pickles are refused: convert them to safetensors first).
+        input: PathBuf,
+        /// The diffusers folder to create.
+        output: PathBuf,
+        /// A diffusers folder whose unet/vae/text_encoder config.json describe the checkpoint; default: SD1.5's
+        /// configs adjusted to the tensor shapes.
+        #[arg(long)]
+        configs: Option<PathBuf>,
+        /// A tokenizer folder to copy; default: SD1.5's CLIP tokenizer, bundled.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Write into an existing non-empty folder.
+        #[arg(long)]
+        overwrite: bool,
+    },
+}
+
+pub fn run(cmd: ConvertCommand) -> Result<()> {
+    match cmd {
+        ConvertCommand::Pth { input, output } => {
+            if output.is_dir() {
+                bail!("{}: is a folder, expected a .safetensors file path", output.display());
+            }
+            let n = alignprop_rewards::pth::pth_to_safetensors(&input, &output)?;
+            eprintln!("wrote {} ({n} tensors)", output.display());
+        }
+        ConvertCommand::SingleFile {
+            input,
+            output,
+            configs,
+            tokenizer,
+            overwrite,
+        } => {
+            if input.extension().is_some_and(|e| e == "ckpt" || e == "pt" || e == "bin") {
+                bail!(
+                    "{}: pickle checkpoints are not read (they can execute code); use the .safetensors release",
+                    input.display()
+                );
+            }
+            let opts = ConvertOptions {
+                configs_from: configs,
+                tokenizer_from: tokenizer,
+                overwrite,
+            };
+            eprintln!("converting {} (loads each network once on the CPU) ...", input.display());
+            let report = single_file_to_diffusers(&input, &output, &opts)?;
+            for (component, n) in &report.tensors {
+                eprintln!("  {component}: {n} tensors");
+            }
+            eprintln!("  configs: {}", report.configs);
+            if !report.unused_keys.is_empty() {
+                eprintln!(
+                    "  note: {} tensors of the checkpoint belong to no network and were left out (first: {})",
+                    report.unused_keys.len(),
+                    report.unused_keys[0]
+                );
+            }
+            eprintln!("wrote {}", output.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,456 @@
+//! Conversion of a single-file SD1.x checkpoint (original CompVis layout) into a diffusers pipeline folder
+//! (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json`), so the checkpoint can be used
+//! by every command that takes a model folder, and by diffusers itself.
+//!
+//! The tensors written are exactly the ones our models read, under their diffusers / transformers names, with their
+//! stored bytes and dtype unchanged (1x1 convolution weights that diffusers keeps as linear matrices are written in
+//! the matrix shape). The tensor list comes from building each network through the real loaders, so a checkpoint
+//! that would not load fails here with the loader's error (file, key, expected and found shape).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use burn::tensor::{DType, TensorData};
+
+use crate::clip::{ClipTextConfig, ClipTextTransformer};
+use crate::pipeline_files::read_json;
+use crate::single_file::SingleFileCheckpoint;
+use crate::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
+use crate::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::weights::{Result, TensorSource, VarBuilder, WeightError, write_safetensors};
+
+/// SD1.5's CLIP BPE tokenizer files (the vocabulary OpenAI CLIP ViT-L/14 and every SD1.x checkpoint use), written
+/// into converted folders when no tokenizer folder is given. The files were produced by the fixture generator
+/// (`xtask/fixtures/make_fixtures.py`) and are checked against transformers' `CLIPTokenizer` by the tokenizer tests.
+const TOKENIZER_FILES: [(&str, &[u8]); 5] = [
+    (
+        "vocab.json",
+        include_bytes!("../../../tests/fixtures/tiny-sd/tokenizer/vocab.json"),
+    ),
+    (
+        "merges.txt",
+        include_bytes!("../../../tests/fixtures/tiny-sd/tokenizer/merges.txt"),
+    ),
+    (
+        "tokenizer.json",
+        include_bytes!("../../../tests/fixtures/tiny-sd/tokenizer/tokenizer.json"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../../../tests/fixtures/tiny-sd/tokenizer/tokenizer_config.json"),
+    ),
+    (
+        "special_tokens_map.json",
+        include_bytes!("../../../tests/fixtures/tiny-sd/tokenizer/special_tokens_map.json"),
+    ),
+];
+
+/// How to convert.
+#[derive(Clone, Debug, Default)]
+pub struct ConvertOptions {
+    /// A diffusers folder whose `unet/`, `vae/`, `text_encoder/` `config.json` (and `scheduler/`, `tokenizer/`)
+    /// describe the checkpoint. Without it the configs are SD1.5's, adjusted to what the tensor shapes tell
+    /// (channels, levels, attention layout, text-encoder size); values the shapes cannot tell (GroupNorm groups,
+    /// attention heads) stay SD1.5's.
+    pub configs_from: Option<PathBuf>,
+    /// A tokenizer folder (`vocab.json` + `merges.txt`, or `tokenizer.json`) to copy; default: `configs_from`'s
+    /// `tokenizer/` if it has one, else SD1.5's CLIP tokenizer bundled with this crate.
+    pub tokenizer_from: Option<PathBuf>,
+    /// Overwrite an existing non-empty output folder.
+    pub overwrite: bool,
+}
+
+/// What a conversion wrote.
+#[derive(Clone, Debug)]
+pub struct ConvertReport {
+    /// Tensors written per component (`unet`, `vae`, `text_encoder`).
+    pub tensors: BTreeMap<String, usize>,
+    /// Keys of the checkpoint that no network read (EMA copies and the like are not counted).
+    pub unused_keys: Vec<String>,
+    /// Where the configs came from, in words.
+    pub configs: String,
+}
+
+fn write_err(path: &Path, msg: impl std::fmt::Display) -> WeightError {
+    WeightError::Write {
+        path: path.to_path_buf(),
+        msg: msg.to_string(),
+    }
+}
+
+/// SD1.5's UNet config adjusted to the structure read from the checkpoint.
+pub fn infer_unet_config(ckpt: &SingleFileCheckpoint) -> UNet2DConditionConfig {
+    let info = ckpt.unet_info();
+    let mut cfg = UNet2DConditionConfig {
+        in_channels: info.in_channels,
+        out_channels: info.out_channels,
+        block_out_channels: info.block_out_channels.clone(),
+        layers_per_block: OneOrMany::One(info.layout.layers_per_block),
+        use_linear_projection: info.use_linear_projection,
+        ..Default::default()
+    };
+    cfg.down_block_types = info
+        .down_block_has_attention
+        .iter()
+        .map(|&a| {
+            if a {
+                "CrossAttnDownBlock2D"
+            } else {
+                "DownBlock2D"
+            }
+            .to_string()
+        })
+        .collect();
+    cfg.up_block_types = info
+        .layout
+        .up_block_has_attention
+        .iter()
+        .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" }.to_string())
+        .collect();
+    if let Some(d) = info.cross_attention_dim {
+        cfg.cross_attention_dim = OneOrMany::One(d);
+    }
+    cfg
+}
+
+/// SD1.5's VAE config adjusted to the structure read from the checkpoint.
+pub fn infer_vae_config(ckpt: &SingleFileCheckpoint) -> AutoencoderKLConfig {
+    let info = ckpt.vae_info();
+    AutoencoderKLConfig {
+        in_channels: info.in_channels,
+        out_channels: info.out_channels,
+        down_block_types: vec!["DownEncoderBlock2D".into(); info.block_out_channels.len()],
+        up_block_types: vec!["UpDecoderBlock2D".into(); info.num_up_blocks],
+        block_out_channels: info.block_out_channels.clone(),
+        layers_per_block: info.layers_per_block,
+        latent_channels: info.latent_channels,
+        ..Default::default()
+    }
+}
+
+/// SD1.5's text-encoder config adjusted to the checkpoint (heads: one per 64 channels, as every CLIP text tower).
+pub fn infer_text_config(ckpt: &SingleFileCheckpoint) -> ClipTextConfig {
+    let info = ckpt.text_encoder_info();
+    ClipTextConfig {
+        vocab_size: info.vocab_size,
+        hidden_size: info.hidden_size,
+        intermediate_size: info.intermediate_size,
+        num_hidden_layers: info.num_hidden_layers,
+        max_position_embeddings: info.max_position_embeddings,
+        num_attention_heads: (info.hidden_size / 64).max(1),
+        projection_dim: info.hidden_size,
+        ..Default::default()
+    }
+}
+
+/// The stored tensors a builder read, under the model's names; in the stored shape, or, where `as_read(key)`, in the
+/// shape the model reads (a 1x1 convolution `[C, C, 1, 1]` as the `[C, C]` matrix of a linear layer).
+fn read_tensors(
+    source: &dyn TensorSource,
+    vb: &VarBuilder<Flex>,
+    as_read: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, TensorData)>> {
+    let mut out = Vec::new();
+    for (key, shape) in vb.used_tensors() {
+        let raw = source.find(&key)?.ok_or_else(|| WeightError::Missing {
+            key: source.stored_key(&key),
+            files: source.describe(),
+            hint: String::new(),
+        })?;
+        let mut data = raw.data;
+        if as_read(&key) {
+            data.shape = shape.into();
+        }
+        out.push((key, data));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.dedup_by(|a, b| a.0 == b.0);
+    Ok(out)
+}
+
+/// diffusers' current name of a VAE attention tensor given under its legacy name (`query` -> `to_q`, `key` ->
+/// `to_k`, `value` -> `to_v`, `proj_attn` -> `to_out.0`); other names unchanged.
+pub fn current_vae_attention_name(key: &str) -> String {
+    if !key.contains(".attentions.") {
+        return key.to_string();
+    }
+    for (old, new) in [
+        (".query.", ".to_q."),
+        (".key.", ".to_k."),
+        (".value.", ".to_v."),
+        (".proj_attn.", ".to_out.0."),
+    ] {
+        if key.contains(old) {
+            return key.replacen(old, new, 1);
+        }
+    }
+    key.to_string()
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| write_err(path, e))?;
+    std::fs::write(path, text + "\n").map_err(|e| write_err(path, e))
+}
+
+fn copy_dir_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| write_err(to, e))?;
+    let entries = std::fs::read_dir(from).map_err(|e| WeightError::Config {
+        path: from.to_path_buf(),
+        msg: format!("cannot read folder: {e}"),
+    })?;
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if p.is_file() {
+            let dest = to.join(entry.file_name());
+            std::fs::copy(&p, &dest).map_err(|e| write_err(&dest, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The scheduler config SD1.5 ships (PNDM in the original; DDIM here, the sampler AlignProp uses, with the same
+/// betas and offsets).
+fn sd15_scheduler_config() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "DDIMScheduler",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": false,
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "set_alpha_to_one": false,
+        "steps_offset": 1,
+        "trained_betas": null,
+        "timestep_spacing": "leading"
+    })
+}
+
+fn model_index() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [null, null],
+        "image_encoder": [null, null],
+        "requires_safety_checker": false,
+        "safety_checker": [null, null],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]
+    })
+}
+
+/// Converts the single-file checkpoint `checkpoint` into the diffusers folder `out`.
+///
+/// Every network is built once through the loaders (on the CPU, in float32) to learn and check its tensors, then
+/// the tensors are written from the file in their stored dtype: `unet/diffusion_pytorch_model.safetensors`,
+/// `vae/diffusion_pytorch_model.safetensors`, `text_encoder/model.safetensors`, each with its `config.json`.
+pub fn single_file_to_diffusers(
+    checkpoint: &Path,
+    out: &Path,
+    options: &ConvertOptions,
+) -> Result<ConvertReport> {
+    if out.is_file() {
+        return Err(write_err(out, "the output is a file, expected a folder"));
+    }
+    if out.is_dir()
+        && !options.overwrite
+        && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false)
+    {
+        return Err(write_err(
+            out,
+            "the output folder exists and is not empty (choose another, or allow overwriting)",
+        ));
+    }
+    let ckpt = SingleFileCheckpoint::open(checkpoint)?;
+    let (unet_cfg, vae_cfg, text_cfg, configs) = match &options.configs_from {
+        Some(dir) => (
+            read_json::<UNet2DConditionConfig>(&dir.join("unet/config.json"))?,
+            read_json::<AutoencoderKLConfig>(&dir.join("vae/config.json"))?,
+            read_json::<ClipTextConfig>(&dir.join("text_encoder/config.json"))?,
+            format!("from {}", dir.display()),
+        ),
+        None => (
+            infer_unet_config(&ckpt),
+            infer_vae_config(&ckpt),
+            infer_text_config(&ckpt),
+            "SD1.5's, adjusted to the checkpoint's tensor shapes".to_string(),
+        ),
+    };
+    let device = Default::default();
+    let dtype = DType::F32;
+    let mut report = ConvertReport {
+        tensors: BTreeMap::new(),
+        unused_keys: Vec::new(),
+        configs,
+    };
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let mut used_stored = std::collections::BTreeSet::new();
+
+    // One network at a time, so only one is in memory.
+    let components: [(&str, &str); 3] = [
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ];
+    for (component, file) in components {
+        let source = || -> Box<dyn TensorSource> {
+            match component {
+                "unet" => Box::new(ckpt.unet()),
+                "vae" => Box::new(ckpt.vae()),
+                _ => Box::new(ckpt.text_encoder()),
+            }
+        };
+        let vb = VarBuilder::<Flex>::from_source(source(), &device, dtype);
+        match component {
+            "unet" => {
+                unet_cfg.validate().map_err(|msg| WeightError::Config {
+                    path: checkpoint.to_path_buf(),
+                    msg: format!("UNet config: {msg}"),
+                })?;
+                drop(UNet2DConditionModel::new(&unet_cfg, &vb)?);
+            }
+            "vae" => drop(AutoencoderKL::new(&vae_cfg, &vb)?),
+            _ => drop(ClipTextTransformer::new(&text_cfg, &vb)?),
+        }
+        let source = source();
+        // diffusers keeps SD1's 1x1-convolution projections as convolutions, except the VAE's mid-block attention,
+        // which is made of linear layers (the original stores it as 1x1 convolutions).
+        let vae_attention = |k: &str| component == "vae" && k.contains(".attentions.");
+        let mut tensors = read_tensors(source.as_ref(), &vb, vae_attention)?;
+        for (key, _) in &tensors {
+            used_stored.insert(source.stored_key(key));
+        }
+        if component == "vae" {
+            // The loader accepts the legacy attention names too; write the current ones.
+            for (key, _) in &mut tensors {
+                *key = current_vae_attention_name(key);
+            }
+            tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        let dir = out.join(component);
+        std::fs::create_dir_all(&dir).map_err(|e| write_err(&dir, e))?;
+        write_safetensors(&dir.join(file), &tensors, &metadata)?;
+        match component {
+            "unet" => write_json(&dir.join("config.json"), &unet_cfg)?,
+            "vae" => write_json(&dir.join("config.json"), &vae_cfg)?,
+            _ => write_json(&dir.join("config.json"), &text_cfg)?,
+        }
+        report.tensors.insert(component.to_string(), tensors.len());
+    }
+
+    // Tokenizer, scheduler, model index.
+    let tok_dir = out.join("tokenizer");
+    let tok_from = options.tokenizer_from.clone().or_else(|| {
+        options
+            .configs_from
+            .as_ref()
+            .map(|d| d.join("tokenizer"))
+            .filter(|d| d.is_dir())
+    });
+    match tok_from {
+        Some(from) => copy_dir_files(&from, &tok_dir)?,
+        None => {
+            std::fs::create_dir_all(&tok_dir).map_err(|e| write_err(&tok_dir, e))?;
+            for (name, bytes) in TOKENIZER_FILES {
+                let p = tok_dir.join(name);
+                std::fs::write(&p, bytes).map_err(|e| write_err(&p, e))?;
+            }
+        }
+    }
+    let sched_dir = out.join("scheduler");
+    match options
+        .configs_from
+        .as_ref()
+        .map(|d| d.join("scheduler"))
+        .filter(|d| d.is_dir())
+    {
+        Some(from) => copy_dir_files(&from, &sched_dir)?,
+        None => {
+            std::fs::create_dir_all(&sched_dir).map_err(|e| write_err(&sched_dir, e))?;
+            write_json(&sched_dir.join("scheduler_config.json"), &sd15_scheduler_config())?;
+        }
+    }
+    write_json(&out.join("model_index.json"), &model_index())?;
+
+    report.unused_keys = ckpt
+        .source()
+        .keys()
+        .into_iter()
+        .filter(|k| !used_stored.contains(k) && !crate::single_file::is_ignorable_key(k))
+        .collect();
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::tiny_sd;
+
+    /// What the shapes of the tiny single file tell agrees with the tiny model's own configs.
+    #[test]
+    fn inferred_configs_match_the_tiny_model() {
+        let ckpt = SingleFileCheckpoint::open(&tiny_sd().join("single_file/tiny-sd15.safetensors")).unwrap();
+        let unet: UNet2DConditionConfig = read_json(&tiny_sd().join("unet/config.json")).unwrap();
+        let got = infer_unet_config(&ckpt);
+        assert_eq!(got.block_out_channels, unet.block_out_channels);
+        assert_eq!(got.down_block_types, unet.down_block_types);
+        assert_eq!(got.up_block_types, unet.up_block_types);
+        assert_eq!(got.in_channels, unet.in_channels);
+        assert_eq!(got.layers_per_block, unet.layers_per_block);
+        assert_eq!(got.cross_attention_dim, unet.cross_attention_dim);
+        let vae: AutoencoderKLConfig = read_json(&tiny_sd().join("vae/config.json")).unwrap();
+        let got = infer_vae_config(&ckpt);
+        assert_eq!(
+            (got.block_out_channels, got.layers_per_block, got.latent_channels),
+            (vae.block_out_channels, vae.layers_per_block, vae.latent_channels)
+        );
+        let text: ClipTextConfig = read_json(&tiny_sd().join("text_encoder/config.json")).unwrap();
+        let got = infer_text_config(&ckpt);
+        assert_eq!(
+            (got.hidden_size, got.intermediate_size, got.num_hidden_layers, got.vocab_size),
+            (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size)
+        );
+    }
+
+    /// Converted with the tiny configs, every tensor of the diffusers fixture is written with the same bytes and
+    /// shape, and nothing else.
+    #[test]
+    fn conversion_reproduces_the_diffusers_files() {
+        let out = std::env::temp_dir().join(format!("alignprop-convert-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let opts = ConvertOptions {
+            configs_from: Some(tiny_sd()),
+            ..Default::default()
+        };
+        let report =
+            single_file_to_diffusers(&tiny_sd().join("single_file/tiny-sd15.safetensors"), &out, &opts).unwrap();
+        assert!(report.unused_keys.is_empty(), "{:?}", report.unused_keys);
+        for (component, file) in [
+            ("unet", "diffusion_pytorch_model.safetensors"),
+            ("vae", "diffusion_pytorch_model.safetensors"),
+            ("text_encoder", "model.safetensors"),
+        ] {
+            let ours = crate::weights::SafetensorsSource::open(&[out.join(component).join(file)]).unwrap();
+            let theirs =
+                crate::weights::SafetensorsSource::open(&[tiny_sd().join(component).join(file)]).unwrap();
+            let (ok, tk) = (ours.keys(), theirs.keys());
+            // transformers may store position_ids buffers that no model reads.
+            let tk: Vec<String> = tk.into_iter().filter(|k| !k.ends_with("position_ids")).collect();
+            assert_eq!(ok, tk, "{component}: key sets differ");
+            assert_eq!(report.tensors[component], ok.len());
+            for k in ok {
+                let (a, b) = (ours.find(&k).unwrap().unwrap(), theirs.find(&k).unwrap().unwrap());
+                assert_eq!(a.shape, b.shape, "{component} {k}");
+                assert_eq!(a.data.dtype, b.data.dtype, "{component} {k}");
+                assert_eq!(a.data.as_bytes(), b.data.as_bytes(), "{component} {k}");
+            }
+        }
+        // A second run into the same folder is refused unless overwriting.
+        let again = single_file_to_diffusers(&tiny_sd().join("single_file/tiny-sd15.safetensors"), &out, &opts);
+        assert!(again.unwrap_err().to_string().contains("not empty"));
+        std::fs::remove_dir_all(&out).ok();
+    }
+}
