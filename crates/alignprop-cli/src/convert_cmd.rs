@@ -42,7 +42,10 @@ pub fn run(cmd: ConvertCommand) -> Result<()> {
     match cmd {
         ConvertCommand::Pth { input, output } => {
             if output.is_dir() {
-                bail!("{}: is a folder, expected a .safetensors file path", output.display());
+                bail!(
+                    "{}: is a folder, expected a .safetensors file path",
+                    output.display()
+                );
             }
             let n = alignprop_rewards::pth::pth_to_safetensors(&input, &output)?;
             eprintln!("wrote {} ({n} tensors)", output.display());
@@ -54,7 +57,10 @@ pub fn run(cmd: ConvertCommand) -> Result<()> {
             tokenizer,
             overwrite,
         } => {
-            if input.extension().is_some_and(|e| e == "ckpt" || e == "pt" || e == "bin") {
+            if input
+                .extension()
+                .is_some_and(|e| e == "ckpt" || e == "pt" || e == "bin")
+            {
                 bail!(
                     "{}: pickle checkpoints are not read (they can execute code); use the .safetensors release",
                     input.display()
@@ -65,7 +71,10 @@ pub fn run(cmd: ConvertCommand) -> Result<()> {
                 tokenizer_from: tokenizer,
                 overwrite,
             };
-            eprintln!("converting {} (loads each network once on the CPU) ...", input.display());
+            eprintln!(
+                "converting {} (loads each network once on the CPU) ...",
+                input.display()
+            );
             let report = single_file_to_diffusers(&input, &output, &opts)?;
             for (component, n) in &report.tensors {
                 eprintln!("  {component}: {n} tensors");

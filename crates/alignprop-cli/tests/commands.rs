@@ -310,12 +310,7 @@ fn convert_single_file_and_merge_lora_give_usable_model_folders() {
         pixels(&d.join("s_lora").join(png)),
         pixels(&d.join("s_orig").join(png)),
     );
-    let max_diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap();
+    let max_diff = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
     assert!(
         max_diff <= 2,
         "merged vs applied LoRA differ by {max_diff} levels"

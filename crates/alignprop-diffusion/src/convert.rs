@@ -257,7 +257,9 @@ pub fn single_file_to_diffusers(
     }
     if out.is_dir()
         && !options.overwrite
-        && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false)
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
     {
         return Err(write_err(
             out,
@@ -370,7 +372,10 @@ pub fn single_file_to_diffusers(
         Some(from) => copy_dir_files(&from, &sched_dir)?,
         None => {
             std::fs::create_dir_all(&sched_dir).map_err(|e| write_err(&sched_dir, e))?;
-            write_json(&sched_dir.join("scheduler_config.json"), &sd15_scheduler_config())?;
+            write_json(
+                &sched_dir.join("scheduler_config.json"),
+                &sd15_scheduler_config(),
+            )?;
         }
     }
     write_json(&out.join("model_index.json"), &model_index())?;
@@ -392,7 +397,8 @@ mod tests {
     /// What the shapes of the tiny single file tell agrees with the tiny model's own configs.
     #[test]
     fn inferred_configs_match_the_tiny_model() {
-        let ckpt = SingleFileCheckpoint::open(&tiny_sd().join("single_file/tiny-sd15.safetensors")).unwrap();
+        let ckpt = SingleFileCheckpoint::open(&tiny_sd().join("single_file/tiny-sd15.safetensors"))
+            .unwrap();
         let unet: UNet2DConditionConfig = read_json(&tiny_sd().join("unet/config.json")).unwrap();
         let got = infer_unet_config(&ckpt);
         assert_eq!(got.block_out_channels, unet.block_out_channels);
@@ -404,14 +410,32 @@ mod tests {
         let vae: AutoencoderKLConfig = read_json(&tiny_sd().join("vae/config.json")).unwrap();
         let got = infer_vae_config(&ckpt);
         assert_eq!(
-            (got.block_out_channels, got.layers_per_block, got.latent_channels),
-            (vae.block_out_channels, vae.layers_per_block, vae.latent_channels)
+            (
+                got.block_out_channels,
+                got.layers_per_block,
+                got.latent_channels
+            ),
+            (
+                vae.block_out_channels,
+                vae.layers_per_block,
+                vae.latent_channels
+            )
         );
         let text: ClipTextConfig = read_json(&tiny_sd().join("text_encoder/config.json")).unwrap();
         let got = infer_text_config(&ckpt);
         assert_eq!(
-            (got.hidden_size, got.intermediate_size, got.num_hidden_layers, got.vocab_size),
-            (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size)
+            (
+                got.hidden_size,
+                got.intermediate_size,
+                got.num_hidden_layers,
+                got.vocab_size
+            ),
+            (
+                text.hidden_size,
+                text.intermediate_size,
+                text.num_hidden_layers,
+                text.vocab_size
+            )
         );
     }
 
@@ -425,31 +449,47 @@ mod tests {
             configs_from: Some(tiny_sd()),
             ..Default::default()
         };
-        let report =
-            single_file_to_diffusers(&tiny_sd().join("single_file/tiny-sd15.safetensors"), &out, &opts).unwrap();
+        let report = single_file_to_diffusers(
+            &tiny_sd().join("single_file/tiny-sd15.safetensors"),
+            &out,
+            &opts,
+        )
+        .unwrap();
         assert!(report.unused_keys.is_empty(), "{:?}", report.unused_keys);
         for (component, file) in [
             ("unet", "diffusion_pytorch_model.safetensors"),
             ("vae", "diffusion_pytorch_model.safetensors"),
             ("text_encoder", "model.safetensors"),
         ] {
-            let ours = crate::weights::SafetensorsSource::open(&[out.join(component).join(file)]).unwrap();
+            let ours =
+                crate::weights::SafetensorsSource::open(&[out.join(component).join(file)]).unwrap();
             let theirs =
-                crate::weights::SafetensorsSource::open(&[tiny_sd().join(component).join(file)]).unwrap();
+                crate::weights::SafetensorsSource::open(&[tiny_sd().join(component).join(file)])
+                    .unwrap();
             let (ok, tk) = (ours.keys(), theirs.keys());
             // transformers may store position_ids buffers that no model reads.
-            let tk: Vec<String> = tk.into_iter().filter(|k| !k.ends_with("position_ids")).collect();
+            let tk: Vec<String> = tk
+                .into_iter()
+                .filter(|k| !k.ends_with("position_ids"))
+                .collect();
             assert_eq!(ok, tk, "{component}: key sets differ");
             assert_eq!(report.tensors[component], ok.len());
             for k in ok {
-                let (a, b) = (ours.find(&k).unwrap().unwrap(), theirs.find(&k).unwrap().unwrap());
+                let (a, b) = (
+                    ours.find(&k).unwrap().unwrap(),
+                    theirs.find(&k).unwrap().unwrap(),
+                );
                 assert_eq!(a.shape, b.shape, "{component} {k}");
                 assert_eq!(a.data.dtype, b.data.dtype, "{component} {k}");
                 assert_eq!(a.data.as_bytes(), b.data.as_bytes(), "{component} {k}");
             }
         }
         // A second run into the same folder is refused unless overwriting.
-        let again = single_file_to_diffusers(&tiny_sd().join("single_file/tiny-sd15.safetensors"), &out, &opts);
+        let again = single_file_to_diffusers(
+            &tiny_sd().join("single_file/tiny-sd15.safetensors"),
+            &out,
+            &opts,
+        );
         assert!(again.unwrap_err().to_string().contains("not empty"));
         std::fs::remove_dir_all(&out).ok();
     }

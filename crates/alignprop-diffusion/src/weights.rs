@@ -541,14 +541,20 @@ pub fn write_safetensors(
     };
     let mut views = Vec::with_capacity(tensors.len());
     for (key, data) in tensors {
-        let dtype = to_safetensors_dtype(data.dtype)
-            .ok_or_else(|| err(format!("tensor '{key}': dtype {:?} cannot be stored", data.dtype)))?;
-        let view = safetensors::tensor::TensorView::new(dtype, data.shape.to_vec(), data.as_bytes())
-            .map_err(|e| err(format!("tensor '{key}': {e}")))?;
+        let dtype = to_safetensors_dtype(data.dtype).ok_or_else(|| {
+            err(format!(
+                "tensor '{key}': dtype {:?} cannot be stored",
+                data.dtype
+            ))
+        })?;
+        let view =
+            safetensors::tensor::TensorView::new(dtype, data.shape.to_vec(), data.as_bytes())
+                .map_err(|e| err(format!("tensor '{key}': {e}")))?;
         views.push((key.clone(), view));
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
     }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");

@@ -116,7 +116,8 @@ pub fn inject_seeded<B: Backend>(
         let values: Vec<f32> = (0..cfg.rank * in_f)
             .map(|_| rng.uniform(bound) as f32)
             .collect();
-        let down = Tensor::<B, 2>::from_data(TensorData::new(values, [cfg.rank, in_f]), (&device, dtype));
+        let down =
+            Tensor::<B, 2>::from_data(TensorData::new(values, [cfg.rank, in_f]), (&device, dtype));
         let up = Tensor::zeros([out_f, cfg.rank], (&device, dtype));
         linear.lora = Some(LoraAdapter {
             down: Param::from_tensor(down),

@@ -13,5 +13,7 @@ pub mod merge_files;
 pub mod mix;
 
 pub use format::{LoraError, LoraFormat, LoraPair, LoraWeights, Matrix};
-pub use inject::{LoraConfig, apply, extract, inject, inject_seeded, merge, num_params, set_multiplier};
+pub use inject::{
+    LoraConfig, apply, extract, inject, inject_seeded, merge, num_params, set_multiplier,
+};
 pub use mix::{MixMode, mix, scale};

@@ -62,10 +62,16 @@ pub fn merge_into_model_folder(
         msg,
     };
     if out.is_file() {
-        return Err(file_err(out, "the output is a file, expected a folder".into()));
+        return Err(file_err(
+            out,
+            "the output is a file, expected a folder".into(),
+        ));
     }
     if out.canonicalize().ok().is_some() && out.canonicalize().ok() == model.canonicalize().ok() {
-        return Err(file_err(out, "the output folder must differ from the model folder".into()));
+        return Err(file_err(
+            out,
+            "the output folder must differ from the model folder".into(),
+        ));
     }
     let unet_dir = model.join("unet");
     let unet_files = component_weights(&unet_dir)?;

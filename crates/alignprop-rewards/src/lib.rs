@@ -4,12 +4,14 @@
 //! - [`preprocess`]: AlignProp's CLIP preprocessing (clamp, shorter-side bilinear resize, normalisation).
 //! - [`clip_vision`]: the CLIP vision transformer (transformers `CLIPVisionModelWithProjection` weights).
 //! - [`aesthetic`]: the LAION aesthetic predictor (CLIP embedding -> linear MLP), loss `|score - 10|`.
+//! - [`compose`]: a weighted sum of rewards, and a fixed target (`|score - target|` loss) for any reward.
 //! - [`tiny`]: the tiny scorer of the parity fixtures.
 //! - [`brightness`]: mean brightness, for demos and loop tests.
 
 pub mod aesthetic;
 pub mod brightness;
 pub mod clip_vision;
+pub mod compose;
 pub mod preprocess;
 pub mod pth;
 pub mod tiny;
@@ -27,6 +29,22 @@ pub trait Reward<B: Backend> {
     /// Per-image loss from scores (default: `-score`, i.e. maximise the reward).
     fn loss(&self, scores: Tensor<B, 1>) -> Tensor<B, 1> {
         -scores
+    }
+    /// Scores of images generated from `prompts` (one prompt per image). Rewards that compare the image with its
+    /// prompt (HPSv2, PickScore) override this; the default ignores the prompts.
+    fn score_with_prompts(&self, images: Tensor<B, 4>, prompts: &[String]) -> Tensor<B, 1> {
+        let _ = prompts;
+        self.score(images)
+    }
+    /// Scores and per-image losses `([batch], [batch])` in one pass: what the trainer calls. The default is
+    /// [`Self::score_with_prompts`] then [`Self::loss`]; compositions ([`compose::WeightedSum`]) override it.
+    fn score_and_loss(
+        &self,
+        images: Tensor<B, 4>,
+        prompts: &[String],
+    ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let s = self.score_with_prompts(images, prompts);
+        (s.clone(), self.loss(s))
     }
 }
 

@@ -45,7 +45,8 @@ impl Default for ModelConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RewardConfig {
     /// `brightness` (mean image brightness, for demos), `aesthetic` (LAION aesthetic predictor: needs
-    /// `clip_path` and `path`) or `tiny` (the fixtures' tiny scorer, needs `path`).
+    /// `clip_path` and `path`), `tiny` (the fixtures' tiny scorer, needs `path`), or `sum`: a weighted sum of the
+    /// rewards listed as `[[reward.terms]]`.
     pub kind: String,
     /// Weights: the aesthetic head (`.pth` as LAION publishes it, or `.safetensors`), or the `tiny` folder.
     pub path: Option<PathBuf>,
@@ -53,8 +54,11 @@ pub struct RewardConfig {
     pub clip_path: Option<PathBuf>,
     /// The loss is `loss_coeff * mean(per-image loss)`; AlignProp uses 0.01 for the aesthetic reward.
     pub loss_coeff: f64,
-    /// For `|score - target|` losses (aesthetic: 10); `None` maximises the score (`-score`).
+    /// For `|score - target|` losses (aesthetic: 10); `None` uses the reward's own loss (`-score` for most,
+    /// `1 - score` for HPSv2).
     pub target: Option<f64>,
+    /// `kind = "sum"`: the rewards to add, each with its weight (`score = sum w_i s_i`, loss `sum w_i loss_i`).
+    pub terms: Vec<RewardTermConfig>,
 }
 
 impl Default for RewardConfig {
@@ -65,6 +69,79 @@ impl Default for RewardConfig {
             clip_path: None,
             loss_coeff: 1.0,
             target: None,
+            terms: Vec::new(),
+        }
+    }
+}
+
+/// One reward of a `kind = "sum"` composition (`[[reward.terms]]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardTermConfig {
+    /// Any single reward kind (not `sum`).
+    pub kind: String,
+    pub weight: f64,
+    pub path: Option<PathBuf>,
+    pub clip_path: Option<PathBuf>,
+    pub target: Option<f64>,
+}
+
+impl Default for RewardTermConfig {
+    fn default() -> Self {
+        Self {
+            kind: "brightness".into(),
+            weight: 1.0,
+            path: None,
+            clip_path: None,
+            target: None,
+        }
+    }
+}
+
+/// The single reward kinds the trainer can build.
+pub const REWARD_KINDS: &[&str] = &["brightness", "aesthetic", "tiny"];
+
+impl RewardTermConfig {
+    /// Checks the kind and that its files are given; `at` names the config place for messages.
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        if !REWARD_KINDS.contains(&self.kind.as_str()) {
+            return Err(format!(
+                "{at}kind '{}' is not available (expected one of: {}, or sum at the top level)",
+                self.kind,
+                REWARD_KINDS.join(", ")
+            ));
+        }
+        if self.kind == "aesthetic" && (self.path.is_none() || self.clip_path.is_none()) {
+            return Err(format!(
+                "{at}kind = \"aesthetic\" needs {at}clip_path (CLIP ViT-L/14 vision folder) and {at}path (the \
+                 aesthetic head .pth or .safetensors)"
+            ));
+        }
+        if self.kind == "tiny" && self.path.is_none() {
+            return Err(format!(
+                "{at}kind = \"tiny\" needs {at}path (the folder with tiny_reward.safetensors)"
+            ));
+        }
+        if !self.weight.is_finite() {
+            return Err(format!("{at}weight must be a finite number"));
+        }
+        Ok(())
+    }
+}
+
+impl RewardConfig {
+    /// The rewards to build: the `terms` of a sum, or the single reward described at the top level (weight 1).
+    pub fn terms(&self) -> Vec<RewardTermConfig> {
+        if self.kind == "sum" {
+            self.terms.clone()
+        } else {
+            vec![RewardTermConfig {
+                kind: self.kind.clone(),
+                weight: 1.0,
+                path: self.path.clone(),
+                clip_path: self.clip_path.clone(),
+                target: self.target,
+            }]
         }
     }
 }
@@ -176,8 +253,14 @@ impl TrainConfig {
                 *p = base.join(&*p);
             }
         }
+        let term_paths = cfg
+            .reward
+            .terms
+            .iter_mut()
+            .flat_map(|t| [&mut t.path, &mut t.clip_path]);
         for p in [&mut cfg.reward.path, &mut cfg.reward.clip_path]
             .into_iter()
+            .chain(term_paths)
             .flatten()
         {
             if p.is_relative() {
@@ -197,24 +280,20 @@ impl TrainConfig {
         if self.train.batch_size == 0 || self.train.grad_accum == 0 {
             return Err("train.batch_size and train.grad_accum must be at least 1".into());
         }
-        if !matches!(
-            self.reward.kind.as_str(),
-            "brightness" | "aesthetic" | "tiny"
-        ) {
-            return Err(format!(
-                "reward.kind '{}' is not available (expected brightness, aesthetic or tiny)",
-                self.reward.kind
-            ));
-        }
-        if self.reward.kind == "aesthetic"
-            && (self.reward.path.is_none() || self.reward.clip_path.is_none())
-        {
-            return Err("reward.kind = \"aesthetic\" needs reward.clip_path (CLIP ViT-L/14 vision folder) and \
-                        reward.path (the aesthetic head .pth or .safetensors)"
-                .into());
-        }
-        if self.reward.kind == "tiny" && self.reward.path.is_none() {
-            return Err("reward.kind = \"tiny\" needs reward.path (the folder with tiny_reward.safetensors)".into());
+        if self.reward.kind == "sum" {
+            if self.reward.terms.is_empty() {
+                return Err(
+                    "reward.kind = \"sum\" needs at least one [[reward.terms]] entry".into(),
+                );
+            }
+            for (i, t) in self.reward.terms.iter().enumerate() {
+                t.validate(&format!("reward.terms[{i}]."))?;
+            }
+        } else {
+            if !self.reward.terms.is_empty() {
+                return Err("reward.terms is only read with reward.kind = \"sum\"".into());
+            }
+            self.reward.terms()[0].validate("reward.")?;
         }
         Ok(())
     }

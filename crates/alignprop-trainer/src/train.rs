@@ -12,6 +12,7 @@ use alignprop_lora::LoraFormat;
 use alignprop_pipeline::images::{grid, save_png, to_rgb8};
 use alignprop_pipeline::{Conditioning, NoiseRng, StableDiffusion, denoise};
 use alignprop_rewards::aesthetic::AestheticScorer;
+use alignprop_rewards::compose::{Targeted, WeightedSum, WeightedTerm};
 use alignprop_rewards::tiny::TinyReward;
 use alignprop_rewards::{Brightness, Reward};
 use alignprop_schedulers::{DdimScheduler, Scheduler};
@@ -69,21 +70,46 @@ pub struct EvalLog {
     pub eval_reward_std: f64,
 }
 
-/// The reward of a run.
-pub enum RewardModel<B: AutodiffBackend> {
-    Brightness(Brightness),
-    Aesthetic(AestheticScorer<B>),
-    Tiny(TinyReward<B>),
-}
-
-impl<B: AutodiffBackend> RewardModel<B> {
-    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
-        match self {
-            Self::Brightness(r) => Reward::<B>::score(r, images),
-            Self::Aesthetic(r) => Reward::<B>::score(r, images),
-            Self::Tiny(r) => Reward::<B>::score(r, images),
+/// Builds the reward of a run: one reward, or a weighted sum (`reward.kind = "sum"`); a `target` turns a reward's
+/// loss into `|score - target|`.
+pub fn build_reward<B: AutodiffBackend>(
+    config: &crate::config::RewardConfig,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<Box<dyn Reward<B>>, TrainError> {
+    let mut terms = Vec::new();
+    for t in config.terms() {
+        let mut r: Box<dyn Reward<B>> = match t.kind.as_str() {
+            "aesthetic" => {
+                let clip = t.clip_path.as_ref().expect("validated");
+                let head = t.path.as_ref().expect("validated");
+                Box::new(AestheticScorer::load(clip, head, device, dtype)?)
+            }
+            "tiny" => Box::new(TinyReward::load(
+                t.path.as_ref().expect("validated"),
+                device,
+                dtype,
+            )?),
+            "brightness" => Box::new(Brightness),
+            other => {
+                return Err(TrainError::Config(format!(
+                    "reward kind '{other}' is not available"
+                )));
+            }
+        };
+        if let Some(target) = t.target {
+            r = Box::new(Targeted { inner: r, target });
         }
+        terms.push(WeightedTerm {
+            weight: t.weight,
+            reward: r,
+        });
     }
+    Ok(if config.kind == "sum" {
+        Box::new(WeightedSum::new(terms))
+    } else {
+        terms.pop().expect("one term").reward
+    })
 }
 
 /// A training run in progress.
@@ -91,7 +117,7 @@ pub struct Trainer<B: AutodiffBackend> {
     pub config: TrainConfig,
     pub sd: StableDiffusion<B>,
     pub scheduler: DdimScheduler,
-    pub reward: RewardModel<B>,
+    pub reward: Box<dyn Reward<B>>,
     pub optimizer: AdamW<B::InnerBackend>,
     pub prompts: Vec<String>,
     pub eval_prompts: Vec<String>,
@@ -130,21 +156,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             config.sampling.eta,
         )
         .map_err(|e| TrainError::Config(e.to_string()))?;
-        let reward = match config.reward.kind.as_str() {
-            "aesthetic" => {
-                let (clip, head) = (
-                    config.reward.clip_path.as_ref(),
-                    config.reward.path.as_ref(),
-                );
-                let (clip, head) = (clip.expect("validated"), head.expect("validated"));
-                RewardModel::Aesthetic(AestheticScorer::load(clip, head, device, dtype)?)
-            }
-            "tiny" => {
-                let path = config.reward.path.as_ref().expect("validated");
-                RewardModel::Tiny(TinyReward::load(path, device, dtype)?)
-            }
-            _ => RewardModel::Brightness(Brightness),
-        };
+        let reward = build_reward::<B>(&config.reward, device, dtype)?;
         let prompts = read_prompts(&config.train.prompts).map_err(TrainError::Config)?;
         let eval_prompts = read_prompts(&config.eval.prompts).map_err(TrainError::Config)?;
         let out_dir = config.output.dir.clone();
@@ -219,7 +231,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let grad_steps = cfg.truncation.grad_steps(n, &mut self.rng);
             ks.push(grad_steps.iter().filter(|&&k| k).count() as f64);
             let reward = &self.reward;
-            let (coeff, target) = (cfg.reward.loss_coeff, cfg.reward.target);
+            let coeff = cfg.reward.loss_coeff;
             let out = trajectory(
                 &self.sd.unet,
                 &self.sd.vae,
@@ -230,11 +242,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 &noises,
                 &grad_steps,
                 |images| {
-                    let s = reward.score(images);
-                    let per_image = match target {
-                        Some(t) => (s.clone() - t).abs(),
-                        None => -s.clone(),
-                    };
+                    let (s, per_image) = reward.score_and_loss(images, &batch);
                     (per_image.mean() * coeff, s)
                 },
             );
@@ -304,7 +312,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let images = vae.decode_scaled(latents);
         let scores: Vec<f64> = self
             .reward
-            .score(Tensor::from_inner(images.clone()))
+            .score_with_prompts(Tensor::from_inner(images.clone()), &prompts)
             .inner()
             .into_data()
             .convert::<f64>()

@@ -230,3 +230,64 @@ fn shipped_configs_parse_and_validate() {
         (Truncation::Fixed { k: 1 }, "aesthetic", 0.01)
     );
 }
+
+#[test]
+fn weighted_sum_of_rewards_from_config() {
+    let dir = std::env::temp_dir().join(format!("alignprop-sum-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("sum.toml");
+    std::fs::write(
+        &cfg_path,
+        "[reward]\nkind = \"sum\"\n[[reward.terms]]\nkind = \"brightness\"\nweight = 2.0\n\
+         [[reward.terms]]\nkind = \"brightness\"\nweight = 0.5\ntarget = 1.0\n",
+    )
+    .unwrap();
+    let parsed = TrainConfig::from_file(&cfg_path).unwrap();
+    parsed.validate().unwrap();
+    assert_eq!(parsed.reward.terms.len(), 2);
+    // Errors name the term.
+    let mut bad = parsed.clone();
+    bad.reward.terms[1].kind = "clip".into();
+    let e = bad.validate().unwrap_err();
+    assert!(e.contains("reward.terms[1].kind 'clip'"), "{e}");
+    bad.reward.terms.clear();
+    assert!(bad.validate().unwrap_err().contains("at least one"));
+
+    // One step of the sum against one step of plain brightness from the same seed: the same trajectory, so the
+    // logged reward is 2.5x and the loss is 2 * (-b) + 0.5 * |b - 1| of the plain one's -b.
+    let one_step = |name: &str, reward: alignprop_trainer::config::RewardConfig| {
+        let mut cfg = demo_config(name);
+        cfg.reward = reward;
+        cfg.train.steps = 1;
+        cfg.sampling.steps = 3;
+        cfg.truncation = Truncation::Fixed { k: 1 };
+        cfg.eval.every = 100;
+        let out = cfg.output.dir.clone();
+        let s = run::<A>(
+            cfg,
+            &Default::default(),
+            false,
+            &AtomicBool::new(false),
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap();
+        std::fs::remove_dir_all(out).ok();
+        s.steps[0].clone()
+    };
+    let plain = one_step("plain", Default::default());
+    let summed = one_step("summed", parsed.reward.clone());
+    let b = plain.reward_mean;
+    assert!(
+        (summed.reward_mean - 2.5 * b).abs() < 1e-6,
+        "{} vs {b}",
+        summed.reward_mean
+    );
+    assert!((plain.loss + b).abs() < 1e-6);
+    assert!(
+        (summed.loss - (-2.0 * b + 0.5 * (1.0 - b))).abs() < 1e-5,
+        "{} vs b = {b}",
+        summed.loss
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
