@@ -55,6 +55,110 @@ pub fn grid(images: &[RgbImage], cols: usize) -> RgbImage {
     out
 }
 
+/// Pixel height of one caption line (8-pixel glyphs plus spacing).
+const LINE_H: u32 = 10;
+
+/// Draws `text` (printable ASCII; other characters as `?`) with the 8x8 bitmap font at `(x, y)`, clipped to
+/// `max_chars` characters (an ellipsis `..` marks the cut).
+fn draw_text(img: &mut RgbImage, text: &str, x: u32, y: u32, max_chars: usize, color: Rgb<u8>) {
+    let mut chars: Vec<char> = text.chars().collect();
+    if chars.len() > max_chars {
+        chars.truncate(max_chars.saturating_sub(2));
+        chars.extend(['.', '.']);
+    }
+    for (i, ch) in chars.into_iter().enumerate() {
+        let code = if ch.is_ascii() && !ch.is_ascii_control() {
+            ch as usize
+        } else {
+            '?' as usize
+        };
+        let glyph = font8x8::legacy::BASIC_LEGACY[code];
+        for (row, bits) in glyph.iter().enumerate() {
+            for col in 0..8 {
+                if bits & (1 << col) != 0 {
+                    let (px, py) = (x + i as u32 * 8 + col, y + row as u32);
+                    if px < img.width() && py < img.height() {
+                        img.put_pixel(px, py, color);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits `text` into at most `lines` lines of at most `width` characters at spaces (the last line is cut).
+fn wrap(text: &str, width: usize, lines: usize) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for word in text.split_whitespace() {
+        if !cur.is_empty() && cur.len() + 1 + word.len() > width {
+            out.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    if out.len() > lines {
+        let rest = out[lines - 1..].join(" ");
+        out.truncate(lines - 1);
+        out.push(rest);
+    }
+    out
+}
+
+/// A grid as [`grid`], with a caption under each picture: `captions[i]` is a list of lines (e.g. the prompt and
+/// `reward 6.31`); the first line wraps onto two lines, long lines are cut with `..`. Black text on white.
+pub fn captioned_grid(images: &[RgbImage], captions: &[Vec<String>], cols: usize) -> RgbImage {
+    assert!(!images.is_empty(), "grid of no images");
+    assert_eq!(images.len(), captions.len(), "one caption per picture");
+    let (w, h) = images[0].dimensions();
+    let chars = (w as usize / 8).max(1);
+    let laid_out: Vec<Vec<String>> = captions
+        .iter()
+        .map(|lines| {
+            let mut v = Vec::new();
+            for (i, line) in lines.iter().enumerate() {
+                if i == 0 {
+                    v.extend(wrap(line, chars, 2));
+                } else {
+                    v.push(line.clone());
+                }
+            }
+            v
+        })
+        .collect();
+    let n_lines = laid_out.iter().map(Vec::len).max().unwrap_or(0) as u32;
+    let cell_h = h + n_lines * LINE_H + 2;
+    let cols = cols.clamp(1, images.len()) as u32;
+    let rows = (images.len() as u32).div_ceil(cols);
+    let gap = 2;
+    let mut out = RgbImage::from_pixel(
+        cols * (w + gap) + gap,
+        rows * (cell_h + gap) + gap,
+        Rgb([255, 255, 255]),
+    );
+    for (i, (img, lines)) in images.iter().zip(&laid_out).enumerate() {
+        let (c, r) = (i as u32 % cols, i as u32 / cols);
+        let (x0, y0) = (gap + c * (w + gap), gap + r * (cell_h + gap));
+        image::imageops::replace(&mut out, img, x0 as i64, y0 as i64);
+        for (j, line) in lines.iter().enumerate() {
+            draw_text(
+                &mut out,
+                line,
+                x0,
+                y0 + h + 2 + j as u32 * LINE_H,
+                chars,
+                Rgb([0, 0, 0]),
+            );
+        }
+    }
+    out
+}
+
 /// Saves a picture as PNG, creating the parent folder.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -63,4 +167,50 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), String> {
     }
     img.save(path)
         .map_err(|e| format!("{}: cannot write PNG: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_splits_at_spaces_and_cuts_the_rest_into_the_last_line() {
+        assert_eq!(wrap("a photo of a cat", 8, 2), vec!["a photo", "of a cat"]);
+        assert_eq!(
+            wrap("one two three four", 8, 2),
+            vec!["one two", "three four"]
+        );
+        assert_eq!(wrap("", 8, 2), Vec::<String>::new());
+    }
+
+    /// Captions add rows under each picture and put dark pixels there; the pictures themselves are untouched.
+    #[test]
+    fn captioned_grid_draws_text_under_each_picture() {
+        let pic = RgbImage::from_pixel(32, 16, Rgb([200, 10, 10]));
+        let g = captioned_grid(
+            &[pic.clone(), pic.clone()],
+            &[
+                vec!["cat".into(), "r 1.0".into()],
+                vec!["dog".into(), "r 2.0".into()],
+            ],
+            2,
+        );
+        assert_eq!(g.dimensions(), (2 + 2 * 34, 2 + 16 + 2 * 10 + 2 + 2));
+        assert_eq!(*g.get_pixel(2, 2), Rgb([200, 10, 10]));
+        let g = &g;
+        let dark_below = |x0: u32| {
+            (x0..x0 + 32)
+                .flat_map(|x| (20..g.height()).map(move |y| (x, y)))
+                .filter(|&(x, y)| g.get_pixel(x, y)[0] == 0)
+                .count()
+        };
+        assert!(dark_below(2) > 10 && dark_below(36) > 10);
+        // Different text, different pixels.
+        let strip = |x0: u32| -> Vec<u8> {
+            (20..g.height())
+                .flat_map(|y| (x0..x0 + 32).map(move |x| g.get_pixel(x, y)[0]))
+                .collect()
+        };
+        assert_ne!(strip(2), strip(36));
+    }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_lora::LoraFormat;
-use alignprop_pipeline::images::{grid, save_png, to_rgb8};
+use alignprop_pipeline::images::{captioned_grid, save_png, to_rgb8};
 use alignprop_pipeline::{Conditioning, NoiseRng, StableDiffusion, denoise};
 use alignprop_rewards::aesthetic::AestheticScorer;
 use alignprop_rewards::compose::{Targeted, WeightedSum, WeightedTerm};
@@ -321,7 +321,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         let (eval_reward_mean, eval_reward_std) = mean_std(&scores);
         let pictures = to_rgb8(images);
         let path = self.out_dir.join(format!("eval_{:05}.png", self.step));
-        save_png(&grid(&pictures, pictures.len().min(8)), &path).map_err(|msg| TrainError::Io {
+        let captions: Vec<Vec<String>> = prompts
+            .iter()
+            .zip(&scores)
+            .map(|(p, s)| vec![p.clone(), format!("reward {s:.4}")])
+            .collect();
+        let picture = captioned_grid(&pictures, &captions, pictures.len().min(8));
+        save_png(&picture, &path).map_err(|msg| TrainError::Io {
             path: path.clone(),
             msg,
         })?;
