@@ -7,6 +7,7 @@ use alignprop_diffusion::device::{Cpu, Cuda, DeviceChoice, cuda_device};
 use alignprop_lora::LoraWeights;
 use alignprop_pipeline::{SampleOptions, StableDiffusion};
 use alignprop_rewards::aesthetic::AestheticScorer;
+use alignprop_rewards::compressibility::{CompressibilityScorer, JPEG_QUALITY, jpeg_size_kib};
 use alignprop_rewards::tiny::TinyReward;
 use alignprop_rewards::{Brightness, Reward};
 use anyhow::{Context, Result, bail};
@@ -17,7 +18,10 @@ use clap::Args;
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// The reward: brightness; aesthetic (LAION aesthetic predictor: --reward-path the head .pth/.safetensors,
-    /// --clip-path the CLIP ViT-L/14 vision folder); tiny (the test fixtures' scorer; --reward-path its folder).
+    /// --clip-path the CLIP ViT-L/14 vision folder); jpeg (the true JPEG size at quality 95 in KiB, lower = more
+    /// compressible; not differentiable); compressibility (the learned surrogate: --reward-path a head written by
+    /// fit-compressibility, --clip-path its CLIP folder; score = -predicted KiB); tiny (the test fixtures'
+    /// scorer; --reward-path its folder).
     #[arg(long, default_value = "brightness")]
     pub reward: String,
     /// The reward's weights (the aesthetic head file; a folder for `tiny`).
@@ -72,6 +76,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
 enum AnyReward<B: Backend> {
     Brightness(Brightness),
     Aesthetic(AestheticScorer<B>),
+    Compressibility(CompressibilityScorer<B>),
+    Jpeg,
     Tiny(TinyReward<B>),
 }
 
@@ -94,7 +100,19 @@ impl<B: Backend> AnyReward<B> {
                 };
                 Self::Aesthetic(AestheticScorer::load(clip, head, device, DType::F32)?)
             }
-            other => bail!("unknown reward '{other}' (available: brightness, aesthetic, tiny)"),
+            "compressibility" => {
+                let (Some(head), Some(clip)) = (&args.reward_path, &args.clip_path) else {
+                    bail!(
+                        "--reward compressibility needs --reward-path (a head from fit-compressibility) and \
+                         --clip-path (its CLIP vision folder)"
+                    )
+                };
+                Self::Compressibility(CompressibilityScorer::load(clip, head, device, DType::F32)?)
+            }
+            "jpeg" => Self::Jpeg,
+            other => bail!(
+                "unknown reward '{other}' (available: brightness, aesthetic, compressibility, jpeg, tiny)"
+            ),
         })
     }
 
@@ -102,14 +120,42 @@ impl<B: Backend> AnyReward<B> {
         let s = match self {
             Self::Brightness(r) => Reward::<B>::score(r, images),
             Self::Aesthetic(r) => Reward::<B>::score(r, images),
+            Self::Compressibility(r) => Reward::<B>::score(r, images),
+            Self::Jpeg => {
+                return alignprop_pipeline::images::to_rgb8(images)
+                    .iter()
+                    .map(|p| jpeg_size_kib(p, JPEG_QUALITY))
+                    .collect();
+            }
             Self::Tiny(r) => Reward::<B>::score(r, images),
         };
         s.into_data().convert::<f64>().to_vec().expect("f64 scores")
     }
 }
 
+/// The PNG / JPEG files of a folder, sorted; an error if there are none.
+pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot read folder", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|e| {
+                matches!(
+                    e.to_string_lossy().to_lowercase().as_str(),
+                    "png" | "jpg" | "jpeg"
+                )
+            })
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: no PNG or JPEG images in this folder", dir.display());
+    }
+    Ok(files)
+}
+
 /// An image file as `[1, 3, h, w]` in `[-1, 1]`.
-fn load_image<B: Backend>(path: &Path, device: &B::Device) -> Result<Tensor<B, 4>> {
+pub fn load_image<B: Backend>(path: &Path, device: &B::Device) -> Result<Tensor<B, 4>> {
     let img = image::open(path)
         .with_context(|| format!("{}: cannot read image", path.display()))?
         .to_rgb8();
@@ -127,22 +173,7 @@ fn eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<()> {
     let reward = AnyReward::<B>::load(args, device)?;
     let mut rows: Vec<(String, f64)> = Vec::new();
     if let Some(dir) = &args.images {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("{}: cannot read folder", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension().is_some_and(|e| {
-                    matches!(
-                        e.to_string_lossy().to_lowercase().as_str(),
-                        "png" | "jpg" | "jpeg"
-                    )
-                })
-            })
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            bail!("{}: no PNG or JPEG images in this folder", dir.display());
-        }
+        let files = list_images(dir)?;
         for f in files {
             let s = reward.score(load_image::<B>(&f, device)?)[0];
             rows.push((f.file_name().unwrap().to_string_lossy().into_owned(), s));

@@ -2,6 +2,7 @@
 
 mod convert_cmd;
 mod eval_cmd;
+mod fit_cmd;
 mod lora_cmd;
 mod sample_cmd;
 mod train_cmd;
@@ -34,6 +35,8 @@ enum Command {
     /// Inspect, convert, scale, mix LoRA files, and merge one into a model folder.
     #[command(subcommand)]
     Lora(lora_cmd::LoraCommand),
+    /// Fit the compressibility reward's surrogate (CLIP embedding -> MLP -> JPEG size) on a folder of images.
+    FitCompressibility(fit_cmd::FitArgs),
     /// Convert weight files: a reward's .pth to safetensors, a single-file SD checkpoint to a diffusers folder.
     #[command(subcommand)]
     Convert(convert_cmd::ConvertCommand),
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval_cmd::run(args),
         Command::Lora(cmd) => lora_cmd::run(cmd),
         Command::Convert(cmd) => convert_cmd::run(cmd),
+        Command::FitCompressibility(args) => fit_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

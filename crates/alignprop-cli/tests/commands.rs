@@ -349,3 +349,81 @@ fn convert_single_file_and_merge_lora_give_usable_model_folders() {
     }
     std::fs::remove_dir_all(d).ok();
 }
+
+#[test]
+fn fit_compressibility_then_eval_with_it_and_with_the_true_jpeg_size() {
+    let d = tmp("fit");
+    let imgs = d.join("imgs");
+    let mut c = bin();
+    c.args(["sample", "--steps", "2", "--seed", "3", "--device", "cpu"]);
+    for p in ["a cat", "a dog", "a red car", "a field of flowers"] {
+        c.args(["--prompt", p]);
+    }
+    ok(run(c.arg("--model").arg(tiny()).arg("--out").arg(&imgs)));
+    let clip = tiny().join("../tiny-reward/clip_vision");
+    let head = d.join("head.safetensors");
+    let out = ok(run(bin()
+        .args([
+            "fit-compressibility",
+            "--steps",
+            "300",
+            "--device",
+            "cpu",
+            "--images",
+        ])
+        .arg(&imgs)
+        .arg("--clip-path")
+        .arg(&clip)
+        .arg("--out")
+        .arg(&head)));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("5 images") && text.contains("R^2"), "{text}");
+    let scores = |reward: &str, json: &Path, extra: &[&std::ffi::OsStr]| {
+        ok(run(bin()
+            .args(["eval", "--device", "cpu", "--reward", reward, "--images"])
+            .arg(&imgs)
+            .arg("--json")
+            .arg(json)
+            .args(extra)));
+        let v: serde_json::Value = serde_json::from_slice(&read(json)).unwrap();
+        v["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["score"].as_f64().unwrap())
+            .collect::<Vec<f64>>()
+    };
+    let jpeg = scores("jpeg", &d.join("jpeg.json"), &[]);
+    let surrogate = scores(
+        "compressibility",
+        &d.join("surrogate.json"),
+        &[
+            "--reward-path".as_ref(),
+            head.as_os_str(),
+            "--clip-path".as_ref(),
+            clip.as_os_str(),
+        ],
+    );
+    assert_eq!(jpeg.len(), 5);
+    assert!(jpeg.iter().all(|&k| k > 0.1), "{jpeg:?}");
+    // The surrogate's score is minus its predicted size; on the images it was fitted on it is close.
+    let mean_abs_err = jpeg
+        .iter()
+        .zip(&surrogate)
+        .map(|(k, s)| (k + s).abs())
+        .sum::<f64>()
+        / jpeg.len() as f64;
+    let spread = jpeg.iter().cloned().fold(f64::MIN, f64::max)
+        - jpeg.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(
+        mean_abs_err < 0.5 * spread.max(0.05),
+        "{jpeg:?} vs {surrogate:?}"
+    );
+    assert_clean_error(
+        &run(bin()
+            .args(["eval", "--reward", "compressibility", "--images"])
+            .arg(&imgs)),
+        "--reward-path",
+    );
+    std::fs::remove_dir_all(d).ok();
+}

@@ -4,6 +4,7 @@
 //! - [`preprocess`]: AlignProp's CLIP preprocessing (clamp, shorter-side bilinear resize, normalisation).
 //! - [`clip_vision`]: the CLIP vision transformer (transformers `CLIPVisionModelWithProjection` weights).
 //! - [`aesthetic`]: the LAION aesthetic predictor (CLIP embedding -> linear MLP), loss `|score - 10|`.
+//! - [`compressibility`]: JPEG size (the true metric) and its learned differentiable surrogate.
 //! - [`compose`]: a weighted sum of rewards, and a fixed target (`|score - target|` loss) for any reward.
 //! - [`tiny`]: the tiny scorer of the parity fixtures.
 //! - [`brightness`]: mean brightness, for demos and loop tests.
@@ -12,6 +13,7 @@ pub mod aesthetic;
 pub mod brightness;
 pub mod clip_vision;
 pub mod compose;
+pub mod compressibility;
 pub mod preprocess;
 pub mod pth;
 pub mod tiny;

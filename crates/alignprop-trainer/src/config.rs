@@ -45,7 +45,8 @@ impl Default for ModelConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RewardConfig {
     /// `brightness` (mean image brightness, for demos), `aesthetic` (LAION aesthetic predictor: needs
-    /// `clip_path` and `path`), `tiny` (the fixtures' tiny scorer, needs `path`), or `sum`: a weighted sum of the
+    /// `clip_path` and `path`), `compressibility` (the JPEG-size surrogate: `clip_path` and `path`), `tiny` (the
+    /// fixtures' tiny scorer, needs `path`), or `sum`: a weighted sum of the
     /// rewards listed as `[[reward.terms]]`.
     pub kind: String,
     /// Weights: the aesthetic head (`.pth` as LAION publishes it, or `.safetensors`), or the `tiny` folder.
@@ -99,7 +100,7 @@ impl Default for RewardTermConfig {
 }
 
 /// The single reward kinds the trainer can build.
-pub const REWARD_KINDS: &[&str] = &["brightness", "aesthetic", "tiny"];
+pub const REWARD_KINDS: &[&str] = &["brightness", "aesthetic", "compressibility", "tiny"];
 
 impl RewardTermConfig {
     /// Checks the kind and that its files are given; `at` names the config place for messages.
@@ -109,6 +110,12 @@ impl RewardTermConfig {
                 "{at}kind '{}' is not available (expected one of: {}, or sum at the top level)",
                 self.kind,
                 REWARD_KINDS.join(", ")
+            ));
+        }
+        if self.kind == "compressibility" && (self.path.is_none() || self.clip_path.is_none()) {
+            return Err(format!(
+                "{at}kind = \"compressibility\" needs {at}clip_path (the CLIP vision folder) and {at}path (a head \
+                 written by `alignprop fit-compressibility`)"
             ));
         }
         if self.kind == "aesthetic" && (self.path.is_none() || self.clip_path.is_none()) {

@@ -13,6 +13,7 @@ use alignprop_pipeline::images::{captioned_grid, save_png, to_rgb8};
 use alignprop_pipeline::{Conditioning, NoiseRng, StableDiffusion, denoise};
 use alignprop_rewards::aesthetic::AestheticScorer;
 use alignprop_rewards::compose::{Targeted, WeightedSum, WeightedTerm};
+use alignprop_rewards::compressibility::CompressibilityScorer;
 use alignprop_rewards::tiny::TinyReward;
 use alignprop_rewards::{Brightness, Reward};
 use alignprop_schedulers::{DdimScheduler, Scheduler};
@@ -84,6 +85,11 @@ pub fn build_reward<B: AutodiffBackend>(
                 let clip = t.clip_path.as_ref().expect("validated");
                 let head = t.path.as_ref().expect("validated");
                 Box::new(AestheticScorer::load(clip, head, device, dtype)?)
+            }
+            "compressibility" => {
+                let clip = t.clip_path.as_ref().expect("validated");
+                let head = t.path.as_ref().expect("validated");
+                Box::new(CompressibilityScorer::load(clip, head, device, dtype)?)
             }
             "tiny" => Box::new(TinyReward::load(
                 t.path.as_ref().expect("validated"),
