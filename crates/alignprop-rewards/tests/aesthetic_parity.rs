@@ -126,3 +126,32 @@ fn laion_style_pth_head_loads_and_converts() {
     assert!(err.contains("alignprop-bad"), "{err}");
     std::fs::remove_file(&bad_pth).ok();
 }
+
+/// The real predictor's shapes: OpenAI CLIP ViT-L/14 (the `ClipVisionConfig` defaults) into LAION's head
+/// 768 -> 1024 -> 128 -> 64 -> 16 -> 1 (927,969 parameters), random weights, one 224x224 forward.
+#[test]
+#[ignore = "full-size ViT-L/14: ~1.2 GB of random weights and a slow CPU forward"]
+fn real_vit_l14_aesthetic_config_builds_and_runs() {
+    use alignprop_diffusion::VarBuilder;
+    use alignprop_diffusion::nn::Linear;
+    use alignprop_rewards::aesthetic::{AestheticMlp, LAION_LINEAR_INDICES};
+    use alignprop_rewards::clip_vision::{ClipVisionConfig, ClipVisionTransformer};
+    use burn::module::Module;
+    let d = Default::default();
+    let vb = VarBuilder::<I>::random(&d, DType::F32);
+    let cfg = ClipVisionConfig::default();
+    let clip = ClipVisionTransformer::new(&cfg, &vb).unwrap();
+    let widths = [768, 1024, 128, 64, 16, 1];
+    let layers: Vec<Linear<I>> = LAION_LINEAR_INDICES
+        .iter()
+        .enumerate()
+        .map(|(j, i)| Linear::new(&vb.pp("layers").pp(i), widths[j], widths[j + 1], true).unwrap())
+        .collect();
+    let mlp = AestheticMlp { layers };
+    assert_eq!(mlp.num_params(), 927_969);
+    let scorer = AestheticScorer { clip, mlp, target: 10.0 };
+    let images = Tensor::<I, 4>::random([1, 3, 256, 256], burn::tensor::Distribution::Uniform(-1.0, 1.0), &d);
+    let s: Vec<f32> = scorer.score(images).into_data().to_vec().unwrap();
+    assert_eq!(s.len(), 1);
+    assert!(s[0].is_finite());
+}
