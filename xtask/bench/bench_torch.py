@@ -145,8 +145,8 @@ def fwd_or_fwdbwd(fn, inputs, grads_of, out_seed, bwd):
 def lora_config():
     from peft import LoraConfig
 
-    # init_lora_weights="gaussian" (as diffusers' LoRA training scripts): B != 0, so every LoRA
-    # gradient is nonzero from the first step (timing-wise equivalent to the zero-B default).
+    # init_lora_weights="gaussian" as diffusers' LoRA training scripts (A ~ N(0, 1/r), B = 0: the
+    # adapted UNet starts equal to the base one; lora_A's gradient is zero until B has moved).
     return LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights="gaussian", lora_dropout=0.0)
 
 
@@ -407,7 +407,9 @@ def build_alignprop_step(args, k, s, ckpt, steps=20, guidance=7.5):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return Bench(run, grad_mode="grad")
+    bench = Bench(run, grad_mode="grad")
+    bench.params, bench.opt, bench.unet = params, opt, unet  # (for checks)
+    return bench
 
 
 # ---------------------------------------------------------------------------------------------------------
