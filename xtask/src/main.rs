@@ -4,6 +4,11 @@
 //!   libraries (diffusers, transformers, torch from PyPI) in a virtual environment `.venv-fixtures/`, created on
 //!   first use from `xtask/fixtures/requirements.txt`. Default output: a temporary folder, so the committed fixtures
 //!   are only replaced on purpose (`--out tests/fixtures/tiny-sd`).
+//! - `bench [--torch] [--only PATTERN] [--threads N] [--quick] [--criterion]`: the benchmark workloads of
+//!   `xtask/bench/WORKLOADS.md` on our side (and PyTorch's with `--torch`), one process per workload, as one table
+//!   of times, ratios and peak memory; results appended to `BENCHMARKS.md` (see `bench.rs`).
+
+mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -12,6 +17,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("fixtures") => fixtures(&args[1..]),
+        Some("bench") => bench::bench(&args[1..]),
         Some("-h" | "--help") | None => {
             print_help();
             Ok(())
@@ -34,18 +40,21 @@ fn print_help() {
         "cargo xtask <command>\n\n\
          commands:\n  \
          fixtures [--out DIR] [--preset public|alt]   regenerate the parity fixtures (creates .venv-fixtures/ with\n                                               \
-         torch, diffusers, transformers from PyPI on first use; ~3 GB)"
+         torch, diffusers, transformers from PyPI on first use; ~3 GB)\n  \
+         bench [--torch] [--only PATTERN] [--threads N] [--quick] [--criterion] [--no-append] [--device D]\n                                               \
+         benchmark workloads (ours; with --torch beside PyTorch in the same run)\n                                               \
+         as one table with ratios and peak memory, appended to BENCHMARKS.md"
     );
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf()
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<(), String> {
     eprintln!("+ {cmd:?}");
     let status = cmd
         .status()
@@ -58,7 +67,7 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 }
 
 /// The fixture venv's python, creating the venv from `xtask/fixtures/requirements.txt` when it is missing.
-fn fixture_python() -> Result<PathBuf, String> {
+pub(crate) fn fixture_python() -> Result<PathBuf, String> {
     let venv = root().join(".venv-fixtures");
     let python = venv.join("bin/python");
     if !python.exists() {

@@ -9,6 +9,7 @@
 //! - [`single_file`]: the original single-file SD1.5 checkpoint layout (`model.diffusion_model.*`, ...).
 //! - [`pipeline_files`]: a diffusers model folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, ...).
 //! - [`device`]: run-time choice of the CPU (`Flex`) or CUDA backend.
+//! - [`fused`]: fused CPU kernels (GroupNorm) with their autodiff backward, picked at run time.
 //!
 //! Every model is built through one code path, [`weights::VarBuilder`], which either reads tensors from files or
 //! initialises them randomly (for tests and benchmarks of the full-size architecture without weights).
@@ -16,6 +17,7 @@
 pub mod clip;
 pub mod convert;
 pub mod device;
+pub mod fused;
 pub mod nn;
 pub mod pipeline_files;
 pub mod single_file;

@@ -504,14 +504,13 @@ impl<B: Backend> ResnetBlock2D<B> {
         let h = self
             .conv1
             .forward(self.act.forward(self.norm1.forward(x.clone())));
-        let [b, c] = [h.dims()[0], h.dims()[1]];
-        let t = self
-            .time_emb_proj
-            .forward(temb.clone())
-            .reshape([b, c, 1, 1]);
-        let h = self
-            .conv2
-            .forward(self.act.forward(self.norm2.forward(h + t)));
+        let dims = h.dims();
+        let [b, c] = [dims[0], dims[1]];
+        // One scalar per (batch, channel) row: `[b * c, h * w] + [b * c, 1]` is a broadcast burn's CPU backend
+        // does fast, unlike `[b, c, h, w] + [b, c, 1, 1]`.
+        let t = self.time_emb_proj.forward(temb.clone()).reshape([b * c, 1]);
+        let h = (h.reshape([b * c, dims[2] * dims[3]]) + t).reshape(dims);
+        let h = self.conv2.forward(self.act.forward(self.norm2.forward(h)));
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
             None => x,

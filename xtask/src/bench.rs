@@ -1,0 +1,397 @@
+//! `cargo xtask bench`: our benchmark workloads beside PyTorch's, one process per workload and side.
+//!
+//! ```text
+//! cargo xtask bench [--torch] [--only PATTERN[,PATTERN..]] [--threads N] [--iters N] [--quick]
+//!                   [--criterion] [--no-append] [--device cpu|cuda]
+//! ```
+//!
+//! - Builds the runner (`alignprop-bench`, release profile) and runs every workload of `xtask/bench/WORKLOADS.md`
+//!   (or those whose name contains one of the `--only` patterns) in its own process, so each peak resident
+//!   memory is that workload's own. With `--torch`, the same workload runs in PyTorch (`xtask/bench/bench_torch.py`
+//!   in the `.venv-fixtures` virtual environment, created from PyPI when missing) right after ours: the two sides
+//!   are interleaved workload by workload on the same machine, with the same thread count.
+//! - Prints one table (ours, torch, time ratio ours/torch, peak memory of each side and their ratio), writes the
+//!   raw results as JSON under `xtask/bench/results/`, draws the scaling curves (step time and peak memory
+//!   against K, checkpointed and not, and against the latent size) as a PNG there, and appends the table with the
+//!   date, machine, versions and the exact command to `BENCHMARKS.md` (unless `--no-append`).
+//! - `--quick`: ops and models only, fewer iterations (a smoke run). `--criterion`: also runs the criterion
+//!   benchmarks (`cargo bench -p alignprop-bench`) first.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::{fixture_python, root, run};
+
+struct Options {
+    torch: bool,
+    only: Vec<String>,
+    threads: usize,
+    iters: Option<usize>,
+    quick: bool,
+    criterion: bool,
+    append: bool,
+    device: String,
+}
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        torch: false,
+        only: Vec::new(),
+        threads: 2,
+        iters: None,
+        quick: false,
+        criterion: false,
+        append: true,
+        device: "cpu".into(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--torch" => o.torch = true,
+            "--only" => o
+                .only
+                .extend(value("--only")?.split(',').map(|s| s.trim().to_string())),
+            "--threads" => {
+                o.threads = value("--threads")?
+                    .parse()
+                    .map_err(|e| format!("--threads: {e}"))?
+            }
+            "--iters" => {
+                o.iters = Some(
+                    value("--iters")?
+                        .parse()
+                        .map_err(|e| format!("--iters: {e}"))?,
+                )
+            }
+            "--quick" => o.quick = true,
+            "--criterion" => o.criterion = true,
+            "--no-append" => o.append = false,
+            "--device" => o.device = value("--device")?,
+            other => return Err(format!("unknown option '{other}' for `bench`")),
+        }
+    }
+    Ok(o)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// Runs `cmd`, passing its stderr through, and returns the last stdout line parsed as JSON.
+fn json_line(cmd: &mut Command) -> Result<Value, String> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{cmd:?} failed with {}", out.status));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or(format!("{cmd:?} printed no JSON line"))?;
+    serde_json::from_str(line).map_err(|e| format!("bad JSON from {cmd:?}: {e}: {line}"))
+}
+
+fn shell(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// CPU model, logical CPUs and memory of this machine, from `/proc`.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(str::trim)
+        .unwrap_or("unknown CPU");
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|k| k / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let avx512 = if cpuinfo.contains("avx512f") {
+        ", AVX-512"
+    } else {
+        ""
+    };
+    format!("{model}, {cpus} logical CPUs{avx512}, {mem_gib:.0} GiB RAM")
+}
+
+fn f(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64)
+}
+
+pub fn bench(args: &[String]) -> Result<(), String> {
+    let o = parse(args)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    if o.criterion {
+        run(Command::new(&cargo)
+            .current_dir(root())
+            .args(["bench", "-p", "alignprop-bench"]))?;
+    }
+    run(Command::new(&cargo).current_dir(root()).args([
+        "build",
+        "--release",
+        "-p",
+        "alignprop-bench",
+        "--bin",
+        "alignprop-bench",
+    ]))?;
+    let runner = target_dir().join("release/alignprop-bench");
+    let listed = Command::new(&runner)
+        .arg("--list")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", runner.display()))?;
+    let mut workloads: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    if o.quick {
+        workloads.retain(|w| !w.starts_with("step/") && !w.starts_with("scale/"));
+    }
+    if !o.only.is_empty() {
+        workloads.retain(|w| o.only.iter().any(|p| w.contains(p.as_str())));
+    }
+    if workloads.is_empty() {
+        return Err("no workload selected".into());
+    }
+    let python = if o.torch {
+        Some(fixture_python()?)
+    } else {
+        None
+    };
+    let script = root().join("xtask/bench/bench_torch.py");
+    let iters = |w: &str| -> Option<(String, String)> {
+        if let Some(n) = o.iters {
+            return Some((n.to_string(), "1".into()));
+        }
+        if o.quick {
+            let heavy = !w.starts_with("op/") && w != "ddim/step";
+            return Some(if heavy { ("2", "1") } else { ("5", "1") })
+                .map(|(a, b)| (a.to_string(), b.to_string()));
+        }
+        None
+    };
+
+    let mut results: Vec<(String, Result<Value, String>, Option<Result<Value, String>>)> =
+        Vec::new();
+    let total = workloads.len();
+    for (i, w) in workloads.iter().enumerate() {
+        eprintln!("[{}/{total}] {w}: ours", i + 1);
+        let mut ours = Command::new(&runner);
+        ours.args(["--workload", w, "--device", &o.device])
+            .env("RAYON_NUM_THREADS", o.threads.to_string());
+        if let Some((n, wu)) = iters(w) {
+            ours.args(["--iters", &n, "--warmup", &wu]);
+        }
+        let a = json_line(&mut ours);
+        let b = python.as_ref().map(|py| {
+            eprintln!("[{}/{total}] {w}: torch", i + 1);
+            let mut t = Command::new(py);
+            t.arg(&script)
+                .args(["--workload", w, "--threads", &o.threads.to_string()])
+                .current_dir(root());
+            if o.device != "cpu" {
+                t.args(["--device", &o.device]);
+            }
+            if let Some((n, wu)) = iters(w) {
+                t.args(["--iters", &n, "--warmup", &wu]);
+            }
+            json_line(&mut t)
+        });
+        results.push((w.clone(), a, b));
+    }
+
+    // The table.
+    let mut torch_version = String::new();
+    let mut diffusers_version = String::new();
+    let mut table = String::new();
+    if o.torch {
+        table.push_str(
+            "| workload | ours ms | torch ms | time ratio (ours/torch) | ours peak MiB | torch peak MiB | memory ratio |\n\
+             |---|---:|---:|---:|---:|---:|---:|\n",
+        );
+    } else {
+        table.push_str("| workload | ours ms (median) | min | max | iters | ours peak MiB |\n|---|---:|---:|---:|---:|---:|\n");
+    }
+    let cell = |v: Option<f64>, digits: usize| match v {
+        Some(x) => format!("{x:.digits$}"),
+        None => "-".into(),
+    };
+    for (w, a, b) in &results {
+        let a = a.as_ref().ok();
+        let b = b.as_ref().and_then(|b| b.as_ref().ok());
+        if let Some(b) = b {
+            if let Some(v) = b.get("torch").and_then(Value::as_str) {
+                torch_version = v.to_string();
+            }
+            if let Some(v) = b.get("diffusers").and_then(Value::as_str) {
+                diffusers_version = v.to_string();
+            }
+        }
+        let (am, ap) = (
+            a.and_then(|a| f(a, "median_ms")),
+            a.and_then(|a| f(a, "peak_rss_mib")),
+        );
+        if o.torch {
+            let (bm, bp) = (
+                b.and_then(|b| f(b, "median_ms")),
+                b.and_then(|b| f(b, "peak_rss_mib")),
+            );
+            let ratio = am.zip(bm).map(|(x, y)| x / y);
+            let mratio = ap.zip(bp).map(|(x, y)| x / y);
+            let _ = writeln!(
+                table,
+                "| {w} | {} | {} | {} | {} | {} | {} |",
+                cell(am, 2),
+                cell(bm, 2),
+                ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+                cell(ap, 0),
+                cell(bp, 0),
+                mratio.map_or("-".into(), |r| format!("{r:.2}x")),
+            );
+        } else {
+            let _ = writeln!(
+                table,
+                "| {w} | {} | {} | {} | {} | {} |",
+                cell(am, 2),
+                cell(a.and_then(|a| f(a, "min_ms")), 2),
+                cell(a.and_then(|a| f(a, "max_ms")), 2),
+                a.and_then(|a| a.get("iters").and_then(Value::as_u64))
+                    .map_or("-".into(), |n| n.to_string()),
+                cell(ap, 0),
+            );
+        }
+    }
+    let failures: Vec<String> = results
+        .iter()
+        .flat_map(|(w, a, b)| {
+            let mut v = Vec::new();
+            if let Err(e) = a {
+                v.push(format!("ours {w}: {e}"));
+            }
+            if let Some(Err(e)) = b {
+                v.push(format!("torch {w}: {e}"));
+            }
+            v
+        })
+        .collect();
+
+    let stamp = shell("date", &["-u", "+%Y-%m-%dT%H-%MZ"]);
+    let date = shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let rustc = shell("rustc", &["-V"]);
+    let command = format!("cargo xtask bench {}", args.join(" "));
+    let machine = machine();
+    let versions = if o.torch {
+        format!(
+            "ours: burn 0.21.0 (Flex CPU backend, f32), {rustc}, release profile; PyTorch: torch {torch_version} \
+             (CPU, f32), diffusers {diffusers_version}; {} threads on both sides",
+            o.threads
+        )
+    } else {
+        format!(
+            "ours: burn 0.21.0 (Flex CPU backend, f32), {rustc}, release profile; {} threads",
+            o.threads
+        )
+    };
+
+    println!("\n{table}");
+    for e in &failures {
+        println!("FAILED: {e}");
+    }
+
+    // Raw results.
+    let dir = root().join("xtask/bench/results");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let json_path = dir.join(format!("{stamp}.json"));
+    let raw: BTreeMap<String, Value> = results
+        .iter()
+        .map(|(w, a, b)| {
+            (
+                w.clone(),
+                serde_json::json!({
+                    "ours": a.as_ref().ok(),
+                    "torch": b.as_ref().and_then(|b| b.as_ref().ok()),
+                }),
+            )
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "date": date, "machine": machine, "versions": versions, "command": command, "results": raw,
+    });
+    std::fs::write(&json_path, serde_json::to_string_pretty(&doc).unwrap())
+        .map_err(|e| format!("{}: {e}", json_path.display()))?;
+    eprintln!("raw results: {}", json_path.display());
+
+    // Scaling plot (when the sweep ran).
+    let mut plot_line = String::new();
+    if results.iter().any(|(w, _, _)| w.starts_with("scale/")) {
+        let png = dir.join(format!("{stamp}-scaling.png"));
+        match run(Command::new(&runner)
+            .arg("--plot-scaling")
+            .arg(&json_path)
+            .arg(&png))
+        {
+            Ok(()) => {
+                eprintln!("scaling plot: {}", png.display());
+                plot_line = format!("\nScaling curves: `{}`.\n", relative(&png).display());
+            }
+            Err(e) => eprintln!("no scaling plot: {e}"),
+        }
+    }
+
+    if o.append {
+        let path = root().join("BENCHMARKS.md");
+        let mut md = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+            "# Benchmarks\n\nEvery table below was written by `cargo xtask bench` (see `xtask/src/bench.rs`), \
+             with the machine, versions and exact command it ran with.\n"
+                .to_string()
+        });
+        let _ = write!(
+            md,
+            "\n## {date}: `{command}`\n\nMachine: {machine}. Versions: {versions}. Each workload ran in its own \
+             process, ours then PyTorch's, workload by workload; times are medians; peak memory is the process's \
+             VmHWM. Raw: `{}`.\n{plot_line}\n{table}",
+            relative(&json_path).display()
+        );
+        for e in &failures {
+            let _ = writeln!(md, "\nFailed: {e}");
+        }
+        std::fs::write(&path, md).map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("appended to {}", path.display());
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} workload run(s) failed", failures.len()))
+    }
+}
+
+fn relative(p: &Path) -> PathBuf {
+    p.strip_prefix(root()).unwrap_or(p).to_path_buf()
+}
