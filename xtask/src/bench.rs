@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo xtask bench [--torch] [--only PATTERN[,PATTERN..]] [--threads N] [--iters N] [--quick]
-//!                   [--criterion] [--no-append] [--device cpu|cuda]
+//!                   [--criterion] [--no-append] [--no-build] [--device cpu|cuda]
 //! ```
 //!
 //! - Builds the runner (`alignprop-bench`, release profile) and runs every workload of `xtask/bench/WORKLOADS.md`
@@ -15,7 +15,8 @@
 //!   against K, checkpointed and not, and against the latent size) as a PNG there, and appends the table with the
 //!   date, machine, versions and the exact command to `BENCHMARKS.md` (unless `--no-append`).
 //! - `--quick`: ops and models only, fewer iterations (a smoke run). `--criterion`: also runs the criterion
-//!   benchmarks (`cargo bench -p alignprop-bench`) first.
+//!   benchmarks (`cargo bench -p alignprop-bench`) first. `--no-build`: use the runner already built in
+//!   `target/release` (e.g. one built on another machine and carried).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -35,6 +36,7 @@ struct Options {
     criterion: bool,
     append: bool,
     device: String,
+    build: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -47,6 +49,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         criterion: false,
         append: true,
         device: "cpu".into(),
+        build: true,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -71,6 +74,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--quick" => o.quick = true,
             "--criterion" => o.criterion = true,
             "--no-append" => o.append = false,
+            "--no-build" => o.build = false,
             "--device" => o.device = value("--device")?,
             other => return Err(format!("unknown option '{other}' for `bench`")),
         }
@@ -154,14 +158,16 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             .current_dir(root())
             .args(["bench", "-p", "alignprop-bench"]))?;
     }
-    run(Command::new(&cargo).current_dir(root()).args([
-        "build",
-        "--release",
-        "-p",
-        "alignprop-bench",
-        "--bin",
-        "alignprop-bench",
-    ]))?;
+    if o.build {
+        run(Command::new(&cargo).current_dir(root()).args([
+            "build",
+            "--release",
+            "-p",
+            "alignprop-bench",
+            "--bin",
+            "alignprop-bench",
+        ]))?;
+    }
     let runner = target_dir().join("release/alignprop-bench");
     let listed = Command::new(&runner)
         .arg("--list")

@@ -149,8 +149,16 @@ fn real_vit_l14_aesthetic_config_builds_and_runs() {
         .collect();
     let mlp = AestheticMlp { layers };
     assert_eq!(mlp.num_params(), 927_969);
-    let scorer = AestheticScorer { clip, mlp, target: 10.0 };
-    let images = Tensor::<I, 4>::random([1, 3, 256, 256], burn::tensor::Distribution::Uniform(-1.0, 1.0), &d);
+    let scorer = AestheticScorer {
+        clip,
+        mlp,
+        target: 10.0,
+    };
+    let images = Tensor::<I, 4>::random(
+        [1, 3, 256, 256],
+        burn::tensor::Distribution::Uniform(-1.0, 1.0),
+        &d,
+    );
     let s: Vec<f32> = scorer.score(images).into_data().to_vec().unwrap();
     assert_eq!(s.len(), 1);
     assert!(s[0].is_finite());
