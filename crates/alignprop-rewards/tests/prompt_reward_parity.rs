@@ -176,23 +176,35 @@ fn hps_scores_and_image_gradients_match_open_clip() {
 }
 
 /// HPSv2's release format: a torch file with the state dict under `state_dict`, DDP's `module.` prefix, float16.
-/// Every tensor read through [`open_weights`] equals the float32 safetensors one (the weights are float16 values).
+/// Every tensor read through [`open_weights`] equals the float32 safetensors one (the weights are float16 values),
+/// and so does every tensor of its `alignprop convert pth` conversion (prefixes kept, found again when loading).
 #[test]
 fn hps_torch_checkpoint_with_state_dict_and_module_prefix_loads() {
-    let pt = open_weights(&dir().join("hps/HPS_tiny.pt")).unwrap();
+    let pt_path = dir().join("hps/HPS_tiny.pt");
+    let converted = std::env::temp_dir().join(format!(
+        "alignprop-hps-converted-{}.safetensors",
+        std::process::id()
+    ));
+    alignprop_rewards::pth::pth_to_safetensors(&pt_path, &converted).unwrap();
+    let pt = open_weights(&pt_path).unwrap();
+    let conv = open_weights(&converted).unwrap();
     let st = open_weights(&dir().join("hps/model.safetensors")).unwrap();
     let keys = st.keys();
     assert!(keys.len() > 40 && keys.contains(&"visual.conv1.weight".to_string()));
     for k in keys {
-        let (a, b) = (pt.find(&k).unwrap().unwrap(), st.find(&k).unwrap().unwrap());
-        assert_eq!(a.shape, b.shape, "{k}");
-        assert_eq!(a.stored_key, format!("state_dict.module.{k}"));
-        let (a, b): (Vec<f64>, Vec<f64>) = (
-            a.data.convert::<f64>().to_vec().unwrap(),
-            b.data.convert::<f64>().to_vec().unwrap(),
-        );
-        assert_eq!(a, b, "{k}");
+        let b = st.find(&k).unwrap().unwrap();
+        for src in [&pt, &conv] {
+            let a = src.find(&k).unwrap().unwrap();
+            assert_eq!(a.shape, b.shape, "{k}");
+            assert_eq!(a.stored_key, format!("state_dict.module.{k}"));
+            let (a, b): (Vec<f64>, Vec<f64>) = (
+                a.data.convert::<f64>().to_vec().unwrap(),
+                b.data.clone().convert::<f64>().to_vec().unwrap(),
+            );
+            assert_eq!(a, b, "{k}");
+        }
     }
+    std::fs::remove_file(&converted).ok();
 }
 
 #[test]
