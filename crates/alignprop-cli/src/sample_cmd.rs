@@ -1,4 +1,5 @@
-//! `alignprop sample`: text to image with a diffusers Stable Diffusion folder, optionally with a LoRA.
+//! `alignprop sample`: text to image with a diffusers Stable Diffusion folder, optionally with a LoRA. Writes the
+//! PNGs, a grid and `manifest.json` (each file with its prompt).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -172,10 +173,17 @@ fn sample<B: Backend>(args: &SampleArgs, device: &B::Device, dtype: DType) -> Re
         pictures.extend(to_rgb8(out.images));
     }
     bar.finish_and_clear();
+    let mut manifest = Vec::new();
     for (i, ((k, prompt), img)) in jobs.iter().zip(&pictures).enumerate() {
-        let path = args.out.join(format!("{i:04}_{}_{k}.png", slug(prompt)));
-        save_png(img, &path).map_err(anyhow::Error::msg)?;
+        let file = format!("{i:04}_{}_{k}.png", slug(prompt));
+        save_png(img, &args.out.join(&file)).map_err(anyhow::Error::msg)?;
+        manifest.push(serde_json::json!({"file": file, "prompt": prompt}));
     }
+    // Which file shows which prompt: what `alignprop eval --reward hps|pickscore --images` reads.
+    let manifest_path = args.out.join(crate::eval_cmd::MANIFEST);
+    let manifest = serde_json::json!({"images": manifest, "seed": args.seed, "steps": args.steps});
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest)?)
+        .with_context(|| format!("{}: cannot write", manifest_path.display()))?;
     let grid_path = args.out.join("grid.png");
     save_png(
         &grid(&pictures, (pictures.len() as f64).sqrt().ceil() as usize),

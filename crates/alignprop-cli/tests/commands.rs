@@ -427,3 +427,117 @@ fn fit_compressibility_then_eval_with_it_and_with_the_true_jpeg_size() {
     );
     std::fs::remove_dir_all(d).ok();
 }
+
+/// `eval --reward hps|pickscore` (the tiny fixture models): a folder written by `sample` is scored with the prompts
+/// of its manifest.json; `--prompt` gives one prompt for every image instead; `--model` scores generated images
+/// with their prompts (the tokenizer defaults to the model's); missing prompts or tokenizer are clean errors.
+#[test]
+fn eval_with_prompt_rewards_reads_the_sample_manifest_or_prompts() {
+    let d = tmp("prompt-rewards");
+    let m = alignprop_rewards::testing::write_prompt_reward_models(&d.join("models")).unwrap();
+    let imgs = d.join("imgs");
+    ok(sample(&imgs, &[]));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&read(&imgs.join("manifest.json"))).unwrap();
+    assert_eq!(manifest["images"][1]["file"], "0001_a_dog_0.png");
+    assert_eq!(manifest["images"][1]["prompt"], "a dog");
+    let hps: Vec<std::ffi::OsString> = vec![
+        "--reward".into(),
+        "hps".into(),
+        "--reward-path".into(),
+        m.hps_weights.clone().into(),
+        "--reward-config".into(),
+        m.hps_config.clone().into(),
+    ];
+    let tok: Vec<std::ffi::OsString> = vec!["--tokenizer".into(), m.tokenizer.clone().into()];
+    let scores = |args: &[std::ffi::OsString], name: &str| {
+        let json = d.join(name);
+        ok(run(bin()
+            .args(["eval", "--device", "cpu"])
+            .args(args)
+            .arg("--json")
+            .arg(&json)));
+        let v: serde_json::Value = serde_json::from_slice(&read(&json)).unwrap();
+        v["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["item"].as_str().unwrap().to_string(),
+                    s["score"].as_f64().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let folder: Vec<std::ffi::OsString> = vec!["--images".into(), imgs.clone().into()];
+    let from_manifest = scores(
+        &[hps.clone(), tok.clone(), folder.clone()].concat(),
+        "a.json",
+    );
+    let names: Vec<&str> = from_manifest.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(names, ["0000_a_cat_0.png", "0001_a_dog_0.png"]);
+    assert!(
+        from_manifest.iter().all(|r| r.1.abs() <= 1.0),
+        "{from_manifest:?}"
+    );
+    // One prompt for every image of the folder (the grid too): the cat image with "a cat" scores the same.
+    let one: Vec<std::ffi::OsString> = vec!["--prompt".into(), "a cat".into()];
+    let all_cat = scores(
+        &[hps.clone(), tok.clone(), folder.clone(), one].concat(),
+        "b.json",
+    );
+    assert_eq!(all_cat.len(), 3);
+    assert_eq!(all_cat[0], from_manifest[0]);
+    assert_ne!(
+        all_cat[1].1, from_manifest[1].1,
+        "the prompt did not change the score"
+    );
+    // PickScore from its folder; generated images scored with their prompts, tokenizer from --model.
+    let pick: Vec<std::ffi::OsString> = vec![
+        "--reward".into(),
+        "pickscore".into(),
+        "--reward-path".into(),
+        m.pickscore.clone().into(),
+    ];
+    let p = scores(
+        &[pick.clone(), tok.clone(), folder.clone()].concat(),
+        "c.json",
+    );
+    assert_eq!(p.len(), 2);
+    let gen_args: Vec<std::ffi::OsString> = vec![
+        "--model".into(),
+        tiny().into(),
+        "--prompt".into(),
+        "a cat".into(),
+        "--steps".into(),
+        "2".into(),
+    ];
+    let g = scores(&[hps.clone(), gen_args].concat(), "d.json");
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0].0, "a cat");
+    // Clean errors: no tokenizer; a folder without prompts or manifest; a wrong number of prompts.
+    let e = run(bin()
+        .args(["eval", "--device", "cpu"])
+        .args(&hps)
+        .args(&folder));
+    assert_clean_error(&e, "--tokenizer");
+    let bare = d.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::copy(imgs.join("0000_a_cat_0.png"), bare.join("x.png")).unwrap();
+    let e = run(bin()
+        .args(["eval", "--device", "cpu"])
+        .args(&hps)
+        .args(&tok)
+        .arg("--images")
+        .arg(&bare));
+    assert_clean_error(&e, "manifest.json");
+    let e = run(bin()
+        .args(["eval", "--device", "cpu"])
+        .args(&hps)
+        .args(&tok)
+        .args(&folder)
+        .args(["--prompt", "a", "--prompt", "b"]));
+    assert_clean_error(&e, "2 prompts given for 3 images");
+    std::fs::remove_dir_all(d).ok();
+}

@@ -428,7 +428,8 @@ impl<B: Backend> VarBuilder<B> {
     /// Reads (or initialises) the tensor `name` under this prefix, checking that it has `shape`.
     ///
     /// A stored tensor whose shape differs from `shape` only by trailing dimensions of size 1 is accepted and
-    /// reshaped (1x1 convolution weights stored where a linear layer expects a matrix, as in the original SD VAE).
+    /// reshaped (1x1 convolution weights stored where a linear layer expects a matrix, as in the original SD VAE;
+    /// a 0-d scalar such as CLIP's `logit_scale`, stored with shape `[]`, read as `[1]`).
     pub fn get<const D: usize>(
         &self,
         shape: [usize; D],
@@ -467,7 +468,7 @@ impl<B: Backend> VarBuilder<B> {
                     .push((key.clone(), shape.to_vec()));
                 let squeezed = |s: &[usize]| -> Vec<usize> {
                     let mut v = s.to_vec();
-                    while v.len() > 1 && v.last() == Some(&1) {
+                    while v.last() == Some(&1) {
                         v.pop();
                     }
                     v

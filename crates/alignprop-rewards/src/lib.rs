@@ -4,6 +4,11 @@
 //! - [`preprocess`]: AlignProp's CLIP preprocessing (clamp, shorter-side bilinear resize, normalisation).
 //! - [`clip_vision`]: the CLIP vision transformer (transformers `CLIPVisionModelWithProjection` weights).
 //! - [`aesthetic`]: the LAION aesthetic predictor (CLIP embedding -> linear MLP), loss `|score - 10|`.
+//! - [`open_clip`]: OpenCLIP's CLIP (ViT + text transformer, open_clip's state-dict names and model configs).
+//! - [`hps`]: HPSv2 (OpenCLIP ViT-H/14; cosine of image and prompt features), loss `1 - score`.
+//! - [`pickscore`]: PickScore (transformers CLIP-H; `logit_scale.exp()` times the cosine), loss `-score`.
+//! - [`text`]: prompts to token ids for the prompt-conditioned rewards.
+//! - [`testing`]: the tiny HPSv2 / PickScore fixture models as loadable files (for tests).
 //! - [`compressibility`]: JPEG size (the true metric) and its learned differentiable surrogate.
 //! - [`compose`]: a weighted sum of rewards, and a fixed target (`|score - target|` loss) for any reward.
 //! - [`tiny`]: the tiny scorer of the parity fixtures.
@@ -14,8 +19,13 @@ pub mod brightness;
 pub mod clip_vision;
 pub mod compose;
 pub mod compressibility;
+pub mod hps;
+pub mod open_clip;
+pub mod pickscore;
 pub mod preprocess;
 pub mod pth;
+pub mod testing;
+pub mod text;
 pub mod tiny;
 
 use burn::tensor::Tensor;

@@ -1,6 +1,10 @@
 //! AlignProp's differentiable image preprocessing for CLIP-based rewards:
 //! `x / 2 + 0.5` clamped to `[0, 1]`, bilinear resize of the shorter side (no centre crop, no antialiasing, as the
 //! AlignProp reference's torchvision pin did), then CLIP's per-channel normalisation.
+//!
+//! [`clip_preprocess_center_crop`] adds the centre crop of CLIP's own image processors (torchvision `CenterCrop`)
+//! after the resize, so non-square images reach a square ViT input. For square images (what AlignProp trains on)
+//! the crop is the identity and both functions give the same tensor.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::module::interpolate;
@@ -68,4 +72,32 @@ pub fn clip_preprocess<B: Backend>(
     let [_, _, h, w] = images.dims();
     let x = resize_bilinear(to_unit_range(images), shorter_side_size(h, w, size));
     normalize(x, mean, std)
+}
+
+/// torchvision's `CenterCrop(size)` of `[batch, channels, h, w]` with `h, w >= size`: rows from
+/// `round((h - size) / 2)` (round half to even, as Python's `round`), likewise columns. Differentiable (a slice).
+pub fn center_crop<B: Backend>(images: Tensor<B, 4>, size: usize) -> Tensor<B, 4> {
+    let [_, _, h, w] = images.dims();
+    assert!(
+        h >= size && w >= size,
+        "centre crop to {size}x{size} of a smaller {h}x{w} image"
+    );
+    if [h, w] == [size, size] {
+        return images;
+    }
+    let start = |n: usize| ((n - size) as f64 / 2.0).round_ties_even() as usize;
+    let (top, left) = (start(h), start(w));
+    images.narrow(2, top, size).narrow(3, left, size)
+}
+
+/// [`clip_preprocess`] then a centre crop to `size x size`: decoder output `[batch, 3, H, W]` in `[-1, 1]` to
+/// `[batch, 3, size, size]`, as CLIP's image processors (resize the shorter side, centre crop) but with AlignProp's
+/// differentiable bilinear resize.
+pub fn clip_preprocess_center_crop<B: Backend>(
+    images: Tensor<B, 4>,
+    size: usize,
+    mean: [f64; 3],
+    std: [f64; 3],
+) -> Tensor<B, 4> {
+    center_crop(clip_preprocess(images, size, mean, std), size)
 }

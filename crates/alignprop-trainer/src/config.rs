@@ -45,14 +45,23 @@ impl Default for ModelConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RewardConfig {
     /// `brightness` (mean image brightness, for demos), `aesthetic` (LAION aesthetic predictor: needs
-    /// `clip_path` and `path`), `compressibility` (the JPEG-size surrogate: `clip_path` and `path`), `tiny` (the
-    /// fixtures' tiny scorer, needs `path`), or `sum`: a weighted sum of the
-    /// rewards listed as `[[reward.terms]]`.
+    /// `clip_path` and `path`), `compressibility` (the JPEG-size surrogate: `clip_path` and `path`), `hps` (HPSv2:
+    /// `path`, optional `config` and `tokenizer`; loss `1 - score`), `pickscore` (PickScore: `path`, optional
+    /// `tokenizer`; loss `-score`), `tiny` (the fixtures' tiny scorer, needs `path`), or `sum`: a weighted sum of
+    /// the rewards listed as `[[reward.terms]]`.
     pub kind: String,
-    /// Weights: the aesthetic head (`.pth` as LAION publishes it, or `.safetensors`), or the `tiny` folder.
+    /// Weights: the aesthetic head (`.pth` as LAION publishes it, or `.safetensors`), the HPSv2 checkpoint
+    /// (`HPS_v2_compressed.pt`, `HPS_v2.1_compressed.pt` or a safetensors conversion), the PickScore folder
+    /// (transformers `CLIPModel`: `config.json` + `model.safetensors` or `pytorch_model.bin`), or the `tiny` folder.
     pub path: Option<PathBuf>,
     /// `aesthetic`: a transformers `CLIPVisionModelWithProjection` folder (OpenAI CLIP ViT-L/14).
     pub clip_path: Option<PathBuf>,
+    /// `hps`: the open_clip model config json (default: the built-in ViT-H-14); `pickscore`: the `CLIPModel`
+    /// `config.json` when `path` is a weights file (default: `config.json` next to the weights).
+    pub config: Option<PathBuf>,
+    /// `hps`, `pickscore`: a CLIP tokenizer folder (`tokenizer.json` or `vocab.json` + `merges.txt`). Default: the
+    /// PickScore folder when it holds one, else the `tokenizer/` folder of `model.path` (SD1.5's is the same BPE).
+    pub tokenizer: Option<PathBuf>,
     /// The loss is `loss_coeff * mean(per-image loss)`; AlignProp uses 0.01 for the aesthetic reward.
     pub loss_coeff: f64,
     /// For `|score - target|` losses (aesthetic: 10); `None` uses the reward's own loss (`-score` for most,
@@ -68,6 +77,8 @@ impl Default for RewardConfig {
             kind: "brightness".into(),
             path: None,
             clip_path: None,
+            config: None,
+            tokenizer: None,
             loss_coeff: 1.0,
             target: None,
             terms: Vec::new(),
@@ -84,6 +95,8 @@ pub struct RewardTermConfig {
     pub weight: f64,
     pub path: Option<PathBuf>,
     pub clip_path: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
     pub target: Option<f64>,
 }
 
@@ -94,15 +107,43 @@ impl Default for RewardTermConfig {
             weight: 1.0,
             path: None,
             clip_path: None,
+            config: None,
+            tokenizer: None,
             target: None,
         }
     }
 }
 
 /// The single reward kinds the trainer can build.
-pub const REWARD_KINDS: &[&str] = &["brightness", "aesthetic", "compressibility", "tiny"];
+pub const REWARD_KINDS: &[&str] = &[
+    "brightness",
+    "aesthetic",
+    "compressibility",
+    "hps",
+    "pickscore",
+    "tiny",
+];
+
+/// The reward kinds that compare each image with its prompt (they need a CLIP tokenizer).
+pub const PROMPT_REWARD_KINDS: &[&str] = &["hps", "pickscore"];
 
 impl RewardTermConfig {
+    /// Where the tokenizer of a prompt reward is looked for, in order: `tokenizer` when set (only it); else the
+    /// PickScore folder (`path`, when it is a folder) and `default` (the `tokenizer/` folder of the SD model).
+    pub fn tokenizer_candidates(&self, default: Option<&Path>) -> Vec<PathBuf> {
+        if let Some(t) = &self.tokenizer {
+            return vec![t.clone()];
+        }
+        let mut c = Vec::new();
+        if self.kind == "pickscore"
+            && let Some(p) = self.path.as_ref().filter(|p| p.is_dir())
+        {
+            c.push(p.clone());
+        }
+        c.extend(default.map(Path::to_path_buf));
+        c
+    }
+
     /// Checks the kind and that its files are given; `at` names the config place for messages.
     pub fn validate(&self, at: &str) -> Result<(), String> {
         if !REWARD_KINDS.contains(&self.kind.as_str()) {
@@ -122,6 +163,18 @@ impl RewardTermConfig {
             return Err(format!(
                 "{at}kind = \"aesthetic\" needs {at}clip_path (CLIP ViT-L/14 vision folder) and {at}path (the \
                  aesthetic head .pth or .safetensors)"
+            ));
+        }
+        if self.kind == "hps" && self.path.is_none() {
+            return Err(format!(
+                "{at}kind = \"hps\" needs {at}path (HPS_v2_compressed.pt / HPS_v2.1_compressed.pt or its \
+                 safetensors conversion; {at}config defaults to open_clip's ViT-H-14)"
+            ));
+        }
+        if self.kind == "pickscore" && self.path.is_none() {
+            return Err(format!(
+                "{at}kind = \"pickscore\" needs {at}path (the yuvalkirstain/PickScore_v1 folder: config.json and \
+                 model.safetensors or pytorch_model.bin)"
             ));
         }
         if self.kind == "tiny" && self.path.is_none() {
@@ -147,6 +200,8 @@ impl RewardConfig {
                 weight: 1.0,
                 path: self.path.clone(),
                 clip_path: self.clip_path.clone(),
+                config: self.config.clone(),
+                tokenizer: self.tokenizer.clone(),
                 target: self.target,
             }]
         }
@@ -260,15 +315,24 @@ impl TrainConfig {
                 *p = base.join(&*p);
             }
         }
-        let term_paths = cfg
-            .reward
-            .terms
-            .iter_mut()
-            .flat_map(|t| [&mut t.path, &mut t.clip_path]);
-        for p in [&mut cfg.reward.path, &mut cfg.reward.clip_path]
-            .into_iter()
-            .chain(term_paths)
-            .flatten()
+        let r = &mut cfg.reward;
+        let term_paths = r.terms.iter_mut().flat_map(|t| {
+            [
+                &mut t.path,
+                &mut t.clip_path,
+                &mut t.config,
+                &mut t.tokenizer,
+            ]
+        });
+        for p in [
+            &mut r.path,
+            &mut r.clip_path,
+            &mut r.config,
+            &mut r.tokenizer,
+        ]
+        .into_iter()
+        .chain(term_paths)
+        .flatten()
         {
             if p.is_relative() {
                 *p = base.join(&*p);

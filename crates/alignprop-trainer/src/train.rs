@@ -14,6 +14,9 @@ use alignprop_pipeline::{Conditioning, NoiseRng, StableDiffusion, denoise};
 use alignprop_rewards::aesthetic::AestheticScorer;
 use alignprop_rewards::compose::{Targeted, WeightedSum, WeightedTerm};
 use alignprop_rewards::compressibility::CompressibilityScorer;
+use alignprop_rewards::hps::HpsScorer;
+use alignprop_rewards::pickscore::PickScorer;
+use alignprop_rewards::text::find_tokenizer;
 use alignprop_rewards::tiny::TinyReward;
 use alignprop_rewards::{Brightness, Reward};
 use alignprop_schedulers::{DdimScheduler, Scheduler};
@@ -72,15 +75,42 @@ pub struct EvalLog {
 }
 
 /// Builds the reward of a run: one reward, or a weighted sum (`reward.kind = "sum"`); a `target` turns a reward's
-/// loss into `|score - target|`.
+/// loss into `|score - target|`. Prompt rewards (`hps`, `pickscore`) need `tokenizer` (or a PickScore folder
+/// holding one): see [`build_reward_with_tokenizer`].
 pub fn build_reward<B: AutodiffBackend>(
     config: &crate::config::RewardConfig,
     device: &B::Device,
     dtype: DType,
 ) -> Result<Box<dyn Reward<B>>, TrainError> {
+    build_reward_with_tokenizer(config, None, device, dtype)
+}
+
+/// [`build_reward`], with the tokenizer folder prompt rewards use when the config names none (the trainer passes
+/// the SD model's `tokenizer/`: the same CLIP BPE as open_clip's and PickScore's).
+pub fn build_reward_with_tokenizer<B: AutodiffBackend>(
+    config: &crate::config::RewardConfig,
+    default_tokenizer: Option<&Path>,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<Box<dyn Reward<B>>, TrainError> {
     let mut terms = Vec::new();
     for t in config.terms() {
+        let tokenizer = || find_tokenizer(&t.tokenizer_candidates(default_tokenizer));
         let mut r: Box<dyn Reward<B>> = match t.kind.as_str() {
+            "hps" => Box::new(HpsScorer::load(
+                t.path.as_ref().expect("validated"),
+                t.config.as_deref(),
+                &tokenizer()?,
+                device,
+                dtype,
+            )?),
+            "pickscore" => Box::new(PickScorer::load(
+                t.path.as_ref().expect("validated"),
+                t.config.as_deref(),
+                &tokenizer()?,
+                device,
+                dtype,
+            )?),
             "aesthetic" => {
                 let clip = t.clip_path.as_ref().expect("validated");
                 let head = t.path.as_ref().expect("validated");
@@ -162,7 +192,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             config.sampling.eta,
         )
         .map_err(|e| TrainError::Config(e.to_string()))?;
-        let reward = build_reward::<B>(&config.reward, device, dtype)?;
+        let reward = build_reward_with_tokenizer::<B>(
+            &config.reward,
+            Some(&model_dir.join("tokenizer")),
+            device,
+            dtype,
+        )?;
         let prompts = read_prompts(&config.train.prompts).map_err(TrainError::Config)?;
         let eval_prompts = read_prompts(&config.eval.prompts).map_err(TrainError::Config)?;
         let out_dir = config.output.dir.clone();

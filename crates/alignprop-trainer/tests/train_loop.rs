@@ -291,3 +291,104 @@ fn weighted_sum_of_rewards_from_config() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// HPSv2 and PickScore (the tiny fixture models) as the reward of a run, alone and as terms of a sum: one step
+/// each from the same seed (so the same trajectory); the losses are the rewards' own (`1 - score`, `-score`), the
+/// sum adds them with their weights, and the reward gradient reaches the LoRA. The tokenizer defaults to the SD
+/// model's `tokenizer/`.
+#[test]
+fn hps_and_pickscore_rewards_train_alone_and_in_a_sum() {
+    use alignprop_trainer::config::{RewardConfig, RewardTermConfig};
+    let dir = std::env::temp_dir().join(format!("alignprop-prompt-rw-{}", std::process::id()));
+    let m = alignprop_rewards::testing::write_prompt_reward_models(&dir).unwrap();
+    let hps = RewardTermConfig {
+        kind: "hps".into(),
+        path: Some(m.hps_weights.clone()),
+        config: Some(m.hps_config.clone()),
+        ..Default::default()
+    };
+    let pick = RewardTermConfig {
+        kind: "pickscore".into(),
+        weight: 0.5,
+        path: Some(m.pickscore.clone()),
+        ..Default::default()
+    };
+    let single = |t: &RewardTermConfig| RewardConfig {
+        kind: t.kind.clone(),
+        path: t.path.clone(),
+        config: t.config.clone(),
+        ..Default::default()
+    };
+    let one_step = |name: &str, reward: RewardConfig| {
+        let mut cfg = demo_config(name);
+        cfg.reward = reward;
+        cfg.train.steps = 1;
+        cfg.sampling.steps = 3;
+        cfg.truncation = Truncation::Fixed { k: 1 };
+        cfg.eval.every = 100;
+        cfg.validate().unwrap();
+        let out = cfg.output.dir.clone();
+        let s = run::<A>(
+            cfg,
+            &Default::default(),
+            false,
+            &AtomicBool::new(false),
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .unwrap();
+        std::fs::remove_dir_all(out).ok();
+        s.steps[0].clone()
+    };
+    let h = one_step("hps", single(&hps));
+    let p = one_step("pick", single(&pick));
+    let sum = one_step(
+        "prompt-sum",
+        RewardConfig {
+            kind: "sum".into(),
+            terms: vec![hps.clone(), pick.clone()],
+            ..Default::default()
+        },
+    );
+    eprintln!(
+        "hps {} (loss {}), pickscore {} (loss {}), sum {} (loss {})",
+        h.reward_mean, h.loss, p.reward_mean, p.loss, sum.reward_mean, sum.loss
+    );
+    assert!(h.reward_mean.abs() <= 1.0 && h.grad_norm > 0.0 && p.grad_norm > 0.0);
+    assert!((h.loss - (1.0 - h.reward_mean)).abs() < 1e-5, "{h:?}");
+    assert!((p.loss + p.reward_mean).abs() < 1e-5, "{p:?}");
+    let want = h.reward_mean + 0.5 * p.reward_mean;
+    assert!(
+        (sum.reward_mean - want).abs() < 1e-5,
+        "{} vs {want}",
+        sum.reward_mean
+    );
+    assert!(
+        (sum.loss - (h.loss + 0.5 * p.loss)).abs() < 1e-5,
+        "{}",
+        sum.loss
+    );
+
+    // Without a tokenizer anywhere the error lists where it looked.
+    let e = match alignprop_trainer::train::build_reward::<A>(
+        &single(&hps),
+        &Default::default(),
+        burn::tensor::DType::F32,
+    ) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("built without a tokenizer"),
+    };
+    assert!(e.contains("no CLIP tokenizer found"), "{e}");
+    // A missing path is a config error naming the key.
+    let mut cfg = demo_config("hps-nopath");
+    cfg.reward = RewardConfig {
+        kind: "hps".into(),
+        ..Default::default()
+    };
+    let e = cfg.validate().unwrap_err();
+    assert!(
+        e.contains("reward.path") && e.contains("HPS_v2_compressed.pt"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,259 @@
+//! PickScore (Kirstain et al. 2023): a CLIP-H/14 (transformers `CLIPModel`) fine-tuned on Pick-a-Pic preferences.
+//! Score of an image and its prompt: `logit_scale.exp() * cosine(image_embeds, text_embeds)` (about 20-23 for the
+//! real model); loss `-score`.
+//!
+//! Layout: transformers `CLIPModel` names (`text_model.*`, `vision_model.*`, `visual_projection.weight`,
+//! `text_projection.weight`, `logit_scale`) and its `config.json` (`text_config`, `vision_config`,
+//! `projection_dim`); the towers are this crate's [`ClipVisionTransformer`] and the SD text encoder's
+//! [`ClipTextTransformer`].
+//!
+//! Preprocessing: PickScore's processor (that of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`) resizes the shorter side
+//! to 224 with bicubic interpolation, centre-crops 224 and applies CLIP's mean/std. Here, to be differentiable and
+//! consistent with the other rewards, the resize is AlignProp's bilinear one (no antialiasing), followed by the
+//! same centre crop ([`clip_preprocess_center_crop`]); scores of the same picture differ slightly from the
+//! processor's (bilinear vs. bicubic), as AlignProp's own HPS and aesthetic rewards do.
+//!
+//! Prompts: the CLIP BPE tokenizer, padded to `max_position_embeddings` (77); the processor pads only to the longest
+//! prompt and masks the padding, which gives the same pooled output since the text mask is causal and padding comes
+//! after the end-of-text token.
+//!
+//! [`Reward::score`] without prompts panics (the score needs the prompt).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use alignprop_diffusion::VarBuilder;
+use alignprop_diffusion::clip::{ClipTextConfig, ClipTextTransformer};
+use alignprop_diffusion::nn::{Linear, param};
+use alignprop_diffusion::pipeline_files::component_weights;
+use alignprop_diffusion::tokenizer::ClipTokenizer;
+use alignprop_diffusion::weights::{Init, Result, SafetensorsSource, TensorSource, WeightError};
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor};
+use serde_json::{Map, Value, json};
+
+use crate::Reward;
+use crate::clip_vision::{ClipVisionConfig, ClipVisionTransformer};
+use crate::hps::cosine_rows;
+use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess_center_crop};
+use crate::pth::PthSource;
+use crate::text::{check_prompts, load_tokenizer, needs_prompts, prompt_ids};
+
+/// transformers' `CLIPConfig` as read from a `config.json`: the two tower configs (with transformers' defaults for
+/// keys a file leaves out, and any `text_config_dict` / `vision_config_dict` of old files applied on top) and the
+/// joint `projection_dim`.
+#[derive(Clone, Debug)]
+pub struct ClipModelConfig {
+    pub text_config: ClipTextConfig,
+    /// `projection_dim` is set to the model's (top-level) `projection_dim`.
+    pub vision_config: ClipVisionConfig,
+    pub projection_dim: usize,
+}
+
+/// transformers' `CLIPTextConfig()` defaults (a file only lists the values that differ).
+fn text_defaults() -> Value {
+    json!({
+        "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "projection_dim": 512,
+        "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "initializer_factor": 1.0, "pad_token_id": 1, "bos_token_id": 49406, "eos_token_id": 49407
+    })
+}
+
+/// transformers' `CLIPVisionConfig()` defaults.
+fn vision_defaults() -> Value {
+    json!({
+        "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 512, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+        "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5
+    })
+}
+
+/// `base` with the non-null entries of each object in `layers` written over it.
+fn overlay(mut base: Value, layers: &[Option<&Value>]) -> Value {
+    let obj = base.as_object_mut().expect("object");
+    for layer in layers.iter().flatten() {
+        if let Some(m) = layer.as_object() {
+            for (k, v) in m {
+                if !v.is_null() {
+                    obj.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    base
+}
+
+impl ClipModelConfig {
+    /// Reads a `CLIPModel` `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let err = |msg: String| WeightError::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| WeightError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let empty = Value::Object(Map::new());
+        let root = v
+            .as_object()
+            .ok_or_else(|| err("expected a JSON object".into()))?;
+        if !root.contains_key("text_config") && !root.contains_key("vision_config") {
+            return Err(err(
+                "not a CLIPModel config (no text_config / vision_config; a CLIPVisionModel or CLIPTextModel \
+                 folder holds only one tower)"
+                    .into(),
+            ));
+        }
+        let get = |k: &str| root.get(k).or(Some(&empty));
+        let t = overlay(
+            text_defaults(),
+            &[get("text_config"), get("text_config_dict")],
+        );
+        let vis = overlay(
+            vision_defaults(),
+            &[get("vision_config"), get("vision_config_dict")],
+        );
+        let text_config: ClipTextConfig =
+            serde_json::from_value(t).map_err(|e| err(format!("text_config: {e}")))?;
+        let mut vision_config: ClipVisionConfig =
+            serde_json::from_value(vis).map_err(|e| err(format!("vision_config: {e}")))?;
+        let projection_dim = match root.get("projection_dim") {
+            None | Some(Value::Null) => 512,
+            Some(p) => p
+                .as_u64()
+                .ok_or_else(|| err(format!("projection_dim: expected an integer, found {p}")))?
+                as usize,
+        };
+        vision_config.projection_dim = projection_dim;
+        Ok(Self {
+            text_config,
+            vision_config,
+            projection_dim,
+        })
+    }
+}
+
+/// The PickScore model: CLIP towers, projections, logit scale, tokenizer.
+#[derive(Debug)]
+pub struct PickScorer<B: Backend> {
+    /// Vision tower with `visual_projection` `[projection_dim, vision hidden]`.
+    pub vision: ClipVisionTransformer<B>,
+    pub text: ClipTextTransformer<B>,
+    /// `[projection_dim, text hidden]`, no bias.
+    pub text_projection: Linear<B>,
+    /// `[1]`: the log of the scale (stored as a 0-d tensor).
+    pub logit_scale: Param<Tensor<B, 1>>,
+    pub tokenizer: ClipTokenizer,
+    /// Text length the prompts are padded to (`max_position_embeddings`).
+    pub max_length: usize,
+}
+
+/// The tensors of a `CLIPModel` folder or file: `model.safetensors` (or sharded, or fp16 variants), else
+/// `pytorch_model.bin` (read without executing pickle code); a file path is opened as it is.
+pub fn clip_model_weights(path: &Path) -> Result<Arc<dyn TensorSource>> {
+    let pickle = |p: &Path| {
+        p.extension()
+            .is_some_and(|e| ["bin", "pt", "pth"].iter().any(|x| e == *x))
+    };
+    if path.is_file() {
+        return Ok(if pickle(path) {
+            Arc::new(PthSource::open(path)?)
+        } else {
+            Arc::new(SafetensorsSource::open(&[path])?)
+        });
+    }
+    match component_weights(path) {
+        Ok(files) => Ok(Arc::new(SafetensorsSource::open(&files)?)),
+        Err(e) => {
+            let bin = path.join("pytorch_model.bin");
+            if bin.is_file() {
+                Ok(Arc::new(PthSource::open(&bin)?))
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+impl<B: Backend> PickScorer<B> {
+    /// Builds from `vb` at the root of a `CLIPModel` state dict.
+    pub fn new(
+        cfg: &ClipModelConfig,
+        vb: &VarBuilder<B>,
+        tokenizer: ClipTokenizer,
+    ) -> Result<Self> {
+        let t = &cfg.text_config;
+        Ok(Self {
+            vision: ClipVisionTransformer::new(&cfg.vision_config, vb)?,
+            text: ClipTextTransformer::new(t, vb)?,
+            text_projection: Linear::new(
+                &vb.pp("text_projection"),
+                t.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?,
+            logit_scale: param(vb.get([1], "logit_scale", Init::Ones)?),
+            tokenizer,
+            max_length: t.max_position_embeddings,
+        })
+    }
+
+    /// `path`: a `CLIPModel` folder (`config.json` + weights, e.g. `yuvalkirstain/PickScore_v1`) or a weights file
+    /// (then `config` names its `config.json`, by default the one next to it); `tokenizer`: a CLIP tokenizer folder
+    /// (`laion/CLIP-ViT-H-14-laion2B-s32B-b79K`'s, or an SD1.5 `tokenizer/`: the same BPE).
+    pub fn load(
+        path: &Path,
+        config: Option<&Path>,
+        tokenizer: &Path,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let config: PathBuf = match config {
+            Some(c) => c.to_path_buf(),
+            None if path.is_dir() => path.join("config.json"),
+            None => path.with_file_name("config.json"),
+        };
+        let cfg = ClipModelConfig::from_file(&config)?;
+        let vb = VarBuilder::from_source(clip_model_weights(path)?, device, dtype);
+        Self::new(&cfg, &vb, load_tokenizer(tokenizer)?)
+    }
+
+    /// Prompts to `[b, max_length]` ids (padded with the tokenizer's pad id).
+    pub fn input_ids(&self, prompts: &[String], device: &B::Device) -> Tensor<B, 2, Int> {
+        let pad = self.tokenizer.pad_id();
+        prompt_ids(&self.tokenizer, prompts, self.max_length, pad, device)
+    }
+
+    /// Decoder output `[b, 3, H, W]` in `[-1, 1]` and ids `[b, max_length]` -> PickScore `[b]` (image `i` with
+    /// text `i`).
+    pub fn score_ids(&self, images: Tensor<B, 4>, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        let px = clip_preprocess_center_crop(images, self.vision.image_size, CLIP_MEAN, CLIP_STD);
+        let image_embeds = self.vision.forward(px);
+        let text_embeds = self
+            .text_projection
+            .forward(self.text.forward(input_ids).pooler_output);
+        let n = image_embeds.dims()[0];
+        cosine_rows(image_embeds, text_embeds) * self.logit_scale.val().exp().repeat_dim(0, n)
+    }
+}
+
+impl<B: Backend> Reward<B> for PickScorer<B> {
+    fn name(&self) -> String {
+        "pickscore".into()
+    }
+    /// Panics: PickScore needs the prompts ([`Reward::score_with_prompts`]).
+    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
+        let _ = images;
+        panic!("{}", needs_prompts("PickScore"))
+    }
+    fn score_with_prompts(&self, images: Tensor<B, 4>, prompts: &[String]) -> Tensor<B, 1> {
+        check_prompts("PickScore", images.dims()[0], prompts);
+        let ids = self.input_ids(prompts, &images.device());
+        self.score_ids(images, ids)
+    }
+}
