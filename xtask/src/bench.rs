@@ -204,6 +204,16 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         None
     };
 
+    let results_dir = root().join("xtask/bench/results");
+    std::fs::create_dir_all(&results_dir).map_err(|e| format!("{}: {e}", results_dir.display()))?;
+    let partial = results_dir.join(format!(
+        "{}.partial.jsonl",
+        shell("date", &["-u", "+%Y-%m-%dT%H-%MZ"])
+    ));
+    eprintln!(
+        "each result is appended to {} as it comes",
+        partial.display()
+    );
     let mut results: Vec<(String, Result<Value, String>, Option<Result<Value, String>>)> =
         Vec::new();
     let total = workloads.len();
@@ -230,6 +240,20 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             }
             json_line(&mut t)
         });
+        // Each result is also written as soon as it exists, so a run cut short keeps what it measured.
+        for side in [a.as_ref().ok(), b.as_ref().and_then(|b| b.as_ref().ok())]
+            .into_iter()
+            .flatten()
+        {
+            use std::io::Write as _;
+            if let Ok(mut file) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&partial)
+            {
+                let _ = writeln!(file, "{side}");
+            }
+        }
         results.push((w.clone(), a, b));
     }
 
