@@ -206,10 +206,9 @@ pub fn bench(args: &[String]) -> Result<(), String> {
 
     let results_dir = root().join("xtask/bench/results");
     std::fs::create_dir_all(&results_dir).map_err(|e| format!("{}: {e}", results_dir.display()))?;
-    let partial = results_dir.join(format!(
-        "{}.partial.jsonl",
-        shell("date", &["-u", "+%Y-%m-%dT%H-%MZ"])
-    ));
+    // One stamp names every file of this run (partial results, JSON, plot).
+    let stamp = shell("date", &["-u", "+%Y-%m-%dT%H-%MZ"]);
+    let partial = results_dir.join(format!("{stamp}.partial.jsonl"));
     eprintln!(
         "each result is appended to {} as it comes",
         partial.display()
@@ -332,7 +331,6 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         })
         .collect();
 
-    let stamp = shell("date", &["-u", "+%Y-%m-%dT%H-%MZ"]);
     let date = shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     let rustc = shell("rustc", &["-V"]);
     let command = format!("cargo xtask bench {}", args.join(" "));
@@ -356,9 +354,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     }
 
     // Raw results.
-    let dir = root().join("xtask/bench/results");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let json_path = dir.join(format!("{stamp}.json"));
+    let json_path = results_dir.join(format!("{stamp}.json"));
     let raw: BTreeMap<String, Value> = results
         .iter()
         .map(|(w, a, b)| {
@@ -381,7 +377,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     // Scaling plot (when the sweep ran).
     let mut plot_line = String::new();
     if results.iter().any(|(w, _, _)| w.starts_with("scale/")) {
-        let png = dir.join(format!("{stamp}-scaling.png"));
+        let png = results_dir.join(format!("{stamp}-scaling.png"));
         match run(Command::new(&runner)
             .arg("--plot-scaling")
             .arg(&json_path)
