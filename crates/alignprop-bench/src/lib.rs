@@ -17,7 +17,9 @@ use std::time::Instant;
 
 use alignprop_diffusion::VarBuilder;
 use alignprop_diffusion::clip::{ClipTextConfig, ClipTextTransformer};
-use alignprop_diffusion::nn::{Conv2d, GroupNorm, LayerNorm, Linear, scaled_dot_product_attention};
+use alignprop_diffusion::nn::{
+    Conv2d, GroupNorm, LayerNorm, Linear, scaled_dot_product_attention, softmax,
+};
 use alignprop_diffusion::pipeline_files::read_json;
 use alignprop_diffusion::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use alignprop_diffusion::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -25,7 +27,6 @@ use alignprop_pipeline::{Conditioning, NoiseRng};
 use alignprop_rewards::tiny::{TinyReward, TinyRewardConfig};
 use alignprop_schedulers::{DdimScheduler, Scheduler, SchedulerConfig};
 use alignprop_trainer::{AdamW, AdamWConfig, Truncation, trajectory, trajectory_full_graph};
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Distribution, Int, Tensor};
 
@@ -208,12 +209,7 @@ pub fn prepare<A: AutodiffBackend>(name: &str, device: &A::Device) -> Result<Wor
             let q = randn::<I<A>, 3>([16, 1024, 40], &d);
             let k = randn::<I<A>, 3>([16, 1024, 40], &d);
             let scale = 40f64.powf(-0.5);
-            Box::new(move || {
-                drop(softmax(
-                    q.clone().matmul(k.clone().swap_dims(1, 2)) * scale,
-                    2,
-                ))
-            })
+            Box::new(move || drop(softmax(q.clone().matmul(k.clone().swap_dims(1, 2)) * scale)))
         }
         "op/attention_fwd" => {
             let [q, k, v] = [0; 3].map(|_| randn::<I<A>, 3>([16, 1024, 40], &d));

@@ -313,6 +313,11 @@ pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.clone() * activation::sigmoid(x * 1.702)
 }
 
+/// Softmax over the last dimension (fused and vectorised on the CPU backend, tensor ops elsewhere).
+pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    crate::fused::softmax_last(x).unwrap_or_else(|x| activation::softmax(x, D - 1))
+}
+
 /// Multi-head scaled dot-product attention on token sequences.
 ///
 /// `q`: `[batch, n_q, heads * d]`, `k`, `v`: `[batch, n_kv, heads * d]` -> `[batch, n_q, heads * d]`.
@@ -370,7 +375,7 @@ pub fn scaled_dot_product_attention<B: Backend>(
                 Tensor::<B, 2, Bool>::tril_mask([rows, n_kv], start as i64, &scores.device());
             scores = scores.mask_fill(mask.unsqueeze::<3>(), f32::NEG_INFINITY);
         }
-        activation::softmax(scores, 2).matmul(v.clone())
+        softmax(scores).matmul(v.clone())
     };
     if chunk >= n_q {
         return block(q, 0);
