@@ -22,25 +22,25 @@ use burn::tensor::backend::{Backend, BackendTypes};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
-type AdFlex = Autodiff<Flex, NoCheckpointing>;
-type AdPrimitive = <AdFlex as BackendTypes>::FloatTensorPrimitive;
+pub(crate) type AdFlex = Autodiff<Flex, NoCheckpointing>;
+pub(crate) type AdPrimitive = <AdFlex as BackendTypes>::FloatTensorPrimitive;
 
 /// Moves `t` into type `U` when `T` is `U` (checked by the caller with `TypeId`).
-fn cast<T: 'static, U: 'static>(t: T) -> U {
+pub(crate) fn cast<T: 'static, U: 'static>(t: T) -> U {
     let boxed: Box<dyn Any> = Box::new(t);
     *boxed
         .downcast::<U>()
         .expect("fused: backend type checked before the cast")
 }
 
-fn f32_values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+pub(crate) fn f32_values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     match t.as_slice::<f32>() {
         Some(s) => std::borrow::Cow::Borrowed(s),
         None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().unwrap().to_vec()),
     }
 }
 
-fn flex_tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+pub(crate) fn flex_tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
@@ -340,14 +340,45 @@ impl Backward<Flex, 1> for SoftmaxBackward {
 /// Row kernels written so that LLVM vectorises them (fixed-width lane arrays, no float reductions in loop order,
 /// no saturating casts), compiled three times: for AVX-512, for AVX2 + FMA, and for the baseline target; the
 /// widest the CPU has is picked at run time.
-mod simd {
+pub(crate) mod simd {
     const LANES: usize = 16;
+
+    /// Defines `pub fn $name(args) -> ret` that runs `$imp` compiled for the widest vector extension available.
+    macro_rules! multiversion {
+        ($(#[$meta:meta])* $name:ident => $imp:ident ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+            $(#[$meta])*
+            pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f")]
+                    unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
+                        $imp($($arg),*)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
+                        $imp($($arg),*)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the CPU has AVX-512F (checked above).
+                        return unsafe { v4($($arg),*) };
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: the CPU has AVX2 and FMA (checked above).
+                        return unsafe { v3($($arg),*) };
+                    }
+                }
+                $imp($($arg),*)
+            }
+        };
+    }
 
     /// `exp(x)` for f32 to about 2 ulp: `x = n ln2 + r` with `|r| <= ln2 / 2`, a degree-6 polynomial for
     /// `exp(r)` (Cephes' `expf` minimax coefficients), then the exponent `n` put into the float's bits.
     /// Below -87.3 (including -inf, masked scores) the result is 0; NaN stays NaN.
     #[inline(always)]
-    pub(super) fn exp(x: f32) -> f32 {
+    pub(crate) fn exp(x: f32) -> f32 {
         const LOG2E: f32 = std::f32::consts::LOG2_E;
         const LN2_HI: f32 = 0.693_359_4;
         const LN2_LO: f32 = -2.121_944_4e-4;
@@ -370,9 +401,9 @@ mod simd {
         if x < -87.3 { 0.0 } else { e * scale }
     }
 
-    /// In place: `y <- softmax(y)`.
+    /// In place `y <- softmax(y)`; returns `log(sum(exp(y)))` of the input row (its log-sum-exp).
     #[inline(always)]
-    fn row_impl(y: &mut [f32]) {
+    fn softmax_impl(y: &mut [f32]) -> f32 {
         let split = y.len() - y.len() % LANES;
         let mut lanes = [f32::NEG_INFINITY; LANES];
         for c in y[..split].chunks_exact(LANES) {
@@ -401,89 +432,68 @@ mod simd {
         for v in y.iter_mut() {
             *v *= inv;
         }
+        max + sum.ln()
     }
 
-    /// In place: `g <- y * (g - sum(g * y))`.
+    /// `sum(a * b)`.
     #[inline(always)]
-    fn row_backward_impl(y: &[f32], g: &mut [f32]) {
-        let split = y.len() - y.len() % LANES;
+    fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
+        let split = a.len() - a.len() % LANES;
         let mut dots = [0f32; LANES];
-        for (yc, gc) in y[..split]
+        for (ac, bc) in a[..split]
             .chunks_exact(LANES)
-            .zip(g[..split].chunks_exact(LANES))
+            .zip(b[..split].chunks_exact(LANES))
         {
             for i in 0..LANES {
-                dots[i] += yc[i] * gc[i];
+                dots[i] += ac[i] * bc[i];
             }
         }
         let mut dot = dots.iter().sum::<f32>();
-        for (a, b) in y[split..].iter().zip(&g[split..]) {
-            dot += a * b;
+        for (x, y) in a[split..].iter().zip(&b[split..]) {
+            dot += x * y;
         }
-        for (o, &a) in g.iter_mut().zip(y) {
-            *o = a * (*o - dot);
+        dot
+    }
+
+    /// In place `g <- p * (g - d)`.
+    #[inline(always)]
+    fn mul_sub_impl(p: &[f32], g: &mut [f32], d: f32) {
+        for (o, &a) in g.iter_mut().zip(p) {
+            *o = a * (*o - d);
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn row_avx512(y: &mut [f32]) {
-        row_impl(y)
+    /// In place `g <- y * (g - sum(g * y))`.
+    #[inline(always)]
+    fn softmax_backward_impl(y: &[f32], g: &mut [f32]) {
+        let dot = dot_impl(y, g);
+        mul_sub_impl(y, g, dot)
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_avx2(y: &mut [f32]) {
-        row_impl(y)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn row_backward_avx512(y: &[f32], g: &mut [f32]) {
-        row_backward_impl(y, g)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_backward_avx2(y: &[f32], g: &mut [f32]) {
-        row_backward_impl(y, g)
-    }
-
-    /// `y <- softmax(y)` for one row, in place.
-    pub(super) fn softmax_row(y: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked above).
-                return unsafe { row_avx512(y) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                return unsafe { row_avx2(y) };
-            }
+    /// In place `s <- exp(s - shift)`.
+    #[inline(always)]
+    fn exp_shifted_impl(s: &mut [f32], shift: f32) {
+        for v in s.iter_mut() {
+            *v = exp(*v - shift);
         }
-        row_impl(y)
     }
 
-    /// `g <- y * (g - sum(g * y))` for one row (the softmax backward), in place.
-    pub(super) fn softmax_row_backward(y: &[f32], g: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked above).
-                return unsafe { row_backward_avx512(y, g) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                return unsafe { row_backward_avx2(y, g) };
-            }
-        }
-        row_backward_impl(y, g)
-    }
+    multiversion!(
+        /// `y <- softmax(y)` for one row, in place; returns the input row's log-sum-exp.
+        softmax_row => softmax_impl(y: &mut [f32]) -> f32
+    );
+    multiversion!(
+        /// `g <- y * (g - sum(g * y))` for one row (the softmax backward), in place.
+        softmax_row_backward => softmax_backward_impl(y: &[f32], g: &mut [f32])
+    );
+    multiversion!(
+        /// `g <- p * (g - d)`, in place.
+        mul_sub_row => mul_sub_impl(p: &[f32], g: &mut [f32], d: f32)
+    );
+    multiversion!(
+        /// `s <- exp(s - shift)`, in place.
+        exp_shifted_row => exp_shifted_impl(s: &mut [f32], shift: f32)
+    );
 }
 
 #[cfg(test)]

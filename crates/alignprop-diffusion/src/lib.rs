@@ -18,6 +18,7 @@ pub mod clip;
 pub mod convert;
 pub mod device;
 pub mod fused;
+pub mod fused_attention;
 pub mod nn;
 pub mod pipeline_files;
 pub mod single_file;

@@ -321,7 +321,9 @@ pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// Multi-head scaled dot-product attention on token sequences.
 ///
 /// `q`: `[batch, n_q, heads * d]`, `k`, `v`: `[batch, n_kv, heads * d]` -> `[batch, n_q, heads * d]`.
-/// Scale `1 / sqrt(d)`; `causal` masks keys after each query (CLIP text encoder).
+/// Scale `1 / sqrt(d)`; `causal` masks keys after each query (CLIP text encoder). On the CPU backend (f32) this is
+/// one fused kernel that reads the heads in place and never holds the score matrix
+/// ([`crate::fused_attention`]); elsewhere the tensor ops of [`scaled_dot_product_attention`].
 pub fn multi_head_attention<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
@@ -332,6 +334,11 @@ pub fn multi_head_attention<B: Backend>(
     let [b, n_q, c] = q.dims();
     let n_kv = k.dims()[1];
     let d = c / heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let (q, k, v) = match crate::fused_attention::attention(q, k, v, heads, scale, causal) {
+        Ok(out) => return out,
+        Err(qkv) => qkv,
+    };
     let split = |t: Tensor<B, 3>, n: usize| {
         t.reshape([b, n, heads, d])
             .swap_dims(1, 2)
@@ -352,7 +359,8 @@ const ATTENTION_CHUNK_BYTES: usize = 16 << 20;
 /// `q`: `[batch * heads, n_q, d]`, `k`, `v`: `[batch * heads, n_kv, d]` -> `[batch * heads, n_q, d]`. `causal`
 /// masks keys after each query (requires `n_q == n_kv`). The scale is applied to `q` (the smaller tensor) before
 /// the product, and queries are split into chunks so that no score matrix exceeds 16 MiB: at 64x64 latents SD's
-/// self-attention would otherwise materialise `[16, 4096, 4096]` scores (1 GiB) at once.
+/// self-attention would otherwise materialise `[16, 4096, 4096]` scores (1 GiB) at once. On the CPU backend (f32)
+/// the fused kernel of [`crate::fused_attention`] runs instead.
 pub fn scaled_dot_product_attention<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
@@ -361,7 +369,13 @@ pub fn scaled_dot_product_attention<B: Backend>(
 ) -> Tensor<B, 3> {
     let [bh, n_q, d] = q.dims();
     let n_kv = k.dims()[1];
-    let q = q * (1.0 / (d as f64).sqrt());
+    let scale = 1.0 / (d as f64).sqrt();
+    // Each of the `bh` rows is one head: the fused kernel's token layout with one head.
+    let (q, k, v) = match crate::fused_attention::attention(q, k, v, 1, scale as f32, causal) {
+        Ok(out) => return out,
+        Err(qkv) => qkv,
+    };
+    let q = q * scale;
     let kt = k.swap_dims(1, 2);
     let elem = q.dtype().size();
     let row_bytes = bh * n_kv * elem;

@@ -1,0 +1,577 @@
+//! Fused multi-head attention for the CPU backend, forward and backward, that never holds the whole score matrix.
+//!
+//! Attention written with tensor ops materialises `softmax(q kᵀ)` for every head at once (`[batch * heads,
+//! n_q, n_kv]`: 64 MiB for one self-attention at 32x32 latents, 1 GiB at SD's 64x64), passes over it several
+//! times in memory, and under autodiff keeps it for the backward. Here, per `(batch, head, block of 64
+//! queries)`: scores into a small buffer that stays in cache (GEMM), softmax in place (vectorised), times `v`
+//! (GEMM) straight into the output; only each query's log-sum-exp is kept. The backward recomputes each block's
+//! probabilities from `q`, `k` and the log-sum-exp (as FlashAttention does) and accumulates `dk`, `dv` per task.
+//!
+//! Tensors stay in the token layout `[batch, tokens, heads * head_dim]` that the projections produce and
+//! consume, so splitting into heads and merging back costs no copies: a head is a column range, read through
+//! the GEMM's strides. Dispatch is by backend type at run time, as in [`crate::fused`]: `Flex` and
+//! `Autodiff<Flex>` with f32 tensors take this path, everything else the tensor-op path.
+
+use std::any::TypeId;
+use std::cell::RefCell;
+
+use burn::backend::Flex;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use rayon::prelude::*;
+
+use crate::fused::{AdFlex, AdPrimitive, cast, f32_values, flex_tensor, simd};
+
+/// Queries per block: a block's scores (`64 x n_kv` floats: 256 KiB at 1024 keys) stay in the core's cache.
+const BLOCK: usize = 64;
+
+/// Multi-head attention `softmax(q kᵀ * scale) v` per head, fused.
+///
+/// `q`: `[batch, n_q, heads * d]`, `k`, `v`: `[batch, n_kv, heads * d]` -> `[batch, n_q, heads * d]`;
+/// `causal` hides key `j` from query `i` when `j > i` (requires `n_q == n_kv`).
+/// Returns the inputs back unless the backend is `Flex` or `Autodiff<Flex>` and all three are f32.
+#[allow(clippy::type_complexity)]
+pub fn attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    scale: f32,
+    causal: bool,
+) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>)> {
+    let f32s = [q.dtype(), k.dtype(), v.dtype()]
+        .iter()
+        .all(|d| *d == DType::F32);
+    let [b, n_q, c] = q.dims();
+    let [bk, n_kv, ck] = k.dims();
+    let shapes_ok = heads > 0
+        && c % heads == 0
+        && bk == b
+        && ck == c
+        && v.dims() == k.dims()
+        && n_kv > 0
+        && (!causal || n_q == n_kv);
+    if !f32s || !shapes_ok {
+        return Err((q, k, v));
+    }
+    let dims = Dims {
+        b,
+        n_q,
+        n_kv,
+        heads,
+        d: c / heads,
+        scale,
+        causal,
+    };
+    let prim = |t: Tensor<B, 3>| t.into_primitive().tensor();
+    let wrap =
+        |p: B::FloatTensorPrimitive| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(p));
+    if TypeId::of::<B>() == TypeId::of::<Flex>() {
+        let (q, k, v): (FlexTensor, FlexTensor, FlexTensor) =
+            (cast(prim(q)), cast(prim(k)), cast(prim(v)));
+        let (out, _) = forward(&q, &k, &v, &dims);
+        return Ok(wrap(cast(out)));
+    }
+    if TypeId::of::<B>() == TypeId::of::<AdFlex>() {
+        let (q, k, v): (AdPrimitive, AdPrimitive, AdPrimitive) =
+            (cast(prim(q)), cast(prim(k)), cast(prim(v)));
+        let (out, lse) = forward(&q.primitive, &k.primitive, &v.primitive, &dims);
+        let out = match AttentionBackward
+            .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                AttentionState {
+                    q: q.primitive.clone(),
+                    k: k.primitive.clone(),
+                    v: v.primitive.clone(),
+                    out: out.clone(),
+                    lse,
+                    dims,
+                },
+                out,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        return Ok(wrap(cast(out)));
+    }
+    Err((q, k, v))
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    n_q: usize,
+    n_kv: usize,
+    heads: usize,
+    d: usize,
+    scale: f32,
+    causal: bool,
+}
+
+impl Dims {
+    /// Elements between consecutive tokens (`heads * d`).
+    fn row(&self) -> usize {
+        self.heads * self.d
+    }
+    fn blocks(&self) -> usize {
+        self.n_q.div_ceil(BLOCK)
+    }
+    /// Offset of `(batch, token 0, head)` in a `[batch, n, heads * d]` buffer.
+    fn base(&self, batch: usize, n: usize, head: usize) -> usize {
+        batch * n * self.row() + head * self.d
+    }
+    /// Keys visible to query `i`.
+    fn visible(&self, i: usize) -> usize {
+        if self.causal { i + 1 } else { self.n_kv }
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch for score blocks, reused across calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a per-thread scratch buffer of at least `len` floats (contents unspecified). `f` must not start
+/// rayon work (a stolen task on this thread would find the buffer borrowed).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
+
+/// A raw pointer that may cross threads: tasks write disjoint regions of one output buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: every task that holds a copy writes a region no other task touches (see the callers).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// A strided matrix view: element `(i, j)` at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+impl View {
+    fn rows(s: &[f32], offset: usize, rs: usize) -> Self {
+        debug_assert!(offset <= s.len());
+        Self {
+            ptr: s[offset..].as_ptr(),
+            rs: rs as isize,
+            cs: 1,
+        }
+    }
+    fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst (m x n) = [dst +] beta * a (m x k) b (k x n)` on one thread.
+///
+/// # Safety
+/// Every view must address valid memory for its `m x k`, `k x n`, `m x n` extent; `dst` must not alias `a`, `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: View,
+    b: View,
+    beta: f32,
+) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Forward: the output `[b, n_q, heads * d]` and each query's log-sum-exp of its scaled scores
+/// `[b, heads, n_q]`.
+fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dm: &Dims) -> (FlexTensor, Vec<f32>) {
+    let (qs, ks, vs) = (f32_values(q), f32_values(k), f32_values(v));
+    let (qs, ks, vs) = (&*qs, &*ks, &*vs);
+    let row = dm.row();
+    let mut out = vec![0f32; dm.b * dm.n_q * row];
+    let mut lse = vec![0f32; dm.b * dm.heads * dm.n_q];
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    // One task per (batch, head, query block); each writes its own rows of its head's columns of `out` and its
+    // own slice of `lse`.
+    lse.par_chunks_mut(dm.n_q)
+        .enumerate()
+        .for_each(|(bh, lse_head)| {
+            let (batch, head) = (bh / dm.heads, bh % dm.heads);
+            lse_head
+                .par_chunks_mut(BLOCK)
+                .enumerate()
+                .for_each(|(blk, lse_blk)| {
+                    let q0 = blk * BLOCK;
+                    let rows = lse_blk.len();
+                    let out_ptr = out_ptr;
+                    with_scratch(rows * dm.n_kv, |s| {
+                        let qv = View::rows(qs, dm.base(batch, dm.n_q, head) + q0 * row, row);
+                        let kv = View::rows(ks, dm.base(batch, dm.n_kv, head), row);
+                        let vv = View::rows(vs, dm.base(batch, dm.n_kv, head), row);
+                        // SAFETY: q block `rows x d`, kᵀ `d x n_kv` and `s` `rows x n_kv` lie in their buffers.
+                        unsafe {
+                            mm(
+                                rows,
+                                dm.n_kv,
+                                dm.d,
+                                s.as_mut_ptr(),
+                                dm.n_kv,
+                                false,
+                                qv,
+                                kv.t(),
+                                dm.scale,
+                            )
+                        };
+                        for (r, (srow, l)) in
+                            s.chunks_mut(dm.n_kv).zip(lse_blk.iter_mut()).enumerate()
+                        {
+                            let vis = dm.visible(q0 + r);
+                            *l = simd::softmax_row(&mut srow[..vis]);
+                            srow[vis..].fill(0.0);
+                        }
+                        let pv = View::rows(s, 0, dm.n_kv);
+                        // SAFETY: this task's output rows `q0..q0 + rows` of head `head`'s columns are written
+                        // by no other task; the views lie in their buffers.
+                        unsafe {
+                            let dst = out_ptr.0.add(dm.base(batch, dm.n_q, head) + q0 * row);
+                            mm(rows, dm.d, dm.n_kv, dst, row, false, pv, vv, 1.0)
+                        };
+                    })
+                })
+        });
+    (flex_tensor(out, vec![dm.b, dm.n_q, row]), lse)
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+#[derive(Clone, Debug)]
+struct AttentionState {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    out: FlexTensor,
+    lse: Vec<f32>,
+    dims: Dims,
+}
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dout: FlexTensor = grads.consume::<Flex>(&ops.node);
+        let (dq, dk, dv) = backward(&dout, &ops.state);
+        let [pq, pk, pv] = ops.parents;
+        for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// Backward. Per query block, with `P` recomputed as `exp(s - lse)` and `D_i = sum(dout_i * out_i)`:
+/// `dv += Pᵀ dout`, `dP = dout vᵀ`, `dS = P * (dP - D)`, `dq = scale dS k`, `dk += scale dSᵀ q`.
+fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let dm = st.dims;
+    let (qs, ks, vs) = (f32_values(&st.q), f32_values(&st.k), f32_values(&st.v));
+    let (os, gs) = (f32_values(&st.out), f32_values(dout));
+    let (qs, ks, vs, os, gs) = (&*qs, &*ks, &*vs, &*os, &*gs);
+    let row = dm.row();
+    let blocks = dm.blocks();
+    // Query blocks of one head are split into `groups` tasks (each with its own dk, dv partial sums) so that
+    // both cores stay busy when batch * heads is small (the VAE's single-head attention).
+    let bh = dm.b * dm.heads;
+    let groups = (2 * rayon::current_num_threads())
+        .div_ceil(bh)
+        .clamp(1, blocks);
+    let kv_len = dm.n_kv * dm.d;
+    let mut dq = vec![0f32; dm.b * dm.n_q * row];
+    let dq_ptr = SharedMut(dq.as_mut_ptr());
+    // Per task: dk partial then dv partial, each `[n_kv, d]`.
+    let mut partial = vec![0f32; bh * groups * 2 * kv_len];
+    partial
+        .par_chunks_mut(2 * kv_len)
+        .enumerate()
+        .for_each(|(task, part)| {
+            let (pair, group) = (task / groups, task % groups);
+            let (batch, head) = (pair / dm.heads, pair % dm.heads);
+            let (dk_part, dv_part) = part.split_at_mut(kv_len);
+            let kv = View::rows(ks, dm.base(batch, dm.n_kv, head), row);
+            let vv = View::rows(vs, dm.base(batch, dm.n_kv, head), row);
+            let dq_ptr = dq_ptr;
+            let (first, last) = (group * blocks / groups, (group + 1) * blocks / groups);
+            with_scratch(2 * BLOCK * dm.n_kv, |scratch| {
+                let (p, dp) = scratch.split_at_mut(BLOCK * dm.n_kv);
+                for blk in first..last {
+                    let q0 = blk * BLOCK;
+                    let rows = BLOCK.min(dm.n_q - q0);
+                    let (p, dp) = (&mut p[..rows * dm.n_kv], &mut dp[..rows * dm.n_kv]);
+                    let q_off = dm.base(batch, dm.n_q, head) + q0 * row;
+                    let qv = View::rows(qs, q_off, row);
+                    let gv = View::rows(gs, q_off, row);
+                    let lse = &st.lse[pair * dm.n_q + q0..pair * dm.n_q + q0 + rows];
+                    // SAFETY (all `mm` calls below): every view addresses its block inside its buffer; `p`, `dp`
+                    // and this task's partials are its own; `dq` rows `q0..q0 + rows` of this head's columns are
+                    // written by this task only.
+                    unsafe {
+                        mm(
+                            rows,
+                            dm.n_kv,
+                            dm.d,
+                            p.as_mut_ptr(),
+                            dm.n_kv,
+                            false,
+                            qv,
+                            kv.t(),
+                            dm.scale,
+                        )
+                    };
+                    for (r, prow) in p.chunks_mut(dm.n_kv).enumerate() {
+                        let vis = dm.visible(q0 + r);
+                        simd::exp_shifted_row(&mut prow[..vis], lse[r]);
+                        prow[vis..].fill(0.0);
+                    }
+                    let pv = View::rows(p, 0, dm.n_kv);
+                    unsafe {
+                        mm(
+                            dm.n_kv,
+                            dm.d,
+                            rows,
+                            dv_part.as_mut_ptr(),
+                            dm.d,
+                            true,
+                            pv.t(),
+                            gv,
+                            1.0,
+                        )
+                    };
+                    unsafe {
+                        mm(
+                            rows,
+                            dm.n_kv,
+                            dm.d,
+                            dp.as_mut_ptr(),
+                            dm.n_kv,
+                            false,
+                            gv,
+                            vv.t(),
+                            1.0,
+                        )
+                    };
+                    for (r, (prow, dprow)) in
+                        p.chunks(dm.n_kv).zip(dp.chunks_mut(dm.n_kv)).enumerate()
+                    {
+                        let o = q_off + r * row;
+                        let d_i = os[o..o + dm.d]
+                            .iter()
+                            .zip(&gs[o..o + dm.d])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>();
+                        simd::mul_sub_row(prow, dprow, d_i);
+                    }
+                    let dsv = View::rows(dp, 0, dm.n_kv);
+                    unsafe {
+                        let dst = dq_ptr.0.add(q_off);
+                        mm(rows, dm.d, dm.n_kv, dst, row, false, dsv, kv, dm.scale)
+                    };
+                    unsafe {
+                        mm(
+                            dm.n_kv,
+                            dm.d,
+                            rows,
+                            dk_part.as_mut_ptr(),
+                            dm.d,
+                            true,
+                            dsv.t(),
+                            qv,
+                            dm.scale,
+                        )
+                    };
+                }
+            })
+        });
+    // Sum the partials of each (batch, head) into the token layout.
+    let mut dk = vec![0f32; dm.b * dm.n_kv * row];
+    let mut dv = vec![0f32; dm.b * dm.n_kv * row];
+    dk.par_chunks_mut(dm.n_kv * row)
+        .zip(dv.par_chunks_mut(dm.n_kv * row))
+        .enumerate()
+        .for_each(|(batch, (dkb, dvb))| {
+            for head in 0..dm.heads {
+                for group in 0..groups {
+                    let task = (batch * dm.heads + head) * groups + group;
+                    let part = &partial[task * 2 * kv_len..(task + 1) * 2 * kv_len];
+                    let (dk_part, dv_part) = part.split_at(kv_len);
+                    for j in 0..dm.n_kv {
+                        let dst = j * row + head * dm.d;
+                        let src = j * dm.d;
+                        for c in 0..dm.d {
+                            dkb[dst + c] += dk_part[src + c];
+                            dvb[dst + c] += dv_part[src + c];
+                        }
+                    }
+                }
+            }
+        });
+    let kv_shape = vec![dm.b, dm.n_kv, row];
+    (
+        flex_tensor(dq, vec![dm.b, dm.n_q, row]),
+        flex_tensor(dk, kv_shape.clone()),
+        flex_tensor(dv, kv_shape),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+    use burn::tensor::activation::softmax;
+
+    /// The tensor-op attention the fused kernel replaces.
+    fn reference<B: Backend>(
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        heads: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Tensor<B, 3> {
+        let [b, n_q, c] = q.dims();
+        let n_kv = k.dims()[1];
+        let d = c / heads;
+        let split = |t: Tensor<B, 3>, n: usize| t.reshape([b, n, heads, d]).swap_dims(1, 2);
+        let mut s = split(q, n_q).matmul(split(k, n_kv).swap_dims(2, 3)) * scale;
+        if causal {
+            let mask = Tensor::<B, 2, burn::tensor::Bool>::tril_mask([n_q, n_kv], 0, &s.device());
+            s = s.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
+        }
+        softmax(s, 3)
+            .matmul(split(v, n_kv))
+            .swap_dims(1, 2)
+            .reshape([b, n_q, c])
+    }
+
+    fn max_diff<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
+        let scale: f32 = b
+            .clone()
+            .abs()
+            .max()
+            .into_scalar()
+            .to_string()
+            .parse()
+            .unwrap();
+        let diff: f32 = (a - b)
+            .abs()
+            .max()
+            .into_scalar()
+            .to_string()
+            .parse()
+            .unwrap();
+        diff / scale.max(1e-6)
+    }
+
+    #[test]
+    fn fused_attention_matches_tensor_ops_forward_and_backward() {
+        type A = AdFlex;
+        let dev = Default::default();
+        // (batch, n_q, n_kv, heads, d, causal): query counts that are not multiples of the block, cross
+        // attention with fewer keys, one head (more tasks than pairs), causal.
+        for (b, n_q, n_kv, heads, d, causal) in [
+            (2, 70, 70, 2, 8, false),
+            (2, 130, 17, 3, 5, false),
+            (1, 65, 65, 1, 16, false),
+            (2, 77, 77, 2, 8, true),
+        ] {
+            let c = heads * d;
+            let q = Tensor::<A, 3>::random([b, n_q, c], Distribution::Normal(0.0, 1.0), &dev);
+            let k = Tensor::<A, 3>::random([b, n_kv, c], Distribution::Normal(0.0, 1.0), &dev);
+            let v = Tensor::<A, 3>::random([b, n_kv, c], Distribution::Normal(0.0, 1.0), &dev);
+            let g = Tensor::<A, 3>::random([b, n_q, c], Distribution::Normal(0.0, 1.0), &dev);
+            let scale = 1.0 / (d as f32).sqrt();
+            let run = |fused: bool| {
+                let (q, k, v) = (
+                    q.clone().require_grad(),
+                    k.clone().require_grad(),
+                    v.clone().require_grad(),
+                );
+                let y = if fused {
+                    attention(q.clone(), k.clone(), v.clone(), heads, scale, causal)
+                        .unwrap_or_else(|_| panic!("fused path taken for Autodiff<Flex> f32"))
+                } else {
+                    reference(q.clone(), k.clone(), v.clone(), heads, scale, causal)
+                };
+                let grads = (y.clone() * g.clone()).sum().backward();
+                (
+                    y.inner(),
+                    q.grad(&grads).unwrap(),
+                    k.grad(&grads).unwrap(),
+                    v.grad(&grads).unwrap(),
+                )
+            };
+            let (y1, dq1, dk1, dv1) = run(true);
+            let (y0, dq0, dk0, dv0) = run(false);
+            let case = format!("b{b} nq{n_q} nkv{n_kv} h{heads} d{d} causal {causal}");
+            assert!(max_diff(y1, y0) < 1e-5, "output, {case}");
+            assert!(max_diff(dq1, dq0) < 1e-4, "dq, {case}");
+            assert!(max_diff(dk1, dk0) < 1e-4, "dk, {case}");
+            assert!(max_diff(dv1, dv0) < 1e-4, "dv, {case}");
+        }
+    }
+
+    #[test]
+    fn inference_backend_takes_the_fused_path_and_f64_falls_back() {
+        let dev = Default::default();
+        let t = || Tensor::<Flex, 3>::random([1, 9, 8], Distribution::Normal(0.0, 1.0), &dev);
+        let (q, k, v) = (t(), t(), t());
+        let fused = attention(q.clone(), k.clone(), v.clone(), 2, 0.5, false)
+            .unwrap_or_else(|_| panic!("fused path taken for Flex f32"));
+        let reference = reference(q.clone(), k.clone(), v.clone(), 2, 0.5, false);
+        assert!(max_diff(fused, reference) < 1e-5);
+        let f = |t: Tensor<Flex, 3>| t.cast(DType::F64);
+        assert!(attention(f(q), f(k), f(v), 2, 0.5, false).is_err());
+    }
+}
