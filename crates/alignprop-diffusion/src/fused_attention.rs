@@ -3,8 +3,8 @@
 //! Attention written with tensor ops materialises `softmax(q kᵀ)` for every head at once (`[batch * heads,
 //! n_q, n_kv]`: 64 MiB for one self-attention at 32x32 latents, 1 GiB at SD's 64x64), passes over it several
 //! times in memory, and under autodiff keeps it for the backward. Here, per `(batch, head, block of 64
-//! queries)`: scores into a small buffer that stays in cache (GEMM), softmax in place (vectorised), times `v`
-//! (GEMM) straight into the output; only each query's log-sum-exp is kept. The backward recomputes each block's
+//! queries)`: scores into a small buffer that stays in cache (GEMM), `exp(s - max)` in place (vectorised),
+//! times `v` (GEMM) straight into the output, whose rows are then divided by their sums; only each query's log-sum-exp is kept. The backward recomputes each block's
 //! probabilities from `q`, `k` and the log-sum-exp (as FlashAttention does) and accumulates `dk`, `dv` per task.
 //!
 //! Tensors stay in the token layout `[batch, tokens, heads * head_dim]` that the projections produce and
@@ -157,6 +157,13 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper, not its field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// A strided matrix view: element `(i, j)` at `ptr + i * rs + j * cs`.
 #[derive(Clone, Copy)]
 struct View {
@@ -246,7 +253,6 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dm: &Dims) -> (FlexTe
                 .for_each(|(blk, lse_blk)| {
                     let q0 = blk * BLOCK;
                     let rows = lse_blk.len();
-                    let out_ptr = out_ptr;
                     with_scratch(rows * dm.n_kv, |s| {
                         let qv = View::rows(qs, dm.base(batch, dm.n_q, head) + q0 * row, row);
                         let kv = View::rows(ks, dm.base(batch, dm.n_kv, head), row);
@@ -265,19 +271,29 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dm: &Dims) -> (FlexTe
                                 dm.scale,
                             )
                         };
+                        // Unnormalised numerators `exp(s - max)`; the output rows are divided by their sums
+                        // after the product with `v` (d values per row instead of n_kv).
+                        let mut inv_sum = [0f32; BLOCK];
                         for (r, (srow, l)) in
                             s.chunks_mut(dm.n_kv).zip(lse_blk.iter_mut()).enumerate()
                         {
                             let vis = dm.visible(q0 + r);
-                            *l = simd::softmax_row(&mut srow[..vis]);
+                            let (max, sum) = simd::exp_sum_row(&mut srow[..vis]);
                             srow[vis..].fill(0.0);
+                            *l = max + sum.ln();
+                            inv_sum[r] = 1.0 / sum;
                         }
                         let pv = View::rows(s, 0, dm.n_kv);
                         // SAFETY: this task's output rows `q0..q0 + rows` of head `head`'s columns are written
                         // by no other task; the views lie in their buffers.
                         unsafe {
-                            let dst = out_ptr.0.add(dm.base(batch, dm.n_q, head) + q0 * row);
-                            mm(rows, dm.d, dm.n_kv, dst, row, false, pv, vv, 1.0)
+                            let dst = out_ptr.get().add(dm.base(batch, dm.n_q, head) + q0 * row);
+                            mm(rows, dm.d, dm.n_kv, dst, row, false, pv, vv, 1.0);
+                            for (r, inv) in inv_sum[..rows].iter().enumerate() {
+                                let out_row =
+                                    std::slice::from_raw_parts_mut(dst.add(r * row), dm.d);
+                                out_row.iter_mut().for_each(|o| *o *= inv);
+                            }
                         };
                     })
                 })
@@ -342,7 +358,6 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
             let (dk_part, dv_part) = part.split_at_mut(kv_len);
             let kv = View::rows(ks, dm.base(batch, dm.n_kv, head), row);
             let vv = View::rows(vs, dm.base(batch, dm.n_kv, head), row);
-            let dq_ptr = dq_ptr;
             let (first, last) = (group * blocks / groups, (group + 1) * blocks / groups);
             with_scratch(2 * BLOCK * dm.n_kv, |scratch| {
                 let (p, dp) = scratch.split_at_mut(BLOCK * dm.n_kv);
@@ -415,7 +430,7 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                     }
                     let dsv = View::rows(dp, 0, dm.n_kv);
                     unsafe {
-                        let dst = dq_ptr.0.add(q_off);
+                        let dst = dq_ptr.get().add(q_off);
                         mm(rows, dm.d, dm.n_kv, dst, row, false, dsv, kv, dm.scale)
                     };
                     unsafe {

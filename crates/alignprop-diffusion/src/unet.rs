@@ -651,9 +651,16 @@ impl<B: Backend> GEGLU<B> {
     /// `[batch, tokens, dim]` -> `[batch, tokens, inner]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.proj.forward(x);
-        let inner = h.dims()[2] / 2;
-        let gate = h.clone().narrow(2, inner, inner);
-        h.narrow(2, 0, inner) * activation::gelu(gate)
+        let [b, t, w] = h.dims();
+        let inner = w / 2;
+        match crate::fused::geglu(h.reshape([b * t, w])) {
+            Ok(y) => y.reshape([b, t, inner]),
+            Err(h) => {
+                let h = h.reshape([b, t, w]);
+                let gate = h.clone().narrow(2, inner, inner);
+                h.narrow(2, 0, inner) * activation::gelu(gate)
+            }
+        }
     }
 }
 
