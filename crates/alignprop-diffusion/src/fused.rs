@@ -118,27 +118,18 @@ fn forward(
         .zip(stats.par_iter_mut())
         .enumerate()
         .for_each(|(bg, ((yg, xg), st))| {
-            let mean = xg.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-            let var = xg
-                .iter()
-                .map(|&v| {
-                    let d = v as f64 - mean;
-                    d * d
-                })
-                .sum::<f64>()
-                / n as f64;
-            let rstd = 1.0 / (var + eps).sqrt();
+            // Two passes in f32 with 16 vector-lane partial sums (each lane sums n / 16 values).
+            let mean = simd::sum(xg) / n as f32;
+            let var = simd::centred_square_sum(xg, mean) / n as f32;
+            let rstd = 1.0 / (var + eps as f32).sqrt();
             let g0 = (bg % groups) * cpg;
             for ch in 0..cpg {
-                let scale = gs[g0 + ch] as f64 * rstd;
-                let shift = bs[g0 + ch] as f64 - mean * scale;
-                let (scale, shift) = (scale as f32, shift as f32);
-                let (yc, xc) = (&mut yg[ch * s..(ch + 1) * s], &xg[ch * s..(ch + 1) * s]);
-                for (o, &v) in yc.iter_mut().zip(xc) {
-                    *o = v * scale + shift;
-                }
+                let scale = gs[g0 + ch] * rstd;
+                let shift = bs[g0 + ch] - mean * scale;
+                let range = ch * s..(ch + 1) * s;
+                simd::scale_shift(&xg[range.clone()], scale, shift, &mut yg[range]);
             }
-            *st = (mean as f32, rstd as f32);
+            *st = (mean, rstd);
         });
     let (mean, rstd) = stats.into_iter().unzip();
     (flex_tensor(y, shape), mean, rstd)
@@ -201,15 +192,10 @@ fn backward(dy: &FlexTensor, st: &GroupNormState) -> (FlexTensor, FlexTensor, Fl
             let (mut sum_dyg, mut sum_dyg_xhat) = (0f64, 0f64);
             for ch in 0..cpg {
                 let gamma = gs[g0 + ch] as f64;
-                let (mut sdy, mut sdy_xhat) = (0f64, 0f64);
-                for (&v, &d) in xg[ch * s..(ch + 1) * s]
-                    .iter()
-                    .zip(&dyg[ch * s..(ch + 1) * s])
-                {
-                    let xhat = ((v - mean) * rstd) as f64;
-                    sdy += d as f64;
-                    sdy_xhat += d as f64 * xhat;
-                }
+                let range = ch * s..(ch + 1) * s;
+                let (sdy, sdy_xhat) =
+                    simd::group_norm_grad_sums(&xg[range.clone()], &dyg[range], mean, rstd);
+                let (sdy, sdy_xhat) = (sdy as f64, sdy_xhat as f64);
                 part[ch] = (sdy_xhat, sdy);
                 sum_dyg += gamma * sdy;
                 sum_dyg_xhat += gamma * sdy_xhat;
@@ -219,16 +205,13 @@ fn backward(dy: &FlexTensor, st: &GroupNormState) -> (FlexTensor, FlexTensor, Fl
                 (sum_dyg_xhat / n as f64) as f32,
             );
             for ch in 0..cpg {
-                let gamma = gs[g0 + ch];
                 let range = ch * s..(ch + 1) * s;
-                for ((o, &v), &d) in dxg[range.clone()]
-                    .iter_mut()
-                    .zip(&xg[range.clone()])
-                    .zip(&dyg[range])
-                {
-                    let xhat = (v - mean) * rstd;
-                    *o = rstd * (d * gamma - a - xhat * bb);
-                }
+                simd::group_norm_dx(
+                    &xg[range.clone()],
+                    &dyg[range.clone()],
+                    [mean, rstd, gs[g0 + ch], a, bb],
+                    &mut dxg[range],
+                );
             }
         });
     let mut dgamma = vec![0f32; c];
@@ -619,6 +602,108 @@ pub(crate) mod simd {
         }
     }
 
+    /// `sum(x)`.
+    #[inline(always)]
+    fn sum_impl<const FMA: bool>(x: &[f32]) -> f32 {
+        let split = x.len() - x.len() % LANES;
+        let mut sums = [0f32; LANES];
+        for c in x[..split].chunks_exact(LANES) {
+            for i in 0..LANES {
+                sums[i] += c[i];
+            }
+        }
+        sums.iter().sum::<f32>() + x[split..].iter().sum::<f32>()
+    }
+
+    /// `sum((x - mean)^2)`.
+    #[inline(always)]
+    fn centred_square_sum_impl<const FMA: bool>(x: &[f32], mean: f32) -> f32 {
+        let split = x.len() - x.len() % LANES;
+        let mut sums = [0f32; LANES];
+        for c in x[..split].chunks_exact(LANES) {
+            for i in 0..LANES {
+                let d = c[i] - mean;
+                sums[i] = madd::<FMA>(d, d, sums[i]);
+            }
+        }
+        sums.iter().sum::<f32>()
+            + x[split..]
+                .iter()
+                .map(|v| (v - mean) * (v - mean))
+                .sum::<f32>()
+    }
+
+    /// `y = x * scale + shift`.
+    #[inline(always)]
+    fn scale_shift_impl<const FMA: bool>(x: &[f32], scale: f32, shift: f32, y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = madd::<FMA>(v, scale, shift);
+        }
+    }
+
+    /// GroupNorm backward sums over one channel: `(sum dy, sum dy * xhat)` with `xhat = (x - mean) * rstd`.
+    #[inline(always)]
+    fn group_norm_grad_sums_impl<const FMA: bool>(
+        x: &[f32],
+        dy: &[f32],
+        mean: f32,
+        rstd: f32,
+    ) -> (f32, f32) {
+        let split = x.len() - x.len() % LANES;
+        let (mut s1, mut s2) = ([0f32; LANES], [0f32; LANES]);
+        for (xc, dc) in x[..split]
+            .chunks_exact(LANES)
+            .zip(dy[..split].chunks_exact(LANES))
+        {
+            for i in 0..LANES {
+                s1[i] += dc[i];
+                s2[i] = madd::<FMA>(dc[i], (xc[i] - mean) * rstd, s2[i]);
+            }
+        }
+        let (mut a, mut b) = (s1.iter().sum::<f32>(), s2.iter().sum::<f32>());
+        for (&v, &d) in x[split..].iter().zip(&dy[split..]) {
+            a += d;
+            b += d * (v - mean) * rstd;
+        }
+        (a, b)
+    }
+
+    /// GroupNorm input gradient over one channel: `dx = rstd * (dy * gamma - a - xhat * b)` with
+    /// `p = [mean, rstd, gamma, a, b]`.
+    #[inline(always)]
+    fn group_norm_dx_impl<const FMA: bool>(x: &[f32], dy: &[f32], p: [f32; 5], dx: &mut [f32]) {
+        let [mean, rstd, gamma, a, b] = p;
+        for ((o, &v), &d) in dx.iter_mut().zip(x).zip(dy) {
+            let xhat = (v - mean) * rstd;
+            *o = rstd * (madd::<FMA>(d, gamma, -a) - xhat * b);
+        }
+    }
+
+    multiversion!(
+        /// `sum(x)` (16 partial sums).
+        sum => sum_impl(x: &[f32]) -> f32
+    );
+    multiversion!(
+        /// `sum((x - mean)^2)` (16 partial sums).
+        centred_square_sum => centred_square_sum_impl(x: &[f32], mean: f32) -> f32
+    );
+    multiversion!(
+        /// `y = x * scale + shift`.
+        scale_shift => scale_shift_impl(x: &[f32], scale: f32, shift: f32, y: &mut [f32])
+    );
+    multiversion!(
+        /// `(sum dy, sum dy * (x - mean) * rstd)` over one channel.
+        group_norm_grad_sums => group_norm_grad_sums_impl(
+            x: &[f32],
+            dy: &[f32],
+            mean: f32,
+            rstd: f32
+        ) -> (f32, f32)
+    );
+    multiversion!(
+        /// `dx = rstd * (dy * gamma - a - xhat * b)` over one channel, `p = [mean, rstd, gamma, a, b]`.
+        group_norm_dx => group_norm_dx_impl(x: &[f32], dy: &[f32], p: [f32; 5], dx: &mut [f32])
+    );
     multiversion!(
         /// `y <- softmax(y)` for one row, in place; returns the input row's log-sum-exp.
         softmax_row => softmax_impl(y: &mut [f32]) -> f32
