@@ -44,6 +44,106 @@ pub(crate) fn flex_tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
+/// A strided matrix view for [`mm`]: element `(i, j)` at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct View {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl View {
+    /// Row-major rows of `rs` elements starting at `s[offset]`.
+    pub fn rows(s: &[f32], offset: usize, rs: usize) -> Self {
+        Self {
+            ptr: s[offset..].as_ptr(),
+            rs: rs as isize,
+            cs: 1,
+        }
+    }
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst (m x n, row stride dst_rs) = [dst +] beta * a (m x k) b (k x n)` on the calling thread.
+///
+/// # Safety
+/// Every view must address valid memory for its `m x k`, `k x n`, `m x n` extent; `dst` must not alias `a`, `b`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: View,
+    b: View,
+    beta: f32,
+) {
+    let dst = View {
+        ptr: dst,
+        rs: dst_rs as isize,
+        cs: 1,
+    };
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { mm_strided(m, n, k, dst, accumulate, a, b, beta, false) }
+}
+
+/// [`mm`] with a strided destination (its `ptr` written through) and, when `parallel`, rayon's threads inside
+/// the GEMM.
+///
+/// # Safety
+/// As [`mm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn mm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: View,
+    accumulate: bool,
+    a: View,
+    b: View,
+    beta: f32,
+    parallel: bool,
+) {
+    let par = if parallel {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr as *mut f32,
+            dst.cs,
+            dst.rs,
+            accumulate,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
 /// Group normalisation of `x` `[batch, channels, spatial]` with per-channel `gamma`, `beta` `[channels]`, fused.
 ///
 /// Returns `None` (and gives the inputs back) unless the backend is `Flex` or `Autodiff<Flex>` and every tensor

@@ -25,7 +25,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use crate::fused::{AdFlex, AdPrimitive, cast, f32_values, flex_tensor, simd};
+use crate::fused::{AdFlex, AdPrimitive, View, cast, f32_values, flex_tensor, mm, simd};
 
 /// Queries per block: a block's scores (`64 x n_kv` floats: 256 KiB at 1024 keys) stay in the core's cache.
 const BLOCK: usize = 64;
@@ -161,74 +161,6 @@ impl SharedMut {
     /// The pointer (a method, so that closures capture the whole `Send` wrapper, not its field).
     fn get(self) -> *mut f32 {
         self.0
-    }
-}
-
-/// A strided matrix view: element `(i, j)` at `ptr + i * rs + j * cs`.
-#[derive(Clone, Copy)]
-struct View {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
-}
-
-impl View {
-    fn rows(s: &[f32], offset: usize, rs: usize) -> Self {
-        debug_assert!(offset <= s.len());
-        Self {
-            ptr: s[offset..].as_ptr(),
-            rs: rs as isize,
-            cs: 1,
-        }
-    }
-    fn t(self) -> Self {
-        Self {
-            ptr: self.ptr,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-}
-
-/// `dst (m x n) = [dst +] beta * a (m x k) b (k x n)` on one thread.
-///
-/// # Safety
-/// Every view must address valid memory for its `m x k`, `k x n`, `m x n` extent; `dst` must not alias `a`, `b`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    a: View,
-    b: View,
-    beta: f32,
-) {
-    // SAFETY: forwarded from the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.ptr,
-            a.cs,
-            a.rs,
-            b.ptr,
-            b.cs,
-            b.rs,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
     }
 }
 

@@ -19,6 +19,7 @@ pub mod convert;
 pub mod device;
 pub mod fused;
 pub mod fused_attention;
+pub mod fused_conv;
 pub mod nn;
 pub mod pipeline_files;
 pub mod single_file;

@@ -153,13 +153,19 @@ impl<B: Backend> Conv2d<B> {
     }
 
     /// `x`: `[batch, in_channels, height, width]` -> `[batch, out_channels, height', width']`.
+    /// Stride-1 "same" convolutions take the shifted-GEMM kernel of [`crate::fused_conv`] on the CPU backend.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        conv2d(
-            x,
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-            ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1),
-        )
+        let bias = self.bias.as_ref().map(|b| b.val());
+        match crate::fused_conv::conv2d_same(x, self.weight.val(), bias, self.stride, self.padding)
+        {
+            Ok(y) => y,
+            Err((x, weight, bias)) => conv2d(
+                x,
+                weight,
+                bias,
+                ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1),
+            ),
+        }
     }
 }
 
