@@ -4,11 +4,14 @@
 //! normalisation, affine) and, under autodiff, a graph of as many nodes. Here it is one kernel on the CPU backend
 //! (`Flex`): per `(batch, group)` a two-pass mean/variance, then `y = x * scale + shift` with the affine folded
 //! in, in parallel over rayon's pool; and one backward kernel registered as a custom autodiff op for
-//! `Autodiff<Flex>` (gradients for the input, gamma and beta).
+//! `Autodiff<Flex>` (gradients for the input, gamma and beta). Softmax ([`softmax_last`]) and GEGLU ([`geglu`]) are
+//! fused the same way. The row kernels they share (and [`crate::fused_attention`] uses) are in `simd`: vectorised
+//! `exp` / `erf`, compiled for AVX-512, AVX2+FMA and the baseline and chosen at run time; the strided GEMM helpers
+//! `mm` / `mm_strided` serve the attention and convolution kernels.
 //!
-//! Dispatch is by backend type at run time ([`group_norm`] returns `None` for any other backend, dtype or
-//! checkpointing strategy, and callers fall back to the tensor-op version), so model code stays generic over
-//! `B: Backend` with no extra trait bound on users' code, and every backend keeps working unchanged.
+//! Dispatch is by backend type at run time (each entry point returns its inputs back in `Err` for any other
+//! backend, dtype or checkpointing strategy, and callers fall back to the tensor-op version), so model code stays
+//! generic over `B: Backend` with no extra trait bound on users' code, and every backend keeps working unchanged.
 
 use std::any::{Any, TypeId};
 
@@ -619,15 +622,14 @@ pub(crate) mod simd {
         (max, sum)
     }
 
-    /// In place `y <- softmax(y)`; returns `log(sum(exp(y)))` of the input row (its log-sum-exp).
+    /// In place `y <- softmax(y)`.
     #[inline(always)]
-    fn softmax_impl<const FMA: bool>(y: &mut [f32]) -> f32 {
-        let (max, sum) = exp_sum_impl::<FMA>(y);
+    fn softmax_impl<const FMA: bool>(y: &mut [f32]) {
+        let (_, sum) = exp_sum_impl::<FMA>(y);
         let inv = 1.0 / sum;
         for v in y.iter_mut() {
             *v *= inv;
         }
-        max + sum.ln()
     }
 
     /// `sum(a * b)`.
@@ -805,8 +807,8 @@ pub(crate) mod simd {
         group_norm_dx => group_norm_dx_impl(x: &[f32], dy: &[f32], p: [f32; 5], dx: &mut [f32])
     );
     multiversion!(
-        /// `y <- softmax(y)` for one row, in place; returns the input row's log-sum-exp.
-        softmax_row => softmax_impl(y: &mut [f32]) -> f32
+        /// `y <- softmax(y)` for one row, in place.
+        softmax_row => softmax_impl(y: &mut [f32])
     );
     multiversion!(
         /// `y <- exp(y - max)` for one row, in place; returns `(max, sum)` (normalise by `1 / sum` later).
@@ -838,6 +840,14 @@ pub(crate) mod simd {
             db: &mut [f32]
         )
     );
+}
+
+/// Test helper shared by the fused kernels' tests: `max |a - b| / max |b|`.
+#[cfg(test)]
+pub(crate) fn rel_max_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+    let max_abs =
+        |t: Tensor<B, D>| -> f32 { t.abs().max().into_scalar().to_string().parse().unwrap() };
+    max_abs(a - b.clone()) / max_abs(b).max(1e-6)
 }
 
 #[cfg(test)]

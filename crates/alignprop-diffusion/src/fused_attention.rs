@@ -415,6 +415,7 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::rel_max_diff;
     use burn::tensor::Distribution;
     use burn::tensor::activation::softmax;
 
@@ -440,25 +441,6 @@ mod tests {
             .matmul(split(v, n_kv))
             .swap_dims(1, 2)
             .reshape([b, n_q, c])
-    }
-
-    fn max_diff<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
-        let scale: f32 = b
-            .clone()
-            .abs()
-            .max()
-            .into_scalar()
-            .to_string()
-            .parse()
-            .unwrap();
-        let diff: f32 = (a - b)
-            .abs()
-            .max()
-            .into_scalar()
-            .to_string()
-            .parse()
-            .unwrap();
-        diff / scale.max(1e-6)
     }
 
     #[test]
@@ -502,10 +484,10 @@ mod tests {
             let (y1, dq1, dk1, dv1) = run(true);
             let (y0, dq0, dk0, dv0) = run(false);
             let case = format!("b{b} nq{n_q} nkv{n_kv} h{heads} d{d} causal {causal}");
-            assert!(max_diff(y1, y0) < 1e-5, "output, {case}");
-            assert!(max_diff(dq1, dq0) < 1e-4, "dq, {case}");
-            assert!(max_diff(dk1, dk0) < 1e-4, "dk, {case}");
-            assert!(max_diff(dv1, dv0) < 1e-4, "dv, {case}");
+            assert!(rel_max_diff(y1, y0) < 1e-5, "output, {case}");
+            assert!(rel_max_diff(dq1, dq0) < 1e-4, "dq, {case}");
+            assert!(rel_max_diff(dk1, dk0) < 1e-4, "dk, {case}");
+            assert!(rel_max_diff(dv1, dv0) < 1e-4, "dv, {case}");
         }
     }
 
@@ -517,7 +499,7 @@ mod tests {
         let fused = attention(q.clone(), k.clone(), v.clone(), 2, 0.5, false)
             .unwrap_or_else(|_| panic!("fused path taken for Flex f32"));
         let reference = reference(q.clone(), k.clone(), v.clone(), 2, 0.5, false);
-        assert!(max_diff(fused, reference) < 1e-5);
+        assert!(rel_max_diff(fused, reference) < 1e-5);
         let f = |t: Tensor<Flex, 3>| t.cast(DType::F64);
         assert!(attention(f(q), f(k), f(v), 2, 0.5, false).is_err());
     }

@@ -132,20 +132,18 @@ pub fn conv2d_same<B: Backend>(
     )
     .into_primitive()
     .tensor();
+    let state = ConvState {
+        x: x.primitive.clone(),
+        weight: wt.primitive.clone(),
+        g,
+    };
     let out = match bias {
         Some(bias) => match ConvBackward::<3>
             .prepare::<NoCheckpointing>([x.node.clone(), wt.node.clone(), bias.node.clone()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(
-                ConvState {
-                    x: x.primitive.clone(),
-                    weight: wt.primitive.clone(),
-                    g,
-                },
-                y,
-            ),
+            OpsKind::Tracked(prep) => prep.finish(state, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         },
         None => match ConvBackward::<2>
@@ -153,14 +151,7 @@ pub fn conv2d_same<B: Backend>(
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(
-                ConvState {
-                    x: x.primitive.clone(),
-                    weight: wt.primitive.clone(),
-                    g,
-                },
-                y,
-            ),
+            OpsKind::Tracked(prep) => prep.finish(state, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         },
     };
@@ -302,26 +293,8 @@ fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::rel_max_diff;
     use burn::tensor::Distribution;
-
-    fn rel_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
-        let scale: f32 = b
-            .clone()
-            .abs()
-            .max()
-            .into_scalar()
-            .to_string()
-            .parse()
-            .unwrap();
-        let diff: f32 = (a - b)
-            .abs()
-            .max()
-            .into_scalar()
-            .to_string()
-            .parse()
-            .unwrap();
-        diff / scale.max(1e-6)
-    }
 
     #[test]
     fn shifted_gemm_conv_matches_burn_conv_forward_and_backward() {
@@ -367,12 +340,12 @@ mod tests {
             let (y1, dx1, dw1, db1) = run(true);
             let (y0, dx0, dw0, db0) = run(false);
             let case = format!("b{b} ci{ci} co{co} {h}x{w} k{k} bias {with_bias}");
-            assert!(rel_diff(y1, y0) < 1e-5, "output, {case}");
-            assert!(rel_diff(dx1, dx0) < 1e-5, "dx, {case}");
-            assert!(rel_diff(dw1, dw0) < 1e-5, "dw, {case}");
+            assert!(rel_max_diff(y1, y0) < 1e-5, "output, {case}");
+            assert!(rel_max_diff(dx1, dx0) < 1e-5, "dx, {case}");
+            assert!(rel_max_diff(dw1, dw0) < 1e-5, "dw, {case}");
             assert_eq!(db1.is_some(), with_bias, "{case}");
             if let (Some(db1), Some(db0)) = (db1, db0) {
-                assert!(rel_diff(db1, db0) < 1e-5, "db, {case}");
+                assert!(rel_max_diff(db1, db0) < 1e-5, "db, {case}");
             }
         }
     }
