@@ -965,8 +965,10 @@ mod tests {
         };
         let (y1, dh1) = run(true);
         let (y0, dh0) = run(false);
-        assert!(max_diff(y1, y0) < 2e-6);
-        assert!(max_diff(dh1, dh0) < 2e-5);
+        // Relative to the largest value: with N(0, 2) inputs `a * gelu(b)` reaches ~50, where one f32 ulp is
+        // ~4e-6, so an absolute bound fails on some random draws.
+        assert!(rel_max_diff(y1, y0) < 2e-6);
+        assert!(rel_max_diff(dh1, dh0) < 2e-5);
         assert!(geglu(h.inner().cast(DType::F64)).is_err());
     }
 
