@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use alignprop_diffusion::VarBuilder;
-use alignprop_diffusion::clip::{ClipTextConfig, ClipTextTransformer};
+use alignprop_diffusion::clip::{CLIPTextConfig, CLIPTextModel};
 use alignprop_diffusion::nn::{
     Conv2d, GroupNorm, LayerNorm, Linear, scaled_dot_product_attention, softmax,
 };
@@ -303,7 +303,7 @@ pub fn prepare<A: AutodiffBackend>(name: &str, device: &A::Device) -> Result<Wor
             Box::new(move || drop(vae.decode_scaled(z.clone())))
         }
         "clip/text_encode" => {
-            let clip = ClipTextTransformer::<I<A>>::new(&ClipTextConfig::default(), &rand_vb())
+            let clip = CLIPTextModel::<I<A>>::new(&CLIPTextConfig::default(), &rand_vb())
                 .map_err(|e| e.to_string())?;
             let ids: Tensor<I<A>, 2, Int> =
                 Tensor::random([2, 77], Distribution::Uniform(0.0, 49407.0), &d);

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use alignprop_diffusion::device::{Cpu, Cuda, DeviceChoice, cuda_device};
-use alignprop_rewards::clip_vision::ClipVisionTransformer;
+use alignprop_rewards::clip_vision::CLIPVisionModel;
 use alignprop_rewards::compressibility::{
     JPEG_QUALITY, clip_embedding, fit_head, jpeg_size_kib, save_head,
 };
@@ -57,7 +57,7 @@ pub fn run(args: FitArgs) -> Result<()> {
 
 fn fit<B: Backend>(args: &FitArgs, device: &B::Device) -> Result<()> {
     let files = list_images(&args.images)?;
-    let clip = ClipVisionTransformer::<B>::load(&args.clip_path, device, DType::F32)
+    let clip = CLIPVisionModel::<B>::load(&args.clip_path, device, DType::F32)
         .with_context(|| format!("loading CLIP from {}", args.clip_path.display()))?;
     let bar = indicatif::ProgressBar::new(files.len() as u64);
     let (mut sizes, mut embs) = (Vec::new(), Vec::new());

@@ -3,7 +3,7 @@
 //! ```text
 //! input_ids [batch, tokens]
 //!   -> token_embedding + position_embedding                       hidden_states[0]
-//!   -> num_hidden_layers x ClipEncoderLayer (pre-LN, causal mask)  hidden_states[1..=num_hidden_layers]
+//!   -> num_hidden_layers x CLIPEncoderLayer (pre-LN, causal mask)  hidden_states[1..=num_hidden_layers]
 //!   -> final_layer_norm                                           last_hidden_state [batch, tokens, hidden]
 //!   -> row of the end-of-text token                               pooler_output     [batch, hidden]
 //! ```
@@ -13,8 +13,8 @@
 //! (and full `CLIPModel` checkpoints) have it, transformers >= 5 saves a `CLIPTextModel` without it. Which layout a
 //! file has is detected from the token embedding key. The `position_ids` buffer stored in old files is ignored.
 //!
-//! [`ClipEncoderLayer`] and [`ClipEncoder`] are shared with a CLIP vision tower: they take the causal flag as an
-//! argument and are sized by [`ClipEncoderDims`], which both text and vision configs provide.
+//! [`CLIPEncoderLayer`] and [`CLIPEncoder`] are shared with a CLIP vision tower: they take the causal flag as an
+//! argument and are sized by [`CLIPEncoderDims`], which both text and vision configs provide.
 
 use std::path::Path;
 
@@ -34,7 +34,7 @@ const LEGACY_EOS_TOKEN_ID: u32 = 2;
 
 /// Activation of the CLIP MLP (`hidden_act` in the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ClipActivation {
+pub enum CLIPActivation {
     /// `x * sigmoid(1.702 x)`, OpenAI CLIP's activation (SD1.5's text encoder).
     #[serde(rename = "quick_gelu")]
     QuickGelu,
@@ -46,7 +46,7 @@ pub enum ClipActivation {
     GeluTanh,
 }
 
-impl ClipActivation {
+impl CLIPActivation {
     /// Applies the activation elementwise.
     pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
@@ -67,7 +67,7 @@ impl ClipActivation {
 /// Defaults are SD1.5's text encoder (OpenAI CLIP ViT-L/14's text tower).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default)]
-pub struct ClipTextConfig {
+pub struct CLIPTextConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -76,7 +76,7 @@ pub struct ClipTextConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub max_position_embeddings: usize,
-    pub hidden_act: ClipActivation,
+    pub hidden_act: CLIPActivation,
     pub layer_norm_eps: f64,
     /// Dropout of the attention probabilities; inference only here, so never applied.
     pub attention_dropout: f64,
@@ -88,7 +88,7 @@ pub struct ClipTextConfig {
     pub eos_token_id: u32,
 }
 
-impl Default for ClipTextConfig {
+impl Default for CLIPTextConfig {
     fn default() -> Self {
         Self {
             vocab_size: 49408,
@@ -98,7 +98,7 @@ impl Default for ClipTextConfig {
             num_hidden_layers: 12,
             num_attention_heads: 12,
             max_position_embeddings: 77,
-            hidden_act: ClipActivation::QuickGelu,
+            hidden_act: CLIPActivation::QuickGelu,
             layer_norm_eps: 1e-5,
             attention_dropout: 0.0,
             initializer_range: 0.02,
@@ -110,10 +110,10 @@ impl Default for ClipTextConfig {
     }
 }
 
-impl ClipTextConfig {
+impl CLIPTextConfig {
     /// The encoder sizes of this configuration.
-    pub fn encoder_dims(&self) -> ClipEncoderDims {
-        ClipEncoderDims {
+    pub fn encoder_dims(&self) -> CLIPEncoderDims {
+        CLIPEncoderDims {
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
             num_attention_heads: self.num_attention_heads,
@@ -126,16 +126,16 @@ impl ClipTextConfig {
 
 /// The sizes of a CLIP transformer encoder (the same fields in the text and vision configs).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ClipEncoderDims {
+pub struct CLIPEncoderDims {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_attention_heads: usize,
     pub num_hidden_layers: usize,
     pub layer_norm_eps: f64,
-    pub hidden_act: ClipActivation,
+    pub hidden_act: CLIPActivation,
 }
 
-impl ClipEncoderDims {
+impl CLIPEncoderDims {
     fn check(&self) -> Result<()> {
         let ok = self.num_attention_heads > 0
             && self.hidden_size.is_multiple_of(self.num_attention_heads);
@@ -155,7 +155,7 @@ impl ClipEncoderDims {
 
 /// Multi-head self-attention with biased query, key, value and output projections (`self_attn`).
 #[derive(Module, Debug)]
-pub struct ClipAttention<B: Backend> {
+pub struct CLIPAttention<B: Backend> {
     /// `[hidden, hidden]` + bias
     pub q_proj: Linear<B>,
     /// `[hidden, hidden]` + bias
@@ -167,7 +167,7 @@ pub struct ClipAttention<B: Backend> {
     pub num_heads: usize,
 }
 
-impl<B: Backend> ClipAttention<B> {
+impl<B: Backend> CLIPAttention<B> {
     pub fn new(vb: &VarBuilder<B>, hidden: usize, num_heads: usize) -> Result<Self> {
         Ok(Self {
             q_proj: Linear::new(&vb.pp("q_proj"), hidden, hidden, true)?,
@@ -191,20 +191,20 @@ impl<B: Backend> ClipAttention<B> {
 
 /// The feed-forward block (`mlp`): `fc2(act(fc1(x)))`.
 #[derive(Module, Debug)]
-pub struct ClipMlp<B: Backend> {
+pub struct CLIPMlp<B: Backend> {
     /// `[intermediate, hidden]` + bias
     pub fc1: Linear<B>,
     /// `[hidden, intermediate]` + bias
     pub fc2: Linear<B>,
-    pub activation: ClipActivation,
+    pub activation: CLIPActivation,
 }
 
-impl<B: Backend> ClipMlp<B> {
+impl<B: Backend> CLIPMlp<B> {
     pub fn new(
         vb: &VarBuilder<B>,
         hidden: usize,
         intermediate: usize,
-        activation: ClipActivation,
+        activation: CLIPActivation,
     ) -> Result<Self> {
         Ok(Self {
             fc1: Linear::new(&vb.pp("fc1"), hidden, intermediate, true)?,
@@ -223,21 +223,21 @@ impl<B: Backend> ClipMlp<B> {
 /// One pre-LN transformer block (`encoder.layers.{i}`):
 /// `x = x + self_attn(layer_norm1(x)); x = x + mlp(layer_norm2(x))`.
 #[derive(Module, Debug)]
-pub struct ClipEncoderLayer<B: Backend> {
+pub struct CLIPEncoderLayer<B: Backend> {
     pub layer_norm1: LayerNorm<B>,
-    pub self_attn: ClipAttention<B>,
+    pub self_attn: CLIPAttention<B>,
     pub layer_norm2: LayerNorm<B>,
-    pub mlp: ClipMlp<B>,
+    pub mlp: CLIPMlp<B>,
 }
 
-impl<B: Backend> ClipEncoderLayer<B> {
-    pub fn new(vb: &VarBuilder<B>, dims: &ClipEncoderDims) -> Result<Self> {
+impl<B: Backend> CLIPEncoderLayer<B> {
+    pub fn new(vb: &VarBuilder<B>, dims: &CLIPEncoderDims) -> Result<Self> {
         let h = dims.hidden_size;
         Ok(Self {
             layer_norm1: LayerNorm::new(&vb.pp("layer_norm1"), h, dims.layer_norm_eps)?,
-            self_attn: ClipAttention::new(&vb.pp("self_attn"), h, dims.num_attention_heads)?,
+            self_attn: CLIPAttention::new(&vb.pp("self_attn"), h, dims.num_attention_heads)?,
             layer_norm2: LayerNorm::new(&vb.pp("layer_norm2"), h, dims.layer_norm_eps)?,
-            mlp: ClipMlp::new(&vb.pp("mlp"), h, dims.intermediate_size, dims.hidden_act)?,
+            mlp: CLIPMlp::new(&vb.pp("mlp"), h, dims.intermediate_size, dims.hidden_act)?,
         })
     }
 
@@ -250,16 +250,16 @@ impl<B: Backend> ClipEncoderLayer<B> {
 
 /// The stack of transformer blocks (`encoder.layers.*`).
 #[derive(Module, Debug)]
-pub struct ClipEncoder<B: Backend> {
-    pub layers: Vec<ClipEncoderLayer<B>>,
+pub struct CLIPEncoder<B: Backend> {
+    pub layers: Vec<CLIPEncoderLayer<B>>,
 }
 
-impl<B: Backend> ClipEncoder<B> {
+impl<B: Backend> CLIPEncoder<B> {
     /// Builds `dims.num_hidden_layers` layers under `vb` (the `encoder` prefix).
-    pub fn new(vb: &VarBuilder<B>, dims: &ClipEncoderDims) -> Result<Self> {
+    pub fn new(vb: &VarBuilder<B>, dims: &CLIPEncoderDims) -> Result<Self> {
         let vb = vb.pp("layers");
         let layers = (0..dims.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::new(&vb.pp(i), dims))
+            .map(|i| CLIPEncoderLayer::new(&vb.pp(i), dims))
             .collect::<Result<_>>()?;
         Ok(Self { layers })
     }
@@ -300,15 +300,15 @@ impl<B: Backend> ClipEncoder<B> {
 
 /// Token and absolute position embeddings (`embeddings`).
 #[derive(Module, Debug)]
-pub struct ClipTextEmbeddings<B: Backend> {
+pub struct CLIPTextEmbeddings<B: Backend> {
     /// `[vocab_size, hidden]`
     pub token_embedding: Param<Tensor<B, 2>>,
     /// `[max_position_embeddings, hidden]`
     pub position_embedding: Param<Tensor<B, 2>>,
 }
 
-impl<B: Backend> ClipTextEmbeddings<B> {
-    pub fn new(vb: &VarBuilder<B>, cfg: &ClipTextConfig) -> Result<Self> {
+impl<B: Backend> CLIPTextEmbeddings<B> {
+    pub fn new(vb: &VarBuilder<B>, cfg: &CLIPTextConfig) -> Result<Self> {
         let h = cfg.hidden_size;
         let token = vb.pp("token_embedding");
         let position = vb.pp("position_embedding");
@@ -338,12 +338,12 @@ impl<B: Backend> ClipTextEmbeddings<B> {
 
 /// What the text encoder returns.
 #[derive(Debug, Clone)]
-pub struct ClipTextOutput<B: Backend> {
+pub struct CLIPTextOutput<B: Backend> {
     /// `[batch, tokens, hidden]`: after `final_layer_norm`; SD's `encoder_hidden_states`.
     pub last_hidden_state: Tensor<B, 3>,
     /// `[batch, hidden]`: the row of `last_hidden_state` at the end-of-text token.
     pub pooler_output: Tensor<B, 2>,
-    /// With [`ClipTextTransformer::forward_hidden_states`]: `num_hidden_layers + 1` tensors
+    /// With [`CLIPTextModel::forward_hidden_states`]: `num_hidden_layers + 1` tensors
     /// `[batch, tokens, hidden]`: the embeddings, then the output of each layer (the last one before
     /// `final_layer_norm`), as transformers' `hidden_states`.
     pub hidden_states: Option<Vec<Tensor<B, 3>>>,
@@ -351,17 +351,17 @@ pub struct ClipTextOutput<B: Backend> {
 
 /// The CLIP text encoder (transformers `CLIPTextModel` / its `text_model`).
 #[derive(Module, Debug)]
-pub struct ClipTextTransformer<B: Backend> {
-    pub embeddings: ClipTextEmbeddings<B>,
-    pub encoder: ClipEncoder<B>,
+pub struct CLIPTextModel<B: Backend> {
+    pub embeddings: CLIPTextEmbeddings<B>,
+    pub encoder: CLIPEncoder<B>,
     pub final_layer_norm: LayerNorm<B>,
-    /// `eos_token_id` of the config (selects the pooled row, see [`ClipTextConfig::eos_token_id`]).
+    /// `eos_token_id` of the config (selects the pooled row, see [`CLIPTextConfig::eos_token_id`]).
     pub eos_token_id: u32,
 }
 
-impl<B: Backend> ClipTextTransformer<B> {
+impl<B: Backend> CLIPTextModel<B> {
     /// Builds the model under `vb`, which may hold the tensors with or without the `text_model.` prefix.
-    pub fn new(cfg: &ClipTextConfig, vb: &VarBuilder<B>) -> Result<Self> {
+    pub fn new(cfg: &CLIPTextConfig, vb: &VarBuilder<B>) -> Result<Self> {
         let dims = cfg.encoder_dims();
         dims.check()?;
         let vb = if vb.contains("text_model.embeddings.token_embedding.weight") {
@@ -370,8 +370,8 @@ impl<B: Backend> ClipTextTransformer<B> {
             vb.clone()
         };
         Ok(Self {
-            embeddings: ClipTextEmbeddings::new(&vb.pp("embeddings"), cfg)?,
-            encoder: ClipEncoder::new(&vb.pp("encoder"), &dims)?,
+            embeddings: CLIPTextEmbeddings::new(&vb.pp("embeddings"), cfg)?,
+            encoder: CLIPEncoder::new(&vb.pp("encoder"), &dims)?,
             final_layer_norm: LayerNorm::new(
                 &vb.pp("final_layer_norm"),
                 cfg.hidden_size,
@@ -383,7 +383,7 @@ impl<B: Backend> ClipTextTransformer<B> {
 
     /// Loads `folder/config.json` and the safetensors weights of a `text_encoder` folder.
     pub fn load(folder: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
-        let cfg: ClipTextConfig = read_json(&folder.join("config.json"))?;
+        let cfg: CLIPTextConfig = read_json(&folder.join("config.json"))?;
         let files = component_weights(folder)?;
         let vb = VarBuilder::from_safetensors(&files, device, dtype)?;
         Self::new(&cfg, &vb)
@@ -391,16 +391,16 @@ impl<B: Backend> ClipTextTransformer<B> {
 
     /// `input_ids`: `[batch, tokens]` (tokens <= `max_position_embeddings`, 77 for SD, no attention mask: padding
     /// is after the end-of-text token and the mask is causal).
-    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> ClipTextOutput<B> {
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> CLIPTextOutput<B> {
         self.run(input_ids, false)
     }
 
     /// As [`forward`](Self::forward), also returning every intermediate hidden state.
-    pub fn forward_hidden_states(&self, input_ids: Tensor<B, 2, Int>) -> ClipTextOutput<B> {
+    pub fn forward_hidden_states(&self, input_ids: Tensor<B, 2, Int>) -> CLIPTextOutput<B> {
         self.run(input_ids, true)
     }
 
-    fn run(&self, input_ids: Tensor<B, 2, Int>, keep_hidden_states: bool) -> ClipTextOutput<B> {
+    fn run(&self, input_ids: Tensor<B, 2, Int>, keep_hidden_states: bool) -> CLIPTextOutput<B> {
         let eos = self.eos_positions(input_ids.clone());
         let x = self.embeddings.forward(input_ids);
         let mut hidden_states = keep_hidden_states.then(Vec::new);
@@ -411,7 +411,7 @@ impl<B: Backend> ClipTextTransformer<B> {
         let [b, _, h] = last_hidden_state.dims();
         let index = eos.reshape([b, 1, 1]).repeat_dim(2, h);
         let pooler_output = last_hidden_state.clone().gather(1, index).reshape([b, h]);
-        ClipTextOutput {
+        CLIPTextOutput {
             last_hidden_state,
             pooler_output,
             hidden_states,

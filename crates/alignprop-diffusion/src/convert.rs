@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::Flex;
 use burn::tensor::{DType, TensorData};
 
-use crate::clip::{ClipTextConfig, ClipTextTransformer};
+use crate::clip::{CLIPTextConfig, CLIPTextModel};
 use crate::pipeline_files::read_json;
 use crate::single_file::SingleFileCheckpoint;
 use crate::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
@@ -130,9 +130,9 @@ pub fn infer_vae_config(ckpt: &SingleFileCheckpoint) -> AutoencoderKLConfig {
 }
 
 /// SD1.5's text-encoder config adjusted to the checkpoint (heads: one per 64 channels, as every CLIP text tower).
-pub fn infer_text_config(ckpt: &SingleFileCheckpoint) -> ClipTextConfig {
+pub fn infer_text_config(ckpt: &SingleFileCheckpoint) -> CLIPTextConfig {
     let info = ckpt.text_encoder_info();
-    ClipTextConfig {
+    CLIPTextConfig {
         vocab_size: info.vocab_size,
         hidden_size: info.hidden_size,
         intermediate_size: info.intermediate_size,
@@ -271,7 +271,7 @@ pub fn single_file_to_diffusers(
         Some(dir) => (
             read_json::<UNet2DConditionConfig>(&dir.join("unet/config.json"))?,
             read_json::<AutoencoderKLConfig>(&dir.join("vae/config.json"))?,
-            read_json::<ClipTextConfig>(&dir.join("text_encoder/config.json"))?,
+            read_json::<CLIPTextConfig>(&dir.join("text_encoder/config.json"))?,
             format!("from {}", dir.display()),
         ),
         None => (
@@ -315,7 +315,7 @@ pub fn single_file_to_diffusers(
                 drop(UNet2DConditionModel::new(&unet_cfg, &vb)?);
             }
             "vae" => drop(AutoencoderKL::new(&vae_cfg, &vb)?),
-            _ => drop(ClipTextTransformer::new(&text_cfg, &vb)?),
+            _ => drop(CLIPTextModel::new(&text_cfg, &vb)?),
         }
         let source = source();
         // diffusers keeps SD1's 1x1-convolution projections as convolutions, except the VAE's mid-block attention,
@@ -421,7 +421,7 @@ mod tests {
                 vae.latent_channels
             )
         );
-        let text: ClipTextConfig = read_json(&tiny_sd().join("text_encoder/config.json")).unwrap();
+        let text: CLIPTextConfig = read_json(&tiny_sd().join("text_encoder/config.json")).unwrap();
         let got = infer_text_config(&ckpt);
         assert_eq!(
             (

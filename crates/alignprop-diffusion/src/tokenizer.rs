@@ -10,7 +10,7 @@
 //! 3. model: BPE whose word-final symbols carry the `</w>` suffix, unknown token `<|endoftext|>`;
 //! 4. post-processor: `<|startoftext|>` (49406) before and `<|endoftext|>` (49407) after the prompt.
 //!
-//! [`ClipTokenizer::encode`] then truncates to `bos + 75 tokens + eos` and pads to 77 with the pad id
+//! [`CLIPTokenizer::encode`] then truncates to `bos + 75 tokens + eos` and pads to 77 with the pad id
 //! (`<|endoftext|>` for SD1.5), as `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)` in
 //! diffusers' `StableDiffusionPipeline.encode_prompt`.
 
@@ -63,7 +63,7 @@ pub type Result<T> = std::result::Result<T, TokenizerError>;
 
 /// CLIP's BPE tokenizer with SD's fixed-length padding.
 #[derive(Clone)]
-pub struct ClipTokenizer {
+pub struct CLIPTokenizer {
     inner: Tokenizer,
     bos_id: u32,
     eos_id: u32,
@@ -71,9 +71,9 @@ pub struct ClipTokenizer {
     max_length: usize,
 }
 
-impl std::fmt::Debug for ClipTokenizer {
+impl std::fmt::Debug for CLIPTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClipTokenizer")
+        f.debug_struct("CLIPTokenizer")
             .field("vocab_size", &self.vocab_size())
             .field("bos_id", &self.bos_id)
             .field("eos_id", &self.eos_id)
@@ -97,7 +97,7 @@ fn read_text(path: &Path) -> Result<String> {
     })
 }
 
-impl ClipTokenizer {
+impl CLIPTokenizer {
     /// Loads a Hugging Face fast-tokenizer file (`tokenizer/tokenizer.json`). Padding is `<|endoftext|>`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();

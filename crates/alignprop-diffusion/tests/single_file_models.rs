@@ -4,7 +4,7 @@
 
 mod common;
 
-use alignprop_diffusion::clip::{ClipTextConfig, ClipTextTransformer};
+use alignprop_diffusion::clip::{CLIPTextConfig, CLIPTextModel};
 use alignprop_diffusion::pipeline_files::read_json;
 use alignprop_diffusion::single_file::SingleFileCheckpoint;
 use alignprop_diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -64,8 +64,8 @@ fn single_file_unet_vae_text_encoder_match_diffusers() {
         TOL,
     );
 
-    let te_cfg: ClipTextConfig = read_json(&tiny_sd().join("text_encoder/config.json")).unwrap();
-    let te = ClipTextTransformer::new(
+    let te_cfg: CLIPTextConfig = read_json(&tiny_sd().join("text_encoder/config.json")).unwrap();
+    let te = CLIPTextModel::new(
         &te_cfg,
         &VarBuilder::from_source(ckpt.text_encoder(), &device, DType::F32),
     )

@@ -5,9 +5,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use alignprop_diffusion::clip::{ClipActivation, ClipTextConfig, ClipTextTransformer};
+use alignprop_diffusion::clip::{CLIPActivation, CLIPTextConfig, CLIPTextModel};
 use alignprop_diffusion::pipeline_files::read_json;
-use alignprop_diffusion::tokenizer::{ClipTokenizer, TokenizerError};
+use alignprop_diffusion::tokenizer::{CLIPTokenizer, TokenizerError};
 use alignprop_diffusion::weights::{TensorSource, VarBuilder, WeightError};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use common::{B, assert_close, ref_int, ref_tensor, refs, rel_err, tiny_sd};
@@ -46,7 +46,7 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-fn check_tokenizer(tok: &ClipTokenizer, what: &str) {
+fn check_tokenizer(tok: &CLIPTokenizer, what: &str) {
     let rows = prompt_refs();
     let expected_rows = ref_int::<2>(&refs("tokenizer.safetensors"), "input_ids");
     for p in &rows {
@@ -77,7 +77,7 @@ fn check_tokenizer(tok: &ClipTokenizer, what: &str) {
 
 #[test]
 fn tokenizer_json_matches_transformers() {
-    let tok = ClipTokenizer::from_file(tokenizer_dir().join("tokenizer.json")).unwrap();
+    let tok = CLIPTokenizer::from_file(tokenizer_dir().join("tokenizer.json")).unwrap();
     assert_eq!(
         (tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.vocab_size()),
         (49406, 49407, 49407, 49408)
@@ -94,7 +94,7 @@ fn tokenizer_json_matches_transformers() {
 fn vocab_and_merges_match_transformers() {
     let dir = tokenizer_dir();
     let tok =
-        ClipTokenizer::from_vocab_merges(dir.join("vocab.json"), dir.join("merges.txt")).unwrap();
+        CLIPTokenizer::from_vocab_merges(dir.join("vocab.json"), dir.join("merges.txt")).unwrap();
     assert_eq!(
         (tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.vocab_size()),
         (49406, 49407, 49407, 49408)
@@ -106,7 +106,7 @@ fn vocab_and_merges_match_transformers() {
 fn tokenizer_from_folder_picks_available_files() {
     // The fixture folder has tokenizer.json.
     check_tokenizer(
-        &ClipTokenizer::from_folder(tokenizer_dir()).unwrap(),
+        &CLIPTokenizer::from_folder(tokenizer_dir()).unwrap(),
         "from_folder (tokenizer.json)",
     );
     // A folder with only SD1.5's slow-tokenizer files.
@@ -115,12 +115,12 @@ fn tokenizer_from_folder_picks_available_files() {
         std::fs::copy(tokenizer_dir().join(f), dir.join(f)).unwrap();
     }
     check_tokenizer(
-        &ClipTokenizer::from_folder(&dir).unwrap(),
+        &CLIPTokenizer::from_folder(&dir).unwrap(),
         "from_folder (vocab + merges)",
     );
     // Nothing there.
     let empty = scratch("no_tokenizer");
-    let err = ClipTokenizer::from_folder(&empty).unwrap_err();
+    let err = CLIPTokenizer::from_folder(&empty).unwrap_err();
     assert!(matches!(err, TokenizerError::NotFound { .. }));
     assert!(err.to_string().contains("no_tokenizer"), "{err}");
 }
@@ -130,7 +130,7 @@ fn tokenizer_errors_name_the_file() {
     let dir = scratch("bad_tokenizer");
     let missing = dir.join("vocab.json");
     let err =
-        ClipTokenizer::from_vocab_merges(&missing, tokenizer_dir().join("merges.txt")).unwrap_err();
+        CLIPTokenizer::from_vocab_merges(&missing, tokenizer_dir().join("merges.txt")).unwrap_err();
     eprintln!("{err}");
     assert!(
         err.to_string().contains(&missing.display().to_string()),
@@ -140,7 +140,7 @@ fn tokenizer_errors_name_the_file() {
     let merges = dir.join("merges.txt");
     std::fs::write(&merges, "#version: 0.2\ni n\nthree symbols here\n").unwrap();
     let err =
-        ClipTokenizer::from_vocab_merges(tokenizer_dir().join("vocab.json"), &merges).unwrap_err();
+        CLIPTokenizer::from_vocab_merges(tokenizer_dir().join("vocab.json"), &merges).unwrap_err();
     eprintln!("{err}");
     assert!(
         err.to_string().contains(&merges.display().to_string())
@@ -150,7 +150,7 @@ fn tokenizer_errors_name_the_file() {
 
     let json = dir.join("tokenizer.json");
     std::fs::write(&json, "{not json").unwrap();
-    let err = ClipTokenizer::from_file(&json).unwrap_err();
+    let err = CLIPTokenizer::from_file(&json).unwrap_err();
     eprintln!("{err}");
     assert!(
         err.to_string().contains(&json.display().to_string()),
@@ -162,12 +162,12 @@ fn te_dir() -> PathBuf {
     tiny_sd().join("text_encoder")
 }
 
-fn tiny_config() -> ClipTextConfig {
+fn tiny_config() -> CLIPTextConfig {
     read_json(&te_dir().join("config.json")).unwrap()
 }
 
 /// Checks every text-encoder reference in `dtype` (f32: plain refs; f64: `last_hidden_state_f64`).
-fn check_against_refs(model: &ClipTextTransformer<B>, dtype: DType, what: &str) {
+fn check_against_refs(model: &CLIPTextModel<B>, dtype: DType, what: &str) {
     let r = refs("text_encoder.safetensors");
     let out = model.forward_hidden_states(ref_int(&r, "input_ids"));
     let (lhs_key, tol) = match dtype {
@@ -201,13 +201,13 @@ fn check_against_refs(model: &ClipTextTransformer<B>, dtype: DType, what: &str) 
 
 #[test]
 fn text_encoder_f32_matches_transformers() {
-    let model = ClipTextTransformer::<B>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
+    let model = CLIPTextModel::<B>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
     check_against_refs(&model, DType::F32, "f32");
 }
 
 #[test]
 fn text_encoder_f64_matches_transformers() {
-    let model = ClipTextTransformer::<B>::load(&te_dir(), &Default::default(), DType::F64).unwrap();
+    let model = CLIPTextModel::<B>::load(&te_dir(), &Default::default(), DType::F64).unwrap();
     let r = refs("text_encoder.safetensors");
     let out = model.forward(ref_int(&r, "input_ids"));
     assert!(out.hidden_states.is_none());
@@ -236,7 +236,7 @@ fn text_encoder_f64_matches_transformers() {
 fn text_encoder_runs_under_autodiff() {
     type AD = alignprop_diffusion::device::CpuAutodiff;
     let model =
-        ClipTextTransformer::<AD>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
+        CLIPTextModel::<AD>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
     let r = refs("text_encoder.safetensors");
     let ids = Tensor::<AD, 2, Int>::from_inner(ref_int(&r, "input_ids"));
     let out = model.forward(ids).last_hidden_state.inner();
@@ -250,7 +250,7 @@ fn text_encoder_runs_under_autodiff() {
 
 #[test]
 fn tokenizer_gives_the_text_encoder_reference_ids() {
-    let tok = ClipTokenizer::from_folder(tokenizer_dir()).unwrap();
+    let tok = CLIPTokenizer::from_folder(tokenizer_dir()).unwrap();
     let ids: Tensor<B, 2, Int> = tok
         .input_ids(&["", "a photo of a cat"], &Default::default())
         .unwrap();
@@ -267,7 +267,7 @@ fn tokenizer_gives_the_text_encoder_reference_ids() {
 
 #[test]
 fn config_defaults_and_sd15_style_config() {
-    let d = ClipTextConfig::default();
+    let d = CLIPTextConfig::default();
     assert_eq!(
         (
             d.vocab_size,
@@ -280,13 +280,13 @@ fn config_defaults_and_sd15_style_config() {
     );
     assert_eq!(
         (d.max_position_embeddings, d.hidden_act, d.layer_norm_eps),
-        (77, ClipActivation::QuickGelu, 1e-5)
+        (77, CLIPActivation::QuickGelu, 1e-5)
     );
-    let empty: ClipTextConfig = serde_json::from_str("{}").unwrap();
+    let empty: CLIPTextConfig = serde_json::from_str("{}").unwrap();
     assert_eq!(empty.encoder_dims(), d.encoder_dims());
 
     let new = tiny_config();
-    let old: ClipTextConfig =
+    let old: CLIPTextConfig =
         read_json(&tiny_sd().join("extra/sd15_style_configs/text_encoder_config.json")).unwrap();
     assert_eq!(new.encoder_dims(), old.encoder_dims());
     assert_eq!(
@@ -299,12 +299,12 @@ fn config_defaults_and_sd15_style_config() {
     // The legacy config (eos 2: pooled row = argmax of the ids) builds the same model with the same outputs.
     let files = [te_dir().join("model.safetensors")];
     let vb = VarBuilder::<B>::from_safetensors(&files, &Default::default(), DType::F32).unwrap();
-    let legacy = ClipTextTransformer::new(&old, &vb).unwrap();
+    let legacy = CLIPTextModel::new(&old, &vb).unwrap();
     check_against_refs(&legacy, DType::F32, "sd15-style config");
 
-    let gelu: ClipTextConfig = serde_json::from_str(r#"{"hidden_act": "gelu"}"#).unwrap();
-    assert_eq!(gelu.hidden_act, ClipActivation::Gelu);
-    assert!(serde_json::from_str::<ClipTextConfig>(r#"{"hidden_act": "relu6"}"#).is_err());
+    let gelu: CLIPTextConfig = serde_json::from_str(r#"{"hidden_act": "gelu"}"#).unwrap();
+    assert_eq!(gelu.hidden_act, CLIPActivation::Gelu);
+    assert!(serde_json::from_str::<CLIPTextConfig>(r#"{"hidden_act": "relu6"}"#).is_err());
 }
 
 /// The pooled row for ids without the end-of-text token: the first `eos_token_id` (none here: position 0, as
@@ -313,10 +313,10 @@ fn config_defaults_and_sd15_style_config() {
 fn pooling_follows_eos_token_id() {
     let files = [te_dir().join("model.safetensors")];
     let vb = VarBuilder::<B>::from_safetensors(&files, &Default::default(), DType::F32).unwrap();
-    let old: ClipTextConfig =
+    let old: CLIPTextConfig =
         read_json(&tiny_sd().join("extra/sd15_style_configs/text_encoder_config.json")).unwrap();
-    let new_model = ClipTextTransformer::new(&tiny_config(), &vb).unwrap();
-    let legacy_model = ClipTextTransformer::new(&old, &vb).unwrap();
+    let new_model = CLIPTextModel::new(&tiny_config(), &vb).unwrap();
+    let legacy_model = CLIPTextModel::new(&old, &vb).unwrap();
     // Row 0: no 49407, largest id 2368 at positions 2 and 4. Row 1: 49407 at 2 and 4.
     let rows: [[i64; 7]; 2] = [
         [320, 1125, 2368, 320, 2368, 539, 1],
@@ -344,7 +344,7 @@ fn pooling_follows_eos_token_id() {
 
 #[test]
 fn clip_skip_uses_earlier_layers() {
-    let model = ClipTextTransformer::<B>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
+    let model = CLIPTextModel::<B>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
     let ids = ref_int::<2>(&refs("text_encoder.safetensors"), "input_ids");
     let out = model.forward_hidden_states(ids.clone());
     let (rel, _) = rel_err(
@@ -385,10 +385,10 @@ fn loads_keys_without_text_model_prefix() {
     safetensors::serialize_to_file(renamed, None, &dir.join("model.safetensors")).unwrap();
     std::fs::copy(te_dir().join("config.json"), dir.join("config.json")).unwrap();
 
-    let model = ClipTextTransformer::<B>::load(&dir, &Default::default(), DType::F32).unwrap();
+    let model = CLIPTextModel::<B>::load(&dir, &Default::default(), DType::F32).unwrap();
     check_against_refs(&model, DType::F32, "unprefixed file");
     let reference =
-        ClipTextTransformer::<B>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
+        CLIPTextModel::<B>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
     let ids = ref_int::<2>(&refs("text_encoder.safetensors"), "input_ids");
     let (rel, _) = rel_err(
         model.forward(ids.clone()).last_hidden_state,
@@ -401,11 +401,11 @@ fn loads_keys_without_text_model_prefix() {
 fn shape_mismatch_error_names_key_and_shapes() {
     let files = [te_dir().join("model.safetensors")];
     let vb = VarBuilder::<B>::from_safetensors(&files, &Default::default(), DType::F32).unwrap();
-    let cfg = ClipTextConfig {
+    let cfg = CLIPTextConfig {
         intermediate_size: 64,
         ..tiny_config()
     };
-    let err = ClipTextTransformer::new(&cfg, &vb).unwrap_err();
+    let err = CLIPTextModel::new(&cfg, &vb).unwrap_err();
     let msg = err.to_string();
     eprintln!("{msg}");
     assert!(matches!(err, WeightError::Shape { .. }));
@@ -418,22 +418,22 @@ fn shape_mismatch_error_names_key_and_shapes() {
         assert!(msg.contains(part), "'{part}' missing from: {msg}");
     }
     // A config with more layers than the file: the missing key is named.
-    let cfg = ClipTextConfig {
+    let cfg = CLIPTextConfig {
         num_hidden_layers: 3,
         ..tiny_config()
     };
-    let msg = ClipTextTransformer::new(&cfg, &vb).unwrap_err().to_string();
+    let msg = CLIPTextModel::new(&cfg, &vb).unwrap_err().to_string();
     eprintln!("{msg}");
     assert!(
         msg.contains("text_model.encoder.layers.2.layer_norm1.weight"),
         "{msg}"
     );
     // Heads that do not divide the width.
-    let cfg = ClipTextConfig {
+    let cfg = CLIPTextConfig {
         num_attention_heads: 5,
         ..tiny_config()
     };
-    let msg = ClipTextTransformer::new(&cfg, &vb).unwrap_err().to_string();
+    let msg = CLIPTextModel::new(&cfg, &vb).unwrap_err().to_string();
     assert!(msg.contains("num_attention_heads 5"), "{msg}");
     // `position_ids` (I64) is in the file but never requested.
     let src = alignprop_diffusion::weights::SafetensorsSource::open(&files).unwrap();
@@ -448,12 +448,12 @@ fn full_size_sd15_text_encoder_random_weights() {
     use burn::tensor::backend::Backend;
     let device = Default::default();
     B::seed(&device, 0);
-    let cfg = ClipTextConfig::default();
+    let cfg = CLIPTextConfig::default();
     let t0 = std::time::Instant::now();
     let model =
-        ClipTextTransformer::<B>::new(&cfg, &VarBuilder::random(&device, DType::F32)).unwrap();
+        CLIPTextModel::<B>::new(&cfg, &VarBuilder::random(&device, DType::F32)).unwrap();
     eprintln!("built in {:.2?}", t0.elapsed());
-    let tok = ClipTokenizer::from_folder(tokenizer_dir()).unwrap();
+    let tok = CLIPTokenizer::from_folder(tokenizer_dir()).unwrap();
     let ids: Tensor<B, 2, Int> = tok.input_ids(&["", "a photo of a cat"], &device).unwrap();
     let t0 = std::time::Instant::now();
     let out = model.forward(ids);

@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
-use alignprop_diffusion::clip::ClipTextTransformer;
+use alignprop_diffusion::clip::CLIPTextModel;
 use alignprop_diffusion::pipeline_files::read_json;
-use alignprop_diffusion::tokenizer::ClipTokenizer;
+use alignprop_diffusion::tokenizer::CLIPTokenizer;
 use alignprop_diffusion::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_schedulers::{AnyScheduler, Scheduler, SchedulerConfig};
@@ -35,8 +35,8 @@ pub type Result<T> = std::result::Result<T, PipelineError>;
 
 /// The four parts of a Stable Diffusion model plus its scheduler configuration.
 pub struct StableDiffusion<B: Backend> {
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextTransformer<B>,
+    pub tokenizer: CLIPTokenizer,
+    pub text_encoder: CLIPTextModel<B>,
     pub unet: UNet2DConditionModel<B>,
     pub vae: AutoencoderKL<B>,
     pub scheduler_config: SchedulerConfig,
@@ -145,8 +145,8 @@ impl<B: Backend> StableDiffusion<B> {
         };
         Ok(Self {
             sample_size,
-            tokenizer: ClipTokenizer::from_folder(folder.join("tokenizer"))?,
-            text_encoder: ClipTextTransformer::load(&folder.join("text_encoder"), device, dtype)?,
+            tokenizer: CLIPTokenizer::from_folder(folder.join("tokenizer"))?,
+            text_encoder: CLIPTextModel::load(&folder.join("text_encoder"), device, dtype)?,
             unet: UNet2DConditionModel::load(&folder.join("unet"), device, dtype)?,
             vae: AutoencoderKL::load(&folder.join("vae"), device, dtype)?,
             scheduler_config,

@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
 use crate::Reward;
-use crate::clip_vision::ClipVisionTransformer;
+use crate::clip_vision::CLIPVisionModel;
 use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess};
 use crate::pth::PthSource;
 
@@ -71,7 +71,7 @@ impl<B: Backend> AestheticMlp<B> {
 /// CLIP vision encoder + aesthetic head, with AlignProp's differentiable preprocessing.
 #[derive(Module, Debug)]
 pub struct AestheticScorer<B: Backend> {
-    pub clip: ClipVisionTransformer<B>,
+    pub clip: CLIPVisionModel<B>,
     pub mlp: AestheticMlp<B>,
     /// The loss target (`|score - target|`), 10 in AlignProp.
     pub target: f64,
@@ -81,7 +81,7 @@ impl<B: Backend> AestheticScorer<B> {
     /// `clip_folder`: a transformers `CLIPVisionModelWithProjection` folder; `mlp`: the head as safetensors.
     pub fn load(clip_folder: &Path, mlp: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
         Ok(Self {
-            clip: ClipVisionTransformer::load(clip_folder, device, dtype)?,
+            clip: CLIPVisionModel::load(clip_folder, device, dtype)?,
             mlp: AestheticMlp::load(mlp, device, dtype)?,
             target: 10.0,
         })

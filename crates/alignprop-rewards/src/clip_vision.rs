@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use alignprop_diffusion::VarBuilder;
-use alignprop_diffusion::clip::{ClipActivation, ClipEncoder, ClipEncoderDims};
+use alignprop_diffusion::clip::{CLIPActivation, CLIPEncoder, CLIPEncoderDims};
 use alignprop_diffusion::nn::{LayerNorm, param};
 use alignprop_diffusion::pipeline_files::{component_weights, read_json};
 use alignprop_diffusion::weights::{Init, Result, WeightError};
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 /// LAION aesthetic predictor's encoder).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct ClipVisionConfig {
+pub struct CLIPVisionConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -28,12 +28,12 @@ pub struct ClipVisionConfig {
     pub image_size: usize,
     pub patch_size: usize,
     pub projection_dim: usize,
-    pub hidden_act: ClipActivation,
+    pub hidden_act: CLIPActivation,
     pub layer_norm_eps: f64,
     pub num_channels: usize,
 }
 
-impl Default for ClipVisionConfig {
+impl Default for CLIPVisionConfig {
     fn default() -> Self {
         Self {
             hidden_size: 1024,
@@ -43,16 +43,16 @@ impl Default for ClipVisionConfig {
             image_size: 224,
             patch_size: 14,
             projection_dim: 768,
-            hidden_act: ClipActivation::QuickGelu,
+            hidden_act: CLIPActivation::QuickGelu,
             layer_norm_eps: 1e-5,
             num_channels: 3,
         }
     }
 }
 
-impl ClipVisionConfig {
-    fn dims(&self) -> ClipEncoderDims {
-        ClipEncoderDims {
+impl CLIPVisionConfig {
+    fn dims(&self) -> CLIPEncoderDims {
+        CLIPEncoderDims {
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
             num_attention_heads: self.num_attention_heads,
@@ -65,7 +65,7 @@ impl ClipVisionConfig {
 
 /// `CLIPVisionModelWithProjection`: images to projected embeddings.
 #[derive(Module, Debug)]
-pub struct ClipVisionTransformer<B: Backend> {
+pub struct CLIPVisionModel<B: Backend> {
     /// `[hidden]`
     pub class_embedding: Param<Tensor<B, 1>>,
     /// `[hidden, channels, patch, patch]`, no bias.
@@ -73,7 +73,7 @@ pub struct ClipVisionTransformer<B: Backend> {
     /// `[1 + (image / patch)^2, hidden]`
     pub position_embedding: Param<Tensor<B, 2>>,
     pub pre_layrnorm: LayerNorm<B>,
-    pub encoder: ClipEncoder<B>,
+    pub encoder: CLIPEncoder<B>,
     pub post_layernorm: LayerNorm<B>,
     /// `[projection, hidden]`, no bias.
     pub visual_projection: Param<Tensor<B, 2>>,
@@ -81,9 +81,9 @@ pub struct ClipVisionTransformer<B: Backend> {
     pub image_size: usize,
 }
 
-impl<B: Backend> ClipVisionTransformer<B> {
+impl<B: Backend> CLIPVisionModel<B> {
     /// Builds from `vb` at the root of a transformers file (`vision_model.*`, `visual_projection.weight`).
-    pub fn new(cfg: &ClipVisionConfig, vb: &VarBuilder<B>) -> Result<Self> {
+    pub fn new(cfg: &CLIPVisionConfig, vb: &VarBuilder<B>) -> Result<Self> {
         let (h, p) = (cfg.hidden_size, cfg.patch_size);
         if p == 0 || cfg.image_size % p != 0 {
             return Err(WeightError::Config {
@@ -114,7 +114,7 @@ impl<B: Backend> ClipVisionTransformer<B> {
                 Init::Normal(0.02),
             )?),
             pre_layrnorm: LayerNorm::new(&v.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
-            encoder: ClipEncoder::new(&v.pp("encoder"), &cfg.dims())?,
+            encoder: CLIPEncoder::new(&v.pp("encoder"), &cfg.dims())?,
             post_layernorm: LayerNorm::new(&v.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
             visual_projection: param(vb.pp("visual_projection").get(
                 [cfg.projection_dim, h],
@@ -128,7 +128,7 @@ impl<B: Backend> ClipVisionTransformer<B> {
 
     /// Loads a transformers folder (`config.json` + `model.safetensors`).
     pub fn load(folder: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
-        let cfg: ClipVisionConfig = read_json(&folder.join("config.json"))?;
+        let cfg: CLIPVisionConfig = read_json(&folder.join("config.json"))?;
         let vb = VarBuilder::from_safetensors(&component_weights(folder)?, device, dtype)?;
         Self::new(&cfg, &vb)
     }

@@ -22,7 +22,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use image::RgbImage;
 
 use crate::Reward;
-use crate::clip_vision::ClipVisionTransformer;
+use crate::clip_vision::CLIPVisionModel;
 use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess};
 
 /// The JPEG quality of the compressibility reward.
@@ -93,7 +93,7 @@ impl<B: Backend> CompressibilityHead<B> {
 
 /// The L2-normalised CLIP embedding of decoded images `[b, 3, H, W]` in `[-1, 1]` -> `[b, embed]`.
 pub fn clip_embedding<B: Backend>(
-    clip: &ClipVisionTransformer<B>,
+    clip: &CLIPVisionModel<B>,
     images: Tensor<B, 4>,
 ) -> Tensor<B, 2> {
     let px = clip_preprocess(images, clip.image_size, CLIP_MEAN, CLIP_STD);
@@ -105,7 +105,7 @@ pub fn clip_embedding<B: Backend>(
 /// CLIP + surrogate head as a differentiable reward: `score = -predicted JPEG KiB`.
 #[derive(Module, Debug)]
 pub struct CompressibilityScorer<B: Backend> {
-    pub clip: ClipVisionTransformer<B>,
+    pub clip: CLIPVisionModel<B>,
     pub head: CompressibilityHead<B>,
 }
 
@@ -113,7 +113,7 @@ impl<B: Backend> CompressibilityScorer<B> {
     /// `clip_folder`: a transformers CLIP vision folder; `head`: a file written by [`save_head`].
     pub fn load(clip_folder: &Path, head: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
         Ok(Self {
-            clip: ClipVisionTransformer::load(clip_folder, device, dtype)?,
+            clip: CLIPVisionModel::load(clip_folder, device, dtype)?,
             head: CompressibilityHead::load(head, device, dtype)?,
         })
     }

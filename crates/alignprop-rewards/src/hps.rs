@@ -16,7 +16,7 @@
 use std::path::Path;
 
 use alignprop_diffusion::VarBuilder;
-use alignprop_diffusion::tokenizer::ClipTokenizer;
+use alignprop_diffusion::tokenizer::CLIPTokenizer;
 use alignprop_diffusion::weights::Result;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
@@ -30,7 +30,7 @@ use crate::text::{check_prompts, load_tokenizer, prompt_ids};
 #[derive(Debug)]
 pub struct HpsScorer<B: Backend> {
     pub clip: OpenClip<B>,
-    pub tokenizer: ClipTokenizer,
+    pub tokenizer: CLIPTokenizer,
 }
 
 /// L2-normalises the rows of `[b, d]`.
@@ -49,7 +49,7 @@ pub(crate) fn cosine_rows<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tenso
 
 impl<B: Backend> HpsScorer<B> {
     /// Builds the model from `vb` at the root of an open_clip state dict (see [`open_clip::open_weights`]).
-    pub fn new(cfg: &OpenClipConfig, vb: &VarBuilder<B>, tokenizer: ClipTokenizer) -> Result<Self> {
+    pub fn new(cfg: &OpenClipConfig, vb: &VarBuilder<B>, tokenizer: CLIPTokenizer) -> Result<Self> {
         Ok(Self {
             clip: OpenClip::new(cfg, vb)?,
             tokenizer,

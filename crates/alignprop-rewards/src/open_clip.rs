@@ -15,7 +15,7 @@
 //!
 //! The blocks are the CLIP encoder blocks of [`alignprop_diffusion::clip`]: open_clip's fused attention input
 //! projection (`in_proj_weight`, rows `q | k | v`) is split into the query, key and value projections when loading,
-//! so the image tower is a [`ClipVisionTransformer`] and the text tower a [`ClipTextTransformer`] whose pooled row is
+//! so the image tower is a [`CLIPVisionModel`] and the text tower a [`CLIPTextModel`] whose pooled row is
 //! the argmax of the token ids (the end-of-text token, open_clip's `text_global_pool(..., "argmax")`).
 //!
 //! Checkpoints: safetensors, or a PyTorch file (`.pt`, `.pth`, `.bin`, read without executing pickle code) whose
@@ -27,8 +27,8 @@ use std::sync::Arc;
 
 use alignprop_diffusion::VarBuilder;
 use alignprop_diffusion::clip::{
-    ClipActivation, ClipAttention, ClipEncoder, ClipEncoderLayer, ClipMlp, ClipTextEmbeddings,
-    ClipTextTransformer,
+    CLIPActivation, CLIPAttention, CLIPEncoder, CLIPEncoderLayer, CLIPMlp, CLIPTextEmbeddings,
+    CLIPTextModel,
 };
 use alignprop_diffusion::nn::{LayerNorm, Linear, param};
 use alignprop_diffusion::pipeline_files::read_json;
@@ -41,7 +41,7 @@ use burn::tensor::{DType, Int, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::clip_vision::ClipVisionTransformer;
+use crate::clip_vision::CLIPVisionModel;
 use crate::pth::PthSource;
 
 /// open_clip's `CLIPVisionCfg` (the ViT fields; unknown keys are checked by [`OpenClipConfig::validate`]).
@@ -261,11 +261,11 @@ impl OpenClipConfig {
         Ok(())
     }
 
-    fn activation(&self) -> ClipActivation {
+    fn activation(&self) -> CLIPActivation {
         if self.quick_gelu {
-            ClipActivation::QuickGelu
+            CLIPActivation::QuickGelu
         } else {
-            ClipActivation::Gelu
+            CLIPActivation::Gelu
         }
     }
 }
@@ -278,8 +278,8 @@ pub fn resblock<B: Backend>(
     width: usize,
     heads: usize,
     mlp_width: usize,
-    activation: ClipActivation,
-) -> Result<ClipEncoderLayer<B>> {
+    activation: CLIPActivation,
+) -> Result<CLIPEncoderLayer<B>> {
     let attn = vb.pp("attn");
     let w: Tensor<B, 2> = attn.get([3 * width, width], "in_proj_weight", Init::fan_in(width))?;
     let b: Tensor<B, 1> = attn.get([3 * width], "in_proj_bias", Init::Zeros)?;
@@ -288,9 +288,9 @@ pub fn resblock<B: Backend>(
         bias: Some(param(b.clone().narrow(0, i * width, width))),
         lora: None,
     };
-    Ok(ClipEncoderLayer {
+    Ok(CLIPEncoderLayer {
         layer_norm1: LayerNorm::new(&vb.pp("ln_1"), width, 1e-5)?,
-        self_attn: ClipAttention {
+        self_attn: CLIPAttention {
             q_proj: part(0),
             k_proj: part(1),
             v_proj: part(2),
@@ -298,7 +298,7 @@ pub fn resblock<B: Backend>(
             num_heads: heads,
         },
         layer_norm2: LayerNorm::new(&vb.pp("ln_2"), width, 1e-5)?,
-        mlp: ClipMlp {
+        mlp: CLIPMlp {
             fc1: Linear::new(&vb.pp("mlp").pp("c_fc"), width, mlp_width, true)?,
             fc2: Linear::new(&vb.pp("mlp").pp("c_proj"), mlp_width, width, true)?,
             activation,
@@ -313,23 +313,23 @@ pub fn transformer<B: Backend>(
     heads: usize,
     layers: usize,
     mlp_ratio: f64,
-    activation: ClipActivation,
-) -> Result<ClipEncoder<B>> {
+    activation: CLIPActivation,
+) -> Result<CLIPEncoder<B>> {
     let mlp_width = (width as f64 * mlp_ratio) as usize;
     let r = vb.pp("resblocks");
     let layers = (0..layers)
         .map(|i| resblock(&r.pp(i), width, heads, mlp_width, activation))
         .collect::<Result<_>>()?;
-    Ok(ClipEncoder { layers })
+    Ok(CLIPEncoder { layers })
 }
 
 /// open_clip's `CLIP`: both towers and their projections into the joint embedding.
 #[derive(Module, Debug)]
 pub struct OpenClip<B: Backend> {
     /// The image tower (`visual.*`); its `visual_projection` is `visual.proj` transposed, `[embed, width]`.
-    pub visual: ClipVisionTransformer<B>,
+    pub visual: CLIPVisionModel<B>,
     /// The text tower; `eos_token_id` is the legacy value 2, i.e. the pooled row is at the argmax of the ids.
-    pub text: ClipTextTransformer<B>,
+    pub text: CLIPTextModel<B>,
     /// `[text width, embed_dim]` (used as `pooled @ text_projection`).
     pub text_projection: Param<Tensor<B, 2>>,
     pub context_length: usize,
@@ -353,7 +353,7 @@ impl<B: Backend> OpenClip<B> {
             "proj",
             Init::Normal((w as f64).powf(-0.5)),
         )?;
-        let visual = ClipVisionTransformer {
+        let visual = CLIPVisionModel {
             class_embedding: param(vis.get(
                 [w],
                 "class_embedding",
@@ -384,8 +384,8 @@ impl<B: Backend> OpenClip<B> {
             image_size: v.image_size,
         };
         let tw = t.width;
-        let text = ClipTextTransformer {
-            embeddings: ClipTextEmbeddings {
+        let text = CLIPTextModel {
+            embeddings: CLIPTextEmbeddings {
                 token_embedding: param(vb.pp("token_embedding").get(
                     [t.vocab_size, tw],
                     "weight",

@@ -4,8 +4,8 @@
 //!
 //! Layout: transformers `CLIPModel` names (`text_model.*`, `vision_model.*`, `visual_projection.weight`,
 //! `text_projection.weight`, `logit_scale`) and its `config.json` (`text_config`, `vision_config`,
-//! `projection_dim`); the towers are this crate's [`ClipVisionTransformer`] and the SD text encoder's
-//! [`ClipTextTransformer`].
+//! `projection_dim`); the towers are this crate's [`CLIPVisionModel`] and the SD text encoder's
+//! [`CLIPTextModel`].
 //!
 //! Preprocessing: PickScore's processor (that of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`) resizes the shorter side
 //! to 224 with bicubic interpolation, centre-crops 224 and applies CLIP's mean/std. Here, to be differentiable and
@@ -23,10 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use alignprop_diffusion::VarBuilder;
-use alignprop_diffusion::clip::{ClipTextConfig, ClipTextTransformer};
+use alignprop_diffusion::clip::{CLIPTextConfig, CLIPTextModel};
 use alignprop_diffusion::nn::{Linear, param};
 use alignprop_diffusion::pipeline_files::component_weights;
-use alignprop_diffusion::tokenizer::ClipTokenizer;
+use alignprop_diffusion::tokenizer::CLIPTokenizer;
 use alignprop_diffusion::weights::{Init, Result, SafetensorsSource, TensorSource, WeightError};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
@@ -34,7 +34,7 @@ use burn::tensor::{DType, Int, Tensor};
 use serde_json::{Map, Value, json};
 
 use crate::Reward;
-use crate::clip_vision::{ClipVisionConfig, ClipVisionTransformer};
+use crate::clip_vision::{CLIPVisionConfig, CLIPVisionModel};
 use crate::hps::cosine_rows;
 use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess_center_crop};
 use crate::pth::PthSource;
@@ -44,10 +44,10 @@ use crate::text::{check_prompts, load_tokenizer, needs_prompts, prompt_ids};
 /// keys a file leaves out, and any `text_config_dict` / `vision_config_dict` of old files applied on top) and the
 /// joint `projection_dim`.
 #[derive(Clone, Debug)]
-pub struct ClipModelConfig {
-    pub text_config: ClipTextConfig,
+pub struct CLIPConfig {
+    pub text_config: CLIPTextConfig,
     /// `projection_dim` is set to the model's (top-level) `projection_dim`.
-    pub vision_config: ClipVisionConfig,
+    pub vision_config: CLIPVisionConfig,
     pub projection_dim: usize,
 }
 
@@ -85,7 +85,7 @@ fn overlay(mut base: Value, layers: &[Option<&Value>]) -> Value {
     base
 }
 
-impl ClipModelConfig {
+impl CLIPConfig {
     /// Reads a `CLIPModel` `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let err = |msg: String| WeightError::Config {
@@ -118,9 +118,9 @@ impl ClipModelConfig {
             vision_defaults(),
             &[get("vision_config"), get("vision_config_dict")],
         );
-        let text_config: ClipTextConfig =
+        let text_config: CLIPTextConfig =
             serde_json::from_value(t).map_err(|e| err(format!("text_config: {e}")))?;
-        let mut vision_config: ClipVisionConfig =
+        let mut vision_config: CLIPVisionConfig =
             serde_json::from_value(vis).map_err(|e| err(format!("vision_config: {e}")))?;
         let projection_dim = match root.get("projection_dim") {
             None | Some(Value::Null) => 512,
@@ -142,13 +142,13 @@ impl ClipModelConfig {
 #[derive(Debug)]
 pub struct PickScorer<B: Backend> {
     /// Vision tower with `visual_projection` `[projection_dim, vision hidden]`.
-    pub vision: ClipVisionTransformer<B>,
-    pub text: ClipTextTransformer<B>,
+    pub vision: CLIPVisionModel<B>,
+    pub text: CLIPTextModel<B>,
     /// `[projection_dim, text hidden]`, no bias.
     pub text_projection: Linear<B>,
     /// `[1]`: the log of the scale (stored as a 0-d tensor).
     pub logit_scale: Param<Tensor<B, 1>>,
-    pub tokenizer: ClipTokenizer,
+    pub tokenizer: CLIPTokenizer,
     /// Text length the prompts are padded to (`max_position_embeddings`).
     pub max_length: usize,
 }
@@ -183,14 +183,14 @@ pub fn clip_model_weights(path: &Path) -> Result<Arc<dyn TensorSource>> {
 impl<B: Backend> PickScorer<B> {
     /// Builds from `vb` at the root of a `CLIPModel` state dict.
     pub fn new(
-        cfg: &ClipModelConfig,
+        cfg: &CLIPConfig,
         vb: &VarBuilder<B>,
-        tokenizer: ClipTokenizer,
+        tokenizer: CLIPTokenizer,
     ) -> Result<Self> {
         let t = &cfg.text_config;
         Ok(Self {
-            vision: ClipVisionTransformer::new(&cfg.vision_config, vb)?,
-            text: ClipTextTransformer::new(t, vb)?,
+            vision: CLIPVisionModel::new(&cfg.vision_config, vb)?,
+            text: CLIPTextModel::new(t, vb)?,
             text_projection: Linear::new(
                 &vb.pp("text_projection"),
                 t.hidden_size,
@@ -218,7 +218,7 @@ impl<B: Backend> PickScorer<B> {
             None if path.is_dir() => path.join("config.json"),
             None => path.with_file_name("config.json"),
         };
-        let cfg = ClipModelConfig::from_file(&config)?;
+        let cfg = CLIPConfig::from_file(&config)?;
         let vb = VarBuilder::from_source(clip_model_weights(path)?, device, dtype);
         Self::new(&cfg, &vb, load_tokenizer(tokenizer)?)
     }

@@ -3,15 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
-use alignprop_diffusion::tokenizer::ClipTokenizer;
+use alignprop_diffusion::tokenizer::CLIPTokenizer;
 use alignprop_diffusion::weights::{Result, WeightError};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 /// Loads the tokenizer of a folder (`tokenizer.json`, or `vocab.json` + `merges.txt`; see
-/// [`ClipTokenizer::from_folder`]), as a weight error naming the folder.
-pub fn load_tokenizer(dir: &Path) -> Result<ClipTokenizer> {
-    ClipTokenizer::from_folder(dir).map_err(|e| WeightError::Config {
+/// [`CLIPTokenizer::from_folder`]), as a weight error naming the folder.
+pub fn load_tokenizer(dir: &Path) -> Result<CLIPTokenizer> {
+    CLIPTokenizer::from_folder(dir).map_err(|e| WeightError::Config {
         path: dir.to_path_buf(),
         msg: format!("cannot load the CLIP tokenizer: {e}"),
     })
@@ -46,7 +46,7 @@ pub fn find_tokenizer(candidates: &[PathBuf]) -> Result<PathBuf> {
 /// longer sequence is cut to `length` with the end token last (open_clip's `tokenize`, and transformers'
 /// `truncation=True, max_length=length`).
 pub fn prompt_ids<B: Backend>(
-    tokenizer: &ClipTokenizer,
+    tokenizer: &CLIPTokenizer,
     prompts: &[String],
     length: usize,
     pad: u32,

@@ -127,7 +127,7 @@ fn laion_style_pth_head_loads_and_converts() {
     std::fs::remove_file(&bad_pth).ok();
 }
 
-/// The real predictor's shapes: OpenAI CLIP ViT-L/14 (the `ClipVisionConfig` defaults) into LAION's head
+/// The real predictor's shapes: OpenAI CLIP ViT-L/14 (the `CLIPVisionConfig` defaults) into LAION's head
 /// 768 -> 1024 -> 128 -> 64 -> 16 -> 1 (927,969 parameters), random weights, one 224x224 forward.
 #[test]
 #[ignore = "full-size ViT-L/14: ~1.2 GB of random weights and a slow CPU forward"]
@@ -135,12 +135,12 @@ fn real_vit_l14_aesthetic_config_builds_and_runs() {
     use alignprop_diffusion::VarBuilder;
     use alignprop_diffusion::nn::Linear;
     use alignprop_rewards::aesthetic::{AestheticMlp, LAION_LINEAR_INDICES};
-    use alignprop_rewards::clip_vision::{ClipVisionConfig, ClipVisionTransformer};
+    use alignprop_rewards::clip_vision::{CLIPVisionConfig, CLIPVisionModel};
     use burn::module::Module;
     let d = Default::default();
     let vb = VarBuilder::<I>::random(&d, DType::F32);
-    let cfg = ClipVisionConfig::default();
-    let clip = ClipVisionTransformer::new(&cfg, &vb).unwrap();
+    let cfg = CLIPVisionConfig::default();
+    let clip = CLIPVisionModel::new(&cfg, &vb).unwrap();
     let widths = [768, 1024, 128, 64, 16, 1];
     let layers: Vec<Linear<I>> = LAION_LINEAR_INDICES
         .iter()

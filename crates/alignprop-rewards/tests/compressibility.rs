@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use alignprop_rewards::Reward;
-use alignprop_rewards::clip_vision::ClipVisionTransformer;
+use alignprop_rewards::clip_vision::CLIPVisionModel;
 use alignprop_rewards::compressibility::{
     CompressibilityScorer, JPEG_QUALITY, clip_embedding, fit_head, jpeg_size_kib, save_head,
 };
@@ -74,7 +74,7 @@ fn surrogate_fits_and_loads_as_a_differentiable_reward() {
         .iter()
         .map(|p| jpeg_size_kib(p, JPEG_QUALITY))
         .collect();
-    let clip = ClipVisionTransformer::<Flex>::load(&clip_dir(), &device, DType::F32).unwrap();
+    let clip = CLIPVisionModel::<Flex>::load(&clip_dir(), &device, DType::F32).unwrap();
     let emb = clip_embedding(&clip, to_tensor(&pics));
     let fit = fit_head::<A>(emb, &sizes, 64, 2000, 1e-2, 7);
     assert!(

@@ -14,7 +14,7 @@ use alignprop_diffusion::weights::{SafetensorsSource, TensorSource};
 use alignprop_rewards::Reward;
 use alignprop_rewards::hps::HpsScorer;
 use alignprop_rewards::open_clip::{OpenClipConfig, open_weights};
-use alignprop_rewards::pickscore::{ClipModelConfig, PickScorer};
+use alignprop_rewards::pickscore::{CLIPConfig, PickScorer};
 use alignprop_rewards::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess_center_crop};
 use alignprop_rewards::testing::{
     PromptRewardModels, tiny_prompt_reward, write_prompt_reward_models,
@@ -76,7 +76,7 @@ fn pickscore<B: Backend>(m: &Models, dtype: DType) -> PickScorer<B> {
     PickScorer::load(&m.pickscore, None, &m.tokenizer, &Default::default(), dtype).unwrap()
 }
 
-fn tokenizer() -> alignprop_diffusion::tokenizer::ClipTokenizer {
+fn tokenizer() -> alignprop_diffusion::tokenizer::CLIPTokenizer {
     load_tokenizer(&alignprop_diffusion::testing::tiny_sd().join("tokenizer")).unwrap()
 }
 
@@ -325,7 +325,7 @@ fn loading_errors_name_the_file_and_the_problem() {
     );
     // A CLIPVisionModel config is not a CLIPModel config.
     let vis_cfg = dir().join("../tiny-reward/clip_vision/config.json");
-    let e = ClipModelConfig::from_file(&vis_cfg)
+    let e = CLIPConfig::from_file(&vis_cfg)
         .unwrap_err()
         .to_string();
     assert!(e.contains("not a CLIPModel config"), "{e}");
@@ -335,7 +335,7 @@ fn loading_errors_name_the_file_and_the_problem() {
 /// 512, the model 16), and transformers' defaults fill keys a config leaves out.
 #[test]
 fn clip_model_config_reads_projection_and_defaults() {
-    let cfg = ClipModelConfig::from_file(&dir().join("pickscore/config.json")).unwrap();
+    let cfg = CLIPConfig::from_file(&dir().join("pickscore/config.json")).unwrap();
     assert_eq!(cfg.projection_dim, 16);
     assert_eq!(cfg.vision_config.projection_dim, 16);
     assert_eq!(cfg.text_config.eos_token_id, 2);
@@ -346,7 +346,7 @@ fn clip_model_config_reads_projection_and_defaults() {
             "text_config_dict": {"num_hidden_layers": 24}, "vision_config": {"patch_size": 14}}"#,
     )
     .unwrap();
-    let cfg = ClipModelConfig::from_file(&path).unwrap();
+    let cfg = CLIPConfig::from_file(&path).unwrap();
     std::fs::remove_file(&path).ok();
     assert_eq!(
         (
@@ -404,7 +404,7 @@ fn real_clip_h14_pickscore_config_builds_and_runs() {
                               "num_hidden_layers": 32, "patch_size": 14, "image_size": 224, "hidden_act": "gelu"}}"#,
     )
     .unwrap();
-    let cfg = ClipModelConfig::from_file(&path).unwrap();
+    let cfg = CLIPConfig::from_file(&path).unwrap();
     std::fs::remove_file(&path).ok();
     let d = Default::default();
     let vb = VarBuilder::<I>::random(&d, DType::F32);
