@@ -7,7 +7,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 type A = burn::backend::Autodiff<burn::backend::Flex>;
 
 fn workloads(c: &mut Criterion) {
-    alignprop_diffusion::device::keep_freed_memory();
+    alignprop_device::keep_freed_memory();
     let device = Default::default();
     let mut group = c.benchmark_group("cpu");
     group.sample_size(10);

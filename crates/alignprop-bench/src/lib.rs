@@ -15,12 +15,12 @@ pub mod plot;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use alignprop_diffusion::VarBuilder;
+use alignprop_io::VarBuilder;
 use alignprop_diffusion::clip::{CLIPTextConfig, CLIPTextModel};
 use alignprop_diffusion::nn::{
     Conv2d, GroupNorm, LayerNorm, Linear, scaled_dot_product_attention, softmax,
 };
-use alignprop_diffusion::pipeline_files::read_json;
+use alignprop_io::pipeline_files::read_json;
 use alignprop_diffusion::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use alignprop_diffusion::vae::{AutoencoderKL, AutoencoderKLConfig};
 use alignprop_pipeline::{Conditioning, NoiseRng};
@@ -354,7 +354,7 @@ fn alignprop_step<A: AutodiffBackend>(
     s: usize,
     checkpointed: bool,
 ) -> Result<Workload, String> {
-    let err = |e: alignprop_diffusion::weights::WeightError| e.to_string();
+    let err = |e: alignprop_io::weights::WeightError| e.to_string();
     let vb = VarBuilder::<A>::random(d, DType::F32);
     let mut unet = UNet2DConditionModel::new(&mid_unet_config(), &vb).map_err(err)?;
     alignprop_lora::inject_seeded(&mut unet, &Default::default(), 1).map_err(|e| e.to_string())?;

@@ -12,7 +12,7 @@
 use std::process::ExitCode;
 
 use alignprop_bench::{default_iters, measure, names, peak_rss_mib, prepare};
-use alignprop_diffusion::device::{self, CpuAutodiff, CudaAutodiff, DeviceChoice};
+use alignprop_device::{self as device, CpuAutodiff, CudaAutodiff, DeviceChoice};
 
 struct Args {
     workload: Option<String>,

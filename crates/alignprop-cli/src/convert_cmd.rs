@@ -47,7 +47,7 @@ pub fn run(cmd: ConvertCommand) -> Result<()> {
                     output.display()
                 );
             }
-            let n = alignprop_rewards::pth::pth_to_safetensors(&input, &output)?;
+            let n = alignprop_io::pth::pth_to_safetensors(&input, &output)?;
             eprintln!("wrote {} ({n} tensors)", output.display());
         }
         ConvertCommand::SingleFile {

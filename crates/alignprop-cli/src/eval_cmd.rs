@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use alignprop_diffusion::device::{Cpu, Cuda, DeviceChoice, cuda_device};
+use alignprop_device::{Cpu, Cuda, DeviceChoice, cuda_device};
 use alignprop_lora::LoraWeights;
 use alignprop_pipeline::{SampleOptions, StableDiffusion};
 use alignprop_rewards::aesthetic::AestheticScorer;

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use alignprop_diffusion::device::{Cpu, Cuda, DeviceChoice, cuda_device};
+use alignprop_device::{Cpu, Cuda, DeviceChoice, cuda_device};
 use alignprop_rewards::clip_vision::CLIPVisionModel;
 use alignprop_rewards::compressibility::{
     JPEG_QUALITY, clip_embedding, fit_head, jpeg_size_kib, save_head,

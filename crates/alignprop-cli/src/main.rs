@@ -9,7 +9,7 @@ mod train_cmd;
 
 use std::process::ExitCode;
 
-use alignprop_diffusion::device::{self, DeviceChoice};
+use alignprop_device::{self as device, DeviceChoice};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]

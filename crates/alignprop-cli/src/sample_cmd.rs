@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use alignprop_diffusion::device::{Cpu, Cuda, DeviceChoice, cuda_device};
+use alignprop_device::{Cpu, Cuda, DeviceChoice, cuda_device};
 use alignprop_lora::LoraWeights;
 use alignprop_pipeline::images::{grid, save_png, to_rgb8};
 use alignprop_pipeline::{SampleOptions, StableDiffusion};

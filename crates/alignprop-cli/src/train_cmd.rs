@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use alignprop_diffusion::device::{Cpu, Cuda, DeviceChoice, cuda_device};
+use alignprop_device::{Cpu, Cuda, DeviceChoice, cuda_device};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use alignprop_trainer::{RunEnd, TrainConfig};

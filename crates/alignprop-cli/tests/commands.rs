@@ -243,7 +243,7 @@ fn ok(out: Output) -> Output {
 
 #[test]
 fn convert_single_file_and_merge_lora_give_usable_model_folders() {
-    use alignprop_diffusion::weights::{SafetensorsSource, TensorSource};
+    use alignprop_io::weights::{SafetensorsSource, TensorSource};
     let d = tmp("conv");
     std::fs::create_dir_all(&d).unwrap();
     let png = "0000_a_cat_0.png";
@@ -434,7 +434,7 @@ fn fit_compressibility_then_eval_with_it_and_with_the_true_jpeg_size() {
 #[test]
 fn eval_with_prompt_rewards_reads_the_sample_manifest_or_prompts() {
     let d = tmp("prompt-rewards");
-    let m = alignprop_rewards::testing::write_prompt_reward_models(&d.join("models")).unwrap();
+    let m = alignprop_testing::prompt_reward::write_prompt_reward_models(&d.join("models")).unwrap();
     let imgs = d.join("imgs");
     ok(sample(&imgs, &[]));
     let manifest: serde_json::Value =

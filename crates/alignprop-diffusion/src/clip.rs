@@ -24,8 +24,8 @@ use burn::tensor::{DType, Int, Tensor, activation};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{self, LayerNorm, Linear, param};
-use crate::pipeline_files::{component_weights, read_json};
-use crate::weights::{Init, Result, VarBuilder, WeightError};
+use alignprop_io::pipeline_files::{component_weights, read_json};
+use alignprop_io::weights::{Init, Result, VarBuilder, WeightError};
 
 /// The `eos_token_id` that transformers treats as a legacy value: configs written before transformers 4.24 (SD1.5's
 /// among them) say `eos_token_id: 2`, and the pooled row is then found as the argmax of the input ids (the real
@@ -382,7 +382,8 @@ impl<B: Backend> CLIPTextModel<B> {
     }
 
     /// Loads `folder/config.json` and the safetensors weights of a `text_encoder` folder.
-    pub fn load(folder: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
+    pub fn load(folder: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+        let folder = folder.as_ref();
         let cfg: CLIPTextConfig = read_json(&folder.join("config.json"))?;
         let files = component_weights(folder)?;
         let vb = VarBuilder::from_safetensors(&files, device, dtype)?;

@@ -14,11 +14,11 @@ use burn::backend::Flex;
 use burn::tensor::{DType, TensorData};
 
 use crate::clip::{CLIPTextConfig, CLIPTextModel};
-use crate::pipeline_files::read_json;
-use crate::single_file::SingleFileCheckpoint;
+use alignprop_io::pipeline_files::read_json;
+use alignprop_io::single_file::SingleFileCheckpoint;
 use crate::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::vae::{AutoencoderKL, AutoencoderKLConfig};
-use crate::weights::{Result, TensorSource, VarBuilder, WeightError, write_safetensors};
+use alignprop_io::weights::{Result, TensorSource, VarBuilder, WeightError, write_safetensors};
 
 /// SD1.5's CLIP BPE tokenizer files (the vocabulary OpenAI CLIP ViT-L/14 and every SD1.x checkpoint use), written
 /// into converted folders when no tokenizer folder is given. The files were produced by the fixture generator
@@ -384,7 +384,7 @@ pub fn single_file_to_diffusers(
         .source()
         .keys()
         .into_iter()
-        .filter(|k| !used_stored.contains(k) && !crate::single_file::is_ignorable_key(k))
+        .filter(|k| !used_stored.contains(k) && !alignprop_io::single_file::is_ignorable_key(k))
         .collect();
     Ok(report)
 }
@@ -392,7 +392,7 @@ pub fn single_file_to_diffusers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::tiny_sd;
+    use alignprop_testing::tiny_sd;
 
     /// What the shapes of the tiny single file tell agrees with the tiny model's own configs.
     #[test]
@@ -462,9 +462,9 @@ mod tests {
             ("text_encoder", "model.safetensors"),
         ] {
             let ours =
-                crate::weights::SafetensorsSource::open(&[out.join(component).join(file)]).unwrap();
+                alignprop_io::weights::SafetensorsSource::open(&[out.join(component).join(file)]).unwrap();
             let theirs =
-                crate::weights::SafetensorsSource::open(&[tiny_sd().join(component).join(file)])
+                alignprop_io::weights::SafetensorsSource::open(&[tiny_sd().join(component).join(file)])
                     .unwrap();
             let (ok, tk) = (ours.keys(), theirs.keys());
             // transformers may store position_ids buffers that no model reads.

@@ -1,32 +1,23 @@
-//! Stable Diffusion 1.5 networks for [burn](https://burn.dev), generic over the backend.
+//! Stable Diffusion 1.5 networks for [burn](https://burn.dev), generic over the backend `B: Backend`.
 //!
-//! - [`unet`]: `UNet2DConditionModel` (diffusers), sized entirely by its `config.json`.
-//! - [`vae`]: `AutoencoderKL` encoder and decoder.
-//! - [`clip`]: the CLIP text encoder (transformers `CLIPTextModel`) and [`tokenizer`]: the CLIP BPE tokenizer.
-//! - [`weights`]: safetensors loading by the diffusers / transformers tensor names ([`weights::VarBuilder`]),
-//!   with clear errors naming the file, the key and the expected and found shapes.
-//! - [`convert`]: a single-file checkpoint into a diffusers folder.
-//! - [`single_file`]: the original single-file SD1.5 checkpoint layout (`model.diffusion_model.*`, ...).
-//! - [`pipeline_files`]: a diffusers model folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, ...).
-//! - [`device`]: run-time choice of the CPU (`Flex`) or CUDA backend.
-//! - [`fused`]: fused CPU kernels (GroupNorm) with their autodiff backward, picked at run time.
+//! - [`unet`]: `UNet2DConditionModel` (diffusers), sized entirely by its `config.json`: noisy latents
+//!   `[batch, 4, h, w]`, timesteps and text states `[batch, 77, 768]` in, predicted noise `[batch, 4, h, w]` out.
+//! - [`vae`]: `AutoencoderKL`: images `[batch, 3, H, W]` in `[-1, 1]` to latents `[batch, 4, H/8, W/8]` and back.
+//! - [`clip`]: the CLIP text encoder (transformers `CLIPTextModel`): token ids `[batch, 77]` to hidden states
+//!   `[batch, 77, width]`; and [`tokenizer`]: `CLIPTokenizer`, prompts to token ids.
+//! - [`nn`]: the layers they share (linear, convolution, group and layer norm, activations, attention), whose hot
+//!   ops run through the kernels of `alignprop-kernels`.
+//! - [`convert`]: a single-file SD1.x checkpoint into a diffusers folder, through the real loaders.
 //!
-//! Every model is built through one code path, [`weights::VarBuilder`], which either reads tensors from files or
-//! initialises them randomly (for tests and benchmarks of the full-size architecture without weights).
+//! Weights are read by `alignprop-io` ([`VarBuilder`], re-exported here): every model is built through it, from
+//! files by their diffusers / transformers tensor names, or randomly initialised (tests and benchmarks of the
+//! full-size architecture without weights). Errors name the file, the key and the expected and found shapes.
 
 pub mod clip;
 pub mod convert;
-pub mod device;
-pub mod fused;
-pub mod fused_attention;
-pub mod fused_conv;
 pub mod nn;
-pub mod pipeline_files;
-pub mod single_file;
-pub mod testing;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
-pub mod weights;
 
-pub use weights::{VarBuilder, WeightError};
+pub use alignprop_io::{VarBuilder, WeightError};

@@ -5,11 +5,10 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Bool, Tensor, activation};
 
-use crate::weights::{Init, Result, VarBuilder};
+use burn::tensor::{Tensor, activation};
+
+use alignprop_io::weights::{Init, Result, VarBuilder};
 
 /// Wraps a loaded tensor as a parameter. Parameters start frozen: base weights of SD are never trained;
 /// trainable adapters (LoRA) turn gradients on for their own tensors.
@@ -153,19 +152,10 @@ impl<B: Backend> Conv2d<B> {
     }
 
     /// `x`: `[batch, in_channels, height, width]` -> `[batch, out_channels, height', width']`.
-    /// Stride-1 "same" convolutions take the shifted-GEMM kernel of [`crate::fused_conv`] on the CPU backend.
+    /// Through [`alignprop_kernels::conv2d`] (stride-1 "same" convolutions have a fused backward on the CPU).
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let bias = self.bias.as_ref().map(|b| b.val());
-        match crate::fused_conv::conv2d_same(x, self.weight.val(), bias, self.stride, self.padding)
-        {
-            Ok(y) => y,
-            Err((x, weight, bias)) => conv2d(
-                x,
-                weight,
-                bias,
-                ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1),
-            ),
-        }
+        alignprop_kernels::conv2d(x, self.weight.val(), bias, self.stride, self.padding)
     }
 }
 
@@ -190,41 +180,14 @@ impl<B: Backend> GroupNorm<B> {
         })
     }
 
-    /// `x`: `[batch, channels, ...]` (any rank >= 3), same shape out.
-    ///
-    /// Statistics per `(batch, group)` on a `[batch, groups, n]` view; the normalisation and the affine are folded
-    /// into one scale and shift per `(batch, channel)`, applied on a `[batch * channels, spatial]` view (one
-    /// scalar per row: the broadcast burn's CPU backend does fastest). Two full-size passes (centred square for
-    /// the variance, then `x * scale + shift`) instead of five, and a smaller autodiff graph.
+    /// `x`: `[batch, channels, ...]` (any rank >= 3), same shape out, through [`alignprop_kernels::group_norm`].
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let (b, c) = (dims[0], dims[1]);
         let spatial: usize = dims[2..].iter().product();
         let x3: Tensor<B, 3> = x.reshape([b, c, spatial]);
-        // One fused kernel (with its own backward) on the CPU backend; tensor ops elsewhere.
-        let x3 = match crate::fused::group_norm(
-            x3,
-            self.weight.val(),
-            self.bias.val(),
-            self.groups,
-            self.eps,
-        ) {
-            Ok(y) => return y.reshape(dims),
-            Err((x3, _, _)) => x3,
-        };
-        let per_group = c / self.groups;
-        let g: Tensor<B, 3> = x3.reshape([b, self.groups, per_group * spatial]);
-        let mean = g.clone().mean_dim(2); // [b, G, 1]
-        let var = (g.clone() - mean.clone()).square().mean_dim(2); // [b, G, 1]
-        let rstd = (var + self.eps).sqrt().recip();
-        // Per (batch, channel): scale = gamma * rstd, shift = beta - mean * scale.
-        let per_channel = |t: Tensor<B, 3>| -> Tensor<B, 2> {
-            t.expand([b, self.groups, per_group]).reshape([b, c])
-        };
-        let scale = per_channel(rstd) * self.weight.val().unsqueeze::<2>(); // [b, c]
-        let shift = self.bias.val().unsqueeze::<2>() - per_channel(mean) * scale.clone();
-        let rows: Tensor<B, 2> = g.reshape([b * c, spatial]);
-        (rows * scale.reshape([b * c, 1]) + shift.reshape([b * c, 1])).reshape(dims)
+        alignprop_kernels::group_norm(x3, self.weight.val(), self.bias.val(), self.groups, self.eps)
+            .reshape(dims)
     }
 }
 
@@ -319,93 +282,4 @@ pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.clone() * activation::sigmoid(x * 1.702)
 }
 
-/// Softmax over the last dimension (fused and vectorised on the CPU backend, tensor ops elsewhere).
-pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    crate::fused::softmax_last(x).unwrap_or_else(|x| activation::softmax(x, D - 1))
-}
-
-/// Multi-head scaled dot-product attention on token sequences.
-///
-/// `q`: `[batch, n_q, heads * d]`, `k`, `v`: `[batch, n_kv, heads * d]` -> `[batch, n_q, heads * d]`.
-/// Scale `1 / sqrt(d)`; `causal` masks keys after each query (CLIP text encoder). On the CPU backend (f32) this is
-/// one fused kernel that reads the heads in place and never holds the score matrix
-/// ([`crate::fused_attention`]); elsewhere the tensor ops of [`scaled_dot_product_attention`].
-pub fn multi_head_attention<B: Backend>(
-    q: Tensor<B, 3>,
-    k: Tensor<B, 3>,
-    v: Tensor<B, 3>,
-    heads: usize,
-    causal: bool,
-) -> Tensor<B, 3> {
-    let [b, n_q, c] = q.dims();
-    let n_kv = k.dims()[1];
-    let d = c / heads;
-    let scale = 1.0 / (d as f32).sqrt();
-    let (q, k, v) = match crate::fused_attention::attention(q, k, v, heads, scale, causal) {
-        Ok(out) => return out,
-        Err(qkv) => qkv,
-    };
-    let split = |t: Tensor<B, 3>, n: usize| {
-        t.reshape([b, n, heads, d])
-            .swap_dims(1, 2)
-            .reshape([b * heads, n, d])
-    };
-    let out = scaled_dot_product_attention(split(q, n_q), split(k, n_kv), split(v, n_kv), causal);
-    out.reshape([b, heads, n_q, d])
-        .swap_dims(1, 2)
-        .reshape([b, n_q, c])
-}
-
-/// Largest score matrix (bytes) one attention call materialises; longer query sequences are processed in chunks
-/// of queries (the softmax is per query row, so chunks are independent).
-const ATTENTION_CHUNK_BYTES: usize = 16 << 20;
-
-/// Scaled dot-product attention on head-major tensors: `softmax(q k^T / sqrt(d)) v`.
-///
-/// `q`: `[batch * heads, n_q, d]`, `k`, `v`: `[batch * heads, n_kv, d]` -> `[batch * heads, n_q, d]`. `causal`
-/// masks keys after each query (requires `n_q == n_kv`). The scale is applied to `q` (the smaller tensor) before
-/// the product, and queries are split into chunks so that no score matrix exceeds 16 MiB: at 64x64 latents SD's
-/// self-attention would otherwise materialise `[16, 4096, 4096]` scores (1 GiB) at once. On the CPU backend (f32)
-/// the fused kernel of [`crate::fused_attention`] runs instead.
-pub fn scaled_dot_product_attention<B: Backend>(
-    q: Tensor<B, 3>,
-    k: Tensor<B, 3>,
-    v: Tensor<B, 3>,
-    causal: bool,
-) -> Tensor<B, 3> {
-    let [bh, n_q, d] = q.dims();
-    let n_kv = k.dims()[1];
-    let scale = 1.0 / (d as f64).sqrt();
-    // Each of the `bh` rows is one head: the fused kernel's token layout with one head.
-    let (q, k, v) = match crate::fused_attention::attention(q, k, v, 1, scale as f32, causal) {
-        Ok(out) => return out,
-        Err(qkv) => qkv,
-    };
-    let q = q * scale;
-    let kt = k.swap_dims(1, 2);
-    let elem = q.dtype().size();
-    let row_bytes = bh * n_kv * elem;
-    let chunk = (ATTENTION_CHUNK_BYTES / row_bytes.max(1)).clamp(1, n_q);
-    let block = |q: Tensor<B, 3>, start: usize| {
-        let rows = q.dims()[1];
-        let mut scores = q.matmul(kt.clone());
-        if causal {
-            // Key j is hidden from query i when j > i (offset by the chunk's first query).
-            let mask =
-                Tensor::<B, 2, Bool>::tril_mask([rows, n_kv], start as i64, &scores.device());
-            scores = scores.mask_fill(mask.unsqueeze::<3>(), f32::NEG_INFINITY);
-        }
-        softmax(scores).matmul(v.clone())
-    };
-    if chunk >= n_q {
-        return block(q, 0);
-    }
-    let parts: Vec<Tensor<B, 3>> = (0..n_q)
-        .step_by(chunk)
-        .map(|start| {
-            let end = (start + chunk).min(n_q);
-            block(q.clone().slice([0..bh, start..end, 0..d]), start)
-        })
-        .collect();
-    Tensor::cat(parts, 1)
-}
+pub use alignprop_kernels::{multi_head_attention, scaled_dot_product_attention, softmax};

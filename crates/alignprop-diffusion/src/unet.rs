@@ -23,13 +23,13 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions, PadMode};
-use burn::tensor::{DType, Tensor, TensorData, activation};
+use burn::tensor::{DType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 pub use crate::nn::Activation;
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear, multi_head_attention};
-use crate::pipeline_files::{component_weights, read_json};
-use crate::weights::{Result, VarBuilder, WeightError};
+use alignprop_io::pipeline_files::{component_weights, read_json};
+use alignprop_io::weights::{Result, VarBuilder, WeightError};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Configuration
@@ -653,14 +653,7 @@ impl<B: Backend> GEGLU<B> {
         let h = self.proj.forward(x);
         let [b, t, w] = h.dims();
         let inner = w / 2;
-        match crate::fused::geglu(h.reshape([b * t, w])) {
-            Ok(y) => y.reshape([b, t, inner]),
-            Err(h) => {
-                let h = h.reshape([b, t, w]);
-                let gate = h.clone().narrow(2, inner, inner);
-                h.narrow(2, 0, inner) * activation::gelu(gate)
-            }
-        }
+        alignprop_kernels::geglu(h.reshape([b * t, w])).reshape([b, t, inner])
     }
 }
 

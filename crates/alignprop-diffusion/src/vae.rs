@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::nn::Activation;
 use crate::nn::{Conv2d, GroupNorm, Linear, multi_head_attention};
-use crate::pipeline_files::{component_weights, read_json};
-use crate::weights::{Result, VarBuilder, WeightError};
+use alignprop_io::pipeline_files::{component_weights, read_json};
+use alignprop_io::weights::{Result, VarBuilder, WeightError};
 
 /// Epsilon of every GroupNorm in the VAE (resnets, mid-block attention, output norms): diffusers hard-codes 1e-6.
 pub const VAE_NORM_EPS: f64 = 1e-6;

@@ -6,9 +6,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use alignprop_diffusion::clip::{CLIPActivation, CLIPTextConfig, CLIPTextModel};
-use alignprop_diffusion::pipeline_files::read_json;
+use alignprop_io::pipeline_files::read_json;
 use alignprop_diffusion::tokenizer::{CLIPTokenizer, TokenizerError};
-use alignprop_diffusion::weights::{TensorSource, VarBuilder, WeightError};
+use alignprop_io::weights::{TensorSource, VarBuilder, WeightError};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use common::{B, assert_close, ref_int, ref_tensor, refs, rel_err, tiny_sd};
 
@@ -234,7 +234,7 @@ fn text_encoder_f64_matches_transformers() {
 /// The model is generic over the backend: it also runs under `Autodiff` (frozen parameters, as in training).
 #[test]
 fn text_encoder_runs_under_autodiff() {
-    type AD = alignprop_diffusion::device::CpuAutodiff;
+    type AD = alignprop_device::CpuAutodiff;
     let model =
         CLIPTextModel::<AD>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
     let r = refs("text_encoder.safetensors");
@@ -436,7 +436,7 @@ fn shape_mismatch_error_names_key_and_shapes() {
     let msg = CLIPTextModel::new(&cfg, &vb).unwrap_err().to_string();
     assert!(msg.contains("num_attention_heads 5"), "{msg}");
     // `position_ids` (I64) is in the file but never requested.
-    let src = alignprop_diffusion::weights::SafetensorsSource::open(&files).unwrap();
+    let src = alignprop_io::weights::SafetensorsSource::open(&files).unwrap();
     assert!(src.keys().iter().any(|k| k.ends_with("position_ids")));
     assert!(!vb.used_keys().iter().any(|k| k.ends_with("position_ids")));
 }

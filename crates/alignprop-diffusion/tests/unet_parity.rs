@@ -6,9 +6,9 @@ mod common;
 use std::path::Path;
 use std::time::Instant;
 
-use alignprop_diffusion::WeightError;
+use alignprop_io::WeightError;
 use alignprop_diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use alignprop_diffusion::weights::{SafetensorsSource, VarBuilder};
+use alignprop_io::weights::{SafetensorsSource, VarBuilder};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
@@ -155,7 +155,7 @@ fn unet_2block_matches_diffusers() {
 #[test]
 fn sd15_style_config_gives_the_same_model() {
     let read = |p: &Path| -> UNet2DConditionConfig {
-        alignprop_diffusion::pipeline_files::read_json(p).expect("config parses")
+        alignprop_io::pipeline_files::read_json(p).expect("config parses")
     };
     let full = read(&tiny_sd().join("unet/config.json"));
     let old = read(&tiny_sd().join("extra/sd15_style_configs/unet_config.json"));
@@ -166,7 +166,7 @@ fn sd15_style_config_gives_the_same_model() {
 
     let device = Default::default();
     let weights =
-        alignprop_diffusion::pipeline_files::component_weights(&tiny_sd().join("unet")).unwrap();
+        alignprop_io::pipeline_files::component_weights(&tiny_sd().join("unet")).unwrap();
     let vb = VarBuilder::<B>::from_safetensors(&weights, &device, DType::F32).unwrap();
     let model = UNet2DConditionModel::new(&old, &vb).expect("model from the SD1.5-style config");
     let src = refs("unet.safetensors");
@@ -199,11 +199,11 @@ fn sd15_style_config_gives_the_same_model() {
 fn wrong_weights_name_key_and_shapes() {
     let device = Default::default();
     let main_cfg: UNet2DConditionConfig =
-        alignprop_diffusion::pipeline_files::read_json(&tiny_sd().join("unet/config.json"))
+        alignprop_io::pipeline_files::read_json(&tiny_sd().join("unet/config.json"))
             .unwrap();
     let two_block_dir = tiny_sd().join("extra/unet_2block");
     let two_block_files =
-        alignprop_diffusion::pipeline_files::component_weights(&two_block_dir).unwrap();
+        alignprop_io::pipeline_files::component_weights(&two_block_dir).unwrap();
     let vb = VarBuilder::<B>::from_safetensors(&two_block_files, &device, DType::F32).unwrap();
 
     // Main config, 2-block weights: the first tensor read already has the wrong shape.
@@ -222,7 +222,7 @@ fn wrong_weights_name_key_and_shapes() {
 
     // 2-block config with one more resnet per block: the weights lack `resnets.1`.
     let mut cfg: UNet2DConditionConfig =
-        alignprop_diffusion::pipeline_files::read_json(&two_block_dir.join("config.json")).unwrap();
+        alignprop_io::pipeline_files::read_json(&two_block_dir.join("config.json")).unwrap();
     cfg.layers_per_block = alignprop_diffusion::unet::OneOrMany::One(2);
     let err = UNet2DConditionModel::new(&cfg, &vb).unwrap_err();
     let msg = err.to_string();
@@ -239,7 +239,7 @@ fn unsupported_configs_are_rejected() {
     let device = Default::default();
     let vb = VarBuilder::<B>::random(&device, DType::F32);
     let base: UNet2DConditionConfig =
-        alignprop_diffusion::pipeline_files::read_json(&tiny_sd().join("unet/config.json"))
+        alignprop_io::pipeline_files::read_json(&tiny_sd().join("unet/config.json"))
             .unwrap();
     let cases: Vec<(UNet2DConditionConfig, &str)> = vec![
         (
@@ -309,7 +309,7 @@ fn config_variants_build() {
     // odd latent sizes (upsampling to the skip's size): random weights, shapes only.
     let device = Default::default();
     let base: UNet2DConditionConfig =
-        alignprop_diffusion::pipeline_files::read_json(&tiny_sd().join("unet/config.json"))
+        alignprop_io::pipeline_files::read_json(&tiny_sd().join("unet/config.json"))
             .unwrap();
     let cfg = UNet2DConditionConfig {
         attention_head_dim: alignprop_diffusion::unet::OneOrMany::Many(vec![1, 2, 4, 4]),

@@ -7,10 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use alignprop_diffusion::WeightError;
-use alignprop_diffusion::pipeline_files::read_json;
+use alignprop_io::WeightError;
+use alignprop_io::pipeline_files::read_json;
 use alignprop_diffusion::vae::{AutoencoderKL, AutoencoderKLConfig};
-use alignprop_diffusion::weights::VarBuilder;
+use alignprop_io::weights::VarBuilder;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use common::{B, assert_close, ref_tensor, refs, rel_err, tiny_sd};

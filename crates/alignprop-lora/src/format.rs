@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use alignprop_diffusion::weights::{SafetensorsSource, TensorSource};
+use alignprop_io::weights::{SafetensorsSource, TensorSource};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
@@ -19,7 +19,7 @@ use safetensors::tensor::TensorView;
 #[derive(Debug, thiserror::Error)]
 pub enum LoraError {
     #[error(transparent)]
-    Weights(#[from] alignprop_diffusion::WeightError),
+    Weights(#[from] alignprop_io::WeightError),
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
     #[error("{0}")]
@@ -119,7 +119,8 @@ impl LoraWeights {
     }
 
     /// Reads a LoRA file in any of the three formats (detected from its keys).
-    pub fn read(path: &Path) -> Result<Self> {
+    pub fn read(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         let src = SafetensorsSource::open(&[path])?;
         let keys = src.keys();
         let err = |msg: String| LoraError::File {
@@ -176,7 +177,8 @@ impl LoraWeights {
 
     /// Writes the adapters as safetensors in `format` (float32). Peft files carry diffusers'
     /// `lora_adapter_metadata`, so `pipe.load_lora_weights(dir)` restores rank and alpha.
-    pub fn write(&self, path: &Path, format: LoraFormat) -> Result<()> {
+    pub fn write(&self, path: impl AsRef<Path>, format: LoraFormat) -> Result<()> {
+        let path = path.as_ref();
         let rank = self
             .rank()
             .ok_or_else(|| LoraError::Invalid("cannot save: adapters have mixed ranks".into()))?;

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use alignprop_diffusion::pipeline_files::component_weights;
-use alignprop_diffusion::weights::{SafetensorsSource, TensorSource, write_safetensors};
+use alignprop_io::pipeline_files::component_weights;
+use alignprop_io::weights::{SafetensorsSource, TensorSource, write_safetensors};
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use alignprop_diffusion::clip::CLIPTextModel;
-use alignprop_diffusion::pipeline_files::read_json;
+use alignprop_io::pipeline_files::read_json;
 use alignprop_diffusion::tokenizer::CLIPTokenizer;
 use alignprop_diffusion::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use alignprop_diffusion::vae::AutoencoderKL;
@@ -20,7 +20,7 @@ use crate::noise::NoiseRng;
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error(transparent)]
-    Weights(#[from] alignprop_diffusion::WeightError),
+    Weights(#[from] alignprop_io::WeightError),
     #[error(transparent)]
     Tokenizer(#[from] alignprop_diffusion::tokenizer::TokenizerError),
     #[error(transparent)]

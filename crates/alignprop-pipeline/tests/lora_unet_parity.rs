@@ -1,9 +1,9 @@
 //! LoRA on the UNet against diffusers/peft (`refs/lora_unet.safetensors`): the peft file applied at scale 1 and
 //! 0.5, merged, extracted back; fresh adapters start at the base model; SD1.5's parameter count at rank 4.
 
-use alignprop_diffusion::testing::{assert_close, ref_int_on, ref_tensor_on, refs, tiny_sd};
+use alignprop_testing::{assert_close, ref_int_on, ref_tensor_on, refs, tiny_sd};
 use alignprop_diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use alignprop_diffusion::weights::VarBuilder;
+use alignprop_io::weights::VarBuilder;
 use alignprop_lora::{LoraConfig, LoraWeights};
 use burn::tensor::{DType, Tensor};
 
@@ -138,7 +138,7 @@ fn half_precision_base_keeps_f32_adapters_and_trains_them() {
     );
     assert_eq!(out.dtype(), DType::BF16);
     // bf16 keeps ~3 significant digits: the output is still close to the f32 LoRA reference.
-    let (rel, _) = alignprop_diffusion::testing::rel_err(
+    let (rel, _) = alignprop_testing::rel_err(
         out.clone().inner().cast(DType::F32),
         expected("out"),
     );

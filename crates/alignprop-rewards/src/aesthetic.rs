@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use alignprop_diffusion::VarBuilder;
+use alignprop_io::VarBuilder;
 use alignprop_diffusion::nn::Linear;
-use alignprop_diffusion::weights::{Result, SafetensorsSource, TensorSource, WeightError};
+use alignprop_io::weights::{Result, SafetensorsSource, TensorSource, WeightError};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
@@ -14,7 +14,7 @@ use burn::tensor::{DType, Tensor};
 use crate::Reward;
 use crate::clip_vision::CLIPVisionModel;
 use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess};
-use crate::pth::PthSource;
+use alignprop_io::pth::PthSource;
 
 /// The MLP head, sized from the weight file (the LAION layout: Linear at indices 0, 2, 4, 6, 7).
 #[derive(Module, Debug)]
@@ -28,7 +28,8 @@ pub const LAION_LINEAR_INDICES: [usize; 5] = [0, 2, 4, 6, 7];
 impl<B: Backend> AestheticMlp<B> {
     /// Loads `layers.{0,2,4,6,7}.{weight,bias}` from a safetensors file or a PyTorch `.pth` state dict (read
     /// without executing pickle code), taking the widths from the file.
-    pub fn load(path: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
+    pub fn load(path: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+        let path = path.as_ref();
         let shapes: std::sync::Arc<dyn TensorSource> =
             if path.extension().is_some_and(|e| e == "pth" || e == "pt") {
                 std::sync::Arc::new(PthSource::open(path)?)
@@ -79,7 +80,9 @@ pub struct AestheticScorer<B: Backend> {
 
 impl<B: Backend> AestheticScorer<B> {
     /// `clip_folder`: a transformers `CLIPVisionModelWithProjection` folder; `mlp`: the head as safetensors.
-    pub fn load(clip_folder: &Path, mlp: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
+    pub fn load(clip_folder: impl AsRef<Path>, mlp: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+        let clip_folder = clip_folder.as_ref();
+        let mlp = mlp.as_ref();
         Ok(Self {
             clip: CLIPVisionModel::load(clip_folder, device, dtype)?,
             mlp: AestheticMlp::load(mlp, device, dtype)?,

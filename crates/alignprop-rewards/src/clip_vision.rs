@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
-use alignprop_diffusion::VarBuilder;
+use alignprop_io::VarBuilder;
 use alignprop_diffusion::clip::{CLIPActivation, CLIPEncoder, CLIPEncoderDims};
 use alignprop_diffusion::nn::{LayerNorm, param};
-use alignprop_diffusion::pipeline_files::{component_weights, read_json};
-use alignprop_diffusion::weights::{Init, Result, WeightError};
+use alignprop_io::pipeline_files::{component_weights, read_json};
+use alignprop_io::weights::{Init, Result, WeightError};
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::conv2d;

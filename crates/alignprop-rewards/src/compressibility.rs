@@ -10,9 +10,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use alignprop_diffusion::VarBuilder;
+use alignprop_io::VarBuilder;
 use alignprop_diffusion::nn::Linear;
-use alignprop_diffusion::weights::{
+use alignprop_io::weights::{
     Result, SafetensorsSource, TensorSource, WeightError, write_safetensors,
 };
 use burn::module::Module;
@@ -45,7 +45,8 @@ pub struct CompressibilityHead<B: Backend> {
 
 impl<B: Backend> CompressibilityHead<B> {
     /// Loads `layers.0` and `layers.2` (weights and biases) from a safetensors file, widths from the file.
-    pub fn load(path: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
+    pub fn load(path: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+        let path = path.as_ref();
         let src = SafetensorsSource::open(&[path])?;
         let shape = |key: &str| -> Result<[usize; 2]> {
             let s = src
@@ -111,7 +112,9 @@ pub struct CompressibilityScorer<B: Backend> {
 
 impl<B: Backend> CompressibilityScorer<B> {
     /// `clip_folder`: a transformers CLIP vision folder; `head`: a file written by [`save_head`].
-    pub fn load(clip_folder: &Path, head: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
+    pub fn load(clip_folder: impl AsRef<Path>, head: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+        let clip_folder = clip_folder.as_ref();
+        let head = head.as_ref();
         Ok(Self {
             clip: CLIPVisionModel::load(clip_folder, device, dtype)?,
             head: CompressibilityHead::load(head, device, dtype)?,

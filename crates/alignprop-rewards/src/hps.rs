@@ -15,9 +15,9 @@
 
 use std::path::Path;
 
-use alignprop_diffusion::VarBuilder;
+use alignprop_io::VarBuilder;
 use alignprop_diffusion::tokenizer::CLIPTokenizer;
-use alignprop_diffusion::weights::Result;
+use alignprop_io::weights::Result;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 

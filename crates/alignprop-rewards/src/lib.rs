@@ -8,7 +8,6 @@
 //! - [`hps`]: HPSv2 (OpenCLIP ViT-H/14; cosine of image and prompt features), loss `1 - score`.
 //! - [`pickscore`]: PickScore (transformers CLIP-H; `logit_scale.exp()` times the cosine), loss `-score`.
 //! - [`text`]: prompts to token ids for the prompt-conditioned rewards.
-//! - [`testing`]: the tiny HPSv2 / PickScore fixture models as loadable files (for tests).
 //! - [`compressibility`]: JPEG size (the true metric) and its learned differentiable surrogate.
 //! - [`compose`]: a weighted sum of rewards, and a fixed target (`|score - target|` loss) for any reward.
 //! - [`tiny`]: the tiny scorer of the parity fixtures.
@@ -23,8 +22,6 @@ pub mod hps;
 pub mod open_clip;
 pub mod pickscore;
 pub mod preprocess;
-pub mod pth;
-pub mod testing;
 pub mod text;
 pub mod tiny;
 

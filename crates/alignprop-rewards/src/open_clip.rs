@@ -25,14 +25,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use alignprop_diffusion::VarBuilder;
+use alignprop_io::VarBuilder;
 use alignprop_diffusion::clip::{
     CLIPActivation, CLIPAttention, CLIPEncoder, CLIPEncoderLayer, CLIPMlp, CLIPTextEmbeddings,
     CLIPTextModel,
 };
 use alignprop_diffusion::nn::{LayerNorm, Linear, param};
-use alignprop_diffusion::pipeline_files::read_json;
-use alignprop_diffusion::weights::{
+use alignprop_io::pipeline_files::read_json;
+use alignprop_io::weights::{
     Init, Renamed, Result, SafetensorsSource, TensorSource, WeightError,
 };
 use burn::module::{Module, Param};
@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::clip_vision::CLIPVisionModel;
-use crate::pth::PthSource;
+use alignprop_io::pth::PthSource;
 
 /// open_clip's `CLIPVisionCfg` (the ViT fields; unknown keys are checked by [`OpenClipConfig::validate`]).
 /// Defaults are open_clip's dataclass defaults.

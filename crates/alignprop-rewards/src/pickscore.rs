@@ -22,12 +22,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use alignprop_diffusion::VarBuilder;
+use alignprop_io::VarBuilder;
 use alignprop_diffusion::clip::{CLIPTextConfig, CLIPTextModel};
 use alignprop_diffusion::nn::{Linear, param};
-use alignprop_diffusion::pipeline_files::component_weights;
+use alignprop_io::pipeline_files::component_weights;
 use alignprop_diffusion::tokenizer::CLIPTokenizer;
-use alignprop_diffusion::weights::{Init, Result, SafetensorsSource, TensorSource, WeightError};
+use alignprop_io::weights::{Init, Result, SafetensorsSource, TensorSource, WeightError};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
@@ -37,7 +37,7 @@ use crate::Reward;
 use crate::clip_vision::{CLIPVisionConfig, CLIPVisionModel};
 use crate::hps::cosine_rows;
 use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess_center_crop};
-use crate::pth::PthSource;
+use alignprop_io::pth::PthSource;
 use crate::text::{check_prompts, load_tokenizer, needs_prompts, prompt_ids};
 
 /// transformers' `CLIPConfig` as read from a `config.json`: the two tower configs (with transformers' defaults for
@@ -87,7 +87,8 @@ fn overlay(mut base: Value, layers: &[Option<&Value>]) -> Value {
 
 impl CLIPConfig {
     /// Reads a `CLIPModel` `config.json`.
-    pub fn from_file(path: &Path) -> Result<Self> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         let err = |msg: String| WeightError::Config {
             path: path.to_path_buf(),
             msg,
@@ -155,7 +156,8 @@ pub struct PickScorer<B: Backend> {
 
 /// The tensors of a `CLIPModel` folder or file: `model.safetensors` (or sharded, or fp16 variants), else
 /// `pytorch_model.bin` (read without executing pickle code); a file path is opened as it is.
-pub fn clip_model_weights(path: &Path) -> Result<Arc<dyn TensorSource>> {
+pub fn clip_model_weights(path: impl AsRef<Path>) -> Result<Arc<dyn TensorSource>> {
+        let path = path.as_ref();
     let pickle = |p: &Path| {
         p.extension()
             .is_some_and(|e| ["bin", "pt", "pth"].iter().any(|x| e == *x))

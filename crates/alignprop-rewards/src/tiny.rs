@@ -10,10 +10,10 @@
 
 use std::path::Path;
 
-use alignprop_diffusion::VarBuilder;
+use alignprop_io::VarBuilder;
 use alignprop_diffusion::nn::Linear;
-use alignprop_diffusion::pipeline_files::read_json;
-use alignprop_diffusion::weights::{Init, Result};
+use alignprop_io::pipeline_files::read_json;
+use alignprop_io::weights::{Init, Result};
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};

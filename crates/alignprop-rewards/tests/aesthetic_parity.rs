@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
-use alignprop_diffusion::testing::{ref_tensor_on, rel_err};
-use alignprop_diffusion::weights::SafetensorsSource;
+use alignprop_testing::{ref_tensor_on, rel_err};
+use alignprop_io::weights::SafetensorsSource;
 use alignprop_rewards::aesthetic::AestheticScorer;
 use alignprop_rewards::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess};
 use burn::backend::Autodiff;
@@ -97,7 +97,7 @@ fn wrong_head_file_is_a_clear_error() {
 
 #[test]
 fn laion_style_pth_head_loads_and_converts() {
-    use alignprop_diffusion::testing::values;
+    use alignprop_testing::values;
     use alignprop_rewards::aesthetic::AestheticMlp;
     let d = Default::default();
     let pth = dir().join("aesthetic/mlp.pth");
@@ -110,7 +110,7 @@ fn laion_style_pth_head_loads_and_converts() {
     let out =
         std::env::temp_dir().join(format!("alignprop-mlp-{}.safetensors", std::process::id()));
     assert_eq!(
-        alignprop_rewards::pth::pth_to_safetensors(&pth, &out).unwrap(),
+        alignprop_io::pth::pth_to_safetensors(&pth, &out).unwrap(),
         10
     );
     let c = AestheticMlp::<I>::load(&out, &d, DType::F32).unwrap();
@@ -132,7 +132,7 @@ fn laion_style_pth_head_loads_and_converts() {
 #[test]
 #[ignore = "full-size ViT-L/14: ~1.2 GB of random weights and a slow CPU forward"]
 fn real_vit_l14_aesthetic_config_builds_and_runs() {
-    use alignprop_diffusion::VarBuilder;
+    use alignprop_io::VarBuilder;
     use alignprop_diffusion::nn::Linear;
     use alignprop_rewards::aesthetic::{AestheticMlp, LAION_LINEAR_INDICES};
     use alignprop_rewards::clip_vision::{CLIPVisionConfig, CLIPVisionModel};

@@ -8,15 +8,15 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use alignprop_diffusion::VarBuilder;
-use alignprop_diffusion::testing::{ref_int_on, ref_tensor_on, ref_values, rel_err, values};
-use alignprop_diffusion::weights::{SafetensorsSource, TensorSource};
+use alignprop_io::VarBuilder;
+use alignprop_testing::{ref_int_on, ref_tensor_on, ref_values, rel_err, values};
+use alignprop_io::weights::{SafetensorsSource, TensorSource};
 use alignprop_rewards::Reward;
 use alignprop_rewards::hps::HpsScorer;
 use alignprop_rewards::open_clip::{OpenClipConfig, open_weights};
 use alignprop_rewards::pickscore::{CLIPConfig, PickScorer};
 use alignprop_rewards::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess_center_crop};
-use alignprop_rewards::testing::{
+use alignprop_testing::prompt_reward::{
     PromptRewardModels, tiny_prompt_reward, write_prompt_reward_models,
 };
 use alignprop_rewards::text::{load_tokenizer, prompt_ids};
@@ -77,7 +77,7 @@ fn pickscore<B: Backend>(m: &Models, dtype: DType) -> PickScorer<B> {
 }
 
 fn tokenizer() -> alignprop_diffusion::tokenizer::CLIPTokenizer {
-    load_tokenizer(&alignprop_diffusion::testing::tiny_sd().join("tokenizer")).unwrap()
+    load_tokenizer(&alignprop_testing::tiny_sd().join("tokenizer")).unwrap()
 }
 
 /// `[2, 2]` reference matrix (image, prompt) -> the diagonal and the anti-diagonal `[m01, m10]`.
@@ -86,7 +86,7 @@ fn diag_and_swapped(m: &[f64]) -> (Vec<f64>, Vec<f64>) {
 }
 
 fn err(a: &[f64], e: &[f64]) -> f64 {
-    alignprop_diffusion::testing::rel_err_values(a, e).0
+    alignprop_testing::rel_err_values(a, e).0
 }
 
 #[test]
@@ -185,7 +185,7 @@ fn hps_torch_checkpoint_with_state_dict_and_module_prefix_loads() {
         "alignprop-hps-converted-{}.safetensors",
         std::process::id()
     ));
-    alignprop_rewards::pth::pth_to_safetensors(&pt_path, &converted).unwrap();
+    alignprop_io::pth::pth_to_safetensors(&pt_path, &converted).unwrap();
     let pt = open_weights(&pt_path).unwrap();
     let conv = open_weights(&converted).unwrap();
     let st = open_weights(&dir().join("hps/model.safetensors")).unwrap();

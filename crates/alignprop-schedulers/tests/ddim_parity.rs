@@ -1,7 +1,7 @@
 //! DDIM against diffusers' DDIMScheduler (`tests/fixtures/tiny-sd/refs/ddim.safetensors`).
 
-use alignprop_diffusion::testing::{ref_tensor_on, ref_values, rel_err, tiny_sd};
-use alignprop_diffusion::weights::SafetensorsSource;
+use alignprop_testing::{ref_tensor_on, ref_values, rel_err, tiny_sd};
+use alignprop_io::weights::SafetensorsSource;
 use alignprop_schedulers::{DdimScheduler, Scheduler, SchedulerConfig};
 use burn::tensor::{DType, Tensor};
 
@@ -12,7 +12,7 @@ fn fixture() -> std::path::PathBuf {
 }
 
 fn refs() -> SafetensorsSource {
-    alignprop_diffusion::testing::refs("ddim.safetensors")
+    alignprop_testing::refs("ddim.safetensors")
 }
 
 fn values(src: &SafetensorsSource, key: &str) -> Vec<f64> {

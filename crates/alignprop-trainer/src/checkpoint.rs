@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use alignprop_diffusion::weights::{SafetensorsSource, TensorSource};
+use alignprop_io::weights::{SafetensorsSource, TensorSource};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use safetensors::Dtype;

@@ -40,7 +40,7 @@ pub enum TrainError {
     #[error(transparent)]
     Lora(#[from] alignprop_lora::LoraError),
     #[error(transparent)]
-    Weights(#[from] alignprop_diffusion::WeightError),
+    Weights(#[from] alignprop_io::WeightError),
     #[error(
         "step {step}: the loss or a gradient is not finite ({what}); the update was skipped and the run stopped. \
              Lower the learning rate or the guidance scale, or check the reward."

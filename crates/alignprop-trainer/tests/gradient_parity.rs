@@ -3,7 +3,7 @@
 //! noise, VAE decode, tiny reward; objective J = mean reward), for the full chain and for K = 1, in float64 and
 //! float32.
 
-use alignprop_diffusion::testing::{
+use alignprop_testing::{
     ref_tensor_on, ref_values, refs, rel_err_values, tiny_sd, values,
 };
 use alignprop_diffusion::unet::UNet2DConditionModel;

@@ -5,7 +5,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use alignprop_diffusion::testing::tiny_sd;
+use alignprop_testing::tiny_sd;
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_pipeline::{Conditioning, NoiseRng};

@@ -300,7 +300,7 @@ fn weighted_sum_of_rewards_from_config() {
 fn hps_and_pickscore_rewards_train_alone_and_in_a_sum() {
     use alignprop_trainer::config::{RewardConfig, RewardTermConfig};
     let dir = std::env::temp_dir().join(format!("alignprop-prompt-rw-{}", std::process::id()));
-    let m = alignprop_rewards::testing::write_prompt_reward_models(&dir).unwrap();
+    let m = alignprop_testing::prompt_reward::write_prompt_reward_models(&dir).unwrap();
     let hps = RewardTermConfig {
         kind: "hps".into(),
         path: Some(m.hps_weights.clone()),

@@ -9,7 +9,7 @@
 //!
 //! Tensors stay in the token layout `[batch, tokens, heads * head_dim]` that the projections produce and
 //! consume, so splitting into heads and merging back costs no copies: a head is a column range, read through
-//! the GEMM's strides. Dispatch is by backend type at run time, as in [`crate::fused`]: `Flex` and
+//! the GEMM's strides. Dispatch is by backend type at run time, as in [`crate::flex`]: `Flex` and
 //! `Autodiff<Flex>` with f32 tensors take this path, everything else the tensor-op path.
 
 use std::any::TypeId;
@@ -25,7 +25,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use crate::fused::{AdFlex, AdPrimitive, View, cast, f32_values, flex_tensor, mm, simd};
+use crate::flex::{AdFlex, AdPrimitive, View, cast, f32_values, flex_tensor, mm, simd};
 
 /// Queries per block: a block's scores (`64 x n_kv` floats: 256 KiB at 1024 keys) stay in the core's cache.
 const BLOCK: usize = 64;
@@ -415,7 +415,7 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fused::rel_max_diff;
+    use crate::flex::rel_max_diff;
     use burn::tensor::Distribution;
     use burn::tensor::activation::softmax;
 

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use alignprop_diffusion::weights::{
+use alignprop_io::weights::{
     Result, SafetensorsSource, TensorSource, WeightError, write_safetensors,
 };
 use burn::tensor::TensorData;
@@ -96,6 +96,6 @@ pub fn write_prompt_reward_models(out: &Path) -> Result<PromptRewardModels> {
         hps_weights,
         hps_config,
         pickscore,
-        tokenizer: alignprop_diffusion::testing::tiny_sd().join("tokenizer"),
+        tokenizer: crate::tiny_sd().join("tokenizer"),
     })
 }

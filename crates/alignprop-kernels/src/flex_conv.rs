@@ -28,7 +28,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use crate::fused::{AdFlex, AdPrimitive, View, cast, f32_values, flex_tensor, mm_strided};
+use crate::flex::{AdFlex, AdPrimitive, View, cast, f32_values, flex_tensor, mm_strided};
 
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
@@ -293,7 +293,7 @@ fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fused::rel_max_diff;
+    use crate::flex::rel_max_diff;
     use burn::tensor::Distribution;
 
     #[test]

@@ -5,7 +5,7 @@
 //! (`Flex`): per `(batch, group)` a two-pass mean/variance, then `y = x * scale + shift` with the affine folded
 //! in, in parallel over rayon's pool; and one backward kernel registered as a custom autodiff op for
 //! `Autodiff<Flex>` (gradients for the input, gamma and beta). Softmax ([`softmax_last`]) and GEGLU ([`geglu`]) are
-//! fused the same way. The row kernels they share (and [`crate::fused_attention`] uses) are in `simd`: vectorised
+//! fused the same way. The row kernels they share (and [`crate::flex_attention`] uses) are in `simd`: vectorised
 //! `exp` / `erf`, compiled for AVX-512, AVX2+FMA and the baseline and chosen at run time; the strided GEMM helpers
 //! `mm` / `mm_strided` serve the attention and convolution kernels.
 //!

@@ -1,13 +1,16 @@
 //! Helpers for parity tests against the PyTorch reference fixtures (`tests/fixtures/tiny-sd`, made by
 //! `xtask/fixtures/make_fixtures.py`): fixture paths, reference tensors, error measures. Used by the tests of
-//! every crate of the workspace; handy for users checking their own ports too.
+//! every crate of the workspace (as a dev-dependency); handy for users checking their own ports too.
+//! [`prompt_reward`]: the tiny HPSv2 / PickScore fixture models (`tests/fixtures/tiny-prompt-reward`).
+
+pub mod prompt_reward;
 
 use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
-use crate::weights::{SafetensorsSource, TensorSource};
+use alignprop_io::{SafetensorsSource, TensorSource};
 
 /// The tiny SD1.5-topology fixture model of this repository (`tests/fixtures/tiny-sd`).
 pub fn tiny_sd() -> PathBuf {

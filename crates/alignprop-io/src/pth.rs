@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use alignprop_diffusion::weights::{RawTensor, Result, TensorSource, WeightError};
+use crate::weights::{RawTensor, Result, TensorSource, WeightError};
 use burn::tensor::{DType, TensorData};
 use burn_store::pytorch::PytorchReader;
 use safetensors::Dtype;
@@ -17,7 +17,8 @@ pub struct PthSource {
 }
 
 impl PthSource {
-    pub fn open(path: &Path) -> Result<Self> {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         let err = |msg: String| WeightError::Format {
             path: path.to_path_buf(),
             msg,
@@ -58,7 +59,9 @@ impl TensorSource for PthSource {
 }
 
 /// Writes every tensor of a `.pth` state dict to a safetensors file (float tensors as F32).
-pub fn pth_to_safetensors(pth: &Path, out: &Path) -> Result<usize> {
+pub fn pth_to_safetensors(pth: impl AsRef<Path>, out: impl AsRef<Path>) -> Result<usize> {
+        let pth = pth.as_ref();
+        let out = out.as_ref();
     let src = PthSource::open(pth)?;
     let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for k in src.keys() {

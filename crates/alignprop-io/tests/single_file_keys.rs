@@ -3,19 +3,20 @@
 //! the single file is reached, the float16 copy holds the float32 values rounded to float16, and files that are not
 //! SD1.x original checkpoints are refused with a clear message. No model code is involved.
 
-mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use alignprop_diffusion::VarBuilder;
-use alignprop_diffusion::single_file::{
+use alignprop_io::VarBuilder;
+use alignprop_io::single_file::{
     self, InferredTextEncoder, InferredVae, SingleFileCheckpoint, SingleFileUnetLayout, clip_key,
     unet_key, vae_key,
 };
-use alignprop_diffusion::weights::{Init, RawTensor, SafetensorsSource, TensorSource, WeightError};
+use alignprop_io::weights::{Init, RawTensor, SafetensorsSource, TensorSource, WeightError};
 use burn::tensor::{DType, Tensor};
-use common::{B, tiny_sd};
+use alignprop_testing::tiny_sd;
+
+type B = burn::backend::Flex;
 use serde_json::Value;
 
 fn single_file(name: &str) -> PathBuf {
@@ -345,7 +346,7 @@ fn a_var_builder_reads_the_networks_through_the_checkpoint() {
         .pp("decoder.mid_block.attentions.0");
     let q16: Tensor<B, 2> = vb16.get([c, c], "to_q.weight", Init::Zeros).unwrap();
     assert_eq!(q16.dtype(), DType::F32);
-    let (rel, _) = common::rel_err(q16, q);
+    let (rel, _) = alignprop_testing::rel_err(q16, q);
     eprintln!("to_q from the fp16 file: rel err {rel:.2e}");
     assert!(rel > 0.0 && rel < 1e-3);
 

@@ -16,10 +16,10 @@
 //! architecture, and hands out one [`Renamed`] source per network for [`crate::VarBuilder::from_source`]:
 //!
 //! ```no_run
-//! # use alignprop_diffusion::{single_file::SingleFileCheckpoint, VarBuilder};
+//! # use alignprop_io::{single_file::SingleFileCheckpoint, VarBuilder};
 //! # use burn::tensor::DType;
-//! # type B = alignprop_diffusion::device::Cpu;
-//! # fn main() -> alignprop_diffusion::weights::Result<()> {
+//! # type B = burn::backend::Flex;
+//! # fn main() -> alignprop_io::Result<()> {
 //! let ckpt = SingleFileCheckpoint::open("v1-5-pruned-emaonly.safetensors")?;
 //! let device = Default::default();
 //! let unet_vb = VarBuilder::<B>::from_source(ckpt.unet(), &device, DType::F32);

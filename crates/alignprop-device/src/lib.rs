@@ -1,4 +1,4 @@
-//! Run-time choice of backend: the pure-Rust CPU backend (`Flex`) or CUDA, in one binary.
+//! Run-time choice of backend: the pure-Rust CPU backend (`Flex`) or CUDA, in one binary, and process tuning.
 //!
 //! Creating a `CudaDevice` on a machine without the NVIDIA driver panics inside a burn device thread (cudarc
 //! cannot load `libcuda`). [`cuda_status`] checks that the driver library loads and reports at least one GPU

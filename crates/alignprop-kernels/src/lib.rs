@@ -1,0 +1,209 @@
+//! Backend kernels for the ops the networks spend their time in, each with its autodiff backward, and the
+//! tensor-op version beside it for every backend no kernel covers.
+//!
+//! The networks (`alignprop-diffusion`, `alignprop-rewards`) call the free functions of this crate: [`group_norm`],
+//! [`softmax`], [`multi_head_attention`] / [`scaled_dot_product_attention`], [`geglu`] and [`conv2d`]. Each asks the
+//! kernel set for a fused kernel ([`Kernels`], one method per op: it gives its inputs back in `Err` when it does not
+//! apply to the backend, dtype or shape) and otherwise runs the tensor-op version of [`tensor_ops`]. Dispatch is by
+//! backend type at run time, so model code stays generic over `B: Backend` with no extra trait bound on users' code.
+//!
+//! - [`FlexKernels`] (feature `flex`, on by default): burn's pure-Rust CPU backend `Flex` and `Autodiff<Flex>` in
+//!   f32 — vectorised GroupNorm, softmax and GEGLU ([`flex`]), FlashAttention-style attention that never stores the
+//!   score matrix ([`flex_attention`]), the shifted-GEMM backward of stride-1 convolutions ([`flex_conv`]).
+//! - [`tensor_ops`]: the same ops in burn tensor ops, run and differentiated by every backend (CUDA, wgpu, f64,
+//!   half precision). Kernels for the cube backends are to be added as another [`Kernels`] implementation.
+//!
+//! Shapes: activations are `[batch, channels, spatial]` (GroupNorm), token sequences `[batch, tokens, heads * d]`
+//! (attention), images `[batch, channels, height, width]` (convolution).
+
+#[cfg(feature = "flex")]
+pub mod flex;
+#[cfg(feature = "flex")]
+pub mod flex_attention;
+#[cfg(feature = "flex")]
+pub mod flex_conv;
+pub mod tensor_ops;
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+/// The inputs of [`Kernels::group_norm`], given back when the kernel does not apply.
+pub type GroupNormInputs<B> = (Tensor<B, 3>, Tensor<B, 1>, Tensor<B, 1>);
+/// The inputs of [`Kernels::attention`], given back when the kernel does not apply.
+pub type AttentionInputs<B> = (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>);
+/// The inputs of [`Kernels::conv2d_same`], given back when the kernel does not apply.
+pub type ConvInputs<B> = (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 1>>);
+
+/// A set of fused kernels. Each method computes its op when it applies to the backend `B`, the dtypes and the
+/// shapes, and gives its inputs back in `Err` otherwise (the default: a set covers only some ops).
+pub trait Kernels {
+    /// GroupNorm of `x` `[batch, channels, spatial]`, per-channel `gamma`, `beta` `[channels]`.
+    fn group_norm<B: Backend>(
+        x: Tensor<B, 3>,
+        gamma: Tensor<B, 1>,
+        beta: Tensor<B, 1>,
+        _groups: usize,
+        _eps: f64,
+    ) -> Result<Tensor<B, 3>, GroupNormInputs<B>> {
+        Err((x, gamma, beta))
+    }
+
+    /// Softmax over the last dimension.
+    fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+        Err(x)
+    }
+
+    /// `softmax(q kᵀ * scale) v` per head: `q` `[batch, n_q, heads * d]`, `k`, `v` `[batch, n_kv, heads * d]` ->
+    /// `[batch, n_q, heads * d]`; `causal` hides key `j` from query `i` when `j > i`.
+    fn attention<B: Backend>(
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        _heads: usize,
+        _scale: f32,
+        _causal: bool,
+    ) -> Result<Tensor<B, 3>, AttentionInputs<B>> {
+        Err((q, k, v))
+    }
+
+    /// GEGLU of `h` `[rows, 2 * inner]` -> `[rows, inner]`.
+    fn geglu<B: Backend>(h: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+        Err(h)
+    }
+
+    /// A `k x k` convolution with stride 1 and "same" padding `(k - 1) / 2`: `x` `[batch, c_in, h, w]`, `weight`
+    /// `[c_out, c_in, k, k]`, `bias` `[c_out]` -> `[batch, c_out, h, w]`.
+    fn conv2d_same<B: Backend>(
+        x: Tensor<B, 4>,
+        weight: Tensor<B, 4>,
+        bias: Option<Tensor<B, 1>>,
+        _stride: usize,
+        _padding: usize,
+    ) -> Result<Tensor<B, 4>, ConvInputs<B>> {
+        Err((x, weight, bias))
+    }
+}
+
+/// The fused kernels of burn's CPU backend (`Flex`, `Autodiff<Flex>`, f32).
+#[cfg(feature = "flex")]
+pub struct FlexKernels;
+
+#[cfg(feature = "flex")]
+impl Kernels for FlexKernels {
+    fn group_norm<B: Backend>(
+        x: Tensor<B, 3>,
+        gamma: Tensor<B, 1>,
+        beta: Tensor<B, 1>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Tensor<B, 3>, GroupNormInputs<B>> {
+        flex::group_norm(x, gamma, beta, groups, eps)
+    }
+    fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+        flex::softmax_last(x)
+    }
+    fn attention<B: Backend>(
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        heads: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Result<Tensor<B, 3>, AttentionInputs<B>> {
+        flex_attention::attention(q, k, v, heads, scale, causal)
+    }
+    fn geglu<B: Backend>(h: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+        flex::geglu(h)
+    }
+    fn conv2d_same<B: Backend>(
+        x: Tensor<B, 4>,
+        weight: Tensor<B, 4>,
+        bias: Option<Tensor<B, 1>>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor<B, 4>, ConvInputs<B>> {
+        flex_conv::conv2d_same(x, weight, bias, stride, padding)
+    }
+}
+
+/// The kernel set the free functions of this crate try before the tensor-op versions.
+#[cfg(feature = "flex")]
+pub type Active = FlexKernels;
+
+/// No fused kernels (feature `flex` off): the tensor-op versions everywhere.
+#[cfg(not(feature = "flex"))]
+pub struct NoKernels;
+#[cfg(not(feature = "flex"))]
+impl Kernels for NoKernels {}
+/// The kernel set the free functions of this crate try before the tensor-op versions.
+#[cfg(not(feature = "flex"))]
+pub type Active = NoKernels;
+
+/// GroupNorm of `x` `[batch, channels, spatial]` with per-channel `gamma`, `beta` `[channels]`, same shape out.
+pub fn group_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    groups: usize,
+    eps: f64,
+) -> Tensor<B, 3> {
+    Active::group_norm(x, gamma, beta, groups, eps)
+        .unwrap_or_else(|(x, g, b)| tensor_ops::group_norm(x, g, b, groups, eps))
+}
+
+/// Softmax over the last dimension.
+pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    Active::softmax_last(x).unwrap_or_else(tensor_ops::softmax_last)
+}
+
+/// Multi-head scaled dot-product attention on token sequences, scale `1 / sqrt(d)`.
+///
+/// `q`: `[batch, n_q, heads * d]`, `k`, `v`: `[batch, n_kv, heads * d]` -> `[batch, n_q, heads * d]`; `causal`
+/// masks keys after each query (CLIP text encoder).
+pub fn multi_head_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    causal: bool,
+) -> Tensor<B, 3> {
+    let d = q.dims()[2] / heads.max(1);
+    let scale = 1.0 / (d as f32).sqrt();
+    Active::attention(q, k, v, heads, scale, causal)
+        .unwrap_or_else(|(q, k, v)| tensor_ops::multi_head_attention(q, k, v, heads, causal))
+}
+
+/// Scaled dot-product attention on head-major tensors: `softmax(q kᵀ / sqrt(d)) v`.
+///
+/// `q`: `[batch * heads, n_q, d]`, `k`, `v`: `[batch * heads, n_kv, d]` -> `[batch * heads, n_q, d]`; `causal`
+/// masks keys after each query (requires `n_q == n_kv`).
+pub fn scaled_dot_product_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    causal: bool,
+) -> Tensor<B, 3> {
+    let scale = 1.0 / (q.dims()[2] as f64).sqrt();
+    // Each of the `batch * heads` rows is one head: the kernel's token layout with one head.
+    Active::attention(q, k, v, 1, scale as f32, causal)
+        .unwrap_or_else(|(q, k, v)| tensor_ops::attention_head_major(q, k, v, scale, causal))
+}
+
+/// GEGLU of `h` `[rows, 2 * inner]`: `h[:, :inner] * gelu(h[:, inner:])` -> `[rows, inner]`.
+pub fn geglu<B: Backend>(h: Tensor<B, 2>) -> Tensor<B, 2> {
+    Active::geglu(h).unwrap_or_else(tensor_ops::geglu)
+}
+
+/// `conv2d(x, weight, bias)` with square `stride` and `padding`, dilation 1, one group.
+///
+/// `x`: `[batch, c_in, h, w]`, `weight`: `[c_out, c_in, k, k]`, `bias`: `[c_out]` -> `[batch, c_out, h', w']`.
+pub fn conv2d<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+    stride: usize,
+    padding: usize,
+) -> Tensor<B, 4> {
+    Active::conv2d_same(x, weight, bias, stride, padding)
+        .unwrap_or_else(|(x, w, b)| tensor_ops::conv2d(x, w, b, stride, padding))
+}

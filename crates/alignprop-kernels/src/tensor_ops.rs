@@ -1,0 +1,145 @@
+//! The tensor-op versions of every kernel: what runs on a backend (or dtype, or shape) no fused kernel covers.
+//! Written with burn's tensor API only, so every backend runs and differentiates them; the fused kernels are tested
+//! against these.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::module::conv2d as burn_conv2d;
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Bool, Tensor, activation};
+
+/// Group normalisation of `x` `[batch, channels, spatial]` with per-channel `gamma`, `beta` `[channels]`.
+///
+/// Statistics per `(batch, group)` on a `[batch, groups, n]` view; the normalisation and the affine are folded
+/// into one scale and shift per `(batch, channel)`, applied on a `[batch * channels, spatial]` view (one scalar per
+/// row). Two full-size passes (centred square for the variance, then `x * scale + shift`) instead of five, and a
+/// smaller autodiff graph.
+pub fn group_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    groups: usize,
+    eps: f64,
+) -> Tensor<B, 3> {
+    let [b, c, spatial] = x.dims();
+    let per_group = c / groups;
+    let g: Tensor<B, 3> = x.reshape([b, groups, per_group * spatial]);
+    let mean = g.clone().mean_dim(2); // [b, G, 1]
+    let var = (g.clone() - mean.clone()).square().mean_dim(2); // [b, G, 1]
+    let rstd = (var + eps).sqrt().recip();
+    // Per (batch, channel): scale = gamma * rstd, shift = beta - mean * scale.
+    let per_channel =
+        |t: Tensor<B, 3>| -> Tensor<B, 2> { t.expand([b, groups, per_group]).reshape([b, c]) };
+    let scale = per_channel(rstd) * gamma.unsqueeze::<2>(); // [b, c]
+    let shift = beta.unsqueeze::<2>() - per_channel(mean) * scale.clone();
+    let rows: Tensor<B, 2> = g.reshape([b * c, spatial]);
+    (rows * scale.reshape([b * c, 1]) + shift.reshape([b * c, 1])).reshape([b, c, spatial])
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    activation::softmax(x, D - 1)
+}
+
+/// GEGLU on `h` `[rows, 2 * inner]`: `h[:, :inner] * gelu(h[:, inner:])` -> `[rows, inner]`.
+pub fn geglu<B: Backend>(h: Tensor<B, 2>) -> Tensor<B, 2> {
+    let inner = h.dims()[1] / 2;
+    let gate = h.clone().narrow(1, inner, inner);
+    h.narrow(1, 0, inner) * activation::gelu(gate)
+}
+
+/// `conv2d(x, weight, bias)` with square `stride` and `padding`, dilation 1, one group.
+///
+/// `x`: `[batch, c_in, h, w]`, `weight`: `[c_out, c_in, k, k]`, `bias`: `[c_out]` -> `[batch, c_out, h', w']`.
+pub fn conv2d<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+    stride: usize,
+    padding: usize,
+) -> Tensor<B, 4> {
+    burn_conv2d(
+        x,
+        weight,
+        bias,
+        ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1),
+    )
+}
+
+/// Largest score matrix (bytes) one attention call materialises; longer query sequences are processed in chunks
+/// of queries (the softmax is per query row, so chunks are independent).
+const ATTENTION_CHUNK_BYTES: usize = 16 << 20;
+
+/// Scaled dot-product attention on head-major tensors: `softmax(q k^T * scale) v`.
+///
+/// `q`: `[batch * heads, n_q, d]`, `k`, `v`: `[batch * heads, n_kv, d]` -> `[batch * heads, n_q, d]`. `causal`
+/// masks keys after each query (requires `n_q == n_kv`). The scale is applied to `q` (the smaller tensor) before
+/// the product, and queries are split into chunks so that no score matrix exceeds 16 MiB: at 64x64 latents SD's
+/// self-attention would otherwise materialise `[16, 4096, 4096]` scores (1 GiB) at once. The row softmax is
+/// [`crate::softmax`] (fused where a kernel applies).
+pub fn attention_head_major<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    scale: f64,
+    causal: bool,
+) -> Tensor<B, 3> {
+    let [bh, n_q, d] = q.dims();
+    let n_kv = k.dims()[1];
+    let q = q * scale;
+    let kt = k.swap_dims(1, 2);
+    let elem = q.dtype().size();
+    let row_bytes = bh * n_kv * elem;
+    let chunk = (ATTENTION_CHUNK_BYTES / row_bytes.max(1)).clamp(1, n_q);
+    let block = |q: Tensor<B, 3>, start: usize| {
+        let rows = q.dims()[1];
+        let mut scores = q.matmul(kt.clone());
+        if causal {
+            // Key j is hidden from query i when j > i (offset by the chunk's first query).
+            let mask =
+                Tensor::<B, 2, Bool>::tril_mask([rows, n_kv], start as i64, &scores.device());
+            scores = scores.mask_fill(mask.unsqueeze::<3>(), f32::NEG_INFINITY);
+        }
+        crate::softmax(scores).matmul(v.clone())
+    };
+    if chunk >= n_q {
+        return block(q, 0);
+    }
+    let parts: Vec<Tensor<B, 3>> = (0..n_q)
+        .step_by(chunk)
+        .map(|start| {
+            let end = (start + chunk).min(n_q);
+            block(q.clone().slice([0..bh, start..end, 0..d]), start)
+        })
+        .collect();
+    Tensor::cat(parts, 1)
+}
+
+/// Multi-head attention on token sequences through [`attention_head_major`], scale `1 / sqrt(d)`.
+///
+/// `q`: `[batch, n_q, heads * d]`, `k`, `v`: `[batch, n_kv, heads * d]` -> `[batch, n_q, heads * d]`.
+pub fn multi_head_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    causal: bool,
+) -> Tensor<B, 3> {
+    let [b, n_q, c] = q.dims();
+    let n_kv = k.dims()[1];
+    let d = c / heads;
+    let split = |t: Tensor<B, 3>, n: usize| {
+        t.reshape([b, n, heads, d])
+            .swap_dims(1, 2)
+            .reshape([b * heads, n, d])
+    };
+    let out = attention_head_major(
+        split(q, n_q),
+        split(k, n_kv),
+        split(v, n_kv),
+        1.0 / (d as f64).sqrt(),
+        causal,
+    );
+    out.reshape([b, heads, n_q, d])
+        .swap_dims(1, 2)
+        .reshape([b, n_q, c])
+}
