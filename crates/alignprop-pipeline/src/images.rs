@@ -1,8 +1,8 @@
-//! Converting decoded images to 8-bit pictures and writing PNG files and grids.
+//! Converting decoded images to 8-bit pictures and back, reading image files and writing PNG files and grids.
 
 use std::path::Path;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 use burn::tensor::backend::Backend;
 use image::{Rgb, RgbImage};
 
@@ -159,8 +159,29 @@ pub fn captioned_grid(images: &[RgbImage], captions: &[Vec<String>], cols: usize
     out
 }
 
+/// An image file (PNG, JPEG) as `[1, 3, height, width]` in `[-1, 1]`, the range of the VAE decoder's output that
+/// every reward takes.
+pub fn load_image<B: Backend>(
+    path: impl AsRef<Path>,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>, String> {
+    let path = path.as_ref();
+    let img = image::open(path)
+        .map_err(|e| format!("{}: cannot read image: {e}", path.display()))?
+        .to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut v = vec![0f32; 3 * h * w];
+    for (x, y, p) in img.enumerate_pixels() {
+        for c in 0..3 {
+            v[c * h * w + y as usize * w + x as usize] = p[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Ok(Tensor::from_data(TensorData::new(v, [1, 3, h, w]), device))
+}
+
 /// Saves a picture as PNG, creating the parent folder.
-pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), String> {
+pub fn save_png(img: &RgbImage, path: impl AsRef<Path>) -> Result<(), String> {
+    let path = path.as_ref();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("{}: cannot create folder: {e}", dir.display()))?;
