@@ -1,5 +1,8 @@
 //! LoRA (low-rank adaptation) for the Stable Diffusion UNet.
 //!
+//! Takes a `UNet2DConditionModel` and LoRA files (or a rank and seed); gives the UNet with adapters on its attention
+//! projections (each `[out, rank] x [rank, in]`), the adapters' tensors by their file keys, and merged weights.
+//!
 //! - [`format`]: read and write LoRA safetensors in the peft, classic diffusers and kohya layouts, so that our
 //!   files load in diffusers (`pipe.load_lora_weights`) and A1111/ComfyUI, and theirs load here.
 //! - [`inject`]: add trainable adapters to the UNet's attention projections (`to_q`, `to_k`, `to_v`, `to_out.0`),

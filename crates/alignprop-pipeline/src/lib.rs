@@ -1,5 +1,8 @@
 //! Stable Diffusion text-to-image sampling with classifier-free guidance ([`sd`]), seeded noise that is identical
-//! on every backend ([`noise`]), and PNG output ([`images`]). The sampling loop is differentiable end to end.
+//! on every backend ([`noise`]), and image I/O ([`images`]). The sampling loop is differentiable end to end.
+//!
+//! Takes a diffusers Stable Diffusion folder and prompts; gives latents `[batch, 4, h/8, w/8]`, decoded images
+//! `[batch, 3, h, w]` in `[-1, 1]` and 8-bit pictures / PNG files.
 
 pub mod images;
 pub mod noise;

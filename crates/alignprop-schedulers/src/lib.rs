@@ -1,6 +1,9 @@
 //! Diffusion noise schedulers as diffusers computes them for Stable Diffusion: [`DdimScheduler`],
 //! [`DdpmScheduler`] and [`EulerAncestralScheduler`], behind one interface ([`Scheduler`]).
 //!
+//! Takes a diffusers `scheduler_config.json` ([`SchedulerConfig`]) and a step count; gives the timesteps and, per
+//! step, the next latents `[batch, 4, h, w]` from the current ones and the model output (same shape).
+//!
 //! Schedule math ([`schedule`]) is plain numbers; a step is a handful of scalar-times-tensor operations
 //! (pure functions of their inputs), so the same code runs inside autodiff and gradients flow through it.
 //! Stochastic steps take the noise from the caller, so runs are reproducible.

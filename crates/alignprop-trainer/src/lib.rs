@@ -1,5 +1,8 @@
 //! AlignProp training: reward backpropagation through the denoising chain into UNet LoRA adapters.
 //!
+//! Takes a Stable Diffusion model, a reward and a [`TrainConfig`] (TOML); gives LoRA gradients and updated adapters,
+//! per-step metrics (JSONL), evaluation images, LoRA files and resumable checkpoints.
+//!
 //! - [`chain`]: one trajectory forward and our own checkpointed backward (memory flat in the number of kept steps).
 //! - [`truncation`]: which steps carry gradient (fixed K, uniform, gaussian, per-step random detach).
 //! - [`train`]: the loop (gradient accumulation, AdamW, evaluation, JSONL logs, LoRA checkpoints), [`config`]: TOML.
