@@ -21,3 +21,17 @@ pub mod unet;
 pub mod vae;
 
 pub use alignprop_io::{VarBuilder, WeightError};
+
+/// This crate's error. Building and loading the networks fails with a [`WeightError`] (file, key, expected and
+/// found shapes), the tokenizer with a [`tokenizer::TokenizerError`]; both convert into it with `?`, so a program
+/// that uses the whole crate can return `alignprop_diffusion::Result<()>`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

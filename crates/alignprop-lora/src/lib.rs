@@ -15,6 +15,8 @@ pub mod inject;
 pub mod merge_files;
 pub mod mix;
 
+/// This crate's error ([`LoraError`]; weight-file errors convert into it with `?`).
+pub use format::LoraError as Error;
 pub use format::{LoraError, LoraFormat, LoraPair, LoraWeights, Matrix};
 pub use inject::{
     LoraConfig, apply, extract, inject, inject_seeded, merge, num_params, set_multiplier,

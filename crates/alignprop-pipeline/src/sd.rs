@@ -33,6 +33,15 @@ pub enum PipelineError {
 
 pub type Result<T> = std::result::Result<T, PipelineError>;
 
+impl From<alignprop_diffusion::Error> for PipelineError {
+    fn from(e: alignprop_diffusion::Error) -> Self {
+        match e {
+            alignprop_diffusion::Error::Weights(e) => Self::Weights(e),
+            alignprop_diffusion::Error::Tokenizer(e) => Self::Tokenizer(e),
+        }
+    }
+}
+
 /// The four parts of a Stable Diffusion model plus its scheduler configuration.
 pub struct StableDiffusion<B: Backend> {
     pub tokenizer: CLIPTokenizer,

@@ -28,6 +28,10 @@ pub mod tiny;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
+/// This crate's error: loading a reward fails with `alignprop-io`'s error, naming the file, the key and the expected
+/// and found shapes (tokenizer problems included).
+pub use alignprop_io::{Error, Result};
+
 /// A differentiable reward: `score` maps images to `[batch]` scores, `loss` maps scores to per-image losses to
 /// minimise. Implement it to plug a new reward into the trainer.
 pub trait Reward<B: Backend> {

@@ -19,6 +19,8 @@ use burn::tensor::{Distribution, Tensor};
 pub use ddim::{DdimScheduler, DdimStepCoefficients};
 pub use ddpm::DdpmScheduler;
 pub use euler_ancestral::EulerAncestralScheduler;
+/// This crate's error ([`ConfigError`]: a scheduler configuration or request it cannot serve).
+pub use schedule::ConfigError as Error;
 pub use schedule::{ConfigError, PredictionType, SchedulerConfig};
 
 /// The result of one denoising step. Tensors are `[batch, channels, height, width]` latents.
