@@ -210,18 +210,13 @@ impl<B: Backend> LayerNorm<B> {
         })
     }
 
-    /// `x`: `[..., features]`, same shape out.
+    /// `x`: `[..., features]`, same shape out, through [`alignprop_kernels::layer_norm`].
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let f = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<B, 2> = x.reshape([rows, f]);
-        let mean = x2.clone().mean_dim(1);
-        let centred = x2 - mean;
-        let var = centred.clone().square().mean_dim(1);
-        let normed = centred / (var + self.eps).sqrt();
-        let y = normed * self.weight.val().unsqueeze::<2>() + self.bias.val().unsqueeze::<2>();
-        y.reshape(dims)
+        alignprop_kernels::layer_norm(x2, self.weight.val(), self.bias.val(), self.eps).reshape(dims)
     }
 }
 

@@ -2,7 +2,7 @@
 //! tensor-op version beside it for every backend no kernel covers.
 //!
 //! The networks (`alignprop-diffusion`, `alignprop-rewards`) call the free functions of this crate: [`group_norm`],
-//! [`softmax`], [`multi_head_attention`] / [`scaled_dot_product_attention`], [`geglu`] and [`conv2d`]. Each asks the
+//! [`layer_norm`], [`softmax`], [`multi_head_attention`] / [`scaled_dot_product_attention`], [`geglu`] and [`conv2d`]. Each asks the
 //! kernel set for a fused kernel ([`Kernels`], one method per op: it gives its inputs back in `Err` when it does not
 //! apply to the backend, dtype or shape) and otherwise runs the tensor-op version of [`tensor_ops`]. Dispatch is by
 //! backend type at run time, so model code stays generic over `B: Backend` with no extra trait bound on users' code.
@@ -149,6 +149,16 @@ pub fn group_norm<B: Backend>(
 ) -> Tensor<B, 3> {
     Active::group_norm(x, gamma, beta, groups, eps)
         .unwrap_or_else(|(x, g, b)| tensor_ops::group_norm(x, g, b, groups, eps))
+}
+
+/// Layer normalisation of `x` `[rows, features]` over the features, with `weight`, `bias` `[features]`.
+pub fn layer_norm<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    bias: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, 2> {
+    tensor_ops::layer_norm(x, weight, bias, eps)
 }
 
 /// Softmax over the last dimension.

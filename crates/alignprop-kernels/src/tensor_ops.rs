@@ -5,14 +5,15 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::module::conv2d as burn_conv2d;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Bool, Tensor, activation};
+use burn::tensor::{Bool, DType, Tensor, activation};
 
 /// Group normalisation of `x` `[batch, channels, spatial]` with per-channel `gamma`, `beta` `[channels]`.
 ///
 /// Statistics per `(batch, group)` on a `[batch, groups, n]` view; the normalisation and the affine are folded
 /// into one scale and shift per `(batch, channel)`, applied on a `[batch * channels, spatial]` view (one scalar per
 /// row). Two full-size passes (centred square for the variance, then `x * scale + shift`) instead of five, and a
-/// smaller autodiff graph.
+/// smaller autodiff graph. Half-precision inputs (f16, bf16) are normalised in f32 and the result cast back: their
+/// squared deviations would overflow f16 once `|x - mean| > 256`, and bf16 sums lose most of their digits.
 pub fn group_norm<B: Backend>(
     x: Tensor<B, 3>,
     gamma: Tensor<B, 1>,
@@ -20,6 +21,11 @@ pub fn group_norm<B: Backend>(
     groups: usize,
     eps: f64,
 ) -> Tensor<B, 3> {
+    let dtype = x.dtype();
+    if is_half(dtype) {
+        let f32 = |t: Tensor<B, 1>| t.cast(DType::F32);
+        return group_norm(x.cast(DType::F32), f32(gamma), f32(beta), groups, eps).cast(dtype);
+    }
     let [b, c, spatial] = x.dims();
     let per_group = c / groups;
     let g: Tensor<B, 3> = x.reshape([b, groups, per_group * spatial]);
@@ -33,6 +39,31 @@ pub fn group_norm<B: Backend>(
     let shift = beta.unsqueeze::<2>() - per_channel(mean) * scale.clone();
     let rows: Tensor<B, 2> = g.reshape([b * c, spatial]);
     (rows * scale.reshape([b * c, 1]) + shift.reshape([b * c, 1])).reshape([b, c, spatial])
+}
+
+/// Whether `dtype` is a 16-bit float, whose statistics are computed in f32.
+pub fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+}
+
+/// Layer normalisation of `x` `[rows, features]` over the features, with `weight`, `bias` `[features]`. Half-precision
+/// inputs are normalised in f32 and cast back (as [`group_norm`]).
+pub fn layer_norm<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    bias: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, 2> {
+    let dtype = x.dtype();
+    if is_half(dtype) {
+        let f32 = |t: Tensor<B, 1>| t.cast(DType::F32);
+        return layer_norm(x.cast(DType::F32), f32(weight), f32(bias), eps).cast(dtype);
+    }
+    let mean = x.clone().mean_dim(1);
+    let centred = x - mean;
+    let var = centred.clone().square().mean_dim(1);
+    let normed = centred / (var + eps).sqrt();
+    normed * weight.unsqueeze::<2>() + bias.unsqueeze::<2>()
 }
 
 /// Softmax over the last dimension.
@@ -142,4 +173,47 @@ pub fn multi_head_attention<B: Backend>(
     out.reshape([b, heads, n_q, d])
         .swap_dims(1, 2)
         .reshape([b, n_q, c])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::{Distribution, TensorData};
+
+    /// Half-precision norms keep their statistics in f32: activations whose deviations from the mean exceed 256
+    /// (squares beyond f16's 65504) normalise to what f32 gives, within the half type's rounding.
+    #[test]
+    fn half_precision_norms_compute_statistics_in_f32() {
+        let device = Default::default();
+        let x32 = Tensor::<Flex, 3>::random([2, 4, 64], Distribution::Normal(1000.0, 400.0), &device);
+        let gamma = Tensor::<Flex, 1>::random([4], Distribution::Normal(1.0, 0.2), &device);
+        let beta = Tensor::<Flex, 1>::random([4], Distribution::Normal(0.0, 0.2), &device);
+        let expected = group_norm(x32.clone(), gamma.clone(), beta.clone(), 2, 1e-5);
+        let ln_expected = layer_norm(
+            x32.clone().reshape([8, 64]),
+            gamma.clone().repeat_dim(0, 16),
+            beta.clone().repeat_dim(0, 16),
+            1e-5,
+        );
+        for (dtype, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
+            let half = |t: Tensor<Flex, 1>| t.cast(dtype);
+            let y = group_norm(x32.clone().cast(dtype), half(gamma.clone()), half(beta.clone()), 2, 1e-5);
+            assert_eq!(y.dtype(), dtype);
+            let err: f32 = (y.cast(DType::F32) - expected.clone()).abs().max().into_scalar();
+            assert!(err < tol, "{dtype:?} group norm off by {err}");
+            let y = layer_norm(
+                x32.clone().reshape([8, 64]).cast(dtype),
+                half(gamma.clone().repeat_dim(0, 16)),
+                half(beta.clone().repeat_dim(0, 16)),
+                1e-5,
+            );
+            let err: f32 = (y.cast(DType::F32) - ln_expected.clone()).abs().max().into_scalar();
+            assert!(err < tol, "{dtype:?} layer norm off by {err}");
+        }
+        // The same statistics in f16 itself overflow: what the f32 path avoids.
+        let x16 = Tensor::<Flex, 2>::from_data(TensorData::from([[0.0f32, 600.0]]), &device).cast(DType::F16);
+        let sq: f32 = (x16.clone() - x16.mean_dim(1)).square().sum().cast(DType::F32).into_scalar();
+        assert!(!sq.is_finite(), "f16 squares of 300 should overflow, got {sq}");
+    }
 }
