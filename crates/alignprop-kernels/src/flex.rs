@@ -13,7 +13,7 @@
 //! backend, dtype or checkpointing strategy, and callers fall back to the tensor-op version), so model code stays
 //! generic over `B: Backend` with no extra trait bound on users' code, and every backend keeps working unchanged.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -28,13 +28,7 @@ use rayon::prelude::*;
 pub(crate) type AdFlex = Autodiff<Flex, NoCheckpointing>;
 pub(crate) type AdPrimitive = <AdFlex as BackendTypes>::FloatTensorPrimitive;
 
-/// Moves `t` into type `U` when `T` is `U` (checked by the caller with `TypeId`).
-pub(crate) fn cast<T: 'static, U: 'static>(t: T) -> U {
-    let boxed: Box<dyn Any> = Box::new(t);
-    *boxed
-        .downcast::<U>()
-        .expect("fused: backend type checked before the cast")
-}
+pub(crate) use crate::cast;
 
 pub(crate) fn f32_values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     match t.as_slice::<f32>() {

@@ -16,6 +16,7 @@
 //! Shapes: activations are `[batch, channels, spatial]` (GroupNorm), token sequences `[batch, tokens, heads * d]`
 //! (attention), images `[batch, channels, height, width]` (convolution).
 
+pub mod blockwise_attention;
 #[cfg(feature = "flex")]
 pub mod flex;
 #[cfg(feature = "flex")]
@@ -24,8 +25,19 @@ pub mod flex_attention;
 pub mod flex_conv;
 pub mod tensor_ops;
 
+use std::any::{Any, TypeId};
+
+use burn::backend::Autodiff;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+
+/// Moves `t` into type `U` when `T` is `U` (checked by the caller with `TypeId`).
+pub(crate) fn cast<T: 'static, U: 'static>(t: T) -> U {
+    let boxed: Box<dyn Any> = Box::new(t);
+    *boxed
+        .downcast::<U>()
+        .expect("kernels: backend type checked before the cast")
+}
 
 /// The inputs of [`Kernels::group_norm`], given back when the kernel does not apply.
 pub type GroupNormInputs<B> = (Tensor<B, 3>, Tensor<B, 1>, Tensor<B, 1>);
@@ -126,18 +138,124 @@ impl Kernels for FlexKernels {
     }
 }
 
-/// The kernel set the free functions of this crate try before the tensor-op versions.
-#[cfg(feature = "flex")]
-pub type Active = FlexKernels;
+/// Two kernel sets: the first where it applies, else the second.
+impl<K1: Kernels, K2: Kernels> Kernels for (K1, K2) {
+    fn group_norm<B: Backend>(
+        x: Tensor<B, 3>,
+        gamma: Tensor<B, 1>,
+        beta: Tensor<B, 1>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Tensor<B, 3>, GroupNormInputs<B>> {
+        K1::group_norm(x, gamma, beta, groups, eps)
+            .or_else(|(x, g, b)| K2::group_norm(x, g, b, groups, eps))
+    }
+    fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+        K1::softmax_last(x).or_else(K2::softmax_last)
+    }
+    fn attention<B: Backend>(
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        heads: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Result<Tensor<B, 3>, AttentionInputs<B>> {
+        K1::attention(q, k, v, heads, scale, causal)
+            .or_else(|(q, k, v)| K2::attention(q, k, v, heads, scale, causal))
+    }
+    fn geglu<B: Backend>(h: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+        K1::geglu(h).or_else(K2::geglu)
+    }
+    fn conv2d_same<B: Backend>(
+        x: Tensor<B, 4>,
+        weight: Tensor<B, 4>,
+        bias: Option<Tensor<B, 1>>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor<B, 4>, ConvInputs<B>> {
+        K1::conv2d_same(x, weight, bias, stride, padding)
+            .or_else(|(x, w, b)| K2::conv2d_same(x, w, b, stride, padding))
+    }
+}
 
-/// No fused kernels (feature `flex` off): the tensor-op versions everywhere.
+/// Memory-efficient attention under autodiff ([`blockwise_attention`]) for the autodiff backends this build knows
+/// by type: `Autodiff<Flex>` (feature `flex`; its f32 case is taken by [`FlexKernels`] first) and `Autodiff<Cuda>`
+/// (feature `cuda`). Query blocks are sized so one block's scores take at most 16 MiB on the CPU, 256 MiB on a GPU.
+pub struct AutodiffKernels;
+
+/// `q`, `k`, `v` `[batch, n, heads * d]` through [`blockwise_attention::attention`] on `Autodiff<I>` (`B` is that
+/// type, checked by the caller), in query blocks whose scores take at most `budget` bytes.
+fn blockwise_on<I: Backend, B: Backend>(
+    (q, k, v): AttentionInputs<B>,
+    heads: usize,
+    causal: bool,
+    budget: usize,
+) -> Tensor<B, 3> {
+    let [b, n_q, c] = q.dims();
+    let n_kv = k.dims()[1];
+    let d = c / heads;
+    let elem = q.dtype().size();
+    let split = |t: Tensor<B, 3>, n: usize| -> Tensor<Autodiff<I>, 3> {
+        cast(t.reshape([b, n, heads, d]).swap_dims(1, 2).reshape([b * heads, n, d]))
+    };
+    let rows = blockwise_attention::block_rows(b * heads, n_q, n_kv, elem, budget);
+    let out = blockwise_attention::attention(
+        split(q, n_q),
+        split(k, n_kv),
+        split(v, n_kv),
+        1.0 / (d as f64).sqrt(),
+        causal,
+        rows,
+    );
+    let out: Tensor<B, 3> = cast(out);
+    out.reshape([b, heads, n_q, d])
+        .swap_dims(1, 2)
+        .reshape([b, n_q, c])
+}
+
+impl Kernels for AutodiffKernels {
+    fn attention<B: Backend>(
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        heads: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Result<Tensor<B, 3>, AttentionInputs<B>> {
+        let [b, n_q, c] = q.dims();
+        let [bk, n_kv, ck] = k.dims();
+        let shapes_ok = heads > 0
+            && c % heads == 0
+            && bk == b
+            && ck == c
+            && v.dims() == k.dims()
+            && n_kv > 0
+            && (!causal || n_q == n_kv)
+            // The scale these ops use is 1 / sqrt(d), what every caller of this crate passes.
+            && (scale as f64 - 1.0 / ((c / heads.max(1)) as f64).sqrt()).abs() < 1e-6;
+        if !shapes_ok {
+            return Err((q, k, v));
+        }
+        #[cfg(feature = "flex")]
+        if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Flex>>() {
+            return Ok(blockwise_on::<burn::backend::Flex, B>((q, k, v), heads, causal, 16 << 20));
+        }
+        #[cfg(feature = "cuda")]
+        if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Cuda>>() {
+            return Ok(blockwise_on::<burn::backend::Cuda, B>((q, k, v), heads, causal, 256 << 20));
+        }
+        let _ = TypeId::of::<B>();
+        Err((q, k, v))
+    }
+}
+
+/// The kernel sets the free functions of this crate try, in order, before the tensor-op versions.
+#[cfg(feature = "flex")]
+pub type Active = (FlexKernels, AutodiffKernels);
+/// The kernel sets the free functions of this crate try, in order, before the tensor-op versions.
 #[cfg(not(feature = "flex"))]
-pub struct NoKernels;
-#[cfg(not(feature = "flex"))]
-impl Kernels for NoKernels {}
-/// The kernel set the free functions of this crate try before the tensor-op versions.
-#[cfg(not(feature = "flex"))]
-pub type Active = NoKernels;
+pub type Active = AutodiffKernels;
 
 /// GroupNorm of `x` `[batch, channels, spatial]` with per-channel `gamma`, `beta` `[channels]`, same shape out.
 pub fn group_norm<B: Backend>(
