@@ -2,6 +2,7 @@
 //!
 //! - [`unet`]: `UNet2DConditionModel` (diffusers), sized entirely by its `config.json`.
 //! - [`vae`]: `AutoencoderKL` encoder and decoder.
+//! - [`resnet`]: `ResnetBlock2D`, `Downsample2D`, `Upsample2D`, shared by the UNet and the VAE.
 //! - [`clip`]: the CLIP text encoder (transformers `CLIPTextModel`) and [`tokenizer`]: the CLIP BPE tokenizer.
 //! - [`weights`]: safetensors loading by the diffusers / transformers tensor names ([`weights::VarBuilder`]),
 //!   with clear errors naming the file, the key and the expected and found shapes.
@@ -22,6 +23,7 @@ pub mod fused_attention;
 pub mod fused_conv;
 pub mod nn;
 pub mod pipeline_files;
+pub mod resnet;
 pub mod single_file;
 pub mod testing;
 pub mod tokenizer;
