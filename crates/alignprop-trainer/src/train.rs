@@ -186,12 +186,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut sd = StableDiffusion::<B>::load(&model_dir, device, dtype)?;
         B::seed(device, config.train.seed);
         alignprop_lora::inject_seeded(&mut sd.unet, &config.lora, config.train.seed)?;
-        let scheduler = DdimScheduler::new(
-            &sd.scheduler_config,
-            config.sampling.steps,
-            config.sampling.eta,
-        )
-        .map_err(|e| TrainError::Config(e.to_string()))?;
+        let scheduler = DdimScheduler::new(&sd.scheduler_config, config.sampling.steps)
+            .and_then(|s| s.with_eta(config.sampling.eta))
+            .map_err(|e| TrainError::Config(e.to_string()))?;
         let reward = build_reward_with_tokenizer::<B>(
             &config.reward,
             Some(&model_dir.join("tokenizer")),
