@@ -193,3 +193,91 @@ impl<B: Backend> Upsample2D<B> {
         self.conv.forward(up)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::tensor::{DType, Distribution, Tensor};
+
+    use super::*;
+
+    type B = Flex;
+
+    fn randn(shape: [usize; 4], dtype: DType) -> Tensor<B, 4> {
+        Tensor::random(
+            shape,
+            Distribution::Normal(0.0, 1.0),
+            (&Default::default(), dtype),
+        )
+    }
+
+    #[test]
+    fn resnet_with_and_without_time_embedding() {
+        let vb = VarBuilder::<B>::random(&Default::default(), DType::F32);
+        let cfg = ResnetBlock2DConfig {
+            out_channels: 8,
+            temb_channels: Some(6),
+            groups: 2,
+            eps: 1e-5,
+            act: Activation::Silu,
+            output_scale_factor: 2.0,
+        };
+        let unet_style = ResnetBlock2D::new(&vb, 4, &cfg).unwrap();
+        assert!(unet_style.time_emb_proj.is_some() && unet_style.conv_shortcut.is_some());
+        let x = randn([2, 4, 5, 3], DType::F32);
+        let temb =
+            Tensor::<B, 2>::random([2, 6], Distribution::Normal(0.0, 1.0), &Default::default());
+        let with_t = unet_style.forward(x.clone(), Some(&temb));
+        assert_eq!(with_t.dims(), [2, 8, 5, 3]);
+        let without_t = unet_style.forward(x, None);
+        let diff = (with_t - without_t)
+            .abs()
+            .max()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap()[0];
+        assert!(diff > 0.0, "the time embedding changes the output");
+
+        let vae_style = ResnetBlock2D::new(
+            &vb,
+            8,
+            &ResnetBlock2DConfig {
+                temb_channels: None,
+                ..cfg
+            },
+        )
+        .unwrap();
+        assert!(vae_style.time_emb_proj.is_none() && vae_style.conv_shortcut.is_none());
+        assert_eq!(
+            vae_style
+                .forward(randn([1, 8, 4, 4], DType::F32), None)
+                .dims(),
+            [1, 8, 4, 4]
+        );
+
+        let stack = ResnetBlock2D::stack(&vb, 3, 4, &cfg).unwrap();
+        assert_eq!(stack.len(), 3);
+        assert!(
+            stack[0].conv_shortcut.is_some()
+                && stack[1..].iter().all(|r| r.conv_shortcut.is_none())
+        );
+    }
+
+    #[test]
+    fn down_and_upsampling_shapes_and_dtypes() {
+        for dtype in [DType::F32, DType::F64] {
+            let vb = VarBuilder::<B>::random(&Default::default(), dtype);
+            let x = randn([1, 4, 5, 7], dtype);
+            // Padding 0 (the VAE's): zero row and column appended, floor(n / 2) out, the input's dtype kept.
+            let down0 = Downsample2D::new(&vb, 4, 0).unwrap().forward(x.clone());
+            assert_eq!((down0.dims(), down0.dtype()), ([1, 4, 2, 3], dtype));
+            // Padding 1 (SD's UNet): ceil(n / 2) out.
+            let down1 = Downsample2D::new(&vb, 4, 1).unwrap().forward(x.clone());
+            assert_eq!((down1.dims(), down1.dtype()), ([1, 4, 3, 4], dtype));
+            let up = Upsample2D::new(&vb, 4).unwrap();
+            assert_eq!(up.forward(x.clone(), None).dims(), [1, 4, 10, 14]);
+            assert_eq!(up.forward(x, Some([9, 13])).dims(), [1, 4, 9, 13]);
+        }
+    }
+}
