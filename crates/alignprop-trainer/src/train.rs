@@ -412,7 +412,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// Continues from a checkpoint folder written by [`Trainer::save_checkpoint`].
-    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<(), TrainError> {
+    pub fn load_checkpoint(&mut self, dir: impl AsRef<Path>) -> Result<(), TrainError> {
+        let dir = dir.as_ref();
         // Adapters and optimiser state are f32 when the frozen base runs in half precision.
         let dtype = match self.sd.dtype {
             DType::F16 | DType::BF16 => DType::F32,
