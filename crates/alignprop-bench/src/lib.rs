@@ -310,8 +310,8 @@ pub fn prepare<A: AutodiffBackend>(name: &str, device: &A::Device) -> Result<Wor
             Box::new(move || drop(clip.forward(ids.clone())))
         }
         "ddim/step" => {
-            let sched = DdimScheduler::new(&SchedulerConfig::default(), 50, 0.0)
-                .map_err(|e| e.to_string())?;
+            let sched =
+                DdimScheduler::new(&SchedulerConfig::default(), 50).map_err(|e| e.to_string())?;
             let x = randn::<I<A>, 4>([2, 4, 64, 64], &d);
             let eps = randn::<I<A>, 4>([2, 4, 64, 64], &d);
             Box::new(move || drop(sched.step(eps.clone(), 0, x.clone(), None)))
@@ -362,7 +362,7 @@ fn alignprop_step<A: AutodiffBackend>(
     let reward = TinyReward::<A>::new(&TinyRewardConfig::default(), &vb).map_err(err)?;
     let n = 20;
     let scheduler =
-        DdimScheduler::new(&SchedulerConfig::default(), n, 0.0).map_err(|e| e.to_string())?;
+        DdimScheduler::new(&SchedulerConfig::default(), n).map_err(|e| e.to_string())?;
     let mut rng = NoiseRng::new(7);
     let text = Conditioning {
         uncond: rng.normal_tensor([1, 77, 768], d, DType::F32),

@@ -16,35 +16,10 @@ use burn::tensor::{DType, TensorData};
 use crate::clip::{CLIPTextConfig, CLIPTextModel};
 use alignprop_io::pipeline_files::read_json;
 use alignprop_io::single_file::SingleFileCheckpoint;
+use crate::tokenizer::SD15_TOKENIZER_FILES;
 use crate::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::vae::{AutoencoderKL, AutoencoderKLConfig};
 use alignprop_io::weights::{Result, TensorSource, VarBuilder, WeightError, write_safetensors};
-
-/// SD1.5's CLIP BPE tokenizer files (the vocabulary OpenAI CLIP ViT-L/14 and every SD1.x checkpoint use), written
-/// into converted folders when no tokenizer folder is given. The files were produced by the fixture generator
-/// (`xtask/fixtures/make_fixtures.py`) and are checked against transformers' `CLIPTokenizer` by the tokenizer tests.
-const TOKENIZER_FILES: [(&str, &[u8]); 5] = [
-    (
-        "vocab.json",
-        include_bytes!("../../../tests/fixtures/tiny-sd/tokenizer/vocab.json"),
-    ),
-    (
-        "merges.txt",
-        include_bytes!("../../../tests/fixtures/tiny-sd/tokenizer/merges.txt"),
-    ),
-    (
-        "tokenizer.json",
-        include_bytes!("../../../tests/fixtures/tiny-sd/tokenizer/tokenizer.json"),
-    ),
-    (
-        "tokenizer_config.json",
-        include_bytes!("../../../tests/fixtures/tiny-sd/tokenizer/tokenizer_config.json"),
-    ),
-    (
-        "special_tokens_map.json",
-        include_bytes!("../../../tests/fixtures/tiny-sd/tokenizer/special_tokens_map.json"),
-    ),
-];
 
 /// How to convert.
 #[derive(Clone, Debug, Default)]
@@ -248,10 +223,11 @@ fn model_index() -> serde_json::Value {
 /// the tensors are written from the file in their stored dtype: `unet/diffusion_pytorch_model.safetensors`,
 /// `vae/diffusion_pytorch_model.safetensors`, `text_encoder/model.safetensors`, each with its `config.json`.
 pub fn single_file_to_diffusers(
-    checkpoint: &Path,
-    out: &Path,
+    checkpoint: impl AsRef<Path>,
+    out: impl AsRef<Path>,
     options: &ConvertOptions,
 ) -> Result<ConvertReport> {
+    let (checkpoint, out) = (checkpoint.as_ref(), out.as_ref());
     if out.is_file() {
         return Err(write_err(out, "the output is a file, expected a folder"));
     }
@@ -356,7 +332,7 @@ pub fn single_file_to_diffusers(
         Some(from) => copy_dir_files(&from, &tok_dir)?,
         None => {
             std::fs::create_dir_all(&tok_dir).map_err(|e| write_err(&tok_dir, e))?;
-            for (name, bytes) in TOKENIZER_FILES {
+            for (name, bytes) in SD15_TOKENIZER_FILES {
                 let p = tok_dir.join(name);
                 std::fs::write(&p, bytes).map_err(|e| write_err(&p, e))?;
             }

@@ -5,6 +5,7 @@
 //! - [`vae`]: `AutoencoderKL`: images `[batch, 3, H, W]` in `[-1, 1]` to latents `[batch, 4, H/8, W/8]` and back.
 //! - [`clip`]: the CLIP text encoder (transformers `CLIPTextModel`): token ids `[batch, 77]` to hidden states
 //!   `[batch, 77, width]`; and [`tokenizer`]: `CLIPTokenizer`, prompts to token ids.
+//! - [`resnet`]: `ResnetBlock2D`, `Downsample2D`, `Upsample2D`, shared by the UNet and the VAE.
 //! - [`nn`]: the layers they share (linear, convolution, group and layer norm, activations, attention), whose hot
 //!   ops run through the kernels of `alignprop-kernels`.
 //! - [`convert`]: a single-file SD1.x checkpoint into a diffusers folder, through the real loaders.
@@ -16,6 +17,7 @@
 pub mod clip;
 pub mod convert;
 pub mod nn;
+pub mod resnet;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

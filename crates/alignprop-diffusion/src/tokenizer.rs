@@ -39,6 +39,42 @@ pub const MAX_LENGTH: usize = 77;
 /// `tokenizer.json`).
 pub const CLIP_SPLIT_PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+/// SD1.5's CLIP BPE tokenizer files (the vocabulary of OpenAI CLIP ViT-L/14, which every SD1.x checkpoint uses),
+/// bundled with this crate (`assets/sd15-tokenizer/`): `(file name, bytes)`. [`CLIPTokenizer::sd15`] is built from
+/// them; [`crate::convert`] writes them into converted folders. They are the `stable-diffusion-v1-5/tokenizer`
+/// files, checked against transformers' `CLIPTokenizer` by the tokenizer tests.
+pub const SD15_TOKENIZER_FILES: [(&str, &[u8]); 5] = [
+    (
+        "vocab.json",
+        include_bytes!("../assets/sd15-tokenizer/vocab.json"),
+    ),
+    (
+        "merges.txt",
+        include_bytes!("../assets/sd15-tokenizer/merges.txt"),
+    ),
+    (
+        "tokenizer.json",
+        include_bytes!("../assets/sd15-tokenizer/tokenizer.json"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../assets/sd15-tokenizer/tokenizer_config.json"),
+    ),
+    (
+        "special_tokens_map.json",
+        include_bytes!("../assets/sd15-tokenizer/special_tokens_map.json"),
+    ),
+];
+
+/// The bytes of the bundled SD1.5 tokenizer file `name` (see [`SD15_TOKENIZER_FILES`]).
+fn sd15_file(name: &str) -> &'static [u8] {
+    SD15_TOKENIZER_FILES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, bytes)| *bytes)
+        .expect("a bundled SD1.5 tokenizer file")
+}
+
 /// Merges OpenAI's CLIP vocabulary uses: `49152 - 256 - 2` (transformers' slow `CLIPTokenizer` reads no more).
 const CLIP_NUM_MERGES: usize = 49152 - 256 - 2;
 
@@ -112,15 +148,50 @@ impl CLIPTokenizer {
     /// (`#version` header, then one `left right` merge per line, highest priority first).
     pub fn from_vocab_merges(vocab: impl AsRef<Path>, merges: impl AsRef<Path>) -> Result<Self> {
         let (vocab_path, merges_path) = (vocab.as_ref(), merges.as_ref());
-        let vocab: HashMap<String, u32> =
-            serde_json::from_str(&read_text(vocab_path)?).map_err(|e| {
-                load_err(
-                    vocab_path,
-                    format!("invalid vocabulary (expected {{token: id}}): {e}"),
-                )
-            })?;
-        let merges =
-            parse_merges(&read_text(merges_path)?).map_err(|msg| load_err(merges_path, msg))?;
+        Self::from_vocab_merges_text(
+            &read_text(vocab_path)?,
+            &read_text(merges_path)?,
+            vocab_path,
+            merges_path,
+        )
+    }
+
+    /// [`Self::from_vocab_merges`] from the files' contents (UTF-8 bytes of a `vocab.json` and a `merges.txt`)
+    /// instead of their paths; errors name them `vocab.json` and `merges.txt`.
+    pub fn from_vocab_merges_bytes(vocab: &[u8], merges: &[u8]) -> Result<Self> {
+        fn text<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a str> {
+            std::str::from_utf8(bytes).map_err(|e| load_err(path, format!("not UTF-8: {e}")))
+        }
+        let (vocab_path, merges_path) = (Path::new("vocab.json"), Path::new("merges.txt"));
+        Self::from_vocab_merges_text(
+            text(vocab, vocab_path)?,
+            text(merges, merges_path)?,
+            vocab_path,
+            merges_path,
+        )
+    }
+
+    /// SD1.5's tokenizer (OpenAI CLIP ViT-L/14's vocabulary, `<|endoftext|>` padding), from the files bundled with
+    /// this crate ([`SD15_TOKENIZER_FILES`]): for model folders without a `tokenizer/` directory.
+    pub fn sd15() -> Self {
+        Self::from_vocab_merges_bytes(sd15_file("vocab.json"), sd15_file("merges.txt"))
+            .expect("the bundled SD1.5 tokenizer files are valid")
+    }
+
+    /// The slow-tokenizer pipeline from the text of `vocab.json` and `merges.txt`; the paths name them in errors.
+    fn from_vocab_merges_text(
+        vocab: &str,
+        merges: &str,
+        vocab_path: &Path,
+        merges_path: &Path,
+    ) -> Result<Self> {
+        let vocab: HashMap<String, u32> = serde_json::from_str(vocab).map_err(|e| {
+            load_err(
+                vocab_path,
+                format!("invalid vocabulary (expected {{token: id}}): {e}"),
+            )
+        })?;
+        let merges = parse_merges(merges).map_err(|msg| load_err(merges_path, msg))?;
         for token in [BOS_TOKEN, EOS_TOKEN] {
             if !vocab.contains_key(token) {
                 return Err(load_err(

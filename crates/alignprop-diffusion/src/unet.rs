@@ -21,14 +21,13 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions, PadMode};
 use burn::tensor::{DType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 pub use crate::nn::Activation;
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear, multi_head_attention};
 use alignprop_io::pipeline_files::{component_weights, read_json};
+use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 use alignprop_io::weights::{Result, VarBuilder, WeightError};
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -443,137 +442,6 @@ impl<B: Backend> TimestepEmbedding<B> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Resnet, down/upsampling
-// ---------------------------------------------------------------------------------------------------------------
-
-/// diffusers' `ResnetBlock2D` (`time_embedding_norm = "default"`):
-/// `h = conv1(act(norm1(x))) + time_emb_proj(temb); h = conv2(act(norm2(h))); (shortcut(x) + h) / scale`.
-#[derive(Module, Debug)]
-pub struct ResnetBlock2D<B: Backend> {
-    pub norm1: GroupNorm<B>,
-    pub conv1: Conv2d<B>,
-    pub time_emb_proj: Linear<B>,
-    pub norm2: GroupNorm<B>,
-    pub conv2: Conv2d<B>,
-    /// 1x1 convolution, present when the channel count changes.
-    pub conv_shortcut: Option<Conv2d<B>>,
-    pub act: Activation,
-    pub output_scale_factor: f64,
-}
-
-impl<B: Backend> ResnetBlock2D<B> {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        vb: &VarBuilder<B>,
-        in_channels: usize,
-        out_channels: usize,
-        temb_channels: usize,
-        groups: usize,
-        eps: f64,
-        act: Activation,
-        output_scale_factor: f64,
-    ) -> Result<Self> {
-        let conv_shortcut = if in_channels != out_channels {
-            Some(Conv2d::new(
-                &vb.pp("conv_shortcut"),
-                in_channels,
-                out_channels,
-                1,
-                1,
-                0,
-            )?)
-        } else {
-            None
-        };
-        Ok(Self {
-            norm1: GroupNorm::new(&vb.pp("norm1"), groups, in_channels, eps)?,
-            conv1: Conv2d::new(&vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?,
-            time_emb_proj: Linear::new(&vb.pp("time_emb_proj"), temb_channels, out_channels, true)?,
-            norm2: GroupNorm::new(&vb.pp("norm2"), groups, out_channels, eps)?,
-            conv2: Conv2d::new(&vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?,
-            conv_shortcut,
-            act,
-            output_scale_factor,
-        })
-    }
-
-    /// `x`: `[batch, in, h, w]`; `temb`: `[batch, temb_channels]`, the time embedding ALREADY passed through the
-    /// activation (diffusers applies it inside every resnet; the UNet does it once for all of them).
-    /// Returns `[batch, out, h, w]`.
-    pub fn forward(&self, x: Tensor<B, 4>, temb: &Tensor<B, 2>) -> Tensor<B, 4> {
-        let h = self
-            .conv1
-            .forward(self.act.forward(self.norm1.forward(x.clone())));
-        let dims = h.dims();
-        let [b, c] = [dims[0], dims[1]];
-        // One scalar per (batch, channel) row: `[b * c, h * w] + [b * c, 1]` is a broadcast burn's CPU backend
-        // does fast, unlike `[b, c, h, w] + [b, c, 1, 1]`.
-        let t = self.time_emb_proj.forward(temb.clone()).reshape([b * c, 1]);
-        let h = (h.reshape([b * c, dims[2] * dims[3]]) + t).reshape(dims);
-        let h = self.conv2.forward(self.act.forward(self.norm2.forward(h)));
-        let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x),
-            None => x,
-        };
-        let out = shortcut + h;
-        if self.output_scale_factor == 1.0 {
-            out
-        } else {
-            out / self.output_scale_factor
-        }
-    }
-}
-
-/// diffusers' `Downsample2D` with `use_conv`: a 3x3 stride-2 convolution (`conv`).
-#[derive(Module, Debug)]
-pub struct Downsample2D<B: Backend> {
-    pub conv: Conv2d<B>,
-}
-
-impl<B: Backend> Downsample2D<B> {
-    /// `padding` is the config's `downsample_padding`; 0 means "pad right and bottom by one" (diffusers).
-    pub fn new(vb: &VarBuilder<B>, channels: usize, padding: usize) -> Result<Self> {
-        Ok(Self {
-            conv: Conv2d::new(&vb.pp("conv"), channels, channels, 3, 2, padding)?,
-        })
-    }
-
-    /// `[batch, c, h, w]` -> `[batch, c, ceil(h / 2), ceil(w / 2)]` (with padding 1).
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = if self.conv.padding == 0 {
-            x.pad((0, 1, 0, 1), PadMode::Constant(0.0))
-        } else {
-            x
-        };
-        self.conv.forward(x)
-    }
-}
-
-/// diffusers' `Upsample2D` with `use_conv`: nearest-neighbour upsampling then a 3x3 convolution (`conv`).
-#[derive(Module, Debug)]
-pub struct Upsample2D<B: Backend> {
-    pub conv: Conv2d<B>,
-}
-
-impl<B: Backend> Upsample2D<B> {
-    pub fn new(vb: &VarBuilder<B>, channels: usize) -> Result<Self> {
-        Ok(Self {
-            conv: Conv2d::new(&vb.pp("conv"), channels, channels, 3, 1, 1)?,
-        })
-    }
-
-    /// `[batch, c, h, w]` -> `[batch, c, size[0], size[1]]`, `size` defaulting to `[2h, 2w]`. The UNet passes the
-    /// spatial size of the next skip connection, which differs from `2x` after odd sizes were downsampled
-    /// (torch's nearest rule: source index `floor(dst * in / out)`).
-    pub fn forward(&self, x: Tensor<B, 4>, size: Option<[usize; 2]>) -> Tensor<B, 4> {
-        let [_, _, h, w] = x.dims();
-        let size = size.unwrap_or([2 * h, 2 * w]);
-        let up = interpolate(x, size, InterpolateOptions::new(InterpolateMode::Nearest));
-        self.conv.forward(up)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // Attention, transformer
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -817,6 +685,20 @@ struct BlockSettings {
     upcast: bool,
 }
 
+impl BlockSettings {
+    /// The settings of a resnet with `out_channels` outputs.
+    fn resnet(&self, out_channels: usize) -> ResnetBlock2DConfig {
+        ResnetBlock2DConfig {
+            out_channels,
+            temb_channels: Some(self.temb),
+            groups: self.groups,
+            eps: self.eps,
+            act: self.act,
+            output_scale_factor: self.resnet_scale,
+        }
+    }
+}
+
 /// The attention part of a cross-attention block: heads, transformer depth and context width.
 #[derive(Clone, Copy, Debug)]
 struct AttnSettings {
@@ -849,31 +731,6 @@ fn transformers<B: Backend>(
         .collect()
 }
 
-fn down_resnets<B: Backend>(
-    vb: &VarBuilder<B>,
-    layers: usize,
-    in_c: usize,
-    out_c: usize,
-    s: &BlockSettings,
-) -> Result<Vec<ResnetBlock2D<B>>> {
-    let vb = vb.pp("resnets");
-    (0..layers)
-        .map(|j| {
-            let c_in = if j == 0 { in_c } else { out_c };
-            ResnetBlock2D::new(
-                &vb.pp(j),
-                c_in,
-                out_c,
-                s.temb,
-                s.groups,
-                s.eps,
-                s.act,
-                s.resnet_scale,
-            )
-        })
-        .collect()
-}
-
 /// Up-block resnets: resnet `j` takes the previous hidden state concatenated with one skip connection.
 fn up_resnets<B: Backend>(
     vb: &VarBuilder<B>,
@@ -888,16 +745,7 @@ fn up_resnets<B: Backend>(
         .map(|j| {
             let skip_c = if j == layers - 1 { in_c } else { out_c };
             let c_in = if j == 0 { prev_c } else { out_c };
-            ResnetBlock2D::new(
-                &vb.pp(j),
-                c_in + skip_c,
-                out_c,
-                s.temb,
-                s.groups,
-                s.eps,
-                s.act,
-                s.resnet_scale,
-            )
+            ResnetBlock2D::new(&vb.pp(j), c_in + skip_c, &s.resnet(out_c))
         })
         .collect()
 }
@@ -935,7 +783,7 @@ impl<B: Backend> DownBlock2D<B> {
         skips: &mut Vec<Tensor<B, 4>>,
     ) -> Tensor<B, 4> {
         for resnet in &self.resnets {
-            x = resnet.forward(x, temb);
+            x = resnet.forward(x, Some(temb));
             skips.push(x.clone());
         }
         if let Some(down) = &self.downsampler {
@@ -966,7 +814,7 @@ impl<B: Backend> CrossAttnDownBlock2D<B> {
         skips: &mut Vec<Tensor<B, 4>>,
     ) -> Tensor<B, 4> {
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
-            x = attn.forward(resnet.forward(x, temb), context);
+            x = attn.forward(resnet.forward(x, Some(temb)), context);
             skips.push(x.clone());
         }
         if let Some(down) = &self.downsampler {
@@ -1022,7 +870,7 @@ impl<B: Backend> UpBlock2D<B> {
             let skip = skips
                 .pop()
                 .expect("one skip connection per up-block resnet");
-            x = resnet.forward(Tensor::cat(vec![x, skip], 1), temb);
+            x = resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb));
         }
         match &self.upsampler {
             Some(up) => up.forward(x, upsample_size),
@@ -1054,7 +902,10 @@ impl<B: Backend> CrossAttnUpBlock2D<B> {
             let skip = skips
                 .pop()
                 .expect("one skip connection per up-block resnet");
-            x = attn.forward(resnet.forward(Tensor::cat(vec![x, skip], 1), temb), context);
+            x = attn.forward(
+                resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb)),
+                context,
+            );
         }
         match &self.upsampler {
             Some(up) => up.forward(x, upsample_size),
@@ -1110,9 +961,9 @@ impl<B: Backend> UNetMidBlock2DCrossAttn<B> {
         temb: &Tensor<B, 2>,
         context: &Tensor<B, 3>,
     ) -> Tensor<B, 4> {
-        let mut x = self.resnets[0].forward(x, temb);
+        let mut x = self.resnets[0].forward(x, Some(temb));
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            x = resnet.forward(attn.forward(x, context), temb);
+            x = resnet.forward(attn.forward(x, context), Some(temb));
         }
         x
     }
@@ -1197,7 +1048,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let mut in_c = c0;
         for (i, &out_c) in channels.iter().enumerate() {
             let vb = down_vb.pp(i);
-            let resnets = down_resnets(&vb, plan.layers[i], in_c, out_c, &settings)?;
+            let resnets = ResnetBlock2D::stack(&vb, plan.layers[i], in_c, &settings.resnet(out_c))?;
             let downsampler = downsampler(&vb, i + 1 < n, out_c, cfg.downsample_padding)?;
             down_blocks.push(if plan.down_cross[i] {
                 DownBlock::CrossAttn(CrossAttnDownBlock2D {
@@ -1228,7 +1079,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 ..settings
             };
             Some(UNetMidBlock2DCrossAttn {
-                resnets: down_resnets(&vb, 2, c_last, c_last, &mid_settings)?,
+                resnets: ResnetBlock2D::stack(&vb, 2, c_last, &mid_settings.resnet(c_last))?,
                 attentions: transformers(&vb, 1, c_last, &settings, &attn(n - 1, false))?,
             })
         } else {
@@ -1289,7 +1140,8 @@ impl<B: Backend> UNet2DConditionModel<B> {
     }
 
     /// Loads a diffusers `unet/` folder: `config.json` plus its safetensors weights, converted to `dtype`.
-    pub fn load(folder: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
+    pub fn load(folder: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+        let folder = folder.as_ref();
         let cfg_path = folder.join("config.json");
         let cfg: UNet2DConditionConfig = read_json(&cfg_path)?;
         cfg.validate().map_err(|msg| config_error(&cfg_path, msg))?;

@@ -25,14 +25,13 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use crate::nn::Activation;
 use crate::nn::{Conv2d, GroupNorm, Linear, multi_head_attention};
 use alignprop_io::pipeline_files::{component_weights, read_json};
+use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 use alignprop_io::weights::{Result, VarBuilder, WeightError};
 
 /// Epsilon of every GroupNorm in the VAE (resnets, mid-block attention, output norms): diffusers hard-codes 1e-6.
@@ -182,54 +181,16 @@ impl AutoencoderKLConfig {
     }
 }
 
-/// diffusers' `ResnetBlock2D` without time embedding:
-/// `out = shortcut(x) + conv2(act(norm2(conv1(act(norm1(x))))))`.
-#[derive(Module, Debug)]
-pub struct ResnetBlock2D<B: Backend> {
-    pub norm1: GroupNorm<B>,
-    /// 3x3, padding 1, `in -> out` channels.
-    pub conv1: Conv2d<B>,
-    pub norm2: GroupNorm<B>,
-    /// 3x3, padding 1, `out -> out` channels.
-    pub conv2: Conv2d<B>,
-    /// 1x1 projection of the input, present when the channel count changes.
-    pub conv_shortcut: Option<Conv2d<B>>,
-    pub act: Activation,
-}
-
-impl<B: Backend> ResnetBlock2D<B> {
-    pub fn new(
-        vb: &VarBuilder<B>,
-        in_c: usize,
-        out_c: usize,
-        groups: usize,
-        act: Activation,
-    ) -> Result<Self> {
-        Ok(Self {
-            norm1: GroupNorm::new(&vb.pp("norm1"), groups, in_c, VAE_NORM_EPS)?,
-            conv1: Conv2d::new(&vb.pp("conv1"), in_c, out_c, 3, 1, 1)?,
-            norm2: GroupNorm::new(&vb.pp("norm2"), groups, out_c, VAE_NORM_EPS)?,
-            conv2: Conv2d::new(&vb.pp("conv2"), out_c, out_c, 3, 1, 1)?,
-            conv_shortcut: if in_c != out_c {
-                Some(Conv2d::new(&vb.pp("conv_shortcut"), in_c, out_c, 1, 1, 0)?)
-            } else {
-                None
-            },
-            act,
-        })
-    }
-
-    /// `x`: `[batch, in_c, height, width]` -> `[batch, out_c, height, width]`.
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self
-            .conv1
-            .forward(self.act.forward(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(self.act.forward(self.norm2.forward(h)));
-        let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x),
-            None => x,
-        };
-        shortcut + h
+/// The settings of a VAE resnet with `out_c` outputs: no time embedding, GroupNorm eps [`VAE_NORM_EPS`], no output
+/// scaling.
+fn resnet_config(out_c: usize, groups: usize, act: Activation) -> ResnetBlock2DConfig {
+    ResnetBlock2DConfig {
+        out_channels: out_c,
+        temb_channels: None,
+        groups,
+        eps: VAE_NORM_EPS,
+        act,
+        output_scale_factor: 1.0,
     }
 }
 
@@ -295,9 +256,7 @@ impl<B: Backend> MidBlock2D<B> {
         act: Activation,
         attention: bool,
     ) -> Result<Self> {
-        let resnets = (0..2)
-            .map(|i| ResnetBlock2D::new(&vb.pp("resnets").pp(i), channels, channels, groups, act))
-            .collect::<Result<Vec<_>>>()?;
+        let resnets = ResnetBlock2D::stack(vb, 2, channels, &resnet_config(channels, groups, act))?;
         let attention = if attention {
             Some(AttentionBlock::new(
                 &vb.pp("attentions").pp(0),
@@ -312,64 +271,11 @@ impl<B: Backend> MidBlock2D<B> {
 
     /// `x`: `[batch, channels, height, width]`, same shape out.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut h = self.resnets[0].forward(x);
+        let mut h = self.resnets[0].forward(x, None);
         if let Some(attn) = &self.attention {
             h = attn.forward(h);
         }
-        self.resnets[1..].iter().fold(h, |h, r| r.forward(h))
-    }
-}
-
-/// The encoder's down-sampler: zero-pad one row at the bottom and one column at the right, then a 3x3 convolution
-/// with stride 2 and no padding (diffusers `Downsample2D` with `padding=0`). `[b, c, h, w] -> [b, c, h/2, w/2]`
-/// (rounded down).
-#[derive(Module, Debug)]
-pub struct Downsample2D<B: Backend> {
-    /// 3x3, stride 2, padding 0.
-    pub conv: Conv2d<B>,
-}
-
-impl<B: Backend> Downsample2D<B> {
-    pub fn new(vb: &VarBuilder<B>, channels: usize) -> Result<Self> {
-        Ok(Self {
-            conv: Conv2d::new(&vb.pp("conv"), channels, channels, 3, 2, 0)?,
-        })
-    }
-
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, c, h, w] = x.dims();
-        let (device, dtype) = (x.device(), x.dtype());
-        let x = Tensor::cat(vec![x, Tensor::zeros([b, c, h, 1], (&device, dtype))], 3);
-        let x = Tensor::cat(
-            vec![x, Tensor::zeros([b, c, 1, w + 1], (&device, dtype))],
-            2,
-        );
-        self.conv.forward(x)
-    }
-}
-
-/// The decoder's up-sampler: nearest-neighbour x2, then a 3x3 convolution (padding 1).
-/// `[b, c, h, w] -> [b, c, 2h, 2w]`.
-#[derive(Module, Debug)]
-pub struct Upsample2D<B: Backend> {
-    pub conv: Conv2d<B>,
-}
-
-impl<B: Backend> Upsample2D<B> {
-    pub fn new(vb: &VarBuilder<B>, channels: usize) -> Result<Self> {
-        Ok(Self {
-            conv: Conv2d::new(&vb.pp("conv"), channels, channels, 3, 1, 1)?,
-        })
-    }
-
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [_, _, h, w] = x.dims();
-        let up = interpolate(
-            x,
-            [2 * h, 2 * w],
-            InterpolateOptions::new(InterpolateMode::Nearest),
-        );
-        self.conv.forward(up)
+        self.resnets[1..].iter().fold(h, |h, r| r.forward(h, None))
     }
 }
 
@@ -391,14 +297,9 @@ impl<B: Backend> DownEncoderBlock2D<B> {
         act: Activation,
         downsample: bool,
     ) -> Result<Self> {
-        let resnets = (0..layers)
-            .map(|i| {
-                let c = if i == 0 { in_c } else { out_c };
-                ResnetBlock2D::new(&vb.pp("resnets").pp(i), c, out_c, groups, act)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let resnets = ResnetBlock2D::stack(vb, layers, in_c, &resnet_config(out_c, groups, act))?;
         let downsampler = if downsample {
-            Some(Downsample2D::new(&vb.pp("downsamplers").pp(0), out_c)?)
+            Some(Downsample2D::new(&vb.pp("downsamplers").pp(0), out_c, 0)?)
         } else {
             None
         };
@@ -410,7 +311,7 @@ impl<B: Backend> DownEncoderBlock2D<B> {
 
     /// `x`: `[batch, in_c, h, w]` -> `[batch, out_c, h/2, w/2]` (or `[batch, out_c, h, w]` at the last level).
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.resnets.iter().fold(x, |h, r| r.forward(h));
+        let h = self.resnets.iter().fold(x, |h, r| r.forward(h, None));
         match &self.downsampler {
             Some(d) => d.forward(h),
             None => h,
@@ -436,12 +337,7 @@ impl<B: Backend> UpDecoderBlock2D<B> {
         act: Activation,
         upsample: bool,
     ) -> Result<Self> {
-        let resnets = (0..layers)
-            .map(|i| {
-                let c = if i == 0 { in_c } else { out_c };
-                ResnetBlock2D::new(&vb.pp("resnets").pp(i), c, out_c, groups, act)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let resnets = ResnetBlock2D::stack(vb, layers, in_c, &resnet_config(out_c, groups, act))?;
         let upsampler = if upsample {
             Some(Upsample2D::new(&vb.pp("upsamplers").pp(0), out_c)?)
         } else {
@@ -452,9 +348,9 @@ impl<B: Backend> UpDecoderBlock2D<B> {
 
     /// `x`: `[batch, in_c, h, w]` -> `[batch, out_c, 2h, 2w]` (or `[batch, out_c, h, w]` at the last level).
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.resnets.iter().fold(x, |h, r| r.forward(h));
+        let h = self.resnets.iter().fold(x, |h, r| r.forward(h, None));
         match &self.upsampler {
-            Some(u) => u.forward(h),
+            Some(u) => u.forward(h, None),
             None => h,
         }
     }
@@ -686,7 +582,8 @@ impl<B: Backend> AutoencoderKL<B> {
     }
 
     /// Loads a diffusers VAE folder: `folder/config.json` and its safetensors weights, as `dtype` on `device`.
-    pub fn load(folder: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
+    pub fn load(folder: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+        let folder = folder.as_ref();
         let config_path = folder.join("config.json");
         let cfg: AutoencoderKLConfig = read_json(&config_path)?;
         cfg.validate(&config_path)?;

@@ -103,6 +103,46 @@ fn vocab_and_merges_match_transformers() {
 }
 
 #[test]
+fn bundled_sd15_tokenizer_matches_transformers() {
+    let tok = CLIPTokenizer::sd15();
+    assert_eq!(
+        (tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.vocab_size()),
+        (49406, 49407, 49407, 49408)
+    );
+    check_tokenizer(&tok, "CLIPTokenizer::sd15 (bundled)");
+    // The bundled files are the fixture's (SD1.5's) tokenizer files, byte for byte.
+    for (name, bytes) in alignprop_diffusion::tokenizer::SD15_TOKENIZER_FILES {
+        let fixture = std::fs::read(tokenizer_dir().join(name)).unwrap();
+        assert!(
+            fixture == bytes,
+            "bundled {name} differs from the fixture's"
+        );
+    }
+}
+
+#[test]
+fn vocab_and_merges_from_bytes() {
+    let dir = tokenizer_dir();
+    let (vocab, merges) = (
+        std::fs::read(dir.join("vocab.json")).unwrap(),
+        std::fs::read(dir.join("merges.txt")).unwrap(),
+    );
+    let tok = CLIPTokenizer::from_vocab_merges_bytes(&vocab, &merges).unwrap();
+    check_tokenizer(&tok, "vocab + merges bytes");
+    let err = CLIPTokenizer::from_vocab_merges_bytes(b"{not json", &merges).unwrap_err();
+    assert!(err.to_string().contains("vocab.json"), "{err}");
+    let err =
+        CLIPTokenizer::from_vocab_merges_bytes(&vocab, b"#version: 0.2\ni n\nthree symbols here\n")
+            .unwrap_err();
+    assert!(
+        err.to_string().contains("merges.txt") && err.to_string().contains("line 3"),
+        "{err}"
+    );
+    let err = CLIPTokenizer::from_vocab_merges_bytes(&[0xff, 0xfe], &merges).unwrap_err();
+    assert!(err.to_string().contains("UTF-8"), "{err}");
+}
+
+#[test]
 fn tokenizer_from_folder_picks_available_files() {
     // The fixture folder has tokenizer.json.
     check_tokenizer(

@@ -53,6 +53,9 @@ pub struct StableDiffusion<B: Backend> {
     pub sample_size: usize,
     pub device: B::Device,
     pub dtype: DType,
+    /// Set when the tokenizer is not the folder's own: the folder has no `tokenizer/` directory, so SD1.5's
+    /// bundled one ([`CLIPTokenizer::sd15`]) is used. [`StableDiffusion::load`] also prints it to stderr.
+    pub tokenizer_note: Option<String>,
 }
 
 /// Text conditioning for a batch of `b` prompts, each `[b, tokens, hidden]`.
@@ -134,7 +137,11 @@ pub struct SampleOutput<B: Backend> {
 
 impl<B: Backend> StableDiffusion<B> {
     /// Loads a diffusers Stable Diffusion folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
-    pub fn load(folder: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
+    ///
+    /// A folder without `tokenizer/` gets SD1.5's tokenizer ([`CLIPTokenizer::sd15`], the one of every SD1.x
+    /// model), which is said in [`StableDiffusion::tokenizer_note`] and on stderr.
+    pub fn load(folder: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+        let folder = folder.as_ref();
         if !folder.is_dir() {
             return Err(PipelineError::Invalid(format!(
                 "{}: model folder not found (expected a diffusers Stable Diffusion folder)",
@@ -152,9 +159,21 @@ impl<B: Backend> StableDiffusion<B> {
             OneOrMany::One(s) => *s,
             OneOrMany::Many(v) => v.first().copied().unwrap_or(64),
         };
+        let tokenizer_dir = folder.join("tokenizer");
+        let (tokenizer, tokenizer_note) = if tokenizer_dir.is_dir() {
+            (CLIPTokenizer::from_folder(&tokenizer_dir)?, None)
+        } else {
+            let note = format!(
+                "{}: no tokenizer/ folder, using the SD1.5 CLIP tokenizer bundled with alignprop-diffusion",
+                folder.display()
+            );
+            eprintln!("note: {note}");
+            (CLIPTokenizer::sd15(), Some(note))
+        };
         Ok(Self {
             sample_size,
-            tokenizer: CLIPTokenizer::from_folder(folder.join("tokenizer"))?,
+            tokenizer,
+            tokenizer_note,
             text_encoder: CLIPTextModel::load(&folder.join("text_encoder"), device, dtype)?,
             unet: UNet2DConditionModel::load(&folder.join("unet"), device, dtype)?,
             vae: AutoencoderKL::load(&folder.join("vae"), device, dtype)?,

@@ -55,7 +55,10 @@ fn ddim_cfg_loop_matches_diffusers_step_by_step() {
         uncond: t("uncond_embeds", DType::F32),
         cond: t("cond_embeds", DType::F32),
     };
-    let sched = DdimScheduler::new(&sd.scheduler_config, 4, 1.0).unwrap();
+    let sched = DdimScheduler::new(&sd.scheduler_config, 4)
+        .unwrap()
+        .with_eta(1.0)
+        .unwrap();
     assert_eq!(sched.timesteps(), [751, 501, 251, 1]);
     let mut x = t::<4>("x_T", DType::F32);
     for i in 0..4 {
@@ -147,7 +150,7 @@ fn eta0_loop_through_denoise_matches() {
         uncond: t("uncond_embeds", DType::F32),
         cond: t("cond_embeds", DType::F32),
     };
-    let sched = DdimScheduler::new(&sd.scheduler_config, 4, 0.0).unwrap();
+    let sched = DdimScheduler::new(&sd.scheduler_config, 4).unwrap();
     let x = alignprop_pipeline::denoise(
         &sd.unet,
         &sched,

@@ -15,7 +15,8 @@ use burn::tensor::backend::Backend;
 use crate::schedule::{self, ConfigError, PredictionType, SchedulerConfig};
 use crate::{Scheduler, StepOutput, noise_like, x0_and_eps};
 
-/// DDIM with a fixed number of inference steps and a fixed `eta` (0 = deterministic, 1 = DDPM-like noise).
+/// DDIM with a fixed number of inference steps and a fixed `eta` (0 = deterministic, 1 = DDPM-like noise; set with
+/// [`DdimScheduler::with_eta`]).
 #[derive(Clone, Debug)]
 pub struct DdimScheduler {
     config: SchedulerConfig,
@@ -45,12 +46,9 @@ pub struct DdimStepCoefficients {
 
 impl DdimScheduler {
     /// A DDIM schedule of `steps` inference steps (diffusers: `DDIMScheduler.from_config(cfg)` +
-    /// `set_timesteps(steps)`), with noise scale `eta`.
-    pub fn new(cfg: &SchedulerConfig, steps: usize, eta: f64) -> Result<Self, ConfigError> {
+    /// `set_timesteps(steps)`), deterministic (`eta` 0; see [`Self::with_eta`]).
+    pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self, ConfigError> {
         cfg.validate()?;
-        if !(0.0..=1.0).contains(&eta) {
-            return Err(ConfigError(format!("eta must be in [0, 1], got {eta}")));
-        }
         let alphas_cumprod = schedule::alphas_cumprod(&schedule::betas(cfg)?);
         let final_alpha_cumprod = if cfg.set_alpha_to_one {
             1.0
@@ -64,8 +62,28 @@ impl DdimScheduler {
             config: cfg.clone(),
             alphas_cumprod,
             final_alpha_cumprod,
-            eta,
+            eta: 0.0,
         })
+    }
+
+    /// The same schedule with noise scale `eta` (0 = deterministic, 1 = DDPM-like); an error outside `[0, 1]`.
+    pub fn with_eta(mut self, eta: f64) -> Result<Self, ConfigError> {
+        if !(0.0..=1.0).contains(&eta) {
+            return Err(ConfigError(format!("eta must be in [0, 1], got {eta}")));
+        }
+        self.eta = eta;
+        Ok(self)
+    }
+
+    /// The timesteps of the inference schedule, highest first (981, 961, ..., 1 for SD1.5 DDIM-50); the same as
+    /// [`Scheduler::timesteps`], callable without the trait.
+    pub fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+
+    /// The standard deviation of the initial noise `x_T`: 1.
+    pub fn init_noise_sigma(&self) -> f64 {
+        1.0
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -141,7 +159,11 @@ pub fn ddim_step<B: Backend>(
 
 impl Scheduler for DdimScheduler {
     fn timesteps(&self) -> &[usize] {
-        &self.timesteps
+        DdimScheduler::timesteps(self)
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        DdimScheduler::init_noise_sigma(self)
     }
 
     fn needs_noise(&self, i: usize) -> bool {

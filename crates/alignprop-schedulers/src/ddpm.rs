@@ -33,6 +33,22 @@ impl DdpmScheduler {
         })
     }
 
+    /// The timesteps of the inference schedule, highest first; the same as [`Scheduler::timesteps`], callable
+    /// without the trait.
+    pub fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+
+    /// The standard deviation of the initial noise `x_T`: 1.
+    pub fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    /// `alphas_cumprod[t]` for every training timestep.
+    pub fn alphas_cumprod(&self) -> &[f64] {
+        &self.alphas_cumprod
+    }
+
     /// `(a_t, a_prev)`; `a_prev` is 1 before the first training step.
     fn alphas(&self, i: usize) -> (f64, f64) {
         let t = self.timesteps[i];
@@ -51,7 +67,11 @@ impl DdpmScheduler {
 
 impl Scheduler for DdpmScheduler {
     fn timesteps(&self) -> &[usize] {
-        &self.timesteps
+        DdpmScheduler::timesteps(self)
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        DdpmScheduler::init_noise_sigma(self)
     }
 
     fn needs_noise(&self, i: usize) -> bool {

@@ -49,18 +49,31 @@ impl EulerAncestralScheduler {
         })
     }
 
+    /// One sigma per step plus a final 0.
     pub fn sigmas(&self) -> &[f64] {
         &self.sigmas
+    }
+
+    /// The timesteps of the inference schedule, highest first; the same as [`Scheduler::timesteps`], callable
+    /// without the trait.
+    pub fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+
+    /// The standard deviation of the initial noise `x_T` (`max sigma`, or `sqrt(max sigma^2 + 1)` for
+    /// `leading` spacing).
+    pub fn init_noise_sigma(&self) -> f64 {
+        self.init_noise_sigma
     }
 }
 
 impl Scheduler for EulerAncestralScheduler {
     fn timesteps(&self) -> &[usize] {
-        &self.timesteps
+        EulerAncestralScheduler::timesteps(self)
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
+        EulerAncestralScheduler::init_noise_sigma(self)
     }
 
     fn scale_model_input<B: Backend>(&self, sample: Tensor<B, 4>, i: usize) -> Tensor<B, 4> {

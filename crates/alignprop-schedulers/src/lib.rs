@@ -101,7 +101,7 @@ pub enum AnyScheduler {
 }
 
 impl AnyScheduler {
-    /// `kind`: `ddim` (with `eta`), `ddpm` or `euler_a`.
+    /// `kind`: `ddim` (with `eta`), `ddpm` or `euler_a` (which ignore `eta`).
     pub fn new(
         kind: &str,
         cfg: &SchedulerConfig,
@@ -109,7 +109,7 @@ impl AnyScheduler {
         eta: f64,
     ) -> Result<Self, ConfigError> {
         Ok(match kind {
-            "ddim" => Self::Ddim(DdimScheduler::new(cfg, steps, eta)?),
+            "ddim" => Self::Ddim(DdimScheduler::new(cfg, steps)?.with_eta(eta)?),
             "ddpm" => Self::Ddpm(DdpmScheduler::new(cfg, steps)?),
             "euler_a" | "euler_ancestral" => {
                 Self::EulerAncestral(EulerAncestralScheduler::new(cfg, steps)?)
@@ -121,22 +121,32 @@ impl AnyScheduler {
             }
         })
     }
-}
 
-impl Scheduler for AnyScheduler {
-    fn timesteps(&self) -> &[usize] {
+    /// The chosen scheduler's [`Scheduler::timesteps`], callable without the trait.
+    pub fn timesteps(&self) -> &[usize] {
         match self {
             Self::Ddim(s) => s.timesteps(),
             Self::Ddpm(s) => s.timesteps(),
             Self::EulerAncestral(s) => s.timesteps(),
         }
     }
-    fn init_noise_sigma(&self) -> f64 {
+
+    /// The chosen scheduler's [`Scheduler::init_noise_sigma`], callable without the trait.
+    pub fn init_noise_sigma(&self) -> f64 {
         match self {
             Self::Ddim(s) => s.init_noise_sigma(),
             Self::Ddpm(s) => s.init_noise_sigma(),
             Self::EulerAncestral(s) => s.init_noise_sigma(),
         }
+    }
+}
+
+impl Scheduler for AnyScheduler {
+    fn timesteps(&self) -> &[usize] {
+        AnyScheduler::timesteps(self)
+    }
+    fn init_noise_sigma(&self) -> f64 {
+        AnyScheduler::init_noise_sigma(self)
     }
     fn scale_model_input<B: Backend>(&self, sample: Tensor<B, 4>, i: usize) -> Tensor<B, 4> {
         match self {

@@ -186,12 +186,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut sd = StableDiffusion::<B>::load(&model_dir, device, dtype)?;
         B::seed(device, config.train.seed);
         alignprop_lora::inject_seeded(&mut sd.unet, &config.lora, config.train.seed)?;
-        let scheduler = DdimScheduler::new(
-            &sd.scheduler_config,
-            config.sampling.steps,
-            config.sampling.eta,
-        )
-        .map_err(|e| TrainError::Config(e.to_string()))?;
+        let scheduler = DdimScheduler::new(&sd.scheduler_config, config.sampling.steps)
+            .and_then(|s| s.with_eta(config.sampling.eta))
+            .map_err(|e| TrainError::Config(e.to_string()))?;
         let reward = build_reward_with_tokenizer::<B>(
             &config.reward,
             Some(&model_dir.join("tokenizer")),
@@ -415,7 +412,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// Continues from a checkpoint folder written by [`Trainer::save_checkpoint`].
-    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<(), TrainError> {
+    pub fn load_checkpoint(&mut self, dir: impl AsRef<Path>) -> Result<(), TrainError> {
+        let dir = dir.as_ref();
         // Adapters and optimiser state are f32 when the frozen base runs in half precision.
         let dtype = match self.sd.dtype {
             DType::F16 | DType::BF16 => DType::F32,

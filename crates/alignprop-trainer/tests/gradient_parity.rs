@@ -50,7 +50,7 @@ fn setup(dtype: DType) -> Setup {
         noises: (0..4)
             .map(|i| Some(ref_tensor_on(&r, &format!("variance_noise.{i}"), &d, dtype)))
             .collect(),
-        scheduler: DdimScheduler::new(&cfg, 4, 1.0).unwrap(),
+        scheduler: DdimScheduler::new(&cfg, 4).unwrap().with_eta(1.0).unwrap(),
     }
 }
 

@@ -56,7 +56,7 @@ fn checkpointed_memory_is_flat_in_k_full_graph_is_not() {
     alignprop_lora::inject(&mut unet, &alignprop_lora::LoraConfig::default()).unwrap();
     let vae = AutoencoderKL::<A>::load(&tiny_sd().join("vae"), &d, DType::F32).unwrap();
     let n = 8;
-    let scheduler = DdimScheduler::new(&SchedulerConfig::default(), n, 0.0).unwrap();
+    let scheduler = DdimScheduler::new(&SchedulerConfig::default(), n).unwrap();
     let mut rng = NoiseRng::new(3);
     let text = Conditioning::<I> {
         uncond: rng.normal_tensor([1, 77, 32], &d, DType::F32),
