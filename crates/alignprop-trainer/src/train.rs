@@ -25,7 +25,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor};
 use serde::Serialize;
 
-use crate::chain::trajectory;
+use crate::chain::{TrajectoryInput, trajectory};
 use crate::checkpoint::{CheckpointState, list_checkpoints, read_checkpoint, write_checkpoint};
 use crate::config::{TrainConfig, read_prompts};
 use crate::lora_params::{AdamW, LoraGrads, adapter_values, set_adapter_values};
@@ -273,20 +273,20 @@ impl<B: AutodiffBackend> Trainer<B> {
             ks.push(grad_steps.iter().filter(|&&k| k).count() as f64);
             let reward = &self.reward;
             let coeff = cfg.reward.loss_coeff;
-            let out = trajectory(
-                &self.sd.unet,
-                &self.sd.vae,
-                &self.scheduler,
-                &text,
-                cfg.sampling.guidance_scale,
+            let out = trajectory(TrajectoryInput {
+                unet: &self.sd.unet,
+                vae: &self.sd.vae,
+                scheduler: &self.scheduler,
+                text: &text,
+                guidance: cfg.sampling.guidance_scale,
                 x_t,
-                &noises,
-                &grad_steps,
-                |images| {
+                noises: &noises,
+                grad_steps: &grad_steps,
+                loss_fn: |images| {
                     let (s, per_image) = reward.score_and_loss(images, &batch);
                     (per_image.mean() * coeff, s)
                 },
-            );
+            });
             if !out.loss.is_finite() || out.scores.iter().any(|s| !s.is_finite()) {
                 return Err(TrainError::NonFinite {
                     step: self.step + 1,
