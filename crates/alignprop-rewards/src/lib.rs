@@ -13,6 +13,7 @@
 //! - [`compose`]: a weighted sum of rewards, and a fixed target (`|score - target|` loss) for any reward.
 //! - [`tiny`]: the tiny scorer of the parity fixtures.
 //! - [`brightness`]: mean brightness, for demos and loop tests.
+//! - [`registry`]: every reward kind by name (constructor, needed files, whether it reads prompts).
 
 pub mod aesthetic;
 pub mod brightness;
@@ -24,6 +25,7 @@ pub mod open_clip;
 pub mod pickscore;
 pub mod preprocess;
 pub mod pth;
+pub mod registry;
 pub mod testing;
 pub mod text;
 pub mod tiny;

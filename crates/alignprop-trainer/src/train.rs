@@ -11,14 +11,9 @@ use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_lora::LoraFormat;
 use alignprop_pipeline::images::{captioned_grid, save_png, to_rgb8};
 use alignprop_pipeline::{Conditioning, NoiseRng, StableDiffusion, denoise};
-use alignprop_rewards::aesthetic::AestheticScorer;
+use alignprop_rewards::Reward;
 use alignprop_rewards::compose::{Targeted, WeightedSum, WeightedTerm};
-use alignprop_rewards::compressibility::CompressibilityScorer;
-use alignprop_rewards::hps::HpsScorer;
-use alignprop_rewards::pickscore::PickScorer;
-use alignprop_rewards::text::find_tokenizer;
-use alignprop_rewards::tiny::TinyReward;
-use alignprop_rewards::{Brightness, Reward};
+use alignprop_rewards::registry::{SUM_KIND, trainable_kind};
 use alignprop_schedulers::{DdimScheduler, Scheduler};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
@@ -95,44 +90,10 @@ pub fn build_reward_with_tokenizer<B: AutodiffBackend>(
 ) -> Result<Box<dyn Reward<B>>, TrainError> {
     let mut terms = Vec::new();
     for t in config.terms() {
-        let tokenizer = || find_tokenizer(&t.tokenizer_candidates(default_tokenizer));
-        let mut r: Box<dyn Reward<B>> = match t.kind.as_str() {
-            "hps" => Box::new(HpsScorer::load(
-                t.path.as_ref().expect("validated"),
-                t.config.as_deref(),
-                &tokenizer()?,
-                device,
-                dtype,
-            )?),
-            "pickscore" => Box::new(PickScorer::load(
-                t.path.as_ref().expect("validated"),
-                t.config.as_deref(),
-                &tokenizer()?,
-                device,
-                dtype,
-            )?),
-            "aesthetic" => {
-                let clip = t.clip_path.as_ref().expect("validated");
-                let head = t.path.as_ref().expect("validated");
-                Box::new(AestheticScorer::load(clip, head, device, dtype)?)
-            }
-            "compressibility" => {
-                let clip = t.clip_path.as_ref().expect("validated");
-                let head = t.path.as_ref().expect("validated");
-                Box::new(CompressibilityScorer::load(clip, head, device, dtype)?)
-            }
-            "tiny" => Box::new(TinyReward::load(
-                t.path.as_ref().expect("validated"),
-                device,
-                dtype,
-            )?),
-            "brightness" => Box::new(Brightness),
-            other => {
-                return Err(TrainError::Config(format!(
-                    "reward kind '{other}' is not available"
-                )));
-            }
-        };
+        let kind =
+            trainable_kind::<B>(&t.kind).map_err(|e| TrainError::Config(format!("reward {e}")))?;
+        let tokenizers = t.tokenizer_candidates(default_tokenizer);
+        let mut r = kind.build(&t.files(&tokenizers), device, dtype)?;
         if let Some(target) = t.target {
             r = Box::new(Targeted { inner: r, target });
         }
@@ -141,7 +102,7 @@ pub fn build_reward_with_tokenizer<B: AutodiffBackend>(
             reward: r,
         });
     }
-    Ok(if config.kind == "sum" {
+    Ok(if config.kind == SUM_KIND {
         Box::new(WeightedSum::new(terms))
     } else {
         terms.pop().expect("one term").reward
