@@ -195,6 +195,7 @@ fn clip_and_head<B: Backend, R: Reward<B> + 'static>(
 
 /// A prompt reward loaded from its weights, its optional config and the first tokenizer found:
 /// `load(weights, config, tokenizer, device, dtype)`.
+#[allow(clippy::type_complexity)]
 fn with_tokenizer<B: Backend, R: Reward<B> + 'static>(
     load: fn(&Path, Option<&Path>, &Path, &B::Device, DType) -> Result<R>,
     f: &RewardFiles<'_>,
@@ -297,14 +298,18 @@ pub fn reward_kind<B: Backend>(name: &str) -> Option<RewardKind<B>> {
 }
 
 /// The kind named `name` that the trainer can use, or a message listing those:
-/// `kind '{name}' is not available (expected one of: ..., or sum at the top level)`.
+/// `kind '{name}' is not available (expected one of: ..., or sum at the top level)`, saying so when the kind is
+/// evaluation-only.
 pub fn trainable_kind<B: Backend>(name: &str) -> std::result::Result<RewardKind<B>, String> {
-    reward_kind(name).filter(|k| k.trainable()).ok_or_else(|| {
-        format!(
-            "kind '{name}' is not available (expected one of: {}, or {SUM_KIND} at the top level)",
-            kind_names(true).join(", ")
-        )
-    })
+    let eval_only = match reward_kind(name) {
+        Some(kind) if kind.trainable() => return Ok(kind),
+        Some(_) => " for training: it is not differentiable, `alignprop eval` only",
+        None => "",
+    };
+    Err(format!(
+        "kind '{name}' is not available{eval_only} (expected one of: {}, or {SUM_KIND} at the top level)",
+        kind_names(true).join(", ")
+    ))
 }
 
 /// A backend to read the registry's entries where none is at hand (their constructors are not called).
@@ -377,5 +382,11 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("reward 'aesthetic' needs clip_path"), "{e}");
+        let e = trainable_kind::<AnyBackend>("jpeg").err().unwrap();
+        assert!(
+            e.contains("not differentiable") && e.contains("tiny, or sum"),
+            "{e}"
+        );
+        assert!(trainable_kind::<AnyBackend>("tiny").is_ok());
     }
 }
