@@ -26,7 +26,9 @@ use alignprop_diffusion::vae::{AutoencoderKL, AutoencoderKLConfig};
 use alignprop_pipeline::{Conditioning, NoiseRng};
 use alignprop_rewards::tiny::{TinyReward, TinyRewardConfig};
 use alignprop_schedulers::{DdimScheduler, Scheduler, SchedulerConfig};
-use alignprop_trainer::{AdamW, AdamWConfig, Truncation, trajectory, trajectory_full_graph};
+use alignprop_trainer::{
+    AdamW, AdamWConfig, TrajectoryInput, Truncation, trajectory, trajectory_full_graph,
+};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Distribution, Int, Tensor};
 
@@ -376,32 +378,21 @@ fn alignprop_step<A: AutodiffBackend>(
             let r = reward.score(img);
             (-r.clone().mean(), r)
         };
+        let input = TrajectoryInput {
+            unet: &unet,
+            vae: &vae,
+            scheduler: &scheduler,
+            text: &text,
+            guidance: 7.5,
+            x_t: x_t.clone(),
+            noises: &[],
+            grad_steps: &steps,
+            loss_fn: loss,
+        };
         let grads = if checkpointed {
-            trajectory(
-                &unet,
-                &vae,
-                &scheduler,
-                &text,
-                7.5,
-                x_t.clone(),
-                &[],
-                &steps,
-                loss,
-            )
-            .grads
+            trajectory(input).grads
         } else {
-            trajectory_full_graph(
-                &unet,
-                &vae,
-                &scheduler,
-                &text,
-                7.5,
-                x_t.clone(),
-                &[],
-                &steps,
-                loss,
-            )
-            .1
+            trajectory_full_graph(input).grads
         };
         opt.step(&mut unet, grads);
     }))

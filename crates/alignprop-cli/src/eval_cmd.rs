@@ -10,16 +10,12 @@ use std::path::{Path, PathBuf};
 use alignprop_device::{Cpu, Cuda, DeviceChoice, cuda_device};
 use alignprop_lora::LoraWeights;
 use alignprop_pipeline::{SampleOptions, StableDiffusion};
-use alignprop_rewards::aesthetic::AestheticScorer;
-use alignprop_rewards::compressibility::{CompressibilityScorer, JPEG_QUALITY, jpeg_size_kib};
-use alignprop_rewards::hps::HpsScorer;
-use alignprop_rewards::pickscore::PickScorer;
-use alignprop_rewards::text::find_tokenizer;
-use alignprop_rewards::tiny::TinyReward;
-use alignprop_rewards::{Brightness, Reward};
+use alignprop_rewards::Reward;
+use alignprop_rewards::compressibility::{JPEG_QUALITY, jpeg_size_kib};
+use alignprop_rewards::registry::{RewardFile, RewardFiles, Scorer, kind_names, reward_kind};
 use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 use clap::Args;
 
 #[derive(Args, Debug)]
@@ -92,130 +88,85 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
 }
 
-enum AnyReward<B: Backend> {
-    Brightness(Brightness),
-    Aesthetic(AestheticScorer<B>),
-    Compressibility(CompressibilityScorer<B>),
+/// The reward of `--reward`: a differentiable one, or the exact JPEG size.
+enum EvalScorer<B: Backend> {
+    Reward(Box<dyn Reward<B>>),
     Jpeg,
-    Tiny(TinyReward<B>),
-    Hps(HpsScorer<B>),
-    PickScore(PickScorer<B>),
+}
+
+struct EvalReward<B: Backend> {
+    scorer: EvalScorer<B>,
+    /// Whether the reward scores an image with its prompt.
+    reads_prompts: bool,
 }
 
 /// The file of `alignprop sample` that says which image shows which prompt.
 pub const MANIFEST: &str = "manifest.json";
 
-/// The tokenizer folder of a prompt reward: --tokenizer, else the PickScore folder, else --model's tokenizer/.
-fn tokenizer_dir(args: &EvalArgs) -> Result<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Some(t) = &args.tokenizer {
-        candidates.push(t.clone());
-    } else {
-        if args.reward == "pickscore"
-            && let Some(p) = args.reward_path.as_ref().filter(|p| p.is_dir())
-        {
-            candidates.push(p.clone());
-        }
-        if let Some(m) = &args.model {
-            candidates.push(m.join("tokenizer"));
-        }
+/// The command-line flag that gives a reward file.
+fn flag(file: RewardFile) -> String {
+    match file {
+        RewardFile::Weights => "--reward-path",
+        RewardFile::ClipVision => "--clip-path",
     }
-    if candidates.is_empty() {
-        bail!(
-            "--reward {} needs a CLIP tokenizer: give --tokenizer FOLDER (an SD1.5 tokenizer/ folder works)",
-            args.reward
-        );
-    }
-    Ok(find_tokenizer(&candidates)?)
+    .into()
 }
 
-impl<B: Backend> AnyReward<B> {
+impl<B: Backend> EvalReward<B> {
+    /// The reward of the registry named by --reward, with its files; a prompt reward's tokenizer is --tokenizer,
+    /// else the PickScore folder, else --model's tokenizer/.
     fn load(args: &EvalArgs, device: &B::Device) -> Result<Self> {
-        Ok(match args.reward.as_str() {
-            "brightness" => Self::Brightness(Brightness),
-            "tiny" => {
-                let Some(path) = &args.reward_path else {
-                    bail!("--reward tiny needs --reward-path FOLDER")
-                };
-                Self::Tiny(TinyReward::load(path, device, DType::F32)?)
-            }
-            "aesthetic" => {
-                let (Some(head), Some(clip)) = (&args.reward_path, &args.clip_path) else {
-                    bail!(
-                        "--reward aesthetic needs --reward-path (the head .pth or .safetensors) and --clip-path \
-                         (the CLIP ViT-L/14 vision folder)"
-                    )
-                };
-                Self::Aesthetic(AestheticScorer::load(clip, head, device, DType::F32)?)
-            }
-            "compressibility" => {
-                let (Some(head), Some(clip)) = (&args.reward_path, &args.clip_path) else {
-                    bail!(
-                        "--reward compressibility needs --reward-path (a head from fit-compressibility) and \
-                         --clip-path (its CLIP vision folder)"
-                    )
-                };
-                Self::Compressibility(CompressibilityScorer::load(clip, head, device, DType::F32)?)
-            }
-            "jpeg" => Self::Jpeg,
-            "hps" => {
-                let Some(weights) = &args.reward_path else {
-                    bail!(
-                        "--reward hps needs --reward-path (HPS_v2_compressed.pt, HPS_v2.1_compressed.pt or a \
-                         safetensors conversion)"
-                    )
-                };
-                let tok = tokenizer_dir(args)?;
-                Self::Hps(HpsScorer::load(
-                    weights,
-                    args.reward_config.as_deref(),
-                    &tok,
-                    device,
-                    DType::F32,
-                )?)
-            }
-            "pickscore" => {
-                let Some(path) = &args.reward_path else {
-                    bail!(
-                        "--reward pickscore needs --reward-path (the yuvalkirstain/PickScore_v1 folder)"
-                    )
-                };
-                let tok = tokenizer_dir(args)?;
-                Self::PickScore(PickScorer::load(
-                    path,
-                    args.reward_config.as_deref(),
-                    &tok,
-                    device,
-                    DType::F32,
-                )?)
-            }
-            other => bail!(
-                "unknown reward '{other}' (available: brightness, aesthetic, compressibility, jpeg, hps, \
-                 pickscore, tiny)"
-            ),
+        let Some(kind) = reward_kind::<B>(&args.reward) else {
+            bail!(
+                "unknown reward '{}' (available: {})",
+                args.reward,
+                kind_names(false).join(", ")
+            )
+        };
+        let default_tokenizer = args.model.as_ref().map(|m| m.join("tokenizer"));
+        let tokenizers = kind.tokenizer_candidates(
+            args.reward_path.as_deref(),
+            args.tokenizer.as_deref(),
+            default_tokenizer.as_deref(),
+        );
+        let files = RewardFiles {
+            path: args.reward_path.as_deref(),
+            clip_path: args.clip_path.as_deref(),
+            config: args.reward_config.as_deref(),
+            tokenizers: &tokenizers,
+        };
+        if !kind.missing(&files).is_empty() {
+            bail!(
+                "{}",
+                kind.needs_message(&format!("--reward {}", kind.name), flag)
+            );
+        }
+        if kind.reads_prompts && tokenizers.is_empty() {
+            bail!(
+                "--reward {} needs a CLIP tokenizer: give --tokenizer FOLDER (an SD1.5 tokenizer/ folder works)",
+                args.reward
+            );
+        }
+        let scorer = match kind.scorer {
+            Scorer::Reward(_) => EvalScorer::Reward(kind.build(&files, device, DType::F32)?),
+            Scorer::JpegSize => EvalScorer::Jpeg,
+        };
+        Ok(Self {
+            scorer,
+            reads_prompts: kind.reads_prompts,
         })
-    }
-
-    /// Whether the reward scores an image with its prompt.
-    fn needs_prompts(&self) -> bool {
-        matches!(self, Self::Hps(_) | Self::PickScore(_))
     }
 
     /// Scores of `images` (one prompt per image for the prompt rewards; ignored by the others).
     fn score(&self, images: Tensor<B, 4>, prompts: &[String]) -> Vec<f64> {
-        let s = match self {
-            Self::Hps(r) => r.score_with_prompts(images, prompts),
-            Self::PickScore(r) => r.score_with_prompts(images, prompts),
-            Self::Brightness(r) => Reward::<B>::score(r, images),
-            Self::Aesthetic(r) => Reward::<B>::score(r, images),
-            Self::Compressibility(r) => Reward::<B>::score(r, images),
-            Self::Jpeg => {
+        let s = match &self.scorer {
+            EvalScorer::Reward(r) => r.score_with_prompts(images, prompts),
+            EvalScorer::Jpeg => {
                 return alignprop_pipeline::images::to_rgb8(images)
                     .iter()
                     .map(|p| jpeg_size_kib(p, JPEG_QUALITY))
                     .collect();
             }
-            Self::Tiny(r) => Reward::<B>::score(r, images),
         };
         s.into_data().convert::<f64>().to_vec().expect("f64 scores")
     }
@@ -299,26 +250,16 @@ pub fn images_with_prompts(dir: &Path, prompts: &[String]) -> Result<Vec<(PathBu
     Ok(out)
 }
 
-/// An image file as `[1, 3, h, w]` in `[-1, 1]`.
+/// An image file as `[1, 3, h, w]` in `[-1, 1]` ([`alignprop_pipeline::images::load_image`]).
 pub fn load_image<B: Backend>(path: &Path, device: &B::Device) -> Result<Tensor<B, 4>> {
-    let img = image::open(path)
-        .with_context(|| format!("{}: cannot read image", path.display()))?
-        .to_rgb8();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let mut v = vec![0f32; 3 * h * w];
-    for (x, y, p) in img.enumerate_pixels() {
-        for c in 0..3 {
-            v[c * h * w + y as usize * w + x as usize] = p[c] as f32 / 127.5 - 1.0;
-        }
-    }
-    Ok(Tensor::from_data(TensorData::new(v, [1, 3, h, w]), device))
+    alignprop_pipeline::images::load_image(path, device).map_err(anyhow::Error::msg)
 }
 
 fn eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<()> {
-    let reward = AnyReward::<B>::load(args, device)?;
+    let reward = EvalReward::<B>::load(args, device)?;
     let mut rows: Vec<(String, f64)> = Vec::new();
     if let Some(dir) = &args.images {
-        let items: Vec<(PathBuf, String)> = if reward.needs_prompts() {
+        let items: Vec<(PathBuf, String)> = if reward.reads_prompts {
             let prompts = if args.prompts.is_empty() && args.prompt_file.is_none() {
                 Vec::new()
             } else {

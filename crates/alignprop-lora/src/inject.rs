@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::format::{LoraError, LoraPair, LoraWeights, Matrix, Result};
 
+/// The projections of every attention that LoRA adapts, by their name inside the attention (peft's
+/// `target_modules` names), in the order [`projections`] lists them: query, key, value, output.
+pub const TARGET_MODULES: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+
 /// How adapters are created for training.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -29,24 +33,36 @@ impl Default for LoraConfig {
         Self {
             rank: 4,
             alpha: 4.0,
-            target_modules: ["to_q", "to_k", "to_v", "to_out.0"]
-                .map(String::from)
-                .to_vec(),
+            target_modules: TARGET_MODULES.map(String::from).to_vec(),
         }
     }
 }
 
+/// The diffusers module paths of the [`TARGET_MODULES`] of the attention at `attention` (`....attn1.to_q`, ...).
+fn module_paths(attention: &str) -> [String; 4] {
+    TARGET_MODULES.map(|t| format!("{attention}.{t}"))
+}
+
 /// Every adaptable projection of the UNet with its diffusers module path
-/// (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`, ...).
+/// (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`, ...), attention by attention in the UNet's
+/// order and [`TARGET_MODULES`] order within one.
+pub fn projections<B: Backend>(unet: &UNet2DConditionModel<B>) -> Vec<(String, &Linear<B>)> {
+    let mut out = Vec::new();
+    for (name, a) in unet.attentions() {
+        let linears = [&a.to_q, &a.to_k, &a.to_v, &a.to_out];
+        out.extend(module_paths(&name).into_iter().zip(linears));
+    }
+    out
+}
+
+/// [`projections`], mutable.
 pub fn projections_mut<B: Backend>(
     unet: &mut UNet2DConditionModel<B>,
 ) -> Vec<(String, &mut Linear<B>)> {
     let mut out = Vec::new();
-    for (name, attn) in unet.attentions_mut() {
-        out.push((format!("{name}.to_q"), &mut attn.to_q));
-        out.push((format!("{name}.to_k"), &mut attn.to_k));
-        out.push((format!("{name}.to_v"), &mut attn.to_v));
-        out.push((format!("{name}.to_out.0"), &mut attn.to_out));
+    for (name, a) in unet.attentions_mut() {
+        let linears = [&mut a.to_q, &mut a.to_k, &mut a.to_v, &mut a.to_out];
+        out.extend(module_paths(&name).into_iter().zip(linears));
     }
     out
 }

@@ -19,6 +19,7 @@ pub mod mix;
 pub use format::LoraError as Error;
 pub use format::{LoraError, LoraFormat, LoraPair, LoraWeights, Matrix};
 pub use inject::{
-    LoraConfig, apply, extract, inject, inject_seeded, merge, num_params, set_multiplier,
+    LoraConfig, TARGET_MODULES, apply, extract, inject, inject_seeded, merge, num_params,
+    projections, projections_mut, set_multiplier,
 };
 pub use mix::{MixMode, mix, scale};

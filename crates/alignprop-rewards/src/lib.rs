@@ -12,6 +12,7 @@
 //! - [`compose`]: a weighted sum of rewards, and a fixed target (`|score - target|` loss) for any reward.
 //! - [`tiny`]: the tiny scorer of the parity fixtures.
 //! - [`brightness`]: mean brightness, for demos and loop tests.
+//! - [`registry`]: every reward kind by name (constructor, needed files, whether it reads prompts).
 
 pub mod aesthetic;
 pub mod brightness;
@@ -22,6 +23,7 @@ pub mod hps;
 pub mod open_clip;
 pub mod pickscore;
 pub mod preprocess;
+pub mod registry;
 pub mod text;
 pub mod tiny;
 

@@ -26,7 +26,30 @@ use burn::tensor::backend::AutodiffBackend;
 
 use crate::lora_params::{LoraGrads, lora_grads_from};
 
-/// The result of one trajectory's forward and checkpointed backward.
+/// What one trajectory needs: the models, the sampler, the conditioning, the noise, which steps carry gradient,
+/// and the loss. `B` is the autodiff backend; the stored tensors live on its inner backend (no graph).
+pub struct TrajectoryInput<'a, B: AutodiffBackend, F> {
+    /// The UNet with its LoRA adapters (the only parameters that receive gradient).
+    pub unet: &'a UNet2DConditionModel<B>,
+    /// The (frozen) VAE whose decoder turns the final latents into images.
+    pub vae: &'a AutoencoderKL<B>,
+    /// The DDIM sampler; its number of timesteps is the number of steps `n`.
+    pub scheduler: &'a DdimScheduler,
+    /// Text conditioning, `uncond` and `cond` each `[batch, tokens, dim]` (constant: the text encoder is frozen).
+    pub text: &'a Conditioning<B::InnerBackend>,
+    /// Classifier-free guidance scale.
+    pub guidance: f64,
+    /// Initial noise `x_T`, `[batch, 4, h, w]`.
+    pub x_t: Tensor<B::InnerBackend, 4>,
+    /// `noises[i]`: the DDIM noise `[batch, 4, h, w]` of step `i` (needed when eta > 0; missing entries are `None`).
+    pub noises: &'a [Option<Tensor<B::InnerBackend, 4>>],
+    /// `grad_steps[i]`: whether step `i`'s noise prediction carries gradient (e.g. only the last K); length `n`.
+    pub grad_steps: &'a [bool],
+    /// `loss_fn(images [batch, 3, H, W]) -> (scalar loss [1], per-image scores [batch])`, built from autodiff ops.
+    pub loss_fn: F,
+}
+
+/// The result of one trajectory's forward and backward (checkpointed or full-graph: the same values).
 pub struct TrajectoryOutput<B: AutodiffBackend> {
     /// The scalar loss.
     pub loss: f64,
@@ -36,34 +59,29 @@ pub struct TrajectoryOutput<B: AutodiffBackend> {
     pub final_latents: Tensor<B::InnerBackend, 4>,
     /// Decoded images `[batch, 3, H, W]`.
     pub images: Tensor<B::InnerBackend, 4>,
-    /// dLoss/dLoRA, summed over the steps that carry gradient.
+    /// dLoss/dLoRA, summed over the steps that carry gradient (each `[rank, in]` or `[out, rank]`).
     pub grads: LoraGrads<B::InnerBackend>,
-    /// `dL/dx_T` (the latent gradient that reached the initial noise).
+    /// `dL/dx_T` `[batch, 4, h, w]` (the latent gradient that reached the initial noise).
     pub latent_grad: Tensor<B::InnerBackend, 4>,
 }
 
-/// Runs one trajectory and its checkpointed backward.
-///
-/// - `x_t`: initial noise `[batch, 4, h, w]`; `noises[i]`: the DDIM noise of step `i` (needed when eta > 0);
-/// - `text`: conditioning (constant: the text encoder is frozen);
-/// - `grad_steps[i]`: whether step `i`'s noise prediction carries gradient (e.g. only the last K);
-/// - `loss_fn(images) -> (scalar loss, per-image scores)`, built from autodiff tensor ops.
-#[allow(clippy::too_many_arguments)]
-pub fn trajectory<B, F>(
-    unet: &UNet2DConditionModel<B>,
-    vae: &AutoencoderKL<B>,
-    scheduler: &DdimScheduler,
-    text: &Conditioning<B::InnerBackend>,
-    guidance: f64,
-    x_t: Tensor<B::InnerBackend, 4>,
-    noises: &[Option<Tensor<B::InnerBackend, 4>>],
-    grad_steps: &[bool],
-    loss_fn: F,
-) -> TrajectoryOutput<B>
+/// Runs one trajectory and its checkpointed backward (see the module docs).
+pub fn trajectory<B, F>(input: TrajectoryInput<'_, B, F>) -> TrajectoryOutput<B>
 where
     B: AutodiffBackend,
     F: Fn(Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>),
 {
+    let TrajectoryInput {
+        unet,
+        vae,
+        scheduler,
+        text,
+        guidance,
+        x_t,
+        noises,
+        grad_steps,
+        loss_fn,
+    } = input;
     let n = scheduler.timesteps().len();
     assert_eq!(
         grad_steps.len(),
@@ -89,12 +107,7 @@ where
     let images = vae.decode_scaled(x_n.clone());
     let (loss, scores) = loss_fn(images.clone());
     let loss_value = scalar(loss.clone().inner());
-    let scores: Vec<f64> = scores
-        .inner()
-        .into_data()
-        .convert::<f64>()
-        .to_vec()
-        .expect("f64 scores");
+    let scores = f64_values(scores.inner());
     let grads = loss.backward();
     let mut g = x_n
         .grad(&grads)
@@ -103,11 +116,8 @@ where
 
     // 3. Backward through the steps, one recomputed step at a time.
     let mut acc = LoraGrads::default();
-    let text_ad = Conditioning::<B> {
-        uncond: Tensor::from_inner(text.uncond.clone()),
-        cond: Tensor::from_inner(text.cond.clone()),
-    };
-    let first = grad_steps.iter().position(|&k| k).unwrap_or(n);
+    let text_ad = autodiff_text::<B>(text);
+    let first = first_kept(grad_steps);
     for i in (first..n).rev() {
         if grad_steps[i] {
             let xi = Tensor::<B, 4>::from_inner(inputs[i].clone()).require_grad();
@@ -121,14 +131,8 @@ where
             acc.add(lora_grads_from(unet, &grads));
             g = xi.grad(&grads).expect("the step depends on its input");
         } else {
-            let c = scheduler.coefficients(i);
-            g = g * (c.sqrt_alpha_prev / c.alpha_prod_t.sqrt());
+            g = detached_step_grad(scheduler, i, g);
         }
-    }
-    // Steps before the first kept one are linear in x with no parameters: carry g to x_T for completeness.
-    for i in (0..first).rev() {
-        let c = scheduler.coefficients(i);
-        g = g * (c.sqrt_alpha_prev / c.alpha_prod_t.sqrt());
     }
 
     TrajectoryOutput {
@@ -137,44 +141,84 @@ where
         final_latents: x,
         images: images.inner(),
         grads: acc,
-        latent_grad: g,
+        latent_grad: carry_to_noise(scheduler, first, g),
+    }
+}
+
+/// The index of the first step that carries gradient (`grad_steps.len()` when none does).
+fn first_kept(grad_steps: &[bool]) -> usize {
+    grad_steps
+        .iter()
+        .position(|&k| k)
+        .unwrap_or(grad_steps.len())
+}
+
+/// `dL/dx_i` from `g = dL/dx_{i+1}` through step `i` with its noise prediction detached: the DDIM update is then
+/// linear in `x_i` with slope `sqrt(a_prev) / sqrt(a_t)`. `g`: `[batch, 4, h, w]`.
+fn detached_step_grad<B: burn::tensor::backend::Backend>(
+    scheduler: &DdimScheduler,
+    i: usize,
+    g: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let c = scheduler.coefficients(i);
+    g * (c.sqrt_alpha_prev / c.alpha_prod_t.sqrt())
+}
+
+/// Carries `g = dL/dx_first` back to `dL/dx_T` through the steps before the first kept one (linear in `x`, no
+/// parameters). `g`: `[batch, 4, h, w]`.
+fn carry_to_noise<B: burn::tensor::backend::Backend>(
+    scheduler: &DdimScheduler,
+    first: usize,
+    g: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    (0..first)
+        .rev()
+        .fold(g, |g, i| detached_step_grad(scheduler, i, g))
+}
+
+/// The (constant) conditioning on the autodiff backend.
+fn autodiff_text<B: AutodiffBackend>(text: &Conditioning<B::InnerBackend>) -> Conditioning<B> {
+    Conditioning {
+        uncond: Tensor::from_inner(text.uncond.clone()),
+        cond: Tensor::from_inner(text.cond.clone()),
     }
 }
 
 fn scalar<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> f64 {
+    f64_values(t)[0]
+}
+
+fn f64_values<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> Vec<f64> {
     t.into_data()
         .convert::<f64>()
         .to_vec::<f64>()
-        .expect("scalar")[0]
+        .expect("f64 values")
 }
 
 /// The same trajectory differentiated the plain way: the autodiff graph of every kept step is built during the
 /// forward pass and freed only after one backward. Memory grows linearly with the number of kept steps; kept for
-/// comparison (tests, benchmarks) with the checkpointed [`trajectory`]. Returns `(loss, LoRA gradients)`.
-#[allow(clippy::too_many_arguments)]
-pub fn trajectory_full_graph<B, F>(
-    unet: &UNet2DConditionModel<B>,
-    vae: &AutoencoderKL<B>,
-    scheduler: &DdimScheduler,
-    text: &Conditioning<B::InnerBackend>,
-    guidance: f64,
-    x_t: Tensor<B::InnerBackend, 4>,
-    noises: &[Option<Tensor<B::InnerBackend, 4>>],
-    grad_steps: &[bool],
-    loss_fn: F,
-) -> (f64, LoraGrads<B::InnerBackend>)
+/// comparison (tests, benchmarks) with the checkpointed [`trajectory`], whose output it returns in full.
+pub fn trajectory_full_graph<B, F>(input: TrajectoryInput<'_, B, F>) -> TrajectoryOutput<B>
 where
     B: AutodiffBackend,
     F: Fn(Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>),
 {
+    let (unet, scheduler, text, guidance) =
+        (input.unet, input.scheduler, input.text, input.guidance);
+    let (noises, grad_steps) = (input.noises, input.grad_steps);
     let n = scheduler.timesteps().len();
     let inner_unet = unet.valid();
-    let text_ad = Conditioning::<B> {
-        uncond: Tensor::from_inner(text.uncond.clone()),
-        cond: Tensor::from_inner(text.cond.clone()),
-    };
-    let mut x = Tensor::<B, 4>::from_inner(x_t);
+    let text_ad = autodiff_text::<B>(text);
+    // The graph starts at the input of the first kept step (as before it, nothing carries gradient); its latent
+    // gradient is carried on to x_T like the checkpointed backward does.
+    let first = first_kept(grad_steps);
+    let mut x = Tensor::<B, 4>::from_inner(input.x_t);
+    let mut x_first = None;
     for i in 0..n {
+        if i == first {
+            x = x.require_grad();
+            x_first = Some(x.clone());
+        }
         let t = scheduler.timesteps()[i] as f64;
         let eps = if grad_steps[i] {
             guided_noise(unet, x.clone(), t, &text_ad, guidance)
@@ -190,8 +234,29 @@ where
         let z = noises.get(i).cloned().flatten().map(Tensor::from_inner);
         x = scheduler.step(eps, i, x, z).prev_sample;
     }
-    let (loss, _) = loss_fn(vae.decode_scaled(x));
+    let x_first = match x_first {
+        Some(x_first) => x_first,
+        None => {
+            x = x.require_grad();
+            x.clone()
+        }
+    };
+    let final_latents = x.clone().inner();
+    let images = input.vae.decode_scaled(x);
+    let (loss, scores) = (input.loss_fn)(images.clone());
     let value = scalar(loss.clone().inner());
+    let scores = f64_values(scores.inner());
+    let images = images.inner();
     let grads = loss.backward();
-    (value, lora_grads_from(unet, &grads))
+    let g = x_first
+        .grad(&grads)
+        .expect("the loss depends on the kept steps' input");
+    TrajectoryOutput {
+        loss: value,
+        scores,
+        final_latents,
+        images,
+        grads: lora_grads_from(unet, &grads),
+        latent_grad: carry_to_noise(scheduler, first, g),
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use alignprop_rewards::registry::{AnyBackend, RewardFiles, SUM_KIND, reward_kind, trainable_kind};
 use serde::{Deserialize, Serialize};
 
 use crate::lora_params::AdamWConfig;
@@ -114,73 +115,37 @@ impl Default for RewardTermConfig {
     }
 }
 
-/// The single reward kinds the trainer can build.
-pub const REWARD_KINDS: &[&str] = &[
-    "brightness",
-    "aesthetic",
-    "compressibility",
-    "hps",
-    "pickscore",
-    "tiny",
-];
-
-/// The reward kinds that compare each image with its prompt (they need a CLIP tokenizer).
-pub const PROMPT_REWARD_KINDS: &[&str] = &["hps", "pickscore"];
-
 impl RewardTermConfig {
     /// Where the tokenizer of a prompt reward is looked for, in order: `tokenizer` when set (only it); else the
     /// PickScore folder (`path`, when it is a folder) and `default` (the `tokenizer/` folder of the SD model).
     pub fn tokenizer_candidates(&self, default: Option<&Path>) -> Vec<PathBuf> {
-        if let Some(t) = &self.tokenizer {
-            return vec![t.clone()];
+        let (path, tokenizer) = (self.path.as_deref(), self.tokenizer.as_deref());
+        match reward_kind::<AnyBackend>(&self.kind) {
+            Some(kind) => kind.tokenizer_candidates(path, tokenizer, default),
+            None => tokenizer
+                .or(default)
+                .map(Path::to_path_buf)
+                .into_iter()
+                .collect(),
         }
-        let mut c = Vec::new();
-        if self.kind == "pickscore"
-            && let Some(p) = self.path.as_ref().filter(|p| p.is_dir())
-        {
-            c.push(p.clone());
+    }
+
+    /// The term's files for the reward registry, with `tokenizers` where a prompt reward looks for its tokenizer.
+    pub fn files<'a>(&'a self, tokenizers: &'a [PathBuf]) -> RewardFiles<'a> {
+        RewardFiles {
+            path: self.path.as_deref(),
+            clip_path: self.clip_path.as_deref(),
+            config: self.config.as_deref(),
+            tokenizers,
         }
-        c.extend(default.map(Path::to_path_buf));
-        c
     }
 
     /// Checks the kind and that its files are given; `at` names the config place for messages.
     pub fn validate(&self, at: &str) -> Result<(), String> {
-        if !REWARD_KINDS.contains(&self.kind.as_str()) {
-            return Err(format!(
-                "{at}kind '{}' is not available (expected one of: {}, or sum at the top level)",
-                self.kind,
-                REWARD_KINDS.join(", ")
-            ));
-        }
-        if self.kind == "compressibility" && (self.path.is_none() || self.clip_path.is_none()) {
-            return Err(format!(
-                "{at}kind = \"compressibility\" needs {at}clip_path (the CLIP vision folder) and {at}path (a head \
-                 written by `alignprop fit-compressibility`)"
-            ));
-        }
-        if self.kind == "aesthetic" && (self.path.is_none() || self.clip_path.is_none()) {
-            return Err(format!(
-                "{at}kind = \"aesthetic\" needs {at}clip_path (CLIP ViT-L/14 vision folder) and {at}path (the \
-                 aesthetic head .pth or .safetensors)"
-            ));
-        }
-        if self.kind == "hps" && self.path.is_none() {
-            return Err(format!(
-                "{at}kind = \"hps\" needs {at}path (HPS_v2_compressed.pt / HPS_v2.1_compressed.pt or its \
-                 safetensors conversion; {at}config defaults to open_clip's ViT-H-14)"
-            ));
-        }
-        if self.kind == "pickscore" && self.path.is_none() {
-            return Err(format!(
-                "{at}kind = \"pickscore\" needs {at}path (the yuvalkirstain/PickScore_v1 folder: config.json and \
-                 model.safetensors or pytorch_model.bin)"
-            ));
-        }
-        if self.kind == "tiny" && self.path.is_none() {
-            return Err(format!(
-                "{at}kind = \"tiny\" needs {at}path (the folder with tiny_reward.safetensors)"
-            ));
+        let kind = trainable_kind::<AnyBackend>(&self.kind).map_err(|e| format!("{at}{e}"))?;
+        if !kind.missing(&self.files(&[])).is_empty() {
+            let subject = format!("{at}kind = \"{}\"", self.kind);
+            return Err(kind.needs_message(&subject, |f| format!("{at}{}", f.config_key())));
         }
         if !self.weight.is_finite() {
             return Err(format!("{at}weight must be a finite number"));
@@ -192,7 +157,7 @@ impl RewardTermConfig {
 impl RewardConfig {
     /// The rewards to build: the `terms` of a sum, or the single reward described at the top level (weight 1).
     pub fn terms(&self) -> Vec<RewardTermConfig> {
-        if self.kind == "sum" {
+        if self.kind == SUM_KIND {
             self.terms.clone()
         } else {
             vec![RewardTermConfig {
@@ -351,7 +316,7 @@ impl TrainConfig {
         if self.train.batch_size == 0 || self.train.grad_accum == 0 {
             return Err("train.batch_size and train.grad_accum must be at least 1".into());
         }
-        if self.reward.kind == "sum" {
+        if self.reward.kind == SUM_KIND {
             if self.reward.terms.is_empty() {
                 return Err(
                     "reward.kind = \"sum\" needs at least one [[reward.terms]] entry".into(),

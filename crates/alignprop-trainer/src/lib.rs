@@ -16,7 +16,7 @@ pub mod plot;
 pub mod train;
 pub mod truncation;
 
-pub use chain::{TrajectoryOutput, trajectory, trajectory_full_graph};
+pub use chain::{TrajectoryInput, TrajectoryOutput, trajectory, trajectory_full_graph};
 pub use config::TrainConfig;
 pub use lora_params::{AdamW, AdamWConfig, LoraGrads};
 pub use train::{EvalLog, RunEnd, RunSummary, StepLog, TrainError, Trainer, run};

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use alignprop_diffusion::nn::{Linear, LoraAdapter};
+use alignprop_diffusion::nn::LoraAdapter;
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use burn::module::Param;
 use burn::tensor::Tensor;
@@ -76,21 +76,10 @@ impl<B: Backend> LoraGrads<B> {
 
 /// The installed adapters with their module names.
 pub fn adapters<B: Backend>(unet: &UNet2DConditionModel<B>) -> Vec<(String, &LoraAdapter<B>)> {
-    let mut out = Vec::new();
-    for (name, attn) in unet.attentions() {
-        let parts: [(&str, &Linear<B>); 4] = [
-            ("to_q", &attn.to_q),
-            ("to_k", &attn.to_k),
-            ("to_v", &attn.to_v),
-            ("to_out.0", &attn.to_out),
-        ];
-        for (p, linear) in parts {
-            if let Some(l) = &linear.lora {
-                out.push((format!("{name}.{p}"), l));
-            }
-        }
-    }
-    out
+    alignprop_lora::projections(unet)
+        .into_iter()
+        .filter_map(|(name, linear)| linear.lora.as_ref().map(|l| (name, l)))
+        .collect()
 }
 
 /// The LoRA gradients contained in an autodiff gradient set.
@@ -116,18 +105,10 @@ pub fn for_each_adapter_param<B: Backend>(
     unet: &mut UNet2DConditionModel<B>,
     mut f: impl FnMut(&str, &mut Param<Tensor<B, 2>>),
 ) {
-    for (name, attn) in unet.attentions_mut() {
-        let parts: [(&str, &mut Linear<B>); 4] = [
-            ("to_q", &mut attn.to_q),
-            ("to_k", &mut attn.to_k),
-            ("to_v", &mut attn.to_v),
-            ("to_out.0", &mut attn.to_out),
-        ];
-        for (p, linear) in parts {
-            let Some(l) = &mut linear.lora else { continue };
-            f(&format!("{name}.{p}.lora_A.weight"), &mut l.down);
-            f(&format!("{name}.{p}.lora_B.weight"), &mut l.up);
-        }
+    for (name, linear) in alignprop_lora::projections_mut(unet) {
+        let Some(l) = &mut linear.lora else { continue };
+        f(&format!("{name}.lora_A.weight"), &mut l.down);
+        f(&format!("{name}.lora_B.weight"), &mut l.up);
     }
 }
 

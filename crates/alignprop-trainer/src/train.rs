@@ -11,21 +11,16 @@ use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_lora::LoraFormat;
 use alignprop_pipeline::images::{captioned_grid, save_png, to_rgb8};
 use alignprop_pipeline::{Conditioning, NoiseRng, StableDiffusion, denoise};
-use alignprop_rewards::aesthetic::AestheticScorer;
+use alignprop_rewards::Reward;
 use alignprop_rewards::compose::{Targeted, WeightedSum, WeightedTerm};
-use alignprop_rewards::compressibility::CompressibilityScorer;
-use alignprop_rewards::hps::HpsScorer;
-use alignprop_rewards::pickscore::PickScorer;
-use alignprop_rewards::text::find_tokenizer;
-use alignprop_rewards::tiny::TinyReward;
-use alignprop_rewards::{Brightness, Reward};
+use alignprop_rewards::registry::{SUM_KIND, trainable_kind};
 use alignprop_schedulers::{DdimScheduler, Scheduler};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor};
 use serde::Serialize;
 
-use crate::chain::trajectory;
+use crate::chain::{TrajectoryInput, trajectory};
 use crate::checkpoint::{CheckpointState, list_checkpoints, read_checkpoint, write_checkpoint};
 use crate::config::{TrainConfig, read_prompts};
 use crate::lora_params::{AdamW, LoraGrads, adapter_values, set_adapter_values};
@@ -95,44 +90,10 @@ pub fn build_reward_with_tokenizer<B: AutodiffBackend>(
 ) -> Result<Box<dyn Reward<B>>, TrainError> {
     let mut terms = Vec::new();
     for t in config.terms() {
-        let tokenizer = || find_tokenizer(&t.tokenizer_candidates(default_tokenizer));
-        let mut r: Box<dyn Reward<B>> = match t.kind.as_str() {
-            "hps" => Box::new(HpsScorer::load(
-                t.path.as_ref().expect("validated"),
-                t.config.as_deref(),
-                &tokenizer()?,
-                device,
-                dtype,
-            )?),
-            "pickscore" => Box::new(PickScorer::load(
-                t.path.as_ref().expect("validated"),
-                t.config.as_deref(),
-                &tokenizer()?,
-                device,
-                dtype,
-            )?),
-            "aesthetic" => {
-                let clip = t.clip_path.as_ref().expect("validated");
-                let head = t.path.as_ref().expect("validated");
-                Box::new(AestheticScorer::load(clip, head, device, dtype)?)
-            }
-            "compressibility" => {
-                let clip = t.clip_path.as_ref().expect("validated");
-                let head = t.path.as_ref().expect("validated");
-                Box::new(CompressibilityScorer::load(clip, head, device, dtype)?)
-            }
-            "tiny" => Box::new(TinyReward::load(
-                t.path.as_ref().expect("validated"),
-                device,
-                dtype,
-            )?),
-            "brightness" => Box::new(Brightness),
-            other => {
-                return Err(TrainError::Config(format!(
-                    "reward kind '{other}' is not available"
-                )));
-            }
-        };
+        let kind =
+            trainable_kind::<B>(&t.kind).map_err(|e| TrainError::Config(format!("reward {e}")))?;
+        let tokenizers = t.tokenizer_candidates(default_tokenizer);
+        let mut r = kind.build(&t.files(&tokenizers), device, dtype)?;
         if let Some(target) = t.target {
             r = Box::new(Targeted { inner: r, target });
         }
@@ -141,7 +102,7 @@ pub fn build_reward_with_tokenizer<B: AutodiffBackend>(
             reward: r,
         });
     }
-    Ok(if config.kind == "sum" {
+    Ok(if config.kind == SUM_KIND {
         Box::new(WeightedSum::new(terms))
     } else {
         terms.pop().expect("one term").reward
@@ -270,20 +231,20 @@ impl<B: AutodiffBackend> Trainer<B> {
             ks.push(grad_steps.iter().filter(|&&k| k).count() as f64);
             let reward = &self.reward;
             let coeff = cfg.reward.loss_coeff;
-            let out = trajectory(
-                &self.sd.unet,
-                &self.sd.vae,
-                &self.scheduler,
-                &text,
-                cfg.sampling.guidance_scale,
+            let out = trajectory(TrajectoryInput {
+                unet: &self.sd.unet,
+                vae: &self.sd.vae,
+                scheduler: &self.scheduler,
+                text: &text,
+                guidance: cfg.sampling.guidance_scale,
                 x_t,
-                &noises,
-                &grad_steps,
-                |images| {
+                noises: &noises,
+                grad_steps: &grad_steps,
+                loss_fn: |images| {
                     let (s, per_image) = reward.score_and_loss(images, &batch);
                     (per_image.mean() * coeff, s)
                 },
-            );
+            });
             if !out.loss.is_finite() || out.scores.iter().any(|s| !s.is_finite()) {
                 return Err(TrainError::NonFinite {
                     step: self.step + 1,

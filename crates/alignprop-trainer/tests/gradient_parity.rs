@@ -12,7 +12,7 @@ use alignprop_lora::LoraWeights;
 use alignprop_pipeline::Conditioning;
 use alignprop_rewards::tiny::TinyReward;
 use alignprop_schedulers::{DdimScheduler, SchedulerConfig};
-use alignprop_trainer::{Truncation, trajectory};
+use alignprop_trainer::{TrajectoryInput, Truncation, trajectory};
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor};
 
@@ -59,20 +59,20 @@ fn check(dtype: DType, truncation: Truncation, prefix: &str, suffix: &str, tol: 
     let s = setup(dtype);
     let mut rng = alignprop_pipeline::NoiseRng::new(0);
     let grad_steps = truncation.grad_steps(4, &mut rng);
-    let out = trajectory(
-        &s.unet,
-        &s.vae,
-        &s.scheduler,
-        &s.text,
-        7.5,
-        s.x_t.clone(),
-        &s.noises,
-        &grad_steps,
-        |img| {
+    let out = trajectory(TrajectoryInput {
+        unet: &s.unet,
+        vae: &s.vae,
+        scheduler: &s.scheduler,
+        text: &s.text,
+        guidance: 7.5,
+        x_t: s.x_t.clone(),
+        noises: &s.noises,
+        grad_steps: &grad_steps,
+        loss_fn: |img| {
             let scores = s.reward.score(img);
             (scores.clone().mean(), scores)
         },
-    );
+    });
     let r = refs("alignprop_grad.safetensors");
     // Forward values first.
     let (e_lat, _) = rel_err_values(

@@ -11,7 +11,7 @@ use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_pipeline::{Conditioning, NoiseRng};
 use alignprop_rewards::brightness::brightness;
 use alignprop_schedulers::{DdimScheduler, SchedulerConfig};
-use alignprop_trainer::{Truncation, trajectory, trajectory_full_graph};
+use alignprop_trainer::{TrajectoryInput, Truncation, trajectory, trajectory_full_graph};
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor};
 
@@ -71,31 +71,22 @@ fn checkpointed_memory_is_flat_in_k_full_graph_is_not() {
     let mut full = Vec::new();
     for k in [1usize, 2, 4, 8] {
         let steps = Truncation::Fixed { k }.grad_steps(n, &mut rng);
+        let input = || TrajectoryInput {
+            unet: &unet,
+            vae: &vae,
+            scheduler: &scheduler,
+            text: &text,
+            guidance: 7.5,
+            x_t: x_t.clone(),
+            noises: &[],
+            grad_steps: &steps,
+            loss_fn: loss,
+        };
         ckpt.push(peak_during(|| {
-            let _ = trajectory(
-                &unet,
-                &vae,
-                &scheduler,
-                &text,
-                7.5,
-                x_t.clone(),
-                &[],
-                &steps,
-                loss,
-            );
+            let _ = trajectory(input());
         }));
         full.push(peak_during(|| {
-            let _ = trajectory_full_graph(
-                &unet,
-                &vae,
-                &scheduler,
-                &text,
-                7.5,
-                x_t.clone(),
-                &[],
-                &steps,
-                loss,
-            );
+            let _ = trajectory_full_graph(input());
         }));
     }
     eprintln!(

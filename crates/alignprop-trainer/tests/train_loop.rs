@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use alignprop_trainer::{RunEnd, TrainConfig, Truncation, run};
+use alignprop_trainer::config::RewardConfig;
+use alignprop_trainer::{RunEnd, RunSummary, StepLog, TrainConfig, TrainError, Truncation, run};
 
 type A = burn::backend::Autodiff<burn::backend::Flex>;
 
@@ -17,6 +18,44 @@ fn demo_config(out: &str) -> TrainConfig {
     cfg
 }
 
+/// Runs `cfg` on the CPU backend, resuming from its latest checkpoint when `resume`; with `stop_after = Some(n)`
+/// the run is asked to stop after step `n` (as Ctrl-C does).
+fn train(
+    cfg: TrainConfig,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> Result<RunSummary, TrainError> {
+    let stop = AtomicBool::new(false);
+    let mut on_step = |s: &StepLog| {
+        if Some(s.step) == stop_after {
+            stop.store(true, Ordering::SeqCst);
+        }
+    };
+    run::<A>(
+        cfg,
+        &Default::default(),
+        resume,
+        &stop,
+        &mut on_step,
+        &mut |_| {},
+    )
+}
+
+/// One optimiser step of the demo config with `reward` (3 sampling steps, K = 1, no eval, output removed): its log.
+fn one_step(name: &str, reward: RewardConfig) -> StepLog {
+    let mut cfg = demo_config(name);
+    cfg.reward = reward;
+    cfg.train.steps = 1;
+    cfg.sampling.steps = 3;
+    cfg.truncation = Truncation::Fixed { k: 1 };
+    cfg.eval.every = 100;
+    cfg.validate().unwrap();
+    let out = cfg.output.dir.clone();
+    let s = train(cfg, false, None).unwrap();
+    std::fs::remove_dir_all(out).ok();
+    s.steps[0].clone()
+}
+
 #[test]
 fn brightness_rises_and_outputs_are_written() {
     let mut cfg = demo_config("rise");
@@ -25,15 +64,7 @@ fn brightness_rises_and_outputs_are_written() {
     cfg.truncation = Truncation::Fixed { k: 2 };
     cfg.eval.every = 4;
     let dir = cfg.output.dir.clone();
-    let summary = run::<A>(
-        cfg,
-        &Default::default(),
-        false,
-        &AtomicBool::new(false),
-        &mut |_| {},
-        &mut |_| {},
-    )
-    .unwrap();
+    let summary = train(cfg, false, None).unwrap();
     let evals: Vec<f64> = summary.evals.iter().map(|e| e.eval_reward_mean).collect();
     eprintln!("eval brightness: {evals:?}");
     assert_eq!(evals.len(), 4);
@@ -76,15 +107,7 @@ fn same_seed_same_numbers() {
         cfg.truncation = Truncation::Fixed { k: 3 };
         cfg.eval.every = 100;
         let dir = cfg.output.dir.clone();
-        let s = run::<A>(
-            cfg,
-            &Default::default(),
-            false,
-            &AtomicBool::new(false),
-            &mut |_| {},
-            &mut |_| {},
-        )
-        .unwrap();
+        let s = train(cfg, false, None).unwrap();
         runs.push(
             s.steps
                 .iter()
@@ -106,17 +129,7 @@ fn config_errors_are_clear() {
     assert!(err.contains("stepz") && err.contains("bad.toml"), "{err}");
     let mut cfg = demo_config("err");
     cfg.truncation = Truncation::Fixed { k: 99 };
-    let msg = run::<A>(
-        cfg,
-        &Default::default(),
-        false,
-        &AtomicBool::new(false),
-        &mut |_| {},
-        &mut |_| {},
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let msg = train(cfg, false, None).err().unwrap().to_string();
     assert!(msg.contains("truncation k = 99"), "{msg}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -135,43 +148,14 @@ fn resume_continues_with_the_same_numbers() {
     // One run of 4 steps.
     let straight = small("straight", 4);
     let dir_a = straight.output.dir.clone();
-    let a = run::<A>(
-        straight,
-        &Default::default(),
-        false,
-        &AtomicBool::new(false),
-        &mut |_| {},
-        &mut |_| {},
-    )
-    .unwrap();
+    let a = train(straight, false, None).unwrap();
     // The same run stopped after step 2 (as Ctrl-C does), then resumed to step 4.
     let first = small("resumed", 4);
     let dir_b = first.output.dir.clone();
-    let stop = AtomicBool::new(false);
-    let b1 = run::<A>(
-        first,
-        &Default::default(),
-        false,
-        &stop,
-        &mut |s| {
-            if s.step == 2 {
-                stop.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        },
-        &mut |_| {},
-    )
-    .unwrap();
+    let b1 = train(first, false, Some(2)).unwrap();
     assert_eq!(b1.end, RunEnd::Interrupted);
     assert_eq!(b1.steps.len(), 2);
-    let b2 = run::<A>(
-        small("resumed", 4),
-        &Default::default(),
-        true,
-        &AtomicBool::new(false),
-        &mut |_| {},
-        &mut |_| {},
-    )
-    .unwrap();
+    let b2 = train(small("resumed", 4), true, None).unwrap();
     assert_eq!(b2.end, RunEnd::Finished);
     let nums = |v: &[alignprop_trainer::StepLog]| {
         v.iter()
@@ -186,16 +170,7 @@ fn resume_continues_with_the_same_numbers() {
     // Resuming a folder without checkpoints is a clear error.
     let none = small("nothing", 2);
     let dir_c = none.output.dir.clone();
-    let err = run::<A>(
-        none,
-        &Default::default(),
-        true,
-        &AtomicBool::new(false),
-        &mut |_| {},
-        &mut |_| {},
-    )
-    .err()
-    .unwrap();
+    let err = train(none, true, None).err().unwrap();
     assert!(err.to_string().contains("no checkpoint"), "{err}");
     for d in [dir_a, dir_b, dir_c] {
         std::fs::remove_dir_all(&d).ok();
@@ -255,26 +230,6 @@ fn weighted_sum_of_rewards_from_config() {
 
     // One step of the sum against one step of plain brightness from the same seed: the same trajectory, so the
     // logged reward is 2.5x and the loss is 2 * (-b) + 0.5 * |b - 1| of the plain one's -b.
-    let one_step = |name: &str, reward: alignprop_trainer::config::RewardConfig| {
-        let mut cfg = demo_config(name);
-        cfg.reward = reward;
-        cfg.train.steps = 1;
-        cfg.sampling.steps = 3;
-        cfg.truncation = Truncation::Fixed { k: 1 };
-        cfg.eval.every = 100;
-        let out = cfg.output.dir.clone();
-        let s = run::<A>(
-            cfg,
-            &Default::default(),
-            false,
-            &AtomicBool::new(false),
-            &mut |_| {},
-            &mut |_| {},
-        )
-        .unwrap();
-        std::fs::remove_dir_all(out).ok();
-        s.steps[0].clone()
-    };
     let plain = one_step("plain", Default::default());
     let summed = one_step("summed", parsed.reward.clone());
     let b = plain.reward_mean;
@@ -298,7 +253,7 @@ fn weighted_sum_of_rewards_from_config() {
 /// model's `tokenizer/`.
 #[test]
 fn hps_and_pickscore_rewards_train_alone_and_in_a_sum() {
-    use alignprop_trainer::config::{RewardConfig, RewardTermConfig};
+    use alignprop_trainer::config::RewardTermConfig;
     let dir = std::env::temp_dir().join(format!("alignprop-prompt-rw-{}", std::process::id()));
     let m = alignprop_testing::prompt_reward::write_prompt_reward_models(&dir).unwrap();
     let hps = RewardTermConfig {
@@ -318,27 +273,6 @@ fn hps_and_pickscore_rewards_train_alone_and_in_a_sum() {
         path: t.path.clone(),
         config: t.config.clone(),
         ..Default::default()
-    };
-    let one_step = |name: &str, reward: RewardConfig| {
-        let mut cfg = demo_config(name);
-        cfg.reward = reward;
-        cfg.train.steps = 1;
-        cfg.sampling.steps = 3;
-        cfg.truncation = Truncation::Fixed { k: 1 };
-        cfg.eval.every = 100;
-        cfg.validate().unwrap();
-        let out = cfg.output.dir.clone();
-        let s = run::<A>(
-            cfg,
-            &Default::default(),
-            false,
-            &AtomicBool::new(false),
-            &mut |_| {},
-            &mut |_| {},
-        )
-        .unwrap();
-        std::fs::remove_dir_all(out).ok();
-        s.steps[0].clone()
     };
     let h = one_step("hps", single(&hps));
     let p = one_step("pick", single(&pick));

@@ -1,0 +1,91 @@
+//! The memory of one attention forward + backward under autodiff, counted by a global allocator: the blockwise
+//! (FlashAttention-style) op grows linearly in the token count, the tensor-op attention (which keeps every
+//! probability for its backward, as burn-autodiff's own attention does) quadratically. One test in this binary, so
+//! no other test's allocations are counted.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use alignprop_kernels::{blockwise_attention, tensor_ops};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{DType, Distribution, Tensor};
+
+struct Counting;
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+type A = Autodiff<Flex>;
+
+/// Peak heap bytes above the level at the start, while `f` runs.
+fn peak_during(f: impl FnOnce()) -> usize {
+    let base = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    f();
+    PEAK.load(Ordering::Relaxed) - base
+}
+
+#[test]
+fn blockwise_attention_memory_grows_linearly_naive_quadratically() {
+    let device = Default::default();
+    let (bh, d) = (2, 16);
+    // A 1 MiB score budget per block: blocks of 1 MiB / (bh * n * 8 B) query rows.
+    let budget = 1 << 20;
+    let mut ours = Vec::new();
+    let mut naive = Vec::new();
+    let sizes = [512usize, 1024, 2048];
+    for n in sizes {
+        let make = || {
+            let t = || {
+                Tensor::<A, 3>::random([bh, n, d], Distribution::Normal(0.0, 1.0), (&device, DType::F64))
+                    .require_grad()
+            };
+            (t(), t(), t())
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let rows = blockwise_attention::block_rows(bh, n, n, 8, budget);
+        let (q, k, v) = make();
+        ours.push(peak_during(|| {
+            let out = blockwise_attention::attention(q.clone(), k.clone(), v.clone(), scale, false, rows);
+            let grads = out.sum().backward();
+            let _ = (q.grad(&grads), k.grad(&grads), v.grad(&grads));
+        }));
+        let (q, k, v) = make();
+        naive.push(peak_during(|| {
+            let out = tensor_ops::attention_head_major(q.clone(), k.clone(), v.clone(), scale, false);
+            let grads = out.sum().backward();
+            let _ = (q.grad(&grads), k.grad(&grads), v.grad(&grads));
+        }));
+    }
+    let mib = |v: &[usize]| v.iter().map(|b| format!("{:.1}", *b as f64 / (1 << 20) as f64)).collect::<Vec<_>>();
+    eprintln!(
+        "peak MiB for {sizes:?} tokens: blockwise {:?}, tensor-op {:?}",
+        mib(&ours),
+        mib(&naive)
+    );
+    // Each doubling of the tokens at most ~doubles the blockwise peak (linear: q, k, v, out and their gradients,
+    // plus one bounded block), while the tensor-op peak ~quadruples (the [bh, n, n] probabilities).
+    for i in 1..sizes.len() {
+        let (g_ours, g_naive) = (ours[i] as f64 / ours[i - 1] as f64, naive[i] as f64 / naive[i - 1] as f64);
+        assert!(g_ours < 2.6, "blockwise peak grew {g_ours:.2}x from {} to {} tokens: {ours:?}", sizes[i - 1], sizes[i]);
+        assert!(g_naive > 3.2, "tensor-op peak grew only {g_naive:.2}x: {naive:?}");
+    }
+    assert!(ours[2] * 4 < naive[2], "blockwise {ours:?} vs tensor-op {naive:?}");
+}
