@@ -229,14 +229,14 @@ mod tests {
             let reference =
                 crate::tensor_ops::attention_head_major(q.clone(), k.clone(), v.clone(), scale, causal);
             let diff = |a: Tensor<A, 3>, b: Tensor<A, 3>| -> f64 {
-                (a - b).abs().max().into_scalar()
+                f64::from((a - b).abs().max().into_scalar())
             };
             assert!(diff(ours.clone(), reference.clone()) < 1e-12, "values {n_q} {n_kv} {causal} {rows}");
             let ga = (ours * g.clone()).sum().backward();
             let gb = (reference * g).sum().backward();
             for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
                 let (a, b) = (x.grad(&ga).unwrap(), x.grad(&gb).unwrap());
-                let d: f64 = (a - b).abs().max().into_scalar();
+                let d = f64::from((a - b).abs().max().into_scalar());
                 assert!(d < 1e-12, "d{name} off by {d} ({n_q} {n_kv} {causal} {rows})");
             }
         }

@@ -51,6 +51,11 @@ fn blockwise_attention_memory_grows_linearly_naive_quadratically() {
     let mut ours = Vec::new();
     let mut naive = Vec::new();
     let sizes = [512usize, 1024, 2048];
+    // Warm up (thread pools, first-use allocations) so that they are not counted in the first measurement.
+    let warm = Tensor::<A, 3>::random([bh, 64, d], Distribution::Default, (&device, DType::F64)).require_grad();
+    let _ = blockwise_attention::attention(warm.clone(), warm.clone(), warm.clone(), 0.25, false, 16)
+        .sum()
+        .backward();
     for n in sizes {
         let make = || {
             let t = || {
@@ -80,12 +85,11 @@ fn blockwise_attention_memory_grows_linearly_naive_quadratically() {
         mib(&ours),
         mib(&naive)
     );
-    // Each doubling of the tokens at most ~doubles the blockwise peak (linear: q, k, v, out and their gradients,
-    // plus one bounded block), while the tensor-op peak ~quadruples (the [bh, n, n] probabilities).
-    for i in 1..sizes.len() {
-        let (g_ours, g_naive) = (ours[i] as f64 / ours[i - 1] as f64, naive[i] as f64 / naive[i - 1] as f64);
-        assert!(g_ours < 2.6, "blockwise peak grew {g_ours:.2}x from {} to {} tokens: {ours:?}", sizes[i - 1], sizes[i]);
-        assert!(g_naive > 3.2, "tensor-op peak grew only {g_naive:.2}x: {naive:?}");
-    }
+    // 4x the tokens: the blockwise peak at most 4x (linear: q, k, v, the output and their gradients, plus one
+    // bounded block; here it hardly grows), the tensor-op peak at least 8x (the [bh, n, n] probabilities: 16x,
+    // less its fixed part).
+    let (g_ours, g_naive) = (ours[2] as f64 / ours[0] as f64, naive[2] as f64 / naive[0] as f64);
+    assert!(g_ours <= 4.0, "blockwise peak grew {g_ours:.2}x for 4x the tokens: {ours:?}");
+    assert!(g_naive >= 8.0, "tensor-op peak grew only {g_naive:.2}x for 4x the tokens: {naive:?}");
     assert!(ours[2] * 4 < naive[2], "blockwise {ours:?} vs tensor-op {naive:?}");
 }

@@ -1,7 +1,7 @@
 //! Load a diffusers Stable Diffusion folder and sample one image from a prompt (DDIM, classifier-free guidance).
 //!
 //! ```text
-//! cargo run --release -p alignprop-pipeline --example sample -- /models/stable-diffusion-v1-5 "a photo of a cat" cat.png 30
+//! cargo run --release --example sample -- /models/stable-diffusion-v1-5 "a photo of a cat" cat.png 30
 //! ```
 //!
 //! The folder is what `StableDiffusionPipeline.save_pretrained` writes (`unet/`, `vae/`, `text_encoder/`,

@@ -3,8 +3,8 @@
 //! `alignprop_pipeline::images::load_image`.
 //!
 //! ```text
-//! cargo run --release -p alignprop-rewards --example score -- a.png b.png
-//! cargo run --release -p alignprop-rewards --example score -- --aesthetic /models/clip-vit-large-patch14 \
+//! cargo run --release --example score -- a.png b.png
+//! cargo run --release --example score -- --aesthetic /models/clip-vit-large-patch14 \
 //!     /models/sac+logos+ava1-l14-linearMSE.pth a.png b.png
 //! ```
 

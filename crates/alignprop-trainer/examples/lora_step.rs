@@ -3,7 +3,7 @@
 //! AdamW step to the adapters. `alignprop train` does this in a loop with checkpoints, evaluation and logs.
 //!
 //! ```text
-//! cargo run --release -p alignprop-trainer --example lora_step -- /models/stable-diffusion-v1-5 "a photo of a cat"
+//! cargo run --release --example lora_step -- /models/stable-diffusion-v1-5 "a photo of a cat"
 //! ```
 //!
 //! `tests/fixtures/tiny-sd` (this repository) runs in a second on the CPU; SD1.5 at 512x512 wants a GPU.
@@ -30,7 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The UNet is loaded on the autodiff backend (its adapters train); the text encoder and VAE read the same
     // folder. The conditioning is computed once, without a graph.
     let mut sd = StableDiffusion::<A>::load(Path::new(folder), &device, DType::F32)?;
-    let adapters = alignprop_lora::inject(&mut sd.unet, &alignprop_lora::LoraConfig::default())?;
+    let params = alignprop_lora::inject(&mut sd.unet, &alignprop_lora::LoraConfig::default())?;
     let text = sd.conditioning(&[prompt.as_str()], "")?;
     let text = alignprop_pipeline::Conditioning::<I> {
         uncond: text.uncond.inner(),
@@ -62,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut optimizer = AdamW::<I>::new(AdamWConfig::default());
     let grad_norm = optimizer.step(&mut sd.unet, out.grads);
     println!(
-        "{adapters} adapters; reward {:.4}, loss {:.4}, LoRA gradient norm {grad_norm:.3e}; one AdamW step applied",
+        "{params} LoRA parameters; reward {:.4}, loss {:.4}, LoRA gradient norm {grad_norm:.3e}; one AdamW step applied",
         out.scores[0], out.loss
     );
     Ok(())

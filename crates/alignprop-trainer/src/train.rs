@@ -36,6 +36,10 @@ pub enum TrainError {
     Lora(#[from] alignprop_lora::LoraError),
     #[error(transparent)]
     Weights(#[from] alignprop_io::WeightError),
+    #[error(transparent)]
+    Tokenizer(#[from] alignprop_diffusion::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Scheduler(#[from] alignprop_schedulers::ConfigError),
     #[error(
         "step {step}: the loss or a gradient is not finite ({what}); the update was skipped and the run stopped. \
              Lower the learning rate or the guidance scale, or check the reward."
@@ -43,6 +47,12 @@ pub enum TrainError {
     NonFinite { step: usize, what: String },
     #[error("{path}: {msg}")]
     Io { path: PathBuf, msg: String },
+}
+
+impl From<alignprop_diffusion::Error> for TrainError {
+    fn from(e: alignprop_diffusion::Error) -> Self {
+        alignprop_pipeline::PipelineError::from(e).into()
+    }
 }
 
 /// One optimiser step's log line (written to `metrics.jsonl`).
