@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use alignprop_diffusion::nn::LoraAdapter;
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use burn::module::Param;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
 /// Gradients (or any per-tensor values) of the LoRA tensors, keyed by peft-style names
@@ -43,34 +43,40 @@ impl<B: Backend> LoraGrads<B> {
         }
     }
 
-    /// The global L2 norm over all tensors.
-    pub fn norm(&self) -> f64 {
-        self.tensors
+    /// The squared global L2 norm over all tensors as one device tensor `[1]` (no host sync), accumulated in f32
+    /// for half-precision gradients; `None` when there are no tensors.
+    pub fn squared_norm(&self) -> Option<Tensor<B, 1>> {
+        let parts: Vec<Tensor<B, 1>> = self
+            .tensors
             .values()
             .map(|t| {
-                t.clone()
-                    .square()
-                    .sum()
-                    .into_data()
+                let t = match t.dtype() {
+                    DType::F16 | DType::BF16 => t.clone().cast(DType::F32),
+                    _ => t.clone(),
+                };
+                t.square().sum()
+            })
+            .collect();
+        (!parts.is_empty()).then(|| Tensor::cat(parts, 0).sum())
+    }
+
+    /// The global L2 norm over all tensors: one read from the device for all of them.
+    pub fn norm(&self) -> f64 {
+        self.squared_norm()
+            .map(|sq| {
+                sq.into_data()
                     .convert::<f64>()
                     .to_vec::<f64>()
                     .expect("f64")[0]
+                    .sqrt()
             })
-            .sum::<f64>()
-            .sqrt()
+            .unwrap_or(0.0)
     }
 
-    /// Whether every value is finite.
+    /// Whether every value is finite, from the global norm (one device read): a NaN or an infinity anywhere makes
+    /// the norm non-finite (so does a norm beyond the accumulation type's range, a gradient no step should take).
     pub fn all_finite(&self) -> bool {
-        self.tensors.values().all(|t| {
-            let v: Vec<f64> = t
-                .clone()
-                .into_data()
-                .convert::<f64>()
-                .to_vec()
-                .expect("f64");
-            v.iter().all(|x| x.is_finite())
-        })
+        self.norm().is_finite()
     }
 }
 
@@ -193,11 +199,25 @@ impl<B: Backend> AdamW<B> {
 
     /// Clips `grads` to the configured global norm (returns the norm before clipping) and applies one AdamW step
     /// to the UNet's adapters.
-    pub fn step<AB>(&mut self, unet: &mut UNet2DConditionModel<AB>, mut grads: LoraGrads<B>) -> f64
+    pub fn step<AB>(&mut self, unet: &mut UNet2DConditionModel<AB>, grads: LoraGrads<B>) -> f64
     where
         AB: AutodiffBackend<InnerBackend = B>,
     {
         let norm = grads.norm();
+        self.step_with_norm(unet, grads, norm)
+    }
+
+    /// [`Self::step`] with the global norm of `grads` already read ([`LoraGrads::norm`]), so a training step reads
+    /// it from the device once for the finiteness check and the clipping.
+    pub fn step_with_norm<AB>(
+        &mut self,
+        unet: &mut UNet2DConditionModel<AB>,
+        mut grads: LoraGrads<B>,
+        norm: f64,
+    ) -> f64
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+    {
         if let Some(max) = self.config.max_grad_norm {
             if norm > max {
                 grads.scale(max / (norm + 1e-6));
@@ -229,5 +249,40 @@ impl<B: Backend> AdamW<B> {
             self.v.tensors.insert(key.to_string(), v);
         });
         norm
+    }
+}
+
+#[cfg(test)]
+mod norm_tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+
+    fn grads(values: &[(&str, Vec<f32>, DType)]) -> LoraGrads<Flex> {
+        let device = Default::default();
+        LoraGrads {
+            tensors: values
+                .iter()
+                .map(|(k, v, dtype)| {
+                    let t = Tensor::<Flex, 2>::from_data(TensorData::new(v.clone(), [1, v.len()]), &device);
+                    (k.to_string(), t.cast(*dtype))
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn global_norm_and_finiteness_in_one_read() {
+        let g = grads(&[("a", vec![3.0, 0.0], DType::F32), ("b", vec![4.0], DType::F32)]);
+        assert!((g.norm() - 5.0).abs() < 1e-6);
+        assert!(g.all_finite());
+        assert_eq!(LoraGrads::<Flex>::default().norm(), 0.0);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let g = grads(&[("a", vec![1.0, 2.0], DType::F32), ("b", vec![bad], DType::F32)]);
+            assert!(!g.all_finite(), "{bad} not found");
+        }
+        // f16 gradients whose squares overflow f16 (300^2 > 65504) still have a finite norm (summed in f32).
+        let g = grads(&[("a", vec![300.0; 4], DType::F16)]);
+        assert!((g.norm() - 600.0).abs() < 1e-3, "{}", g.norm());
     }
 }

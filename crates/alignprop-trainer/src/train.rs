@@ -261,18 +261,21 @@ impl<B: AutodiffBackend> Trainer<B> {
                     what: format!("loss {}", out.loss),
                 });
             }
-            if !out.grads.all_finite() {
-                return Err(TrainError::NonFinite {
-                    step: self.step + 1,
-                    what: "LoRA gradient".into(),
-                });
-            }
             losses.push(out.loss);
             scores.extend(out.scores);
             acc.add(out.grads);
         }
         acc.scale(1.0 / cfg.train.grad_accum as f64);
-        let grad_norm = self.optimizer.step(&mut self.sd.unet, acc);
+        // One device read for the finiteness check and the clipping: a NaN or infinity in any micro-batch's
+        // gradient makes the accumulated norm non-finite, and the update is skipped.
+        let grad_norm = acc.norm();
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                step: self.step + 1,
+                what: "LoRA gradient".into(),
+            });
+        }
+        let grad_norm = self.optimizer.step_with_norm(&mut self.sd.unet, acc, grad_norm);
         self.step += 1;
         let (reward_mean, reward_std) = mean_std(&scores);
         let time_s = t0.elapsed().as_secs_f64();
