@@ -15,14 +15,14 @@ pub mod plot;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use alignprop_io::VarBuilder;
 use alignprop_diffusion::clip::{CLIPTextConfig, CLIPTextModel};
 use alignprop_diffusion::nn::{
     Conv2d, GroupNorm, LayerNorm, Linear, scaled_dot_product_attention, softmax,
 };
-use alignprop_io::pipeline_files::read_json;
 use alignprop_diffusion::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use alignprop_diffusion::vae::{AutoencoderKL, AutoencoderKLConfig};
+use alignprop_io::VarBuilder;
+use alignprop_io::pipeline_files::read_json;
 use alignprop_pipeline::{Conditioning, NoiseRng};
 use alignprop_rewards::tiny::{TinyReward, TinyRewardConfig};
 use alignprop_schedulers::{DdimScheduler, Scheduler, SchedulerConfig};

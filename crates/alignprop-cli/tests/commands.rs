@@ -434,7 +434,8 @@ fn fit_compressibility_then_eval_with_it_and_with_the_true_jpeg_size() {
 #[test]
 fn eval_with_prompt_rewards_reads_the_sample_manifest_or_prompts() {
     let d = tmp("prompt-rewards");
-    let m = alignprop_testing::prompt_reward::write_prompt_reward_models(&d.join("models")).unwrap();
+    let m =
+        alignprop_testing::prompt_reward::write_prompt_reward_models(&d.join("models")).unwrap();
     let imgs = d.join("imgs");
     ok(sample(&imgs, &[]));
     let manifest: serde_json::Value =

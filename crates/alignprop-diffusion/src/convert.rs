@@ -14,11 +14,11 @@ use burn::backend::Flex;
 use burn::tensor::{DType, TensorData};
 
 use crate::clip::{CLIPTextConfig, CLIPTextModel};
-use alignprop_io::pipeline_files::read_json;
-use alignprop_io::single_file::SingleFileCheckpoint;
 use crate::tokenizer::SD15_TOKENIZER_FILES;
 use crate::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::vae::{AutoencoderKL, AutoencoderKLConfig};
+use alignprop_io::pipeline_files::read_json;
+use alignprop_io::single_file::SingleFileCheckpoint;
 use alignprop_io::weights::{Result, TensorSource, VarBuilder, WeightError, write_safetensors};
 
 /// How to convert.
@@ -438,10 +438,12 @@ mod tests {
             ("text_encoder", "model.safetensors"),
         ] {
             let ours =
-                alignprop_io::weights::SafetensorsSource::open(&[out.join(component).join(file)]).unwrap();
-            let theirs =
-                alignprop_io::weights::SafetensorsSource::open(&[tiny_sd().join(component).join(file)])
+                alignprop_io::weights::SafetensorsSource::open(&[out.join(component).join(file)])
                     .unwrap();
+            let theirs = alignprop_io::weights::SafetensorsSource::open(&[tiny_sd()
+                .join(component)
+                .join(file)])
+            .unwrap();
             let (ok, tk) = (ours.keys(), theirs.keys());
             // transformers may store position_ids buffers that no model reads.
             let tk: Vec<String> = tk

@@ -186,8 +186,14 @@ impl<B: Backend> GroupNorm<B> {
         let (b, c) = (dims[0], dims[1]);
         let spatial: usize = dims[2..].iter().product();
         let x3: Tensor<B, 3> = x.reshape([b, c, spatial]);
-        alignprop_kernels::group_norm(x3, self.weight.val(), self.bias.val(), self.groups, self.eps)
-            .reshape(dims)
+        alignprop_kernels::group_norm(
+            x3,
+            self.weight.val(),
+            self.bias.val(),
+            self.groups,
+            self.eps,
+        )
+        .reshape(dims)
     }
 }
 
@@ -216,7 +222,8 @@ impl<B: Backend> LayerNorm<B> {
         let f = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<B, 2> = x.reshape([rows, f]);
-        alignprop_kernels::layer_norm(x2, self.weight.val(), self.bias.val(), self.eps).reshape(dims)
+        alignprop_kernels::layer_norm(x2, self.weight.val(), self.bias.val(), self.eps)
+            .reshape(dims)
     }
 }
 

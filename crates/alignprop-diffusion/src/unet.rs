@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::nn::Activation;
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear, multi_head_attention};
-use alignprop_io::pipeline_files::{component_weights, read_json};
 use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
+use alignprop_io::pipeline_files::{component_weights, read_json};
 use alignprop_io::weights::{Result, VarBuilder, WeightError};
 
 // ---------------------------------------------------------------------------------------------------------------

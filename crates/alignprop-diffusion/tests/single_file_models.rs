@@ -5,10 +5,10 @@
 mod common;
 
 use alignprop_diffusion::clip::{CLIPTextConfig, CLIPTextModel};
-use alignprop_io::pipeline_files::read_json;
-use alignprop_io::single_file::SingleFileCheckpoint;
 use alignprop_diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use alignprop_diffusion::vae::{AutoencoderKL, AutoencoderKLConfig};
+use alignprop_io::pipeline_files::read_json;
+use alignprop_io::single_file::SingleFileCheckpoint;
 use alignprop_io::weights::VarBuilder;
 use burn::tensor::DType;
 use common::{B, assert_close, ref_int, ref_tensor, refs, tiny_sd};

@@ -6,8 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use alignprop_diffusion::clip::{CLIPActivation, CLIPTextConfig, CLIPTextModel};
-use alignprop_io::pipeline_files::read_json;
 use alignprop_diffusion::tokenizer::{CLIPTokenizer, TokenizerError};
+use alignprop_io::pipeline_files::read_json;
 use alignprop_io::weights::{TensorSource, VarBuilder, WeightError};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use common::{B, assert_close, ref_int, ref_tensor, refs, rel_err, tiny_sd};
@@ -275,8 +275,7 @@ fn text_encoder_f64_matches_transformers() {
 #[test]
 fn text_encoder_runs_under_autodiff() {
     type AD = alignprop_device::CpuAutodiff;
-    let model =
-        CLIPTextModel::<AD>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
+    let model = CLIPTextModel::<AD>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
     let r = refs("text_encoder.safetensors");
     let ids = Tensor::<AD, 2, Int>::from_inner(ref_int(&r, "input_ids"));
     let out = model.forward(ids).last_hidden_state.inner();
@@ -427,8 +426,7 @@ fn loads_keys_without_text_model_prefix() {
 
     let model = CLIPTextModel::<B>::load(&dir, &Default::default(), DType::F32).unwrap();
     check_against_refs(&model, DType::F32, "unprefixed file");
-    let reference =
-        CLIPTextModel::<B>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
+    let reference = CLIPTextModel::<B>::load(&te_dir(), &Default::default(), DType::F32).unwrap();
     let ids = ref_int::<2>(&refs("text_encoder.safetensors"), "input_ids");
     let (rel, _) = rel_err(
         model.forward(ids.clone()).last_hidden_state,
@@ -490,8 +488,7 @@ fn full_size_sd15_text_encoder_random_weights() {
     B::seed(&device, 0);
     let cfg = CLIPTextConfig::default();
     let t0 = std::time::Instant::now();
-    let model =
-        CLIPTextModel::<B>::new(&cfg, &VarBuilder::random(&device, DType::F32)).unwrap();
+    let model = CLIPTextModel::<B>::new(&cfg, &VarBuilder::random(&device, DType::F32)).unwrap();
     eprintln!("built in {:.2?}", t0.elapsed());
     let tok = CLIPTokenizer::from_folder(tokenizer_dir()).unwrap();
     let ids: Tensor<B, 2, Int> = tok.input_ids(&["", "a photo of a cat"], &device).unwrap();

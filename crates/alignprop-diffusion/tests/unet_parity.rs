@@ -6,8 +6,8 @@ mod common;
 use std::path::Path;
 use std::time::Instant;
 
-use alignprop_io::WeightError;
 use alignprop_diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use alignprop_io::WeightError;
 use alignprop_io::weights::{SafetensorsSource, VarBuilder};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
@@ -165,8 +165,7 @@ fn sd15_style_config_gives_the_same_model() {
     );
 
     let device = Default::default();
-    let weights =
-        alignprop_io::pipeline_files::component_weights(&tiny_sd().join("unet")).unwrap();
+    let weights = alignprop_io::pipeline_files::component_weights(&tiny_sd().join("unet")).unwrap();
     let vb = VarBuilder::<B>::from_safetensors(&weights, &device, DType::F32).unwrap();
     let model = UNet2DConditionModel::new(&old, &vb).expect("model from the SD1.5-style config");
     let src = refs("unet.safetensors");
@@ -199,11 +198,9 @@ fn sd15_style_config_gives_the_same_model() {
 fn wrong_weights_name_key_and_shapes() {
     let device = Default::default();
     let main_cfg: UNet2DConditionConfig =
-        alignprop_io::pipeline_files::read_json(&tiny_sd().join("unet/config.json"))
-            .unwrap();
+        alignprop_io::pipeline_files::read_json(&tiny_sd().join("unet/config.json")).unwrap();
     let two_block_dir = tiny_sd().join("extra/unet_2block");
-    let two_block_files =
-        alignprop_io::pipeline_files::component_weights(&two_block_dir).unwrap();
+    let two_block_files = alignprop_io::pipeline_files::component_weights(&two_block_dir).unwrap();
     let vb = VarBuilder::<B>::from_safetensors(&two_block_files, &device, DType::F32).unwrap();
 
     // Main config, 2-block weights: the first tensor read already has the wrong shape.
@@ -239,8 +236,7 @@ fn unsupported_configs_are_rejected() {
     let device = Default::default();
     let vb = VarBuilder::<B>::random(&device, DType::F32);
     let base: UNet2DConditionConfig =
-        alignprop_io::pipeline_files::read_json(&tiny_sd().join("unet/config.json"))
-            .unwrap();
+        alignprop_io::pipeline_files::read_json(&tiny_sd().join("unet/config.json")).unwrap();
     let cases: Vec<(UNet2DConditionConfig, &str)> = vec![
         (
             UNet2DConditionConfig {
@@ -309,8 +305,7 @@ fn config_variants_build() {
     // odd latent sizes (upsampling to the skip's size): random weights, shapes only.
     let device = Default::default();
     let base: UNet2DConditionConfig =
-        alignprop_io::pipeline_files::read_json(&tiny_sd().join("unet/config.json"))
-            .unwrap();
+        alignprop_io::pipeline_files::read_json(&tiny_sd().join("unet/config.json")).unwrap();
     let cfg = UNet2DConditionConfig {
         attention_head_dim: alignprop_diffusion::unet::OneOrMany::Many(vec![1, 2, 4, 4]),
         num_attention_heads: Some(alignprop_diffusion::unet::OneOrMany::One(2)),

@@ -7,9 +7,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use alignprop_diffusion::vae::{AutoencoderKL, AutoencoderKLConfig};
 use alignprop_io::WeightError;
 use alignprop_io::pipeline_files::read_json;
-use alignprop_diffusion::vae::{AutoencoderKL, AutoencoderKLConfig};
 use alignprop_io::weights::VarBuilder;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};

@@ -19,7 +19,9 @@ pub mod pth;
 pub mod single_file;
 pub mod weights;
 
-pub use weights::{Init, RawTensor, Renamed, Result, SafetensorsSource, TensorSource, VarBuilder, WeightError};
+pub use weights::{
+    Init, RawTensor, Renamed, Result, SafetensorsSource, TensorSource, VarBuilder, WeightError,
+};
 
 /// This crate's error type: every failure names the file, the key and what was expected and found.
 pub type Error = WeightError;

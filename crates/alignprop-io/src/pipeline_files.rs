@@ -20,7 +20,7 @@ use crate::weights::{Result, WeightError};
 
 /// Reads and deserializes a JSON config file, naming the file in every error.
 pub fn read_json<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T> {
-        let path = path.as_ref();
+    let path = path.as_ref();
     let text = std::fs::read_to_string(path).map_err(|source| WeightError::Io {
         path: path.to_path_buf(),
         source,
@@ -36,7 +36,7 @@ pub fn read_json<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T> {
 /// Looks for `<stem>.safetensors`, then the fp16 variant `<stem>.fp16.safetensors`, then a sharded checkpoint
 /// (`<stem>.safetensors.index.json`), for the stems diffusers and transformers use.
 pub fn component_weights(component_dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
-        let component_dir = component_dir.as_ref();
+    let component_dir = component_dir.as_ref();
     const STEMS: &[&str] = &["diffusion_pytorch_model", "model"];
     if !component_dir.is_dir() {
         return Err(WeightError::Config {

@@ -60,8 +60,8 @@ impl TensorSource for PthSource {
 
 /// Writes every tensor of a `.pth` state dict to a safetensors file (float tensors as F32).
 pub fn pth_to_safetensors(pth: impl AsRef<Path>, out: impl AsRef<Path>) -> Result<usize> {
-        let pth = pth.as_ref();
-        let out = out.as_ref();
+    let pth = pth.as_ref();
+    let out = out.as_ref();
     let src = PthSource::open(pth)?;
     let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for k in src.keys() {

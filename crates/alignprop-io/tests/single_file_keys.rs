@@ -3,7 +3,6 @@
 //! the single file is reached, the float16 copy holds the float32 values rounded to float16, and files that are not
 //! SD1.x original checkpoints are refused with a clear message. No model code is involved.
 
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -13,8 +12,8 @@ use alignprop_io::single_file::{
     unet_key, vae_key,
 };
 use alignprop_io::weights::{Init, RawTensor, SafetensorsSource, TensorSource, WeightError};
-use burn::tensor::{DType, Tensor};
 use alignprop_testing::tiny_sd;
+use burn::tensor::{DType, Tensor};
 
 type B = burn::backend::Flex;
 use serde_json::Value;

@@ -19,7 +19,13 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor, TensorPrimitive};
 
 /// Query rows per block so that one block's `[batch * heads, rows, n_kv]` scores take at most `budget_bytes`.
-pub fn block_rows(bh: usize, n_q: usize, n_kv: usize, elem_bytes: usize, budget_bytes: usize) -> usize {
+pub fn block_rows(
+    bh: usize,
+    n_q: usize,
+    n_kv: usize,
+    elem_bytes: usize,
+    budget_bytes: usize,
+) -> usize {
     (budget_bytes / (bh * n_kv * elem_bytes).max(1)).clamp(1, n_q.max(1))
 }
 
@@ -58,7 +64,13 @@ pub fn forward<I: Backend>(
     let mut lses = Vec::new();
     for start in (0..n_q).step_by(rows) {
         let end = (start + rows).min(n_q);
-        let s = block_scores(q.clone().slice([0..bh, start..end, 0..d]), &kt, scale, causal, start);
+        let s = block_scores(
+            q.clone().slice([0..bh, start..end, 0..d]),
+            &kt,
+            scale,
+            causal,
+            start,
+        );
         let m = s.clone().max_dim(2);
         let p = (s - m.clone()).exp();
         let l = p.clone().sum_dim(2);
@@ -219,25 +231,41 @@ mod tests {
             (1, 9, false, 1),
         ] {
             let t = |n: usize| {
-                Tensor::<A, 3>::random([3, n, 8], Distribution::Normal(0.0, 1.0), (&device, DType::F64))
-                    .require_grad()
+                Tensor::<A, 3>::random(
+                    [3, n, 8],
+                    Distribution::Normal(0.0, 1.0),
+                    (&device, DType::F64),
+                )
+                .require_grad()
             };
             let (q, k, v) = (t(n_q), t(n_kv), t(n_kv));
-            let g = Tensor::<A, 3>::random([3, n_q, 8], Distribution::Default, (&device, DType::F64));
+            let g =
+                Tensor::<A, 3>::random([3, n_q, 8], Distribution::Default, (&device, DType::F64));
             let scale = 1.0 / 8f64.sqrt();
             let ours = attention(q.clone(), k.clone(), v.clone(), scale, causal, rows);
-            let reference =
-                crate::tensor_ops::attention_head_major(q.clone(), k.clone(), v.clone(), scale, causal);
+            let reference = crate::tensor_ops::attention_head_major(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                scale,
+                causal,
+            );
             let diff = |a: Tensor<A, 3>, b: Tensor<A, 3>| -> f64 {
                 f64::from((a - b).abs().max().into_scalar())
             };
-            assert!(diff(ours.clone(), reference.clone()) < 1e-12, "values {n_q} {n_kv} {causal} {rows}");
+            assert!(
+                diff(ours.clone(), reference.clone()) < 1e-12,
+                "values {n_q} {n_kv} {causal} {rows}"
+            );
             let ga = (ours * g.clone()).sum().backward();
             let gb = (reference * g).sum().backward();
             for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
                 let (a, b) = (x.grad(&ga).unwrap(), x.grad(&gb).unwrap());
                 let d = f64::from((a - b).abs().max().into_scalar());
-                assert!(d < 1e-12, "d{name} off by {d} ({n_q} {n_kv} {causal} {rows})");
+                assert!(
+                    d < 1e-12,
+                    "d{name} off by {d} ({n_q} {n_kv} {causal} {rows})"
+                );
             }
         }
     }

@@ -48,15 +48,8 @@ pub fn attention<B: Backend>(
         .iter()
         .all(|d| *d == DType::F32);
     let [b, n_q, c] = q.dims();
-    let [bk, n_kv, ck] = k.dims();
-    let shapes_ok = heads > 0
-        && c % heads == 0
-        && bk == b
-        && ck == c
-        && v.dims() == k.dims()
-        && n_kv > 0
-        && (!causal || n_q == n_kv);
-    if !f32s || !shapes_ok {
+    let n_kv = k.dims()[1];
+    if !f32s || !crate::attention_shapes_ok(&q, &k, &v, heads, causal) {
         return Err((q, k, v));
     }
     let dims = Dims {

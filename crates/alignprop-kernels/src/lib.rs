@@ -43,6 +43,26 @@ pub(crate) fn cast<T: 'static, U: 'static>(t: T) -> U {
 pub type GroupNormInputs<B> = (Tensor<B, 3>, Tensor<B, 1>, Tensor<B, 1>);
 /// The inputs of [`Kernels::attention`], given back when the kernel does not apply.
 pub type AttentionInputs<B> = (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>);
+/// Whether `q` `[batch, n_q, heads * d]`, `k`, `v` `[batch, n_kv, heads * d]` are shapes the attention kernels
+/// take: `heads` divides the width, keys and values agree, at least one key, `n_q == n_kv` when causal.
+pub(crate) fn attention_shapes_ok<B: Backend>(
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 3>,
+    v: &Tensor<B, 3>,
+    heads: usize,
+    causal: bool,
+) -> bool {
+    let [b, n_q, c] = q.dims();
+    let [bk, n_kv, ck] = k.dims();
+    heads > 0
+        && c % heads == 0
+        && bk == b
+        && ck == c
+        && v.dims() == k.dims()
+        && n_kv > 0
+        && (!causal || n_q == n_kv)
+}
+
 /// The inputs of [`Kernels::conv2d_same`], given back when the kernel does not apply.
 pub type ConvInputs<B> = (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 1>>);
 
@@ -61,7 +81,9 @@ pub trait Kernels {
     }
 
     /// Softmax over the last dimension.
-    fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    fn softmax_last<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>, Tensor<B, D>> {
         Err(x)
     }
 
@@ -111,7 +133,9 @@ impl Kernels for FlexKernels {
     ) -> Result<Tensor<B, 3>, GroupNormInputs<B>> {
         flex::group_norm(x, gamma, beta, groups, eps)
     }
-    fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    fn softmax_last<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>, Tensor<B, D>> {
         flex::softmax_last(x)
     }
     fn attention<B: Backend>(
@@ -150,7 +174,9 @@ impl<K1: Kernels, K2: Kernels> Kernels for (K1, K2) {
         K1::group_norm(x, gamma, beta, groups, eps)
             .or_else(|(x, g, b)| K2::group_norm(x, g, b, groups, eps))
     }
-    fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    fn softmax_last<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>, Tensor<B, D>> {
         K1::softmax_last(x).or_else(K2::softmax_last)
     }
     fn attention<B: Backend>(
@@ -197,7 +223,11 @@ fn blockwise_on<I: Backend, B: Backend>(
     let d = c / heads;
     let elem = q.dtype().size();
     let split = |t: Tensor<B, 3>, n: usize| -> Tensor<Autodiff<I>, 3> {
-        cast(t.reshape([b, n, heads, d]).swap_dims(1, 2).reshape([b * heads, n, d]))
+        cast(
+            t.reshape([b, n, heads, d])
+                .swap_dims(1, 2)
+                .reshape([b * heads, n, d]),
+        )
     };
     let rows = blockwise_attention::block_rows(b * heads, n_q, n_kv, elem, budget);
     let out = blockwise_attention::attention(
@@ -223,27 +253,30 @@ impl Kernels for AutodiffKernels {
         scale: f32,
         causal: bool,
     ) -> Result<Tensor<B, 3>, AttentionInputs<B>> {
-        let [b, n_q, c] = q.dims();
-        let [bk, n_kv, ck] = k.dims();
-        let shapes_ok = heads > 0
-            && c % heads == 0
-            && bk == b
-            && ck == c
-            && v.dims() == k.dims()
-            && n_kv > 0
-            && (!causal || n_q == n_kv)
-            // The scale these ops use is 1 / sqrt(d), what every caller of this crate passes.
-            && (scale as f64 - 1.0 / ((c / heads.max(1)) as f64).sqrt()).abs() < 1e-6;
+        let c = q.dims()[2];
+        // The scale these ops use is 1 / sqrt(d), what every caller of this crate passes.
+        let shapes_ok = attention_shapes_ok(&q, &k, &v, heads, causal)
+            && (scale as f64 - 1.0 / ((c / heads) as f64).sqrt()).abs() < 1e-6;
         if !shapes_ok {
             return Err((q, k, v));
         }
         #[cfg(feature = "flex")]
         if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Flex>>() {
-            return Ok(blockwise_on::<burn::backend::Flex, B>((q, k, v), heads, causal, 16 << 20));
+            return Ok(blockwise_on::<burn::backend::Flex, B>(
+                (q, k, v),
+                heads,
+                causal,
+                16 << 20,
+            ));
         }
         #[cfg(feature = "cuda")]
         if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Cuda>>() {
-            return Ok(blockwise_on::<burn::backend::Cuda, B>((q, k, v), heads, causal, 256 << 20));
+            return Ok(blockwise_on::<burn::backend::Cuda, B>(
+                (q, k, v),
+                heads,
+                causal,
+                256 << 20,
+            ));
         }
         let _ = TypeId::of::<B>();
         Err((q, k, v))

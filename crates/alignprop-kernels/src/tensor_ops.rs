@@ -186,7 +186,8 @@ mod tests {
     #[test]
     fn half_precision_norms_compute_statistics_in_f32() {
         let device = Default::default();
-        let x32 = Tensor::<Flex, 3>::random([2, 4, 64], Distribution::Normal(1000.0, 400.0), &device);
+        let x32 =
+            Tensor::<Flex, 3>::random([2, 4, 64], Distribution::Normal(1000.0, 400.0), &device);
         let gamma = Tensor::<Flex, 1>::random([4], Distribution::Normal(1.0, 0.2), &device);
         let beta = Tensor::<Flex, 1>::random([4], Distribution::Normal(0.0, 0.2), &device);
         let expected = group_norm(x32.clone(), gamma.clone(), beta.clone(), 2, 1e-5);
@@ -198,9 +199,18 @@ mod tests {
         );
         for (dtype, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
             let half = |t: Tensor<Flex, 1>| t.cast(dtype);
-            let y = group_norm(x32.clone().cast(dtype), half(gamma.clone()), half(beta.clone()), 2, 1e-5);
+            let y = group_norm(
+                x32.clone().cast(dtype),
+                half(gamma.clone()),
+                half(beta.clone()),
+                2,
+                1e-5,
+            );
             assert_eq!(y.dtype(), dtype);
-            let err: f32 = (y.cast(DType::F32) - expected.clone()).abs().max().into_scalar();
+            let err: f32 = (y.cast(DType::F32) - expected.clone())
+                .abs()
+                .max()
+                .into_scalar();
             assert!(err < tol, "{dtype:?} group norm off by {err}");
             let y = layer_norm(
                 x32.clone().reshape([8, 64]).cast(dtype),
@@ -208,12 +218,23 @@ mod tests {
                 half(beta.clone().repeat_dim(0, 16)),
                 1e-5,
             );
-            let err: f32 = (y.cast(DType::F32) - ln_expected.clone()).abs().max().into_scalar();
+            let err: f32 = (y.cast(DType::F32) - ln_expected.clone())
+                .abs()
+                .max()
+                .into_scalar();
             assert!(err < tol, "{dtype:?} layer norm off by {err}");
         }
         // The same statistics in f16 itself overflow: what the f32 path avoids.
-        let x16 = Tensor::<Flex, 2>::from_data(TensorData::from([[0.0f32, 600.0]]), &device).cast(DType::F16);
-        let sq: f32 = (x16.clone() - x16.mean_dim(1)).square().sum().cast(DType::F32).into_scalar();
-        assert!(!sq.is_finite(), "f16 squares of 300 should overflow, got {sq}");
+        let x16 = Tensor::<Flex, 2>::from_data(TensorData::from([[0.0f32, 600.0]]), &device)
+            .cast(DType::F16);
+        let sq: f32 = (x16.clone() - x16.mean_dim(1))
+            .square()
+            .sum()
+            .cast(DType::F32)
+            .into_scalar();
+        assert!(
+            !sq.is_finite(),
+            "f16 squares of 300 should overflow, got {sq}"
+        );
     }
 }

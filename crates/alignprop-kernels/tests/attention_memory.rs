@@ -3,44 +3,15 @@
 //! probability for its backward, as burn-autodiff's own attention does) quadratically. One test in this binary, so
 //! no other test's allocations are counted.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use alignprop_kernels::{blockwise_attention, tensor_ops};
+use alignprop_testing::alloc::{Counting, peak_during};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, Distribution, Tensor};
-
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
 type A = Autodiff<Flex>;
-
-/// Peak heap bytes above the level at the start, while `f` runs.
-fn peak_during(f: impl FnOnce()) -> usize {
-    let base = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    f();
-    PEAK.load(Ordering::Relaxed) - base
-}
 
 #[test]
 fn blockwise_attention_memory_grows_linearly_naive_quadratically() {
@@ -52,15 +23,21 @@ fn blockwise_attention_memory_grows_linearly_naive_quadratically() {
     let mut naive = Vec::new();
     let sizes = [512usize, 1024, 2048];
     // Warm up (thread pools, first-use allocations) so that they are not counted in the first measurement.
-    let warm = Tensor::<A, 3>::random([bh, 64, d], Distribution::Default, (&device, DType::F64)).require_grad();
-    let _ = blockwise_attention::attention(warm.clone(), warm.clone(), warm.clone(), 0.25, false, 16)
-        .sum()
-        .backward();
+    let warm = Tensor::<A, 3>::random([bh, 64, d], Distribution::Default, (&device, DType::F64))
+        .require_grad();
+    let _ =
+        blockwise_attention::attention(warm.clone(), warm.clone(), warm.clone(), 0.25, false, 16)
+            .sum()
+            .backward();
     for n in sizes {
         let make = || {
             let t = || {
-                Tensor::<A, 3>::random([bh, n, d], Distribution::Normal(0.0, 1.0), (&device, DType::F64))
-                    .require_grad()
+                Tensor::<A, 3>::random(
+                    [bh, n, d],
+                    Distribution::Normal(0.0, 1.0),
+                    (&device, DType::F64),
+                )
+                .require_grad()
             };
             (t(), t(), t())
         };
@@ -68,18 +45,24 @@ fn blockwise_attention_memory_grows_linearly_naive_quadratically() {
         let rows = blockwise_attention::block_rows(bh, n, n, 8, budget);
         let (q, k, v) = make();
         ours.push(peak_during(|| {
-            let out = blockwise_attention::attention(q.clone(), k.clone(), v.clone(), scale, false, rows);
+            let out =
+                blockwise_attention::attention(q.clone(), k.clone(), v.clone(), scale, false, rows);
             let grads = out.sum().backward();
             let _ = (q.grad(&grads), k.grad(&grads), v.grad(&grads));
         }));
         let (q, k, v) = make();
         naive.push(peak_during(|| {
-            let out = tensor_ops::attention_head_major(q.clone(), k.clone(), v.clone(), scale, false);
+            let out =
+                tensor_ops::attention_head_major(q.clone(), k.clone(), v.clone(), scale, false);
             let grads = out.sum().backward();
             let _ = (q.grad(&grads), k.grad(&grads), v.grad(&grads));
         }));
     }
-    let mib = |v: &[usize]| v.iter().map(|b| format!("{:.1}", *b as f64 / (1 << 20) as f64)).collect::<Vec<_>>();
+    let mib = |v: &[usize]| {
+        v.iter()
+            .map(|b| format!("{:.1}", *b as f64 / (1 << 20) as f64))
+            .collect::<Vec<_>>()
+    };
     eprintln!(
         "peak MiB for {sizes:?} tokens: blockwise {:?}, tensor-op {:?}",
         mib(&ours),
@@ -88,8 +71,20 @@ fn blockwise_attention_memory_grows_linearly_naive_quadratically() {
     // 4x the tokens: the blockwise peak at most 4x (linear: q, k, v, the output and their gradients, plus one
     // bounded block; here it hardly grows), the tensor-op peak at least 8x (the [bh, n, n] probabilities: 16x,
     // less its fixed part).
-    let (g_ours, g_naive) = (ours[2] as f64 / ours[0] as f64, naive[2] as f64 / naive[0] as f64);
-    assert!(g_ours <= 4.0, "blockwise peak grew {g_ours:.2}x for 4x the tokens: {ours:?}");
-    assert!(g_naive >= 8.0, "tensor-op peak grew only {g_naive:.2}x for 4x the tokens: {naive:?}");
-    assert!(ours[2] * 4 < naive[2], "blockwise {ours:?} vs tensor-op {naive:?}");
+    let (g_ours, g_naive) = (
+        ours[2] as f64 / ours[0] as f64,
+        naive[2] as f64 / naive[0] as f64,
+    );
+    assert!(
+        g_ours <= 4.0,
+        "blockwise peak grew {g_ours:.2}x for 4x the tokens: {ours:?}"
+    );
+    assert!(
+        g_naive >= 8.0,
+        "tensor-op peak grew only {g_naive:.2}x for 4x the tokens: {naive:?}"
+    );
+    assert!(
+        ours[2] * 4 < naive[2],
+        "blockwise {ours:?} vs tensor-op {naive:?}"
+    );
 }

@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use burn::tensor::{Tensor, TensorData};
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use image::{Rgb, RgbImage};
 
 /// `[batch, 3, height, width]` images in `[-1, 1]` (VAE output) to 8-bit RGB pictures, exactly as diffusers'

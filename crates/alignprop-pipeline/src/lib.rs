@@ -9,9 +9,9 @@ pub mod noise;
 pub mod sd;
 
 pub use noise::NoiseRng;
-/// This crate's error ([`PipelineError`]): every error of the crates below converts into it with `?`.
-pub use sd::{PipelineError as Error, Result};
 pub use sd::{
     Conditioning, PipelineError, SampleOptions, SampleOutput, StableDiffusion, denoise,
     guided_noise,
 };
+/// This crate's error ([`PipelineError`]): every error of the crates below converts into it with `?`.
+pub use sd::{PipelineError as Error, Result};

@@ -6,10 +6,10 @@
 use std::path::Path;
 
 use alignprop_diffusion::clip::CLIPTextModel;
-use alignprop_io::pipeline_files::read_json;
 use alignprop_diffusion::tokenizer::CLIPTokenizer;
 use alignprop_diffusion::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use alignprop_diffusion::vae::AutoencoderKL;
+use alignprop_io::pipeline_files::read_json;
 use alignprop_schedulers::{AnyScheduler, Scheduler, SchedulerConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};

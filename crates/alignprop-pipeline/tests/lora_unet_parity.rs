@@ -1,10 +1,10 @@
 //! LoRA on the UNet against diffusers/peft (`refs/lora_unet.safetensors`): the peft file applied at scale 1 and
 //! 0.5, merged, extracted back; fresh adapters start at the base model; SD1.5's parameter count at rank 4.
 
-use alignprop_testing::{assert_close, ref_int_on, ref_tensor_on, refs, tiny_sd};
 use alignprop_diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use alignprop_io::weights::VarBuilder;
 use alignprop_lora::{LoraConfig, LoraWeights};
+use alignprop_testing::{assert_close, ref_int_on, ref_tensor_on, refs, tiny_sd};
 use burn::tensor::{DType, Tensor};
 
 type B = burn::backend::Flex;
@@ -138,10 +138,8 @@ fn half_precision_base_keeps_f32_adapters_and_trains_them() {
     );
     assert_eq!(out.dtype(), DType::BF16);
     // bf16 keeps ~3 significant digits: the output is still close to the f32 LoRA reference.
-    let (rel, _) = alignprop_testing::rel_err(
-        out.clone().inner().cast(DType::F32),
-        expected("out"),
-    );
+    let (rel, _) =
+        alignprop_testing::rel_err(out.clone().inner().cast(DType::F32), expected("out"));
     assert!(rel < 3e-2, "bf16 LoRA UNet rel err {rel:e}");
     let grads = out.cast(DType::F32).sum().backward();
     let g = l

@@ -2,11 +2,11 @@
 //! `StableDiffusionPipeline` (`refs/sample.safetensors`), step by step, then the decoded image and its 8-bit PNG
 //! conversion.
 
-use alignprop_testing::{assert_close, ref_int_on, ref_tensor_on, refs, tiny_sd};
 use alignprop_io::weights::TensorSource;
 use alignprop_pipeline::images::to_rgb8;
 use alignprop_pipeline::{Conditioning, StableDiffusion, guided_noise};
 use alignprop_schedulers::{DdimScheduler, Scheduler};
+use alignprop_testing::{assert_close, ref_int_on, ref_tensor_on, refs, tiny_sd};
 use burn::tensor::{DType, Tensor};
 
 type B = burn::backend::Flex;

@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use alignprop_testing::tiny_sd;
 use alignprop_pipeline::StableDiffusion;
+use alignprop_testing::tiny_sd;
 use burn::tensor::{DType, Int, Tensor};
 
 type B = burn::backend::Flex;
@@ -81,8 +81,7 @@ fn folder_without_tokenizer_loads_and_tokenizes_as_with_it() {
         prompts: Vec<Prompt>,
     }
     let refs: Refs =
-        alignprop_io::pipeline_files::read_json(&tiny_sd().join("refs/tokenizer.json"))
-            .unwrap();
+        alignprop_io::pipeline_files::read_json(&tiny_sd().join("refs/tokenizer.json")).unwrap();
     let long = "a very long prompt that goes on and on ".repeat(12);
     let mut prompts: Vec<&str> = refs.prompts.iter().map(|p| p.prompt.as_str()).collect();
     assert_eq!(prompts.len(), 15);

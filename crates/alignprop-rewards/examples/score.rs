@@ -8,10 +8,10 @@
 //!     /models/sac+logos+ava1-l14-linearMSE.pth a.png b.png
 //! ```
 
-use alignprop_rewards::Reward;
-use alignprop_rewards::aesthetic::AestheticScorer;
 use alignprop_pipeline::images::load_image;
 use alignprop_rewards::Brightness;
+use alignprop_rewards::Reward;
+use alignprop_rewards::aesthetic::AestheticScorer;
 use burn::tensor::DType;
 
 type B = burn::backend::Flex;

@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use alignprop_io::VarBuilder;
 use alignprop_diffusion::nn::Linear;
+use alignprop_io::VarBuilder;
 use alignprop_io::weights::{Result, SafetensorsSource, TensorSource, WeightError};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
@@ -80,7 +80,12 @@ pub struct AestheticScorer<B: Backend> {
 
 impl<B: Backend> AestheticScorer<B> {
     /// `clip_folder`: a transformers `CLIPVisionModelWithProjection` folder; `mlp`: the head as safetensors.
-    pub fn load(clip_folder: impl AsRef<Path>, mlp: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+    pub fn load(
+        clip_folder: impl AsRef<Path>,
+        mlp: impl AsRef<Path>,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let clip_folder = clip_folder.as_ref();
         let mlp = mlp.as_ref();
         Ok(Self {

@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use alignprop_io::VarBuilder;
 use alignprop_diffusion::clip::{CLIPActivation, CLIPEncoder, CLIPEncoderDims};
 use alignprop_diffusion::nn::{LayerNorm, param};
+use alignprop_io::VarBuilder;
 use alignprop_io::pipeline_files::{component_weights, read_json};
 use alignprop_io::weights::{Init, Result, WeightError};
 use burn::module::{Module, Param};

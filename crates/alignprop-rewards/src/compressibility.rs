@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use alignprop_io::VarBuilder;
 use alignprop_diffusion::nn::Linear;
+use alignprop_io::VarBuilder;
 use alignprop_io::weights::{
     Result, SafetensorsSource, TensorSource, WeightError, write_safetensors,
 };
@@ -93,10 +93,7 @@ impl<B: Backend> CompressibilityHead<B> {
 }
 
 /// The L2-normalised CLIP embedding of decoded images `[b, 3, H, W]` in `[-1, 1]` -> `[b, embed]`.
-pub fn clip_embedding<B: Backend>(
-    clip: &CLIPVisionModel<B>,
-    images: Tensor<B, 4>,
-) -> Tensor<B, 2> {
+pub fn clip_embedding<B: Backend>(clip: &CLIPVisionModel<B>, images: Tensor<B, 4>) -> Tensor<B, 2> {
     let px = clip_preprocess(images, clip.image_size, CLIP_MEAN, CLIP_STD);
     let emb = clip.forward(px);
     let norm = emb.clone().square().sum_dim(1).sqrt();
@@ -112,7 +109,12 @@ pub struct CompressibilityScorer<B: Backend> {
 
 impl<B: Backend> CompressibilityScorer<B> {
     /// `clip_folder`: a transformers CLIP vision folder; `head`: a file written by [`save_head`].
-    pub fn load(clip_folder: impl AsRef<Path>, head: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+    pub fn load(
+        clip_folder: impl AsRef<Path>,
+        head: impl AsRef<Path>,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let clip_folder = clip_folder.as_ref();
         let head = head.as_ref();
         Ok(Self {

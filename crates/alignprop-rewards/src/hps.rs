@@ -15,8 +15,8 @@
 
 use std::path::Path;
 
-use alignprop_io::VarBuilder;
 use alignprop_diffusion::tokenizer::CLIPTokenizer;
+use alignprop_io::VarBuilder;
 use alignprop_io::weights::Result;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};

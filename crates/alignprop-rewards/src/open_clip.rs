@@ -25,16 +25,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use alignprop_io::VarBuilder;
 use alignprop_diffusion::clip::{
     CLIPActivation, CLIPAttention, CLIPEncoder, CLIPEncoderLayer, CLIPMlp, CLIPTextEmbeddings,
     CLIPTextModel,
 };
 use alignprop_diffusion::nn::{LayerNorm, Linear, param};
+use alignprop_io::VarBuilder;
 use alignprop_io::pipeline_files::read_json;
-use alignprop_io::weights::{
-    Init, Renamed, Result, SafetensorsSource, TensorSource, WeightError,
-};
+use alignprop_io::weights::{Init, Renamed, Result, SafetensorsSource, TensorSource, WeightError};
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};

@@ -22,11 +22,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use alignprop_io::VarBuilder;
 use alignprop_diffusion::clip::{CLIPTextConfig, CLIPTextModel};
 use alignprop_diffusion::nn::{Linear, param};
-use alignprop_io::pipeline_files::component_weights;
 use alignprop_diffusion::tokenizer::CLIPTokenizer;
+use alignprop_io::VarBuilder;
+use alignprop_io::pipeline_files::component_weights;
 use alignprop_io::weights::{Init, Result, SafetensorsSource, TensorSource, WeightError};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
@@ -37,8 +37,8 @@ use crate::Reward;
 use crate::clip_vision::{CLIPVisionConfig, CLIPVisionModel};
 use crate::hps::cosine_rows;
 use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess_center_crop};
-use alignprop_io::pth::PthSource;
 use crate::text::{check_prompts, load_tokenizer, needs_prompts, prompt_ids};
+use alignprop_io::pth::PthSource;
 
 /// transformers' `CLIPConfig` as read from a `config.json`: the two tower configs (with transformers' defaults for
 /// keys a file leaves out, and any `text_config_dict` / `vision_config_dict` of old files applied on top) and the
@@ -157,7 +157,7 @@ pub struct PickScorer<B: Backend> {
 /// The tensors of a `CLIPModel` folder or file: `model.safetensors` (or sharded, or fp16 variants), else
 /// `pytorch_model.bin` (read without executing pickle code); a file path is opened as it is.
 pub fn clip_model_weights(path: impl AsRef<Path>) -> Result<Arc<dyn TensorSource>> {
-        let path = path.as_ref();
+    let path = path.as_ref();
     let pickle = |p: &Path| {
         p.extension()
             .is_some_and(|e| ["bin", "pt", "pth"].iter().any(|x| e == *x))
@@ -184,11 +184,7 @@ pub fn clip_model_weights(path: impl AsRef<Path>) -> Result<Arc<dyn TensorSource
 
 impl<B: Backend> PickScorer<B> {
     /// Builds from `vb` at the root of a `CLIPModel` state dict.
-    pub fn new(
-        cfg: &CLIPConfig,
-        vb: &VarBuilder<B>,
-        tokenizer: CLIPTokenizer,
-    ) -> Result<Self> {
+    pub fn new(cfg: &CLIPConfig, vb: &VarBuilder<B>, tokenizer: CLIPTokenizer) -> Result<Self> {
         let t = &cfg.text_config;
         Ok(Self {
             vision: CLIPVisionModel::new(&cfg.vision_config, vb)?,

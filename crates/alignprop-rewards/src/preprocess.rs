@@ -70,7 +70,9 @@ pub fn resize_bilinear<B: Backend>(images: Tensor<B, 4>, size: [usize; 2]) -> Te
         x
     } else {
         let r = linear_interpolation_matrix(w, out_w);
-        let rt: Vec<f64> = (0..w * out_w).map(|k| r[(k % out_w) * w + k / out_w]).collect();
+        let rt: Vec<f64> = (0..w * out_w)
+            .map(|k| r[(k % out_w) * w + k / out_w])
+            .collect();
         x.matmul(tensor(rt, [w, out_w]))
     };
     // Along the height: `[out_h, h] x [h, out_w]` for each of the `b * c` planes.
@@ -169,14 +171,18 @@ mod tests {
         ] {
             let x = Tensor::<A, 4>::random([2, 3, h, w], Distribution::Normal(0.0, 1.0), &device)
                 .require_grad();
-            let g = Tensor::<A, 4>::random([2, 3, size[0], size[1]], Distribution::Default, &device);
+            let g =
+                Tensor::<A, 4>::random([2, 3, size[0], size[1]], Distribution::Default, &device);
             let ours = resize_bilinear(x.clone(), size);
             let options = InterpolateOptions {
                 mode: InterpolateMode::Bilinear,
                 align_corners: false,
             };
             let theirs = interpolate(x.clone(), size, options);
-            assert!(max_abs(ours.clone(), theirs.clone()) < 1e-5, "{h}x{w} -> {size:?} values");
+            assert!(
+                max_abs(ours.clone(), theirs.clone()) < 1e-5,
+                "{h}x{w} -> {size:?} values"
+            );
             let gx_ours = x.grad(&(ours * g.clone()).sum().backward()).unwrap();
             let gx_theirs = x.grad(&(theirs * g).sum().backward()).unwrap();
             let d = (gx_ours - gx_theirs).abs().max().into_scalar();

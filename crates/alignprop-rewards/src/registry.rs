@@ -239,7 +239,14 @@ pub fn reward_kinds<B: Backend>() -> Vec<RewardKind<B>> {
                 },
             ],
             false,
-            Scorer::Reward(|f, d, t| clip_and_head(|c: &Path, m: &Path, d, t| AestheticScorer::load(c, m, d, t), f, d, t)),
+            Scorer::Reward(|f, d, t| {
+                clip_and_head(
+                    |c: &Path, m: &Path, d, t| AestheticScorer::load(c, m, d, t),
+                    f,
+                    d,
+                    t,
+                )
+            }),
         ),
         kind(
             "compressibility",
@@ -254,7 +261,14 @@ pub fn reward_kinds<B: Backend>() -> Vec<RewardKind<B>> {
                 },
             ],
             false,
-            Scorer::Reward(|f, d, t| clip_and_head(|c: &Path, m: &Path, d, t| CompressibilityScorer::load(c, m, d, t), f, d, t)),
+            Scorer::Reward(|f, d, t| {
+                clip_and_head(
+                    |c: &Path, m: &Path, d, t| CompressibilityScorer::load(c, m, d, t),
+                    f,
+                    d,
+                    t,
+                )
+            }),
         ),
         kind("jpeg", &[], false, Scorer::JpegSize),
         kind(

@@ -11,7 +11,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 /// Loads the tokenizer of a folder (`tokenizer.json`, or `vocab.json` + `merges.txt`; see
 /// [`CLIPTokenizer::from_folder`]), as a weight error naming the folder.
 pub fn load_tokenizer(dir: impl AsRef<Path>) -> Result<CLIPTokenizer> {
-        let dir = dir.as_ref();
+    let dir = dir.as_ref();
     CLIPTokenizer::from_folder(dir).map_err(|e| WeightError::Config {
         path: dir.to_path_buf(),
         msg: format!("cannot load the CLIP tokenizer: {e}"),
@@ -20,7 +20,7 @@ pub fn load_tokenizer(dir: impl AsRef<Path>) -> Result<CLIPTokenizer> {
 
 /// Whether `dir` holds tokenizer files.
 pub fn has_tokenizer(dir: impl AsRef<Path>) -> bool {
-        let dir = dir.as_ref();
+    let dir = dir.as_ref();
     dir.join("tokenizer.json").is_file()
         || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file())
 }

@@ -10,8 +10,8 @@
 
 use std::path::Path;
 
-use alignprop_io::VarBuilder;
 use alignprop_diffusion::nn::Linear;
+use alignprop_io::VarBuilder;
 use alignprop_io::pipeline_files::read_json;
 use alignprop_io::weights::{Init, Result};
 use burn::module::{Module, Param};

@@ -4,10 +4,10 @@
 
 use std::path::PathBuf;
 
-use alignprop_testing::{ref_tensor_on, rel_err};
 use alignprop_io::weights::SafetensorsSource;
 use alignprop_rewards::aesthetic::AestheticScorer;
 use alignprop_rewards::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess};
+use alignprop_testing::{ref_tensor_on, rel_err};
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor};
 
@@ -97,8 +97,8 @@ fn wrong_head_file_is_a_clear_error() {
 
 #[test]
 fn laion_style_pth_head_loads_and_converts() {
-    use alignprop_testing::values;
     use alignprop_rewards::aesthetic::AestheticMlp;
+    use alignprop_testing::values;
     let d = Default::default();
     let pth = dir().join("aesthetic/mlp.pth");
     let st = dir().join("aesthetic/mlp.safetensors");
@@ -132,8 +132,8 @@ fn laion_style_pth_head_loads_and_converts() {
 #[test]
 #[ignore = "full-size ViT-L/14: ~1.2 GB of random weights and a slow CPU forward"]
 fn real_vit_l14_aesthetic_config_builds_and_runs() {
-    use alignprop_io::VarBuilder;
     use alignprop_diffusion::nn::Linear;
+    use alignprop_io::VarBuilder;
     use alignprop_rewards::aesthetic::{AestheticMlp, LAION_LINEAR_INDICES};
     use alignprop_rewards::clip_vision::{CLIPVisionConfig, CLIPVisionModel};
     use burn::module::Module;

@@ -9,17 +9,17 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use alignprop_io::VarBuilder;
-use alignprop_testing::{ref_int_on, ref_tensor_on, ref_values, rel_err, values};
 use alignprop_io::weights::{SafetensorsSource, TensorSource};
 use alignprop_rewards::Reward;
 use alignprop_rewards::hps::HpsScorer;
 use alignprop_rewards::open_clip::{OpenClipConfig, open_weights};
 use alignprop_rewards::pickscore::{CLIPConfig, PickScorer};
 use alignprop_rewards::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess_center_crop};
+use alignprop_rewards::text::{load_tokenizer, prompt_ids};
 use alignprop_testing::prompt_reward::{
     PromptRewardModels, tiny_prompt_reward, write_prompt_reward_models,
 };
-use alignprop_rewards::text::{load_tokenizer, prompt_ids};
+use alignprop_testing::{ref_int_on, ref_tensor_on, ref_values, rel_err, values};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
@@ -325,9 +325,7 @@ fn loading_errors_name_the_file_and_the_problem() {
     );
     // A CLIPVisionModel config is not a CLIPModel config.
     let vis_cfg = dir().join("../tiny-reward/clip_vision/config.json");
-    let e = CLIPConfig::from_file(&vis_cfg)
-        .unwrap_err()
-        .to_string();
+    let e = CLIPConfig::from_file(&vis_cfg).unwrap_err().to_string();
     assert!(e.contains("not a CLIPModel config"), "{e}");
 }
 

@@ -1,9 +1,9 @@
 //! The preprocessing and the tiny reward against PyTorch (`refs/resize.safetensors`,
 //! `refs/alignprop_grad.safetensors`), in float32 and float64.
 
-use alignprop_testing::{ref_tensor_on, refs, rel_err, tiny_sd};
 use alignprop_rewards::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess, resize_bilinear};
 use alignprop_rewards::tiny::TinyReward;
+use alignprop_testing::{ref_tensor_on, refs, rel_err, tiny_sd};
 use burn::tensor::{DType, Tensor};
 
 type B = burn::backend::Flex;

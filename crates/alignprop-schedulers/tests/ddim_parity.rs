@@ -1,8 +1,8 @@
 //! DDIM against diffusers' DDIMScheduler (`tests/fixtures/tiny-sd/refs/ddim.safetensors`).
 
-use alignprop_testing::{ref_tensor_on, ref_values, rel_err, tiny_sd};
 use alignprop_io::weights::SafetensorsSource;
 use alignprop_schedulers::{DdimScheduler, Scheduler, SchedulerConfig};
+use alignprop_testing::{ref_tensor_on, ref_values, rel_err, tiny_sd};
 use burn::tensor::{DType, Tensor};
 
 type B = burn::backend::Flex;

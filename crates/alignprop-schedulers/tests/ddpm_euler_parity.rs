@@ -1,8 +1,8 @@
 //! DDPM and Euler ancestral against diffusers' `DDPMScheduler` / `EulerAncestralDiscreteScheduler`
 //! (`refs/schedulers.safetensors`, made by `xtask/fixtures/make_scheduler_refs.py`), in f32 and f64.
 
-use alignprop_testing::{ref_tensor_on, ref_values, refs, rel_err, tiny_sd};
 use alignprop_schedulers::{AnyScheduler, Scheduler, SchedulerConfig};
+use alignprop_testing::{ref_tensor_on, ref_values, refs, rel_err, tiny_sd};
 use burn::tensor::{DType, Tensor};
 
 type B = burn::backend::Flex;

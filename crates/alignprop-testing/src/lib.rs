@@ -1,8 +1,9 @@
 //! Helpers for parity tests against the PyTorch reference fixtures (`tests/fixtures/tiny-sd`, made by
 //! `xtask/fixtures/make_fixtures.py`): fixture paths, reference tensors, error measures. Used by the tests of
 //! every crate of the workspace (as a dev-dependency); handy for users checking their own ports too.
-//! [`prompt_reward`]: the tiny HPSv2 / PickScore fixture models (`tests/fixtures/tiny-prompt-reward`).
+//! [`alloc`]: a counting allocator for memory tests. [`prompt_reward`]: the tiny HPSv2 / PickScore fixture models (`tests/fixtures/tiny-prompt-reward`).
 
+pub mod alloc;
 pub mod prompt_reward;
 
 use std::path::PathBuf;

@@ -42,7 +42,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = NoiseRng::new(0);
     let latent = sd.default_image_size() / sd.vae_factor();
     // `x_T`: `[1, 4, h/8, w/8]`.
-    let x_t: Tensor<I, 4> = rng.normal_tensor([1, sd.unet.in_channels(), latent, latent], &device, DType::F32);
+    let x_t: Tensor<I, 4> = rng.normal_tensor(
+        [1, sd.unet.in_channels(), latent, latent],
+        &device,
+        DType::F32,
+    );
     let grad_steps = Truncation::Fixed { k: 1 }.grad_steps(steps, &mut rng);
     let out = trajectory(TrajectoryInput {
         unet: &sd.unet,

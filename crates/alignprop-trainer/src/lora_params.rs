@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use alignprop_diffusion::nn::LoraAdapter;
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use burn::module::Param;
-use burn::tensor::{DType, Tensor};
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Tensor};
 
 /// Gradients (or any per-tensor values) of the LoRA tensors, keyed by peft-style names
 /// (`<module>.lora_A.weight` for `down`, `<module>.lora_B.weight` for `up`).
@@ -264,7 +264,10 @@ mod norm_tests {
             tensors: values
                 .iter()
                 .map(|(k, v, dtype)| {
-                    let t = Tensor::<Flex, 2>::from_data(TensorData::new(v.clone(), [1, v.len()]), &device);
+                    let t = Tensor::<Flex, 2>::from_data(
+                        TensorData::new(v.clone(), [1, v.len()]),
+                        &device,
+                    );
                     (k.to_string(), t.cast(*dtype))
                 })
                 .collect(),
@@ -273,12 +276,18 @@ mod norm_tests {
 
     #[test]
     fn global_norm_and_finiteness_in_one_read() {
-        let g = grads(&[("a", vec![3.0, 0.0], DType::F32), ("b", vec![4.0], DType::F32)]);
+        let g = grads(&[
+            ("a", vec![3.0, 0.0], DType::F32),
+            ("b", vec![4.0], DType::F32),
+        ]);
         assert!((g.norm() - 5.0).abs() < 1e-6);
         assert!(g.all_finite());
         assert_eq!(LoraGrads::<Flex>::default().norm(), 0.0);
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            let g = grads(&[("a", vec![1.0, 2.0], DType::F32), ("b", vec![bad], DType::F32)]);
+            let g = grads(&[
+                ("a", vec![1.0, 2.0], DType::F32),
+                ("b", vec![bad], DType::F32),
+            ]);
             assert!(!g.all_finite(), "{bad} not found");
         }
         // f16 gradients whose squares overflow f16 (300^2 > 65504) still have a finite norm (summed in f32).

@@ -275,7 +275,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                 what: "LoRA gradient".into(),
             });
         }
-        let grad_norm = self.optimizer.step_with_norm(&mut self.sd.unet, acc, grad_norm);
+        let grad_norm = self
+            .optimizer
+            .step_with_norm(&mut self.sd.unet, acc, grad_norm);
         self.step += 1;
         let (reward_mean, reward_std) = mean_std(&scores);
         let time_s = t0.elapsed().as_secs_f64();

@@ -3,15 +3,13 @@
 //! noise, VAE decode, tiny reward; objective J = mean reward), for the full chain and for K = 1, in float64 and
 //! float32.
 
-use alignprop_testing::{
-    ref_tensor_on, ref_values, refs, rel_err_values, tiny_sd, values,
-};
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_lora::LoraWeights;
 use alignprop_pipeline::Conditioning;
 use alignprop_rewards::tiny::TinyReward;
 use alignprop_schedulers::{DdimScheduler, SchedulerConfig};
+use alignprop_testing::{ref_tensor_on, ref_values, refs, rel_err_values, tiny_sd, values};
 use alignprop_trainer::{TrajectoryInput, Truncation, trajectory};
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor};

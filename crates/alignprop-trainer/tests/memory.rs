@@ -2,51 +2,22 @@
 //! (beyond the stored latents), while the plain full-graph backward grows linearly. Measured as peak heap bytes
 //! with a counting allocator on the CPU backend. (Timing is never asserted; see the benchmarks.)
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use alignprop_testing::tiny_sd;
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_pipeline::{Conditioning, NoiseRng};
 use alignprop_rewards::brightness::brightness;
 use alignprop_schedulers::{DdimScheduler, SchedulerConfig};
+use alignprop_testing::alloc::{Counting, peak_during};
+use alignprop_testing::tiny_sd;
 use alignprop_trainer::{TrajectoryInput, Truncation, trajectory, trajectory_full_graph};
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor};
-
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
 type I = burn::backend::Flex;
 type A = Autodiff<I>;
-
-/// Peak heap bytes above the level at the start of `f`.
-fn peak_during(f: impl FnOnce()) -> usize {
-    let base = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    f();
-    PEAK.load(Ordering::Relaxed) - base
-}
 
 #[test]
 fn checkpointed_memory_is_flat_in_k_full_graph_is_not() {
