@@ -12,7 +12,7 @@
 use std::process::ExitCode;
 
 use alignprop_bench::{default_iters, measure, names, peak_rss_mib, prepare};
-use alignprop_device::{self as device, CpuAutodiff, CudaAutodiff, DeviceChoice};
+use alignprop_device::{self as device, CpuAutodiff, CudaAutodiff, DeviceChoice, WgpuAutodiff};
 
 struct Args {
     workload: Option<String>,
@@ -120,6 +120,10 @@ fn main() -> ExitCode {
         DeviceChoice::Cpu => run::<CpuAutodiff>(&name, &Default::default(), warmup, iters),
         DeviceChoice::Cuda(i) => match device::cuda_device(i) {
             Ok(d) => run::<CudaAutodiff>(&name, &d, warmup, iters),
+            Err(e) => Err(e),
+        },
+        DeviceChoice::Wgpu(i) => match device::wgpu_device(i) {
+            Ok(d) => run::<WgpuAutodiff>(&name, &d, warmup, iters),
             Err(e) => Err(e),
         },
     };

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use alignprop_device::{Cpu, Cuda, DeviceChoice, cuda_device};
+use alignprop_device::{Cpu, Cuda, DeviceChoice, Wgpu, cuda_device, wgpu_device};
 use alignprop_lora::LoraWeights;
 use alignprop_pipeline::{SampleOptions, StableDiffusion};
 use alignprop_rewards::Reward;
@@ -73,7 +73,7 @@ pub struct EvalArgs {
     /// Write the scores as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// cpu, cuda or cuda:N (default: CUDA when a GPU is present, else CPU).
+    /// cpu, cuda, cuda:N, wgpu or wgpu:N (any Vulkan / Metal / DX12 GPU; default: CUDA when a GPU is present, else CPU).
     #[arg(long, value_parser = crate::parse_device)]
     pub device: Option<DeviceChoice>,
 }
@@ -85,6 +85,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     match crate::resolve_device(args.device) {
         DeviceChoice::Cpu => eval::<Cpu>(&args, &Default::default()),
         DeviceChoice::Cuda(i) => eval::<Cuda>(&args, &cuda_device(i).map_err(anyhow::Error::msg)?),
+        DeviceChoice::Wgpu(i) => eval::<Wgpu>(&args, &wgpu_device(i).map_err(anyhow::Error::msg)?),
     }
 }
 

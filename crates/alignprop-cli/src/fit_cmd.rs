@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use alignprop_device::{Cpu, Cuda, DeviceChoice, cuda_device};
+use alignprop_device::{Cpu, Cuda, DeviceChoice, Wgpu, cuda_device, wgpu_device};
 use alignprop_rewards::clip_vision::CLIPVisionModel;
 use alignprop_rewards::compressibility::{
     JPEG_QUALITY, clip_embedding, fit_head, jpeg_size_kib, save_head,
@@ -37,7 +37,7 @@ pub struct FitArgs {
     pub lr: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu, cuda or cuda:N (default: CUDA when a GPU is present, else CPU).
+    /// cpu, cuda, cuda:N, wgpu or wgpu:N (any Vulkan / Metal / DX12 GPU; default: CUDA when a GPU is present, else CPU).
     #[arg(long, value_parser = crate::parse_device)]
     pub device: Option<DeviceChoice>,
 }
@@ -52,6 +52,7 @@ pub fn run(args: FitArgs) -> Result<()> {
     match crate::resolve_device(args.device) {
         DeviceChoice::Cpu => fit::<Cpu>(&args, &Default::default()),
         DeviceChoice::Cuda(i) => fit::<Cuda>(&args, &cuda_device(i).map_err(anyhow::Error::msg)?),
+        DeviceChoice::Wgpu(i) => fit::<Wgpu>(&args, &wgpu_device(i).map_err(anyhow::Error::msg)?),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use alignprop_device::{Cpu, Cuda, DeviceChoice, cuda_device};
+use alignprop_device::{Cpu, Cuda, DeviceChoice, Wgpu, cuda_device, wgpu_device};
 use alignprop_lora::LoraWeights;
 use alignprop_pipeline::images::{grid, save_png, to_rgb8};
 use alignprop_pipeline::{SampleOptions, StableDiffusion};
@@ -60,7 +60,7 @@ pub struct SampleArgs {
     /// Images generated per model call.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
-    /// cpu, cuda or cuda:N (default: CUDA when a GPU is present, else CPU).
+    /// cpu, cuda, cuda:N, wgpu or wgpu:N (any Vulkan / Metal / DX12 GPU; default: CUDA when a GPU is present, else CPU).
     #[arg(long, value_parser = crate::parse_device)]
     pub device: Option<DeviceChoice>,
     /// f32, f16 or bf16 (half precision needs a GPU).
@@ -113,6 +113,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
         DeviceChoice::Cuda(i) => {
             let device = cuda_device(i).map_err(anyhow::Error::msg)?;
             sample::<Cuda>(&args, &device, dtype)
+        }
+        DeviceChoice::Wgpu(i) => {
+            let device = wgpu_device(i).map_err(anyhow::Error::msg)?;
+            sample::<Wgpu>(&args, &device, dtype)
         }
     }
 }

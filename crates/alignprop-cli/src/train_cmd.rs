@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use alignprop_device::{Cpu, Cuda, DeviceChoice, cuda_device};
+use alignprop_device::{Cpu, Cuda, DeviceChoice, Wgpu, cuda_device, wgpu_device};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use alignprop_trainer::{RunEnd, TrainConfig};
@@ -28,7 +28,7 @@ pub struct TrainArgs {
     /// numbers as an uninterrupted run).
     #[arg(long)]
     pub resume: bool,
-    /// cpu, cuda or cuda:N (default: CUDA when a GPU is present, else CPU).
+    /// cpu, cuda, cuda:N, wgpu or wgpu:N (any Vulkan / Metal / DX12 GPU; default: CUDA when a GPU is present, else CPU).
     #[arg(long, value_parser = crate::parse_device)]
     pub device: Option<DeviceChoice>,
 }
@@ -101,6 +101,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         DeviceChoice::Cuda(i) => {
             let d = cuda_device(i).map_err(anyhow::Error::msg)?;
             train::<Autodiff<Cuda>>(cfg, &d, args.resume)
+        }
+        DeviceChoice::Wgpu(i) => {
+            let d = wgpu_device(i).map_err(anyhow::Error::msg)?;
+            train::<Autodiff<Wgpu>>(cfg, &d, args.resume)
         }
     }
 }

@@ -15,12 +15,19 @@ pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
 pub type Cuda = burn::backend::Cuda;
 /// The CUDA backend with autodiff.
 pub type CudaAutodiff = burn::backend::Autodiff<Cuda>;
+/// burn's wgpu backend (Vulkan, Metal, DX12): any GPU with a driver for one of them; the same cube-backend kernels
+/// as CUDA.
+pub type Wgpu = burn::backend::Wgpu;
+/// The wgpu backend with autodiff.
+pub type WgpuAutodiff = burn::backend::Autodiff<Wgpu>;
 
-/// Which device a command runs on, as given on the command line: `cpu`, `cuda` or `cuda:N`.
+/// Which device a command runs on, as given on the command line: `cpu`, `cuda`, `cuda:N`, `wgpu` or `wgpu:N`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
     Cpu,
     Cuda(usize),
+    /// The N-th adapter wgpu reports (in [`wgpu_adapters`]' order).
+    Wgpu(usize),
 }
 
 impl FromStr for DeviceChoice {
@@ -29,12 +36,17 @@ impl FromStr for DeviceChoice {
         match s {
             "cpu" => Ok(Self::Cpu),
             "cuda" | "gpu" => Ok(Self::Cuda(0)),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(i)) => Ok(Self::Cuda(i)),
-                _ => Err(format!(
-                    "unknown device '{s}' (expected cpu, cuda or cuda:N)"
-                )),
-            },
+            "wgpu" => Ok(Self::Wgpu(0)),
+            _ => {
+                let index = |prefix: &str| s.strip_prefix(prefix).map(str::parse::<usize>);
+                match (index("cuda:"), index("wgpu:")) {
+                    (Some(Ok(i)), _) => Ok(Self::Cuda(i)),
+                    (_, Some(Ok(i))) => Ok(Self::Wgpu(i)),
+                    _ => Err(format!(
+                        "unknown device '{s}' (expected cpu, cuda, cuda:N, wgpu or wgpu:N)"
+                    )),
+                }
+            }
         }
     }
 }
@@ -44,6 +56,7 @@ impl fmt::Display for DeviceChoice {
         match self {
             Self::Cpu => write!(f, "cpu"),
             Self::Cuda(i) => write!(f, "cuda:{i}"),
+            Self::Wgpu(i) => write!(f, "wgpu:{i}"),
         }
     }
 }
@@ -125,6 +138,76 @@ pub fn cuda_device(index: usize) -> Result<burn::backend::cuda::CudaDevice, Stri
     }
 }
 
+/// One graphics adapter as wgpu reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgpuAdapter {
+    /// The driver's name for it (e.g. "NVIDIA H100", "llvmpipe (LLVM 15.0.6, 256 bits)").
+    pub name: String,
+    /// `Vulkan`, `Metal`, `Dx12`, ...
+    pub backend: String,
+    /// `DiscreteGpu`, `IntegratedGpu`, `VirtualGpu`, `Cpu` (a software driver such as Mesa's llvmpipe), `Other`.
+    pub device_type: String,
+    /// The burn device that selects it.
+    pub device: burn::backend::wgpu::WgpuDevice,
+}
+
+/// The adapters wgpu finds (Vulkan, Metal, DX12; no GL), without creating any burn device. Each gets the burn
+/// device of its type and its index among the adapters of that type.
+pub fn wgpu_adapters() -> Vec<WgpuAdapter> {
+    use burn::backend::wgpu::WgpuDevice;
+    let backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    let instance = wgpu::Instance::new(desc);
+    let adapters = futures_lite::future::block_on(instance.enumerate_adapters(backends));
+    let mut seen = [0usize; 4];
+    adapters
+        .into_iter()
+        .filter_map(|a| {
+            let info = a.get_info();
+            let (slot, make): (usize, fn(usize) -> WgpuDevice) = match info.device_type {
+                wgpu::DeviceType::DiscreteGpu => (0, WgpuDevice::DiscreteGpu),
+                wgpu::DeviceType::IntegratedGpu => (1, WgpuDevice::IntegratedGpu),
+                wgpu::DeviceType::VirtualGpu => (2, WgpuDevice::VirtualGpu),
+                wgpu::DeviceType::Cpu => (3, |_| WgpuDevice::Cpu),
+                wgpu::DeviceType::Other => return None,
+            };
+            let device = make(seen[slot]);
+            seen[slot] += 1;
+            Some(WgpuAdapter {
+                name: info.name,
+                backend: format!("{:?}", info.backend),
+                device_type: format!("{:?}", info.device_type),
+                device,
+            })
+        })
+        .collect()
+}
+
+/// The wgpu device of adapter `index` ([`wgpu_adapters`]), or why there is none (never panics for a machine
+/// without a GPU driver: the adapters are listed first).
+pub fn wgpu_device(index: usize) -> Result<burn::backend::wgpu::WgpuDevice, String> {
+    let adapters = wgpu_adapters();
+    match adapters.get(index) {
+        Some(a) => Ok(a.device.clone()),
+        None if adapters.is_empty() => Err(
+            "wgpu requested but no Vulkan, Metal or DX12 adapter was found: install the GPU's driver (on Linux \
+             without a GPU, Mesa's software Vulkan driver: apt-get install mesa-vulkan-drivers)"
+                .into(),
+        ),
+        None => Err(format!(
+            "wgpu:{index} requested but wgpu reports {} adapter(s): {}",
+            adapters.len(),
+            adapters
+                .iter()
+                .enumerate()
+                .map(|(i, a)| format!("wgpu:{i} {} ({}, {})", a.name, a.backend, a.device_type))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+    }
+}
+
 /// Tunes the C allocator for tensor workloads: keep freed memory for reuse instead of returning it to the OS.
 ///
 /// Tensor programs free and re-allocate the same large buffers (activations of every layer, every step). With
@@ -164,8 +247,28 @@ mod tests {
             "cuda:3".parse::<DeviceChoice>().unwrap(),
             DeviceChoice::Cuda(3)
         );
+        assert_eq!(
+            "wgpu".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Wgpu(0)
+        );
+        assert_eq!(
+            "wgpu:2".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Wgpu(2)
+        );
+        assert_eq!(DeviceChoice::Wgpu(2).to_string(), "wgpu:2");
         assert!("tpu".parse::<DeviceChoice>().is_err());
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
+    }
+
+    #[test]
+    fn wgpu_probe_never_panics() {
+        // Without any adapter this is a clear error naming the driver to install, not a panic.
+        let adapters = wgpu_adapters();
+        match wgpu_device(adapters.len()) {
+            Ok(d) => panic!("device {d:?} past the {} adapters", adapters.len()),
+            Err(e) if adapters.is_empty() => assert!(e.contains("mesa-vulkan-drivers"), "{e}"),
+            Err(e) => assert!(e.contains("adapter(s)"), "{e}"),
+        }
     }
 
     #[test]

@@ -206,8 +206,8 @@ impl<K1: Kernels, K2: Kernels> Kernels for (K1, K2) {
 }
 
 /// Memory-efficient attention under autodiff ([`blockwise_attention`]) for the autodiff backends this build knows
-/// by type: `Autodiff<Flex>` (feature `flex`; its f32 case is taken by [`FlexKernels`] first) and `Autodiff<Cuda>`
-/// (feature `cuda`). Query blocks are sized so one block's scores take at most 16 MiB on the CPU, 256 MiB on a GPU.
+/// by type: `Autodiff<Flex>` (feature `flex`; its f32 case is taken by [`FlexKernels`] first), `Autodiff<Cuda>`
+/// (feature `cuda`) and `Autodiff<Wgpu>` (feature `wgpu`). Query blocks are sized so one block's scores take at most 16 MiB on the CPU, 256 MiB on a GPU.
 pub struct AutodiffKernels;
 
 /// `q`, `k`, `v` `[batch, n, heads * d]` through [`blockwise_attention::attention`] on `Autodiff<I>` (`B` is that
@@ -272,6 +272,15 @@ impl Kernels for AutodiffKernels {
         #[cfg(feature = "cuda")]
         if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Cuda>>() {
             return Ok(blockwise_on::<burn::backend::Cuda, B>(
+                (q, k, v),
+                heads,
+                causal,
+                256 << 20,
+            ));
+        }
+        #[cfg(feature = "wgpu")]
+        if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Wgpu>>() {
+            return Ok(blockwise_on::<burn::backend::Wgpu, B>(
                 (q, k, v),
                 heads,
                 causal,
