@@ -32,6 +32,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 /// Moves `t` into type `U` when `T` is `U` (checked by the caller with `TypeId`).
+#[cfg_attr(not(any(feature = "flex", feature = "cuda", feature = "wgpu")), allow(dead_code))]
 pub(crate) fn cast<T: 'static, U: 'static>(t: T) -> U {
     let boxed: Box<dyn Any> = Box::new(t);
     *boxed
@@ -207,17 +208,27 @@ impl<K1: Kernels, K2: Kernels> Kernels for (K1, K2) {
 
 /// Memory-efficient attention under autodiff ([`blockwise_attention`]) for the autodiff backends this build knows
 /// by type: `Autodiff<Flex>` (feature `flex`; its f32 case is taken by [`FlexKernels`] first), `Autodiff<Cuda>`
-/// (feature `cuda`) and `Autodiff<Wgpu>` (feature `wgpu`). Query blocks are sized so one block's scores take at most 16 MiB on the CPU, 256 MiB on a GPU.
+/// (feature `cuda`) and `Autodiff<Wgpu>` (feature `wgpu`). Query blocks are sized so one block's scores take at
+/// most [`CPU_BLOCK_BYTES`] on the CPU, [`GPU_BLOCK_BYTES`] on a GPU.
 pub struct AutodiffKernels;
 
-/// `q`, `k`, `v` `[batch, n, heads * d]` through [`blockwise_attention::attention`] on `Autodiff<I>` (`B` is that
-/// type, checked by the caller), in query blocks whose scores take at most `budget` bytes.
+/// Score bytes of one query block of the blockwise attention on the CPU (cache-sized).
+pub const CPU_BLOCK_BYTES: usize = 16 << 20;
+/// Score bytes of one query block of the blockwise attention on a GPU (few, large launches).
+pub const GPU_BLOCK_BYTES: usize = 256 << 20;
+
+/// `q`, `k`, `v` `[batch, n, heads * d]` through [`blockwise_attention::attention`] when `B` is `Autodiff<I>`, in
+/// query blocks whose scores take at most `budget` bytes; the inputs back for any other `B`.
+#[cfg_attr(not(any(feature = "flex", feature = "cuda", feature = "wgpu")), allow(dead_code))]
 fn blockwise_on<I: Backend, B: Backend>(
     (q, k, v): AttentionInputs<B>,
     heads: usize,
     causal: bool,
     budget: usize,
-) -> Tensor<B, 3> {
+) -> Result<Tensor<B, 3>, AttentionInputs<B>> {
+    if TypeId::of::<B>() != TypeId::of::<Autodiff<I>>() {
+        return Err((q, k, v));
+    }
     let [b, n_q, c] = q.dims();
     let n_kv = k.dims()[1];
     let d = c / heads;
@@ -239,9 +250,10 @@ fn blockwise_on<I: Backend, B: Backend>(
         rows,
     );
     let out: Tensor<B, 3> = cast(out);
-    out.reshape([b, heads, n_q, d])
+    Ok(out
+        .reshape([b, heads, n_q, d])
         .swap_dims(1, 2)
-        .reshape([b, n_q, c])
+        .reshape([b, n_q, c]))
 }
 
 impl Kernels for AutodiffKernels {
@@ -260,35 +272,21 @@ impl Kernels for AutodiffKernels {
         if !shapes_ok {
             return Err((q, k, v));
         }
+        // Each backend in turn: the one `B` is runs the op, the others give the inputs back.
+        let result = Err((q, k, v));
         #[cfg(feature = "flex")]
-        if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Flex>>() {
-            return Ok(blockwise_on::<burn::backend::Flex, B>(
-                (q, k, v),
-                heads,
-                causal,
-                16 << 20,
-            ));
-        }
+        let result = result.or_else(|qkv| {
+            blockwise_on::<burn::backend::Flex, B>(qkv, heads, causal, CPU_BLOCK_BYTES)
+        });
         #[cfg(feature = "cuda")]
-        if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Cuda>>() {
-            return Ok(blockwise_on::<burn::backend::Cuda, B>(
-                (q, k, v),
-                heads,
-                causal,
-                256 << 20,
-            ));
-        }
+        let result = result.or_else(|qkv| {
+            blockwise_on::<burn::backend::Cuda, B>(qkv, heads, causal, GPU_BLOCK_BYTES)
+        });
         #[cfg(feature = "wgpu")]
-        if TypeId::of::<B>() == TypeId::of::<Autodiff<burn::backend::Wgpu>>() {
-            return Ok(blockwise_on::<burn::backend::Wgpu, B>(
-                (q, k, v),
-                heads,
-                causal,
-                256 << 20,
-            ));
-        }
-        let _ = TypeId::of::<B>();
-        Err((q, k, v))
+        let result = result.or_else(|qkv| {
+            blockwise_on::<burn::backend::Wgpu, B>(qkv, heads, causal, GPU_BLOCK_BYTES)
+        });
+        result
     }
 }
 

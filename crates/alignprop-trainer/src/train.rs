@@ -51,7 +51,10 @@ pub enum TrainError {
 
 impl From<alignprop_diffusion::Error> for TrainError {
     fn from(e: alignprop_diffusion::Error) -> Self {
-        alignprop_pipeline::PipelineError::from(e).into()
+        match e {
+            alignprop_diffusion::Error::Weights(e) => Self::Weights(e),
+            alignprop_diffusion::Error::Tokenizer(e) => Self::Tokenizer(e),
+        }
     }
 }
 
