@@ -102,7 +102,7 @@ impl<B: Backend> Linear<B> {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<B, 2> = x.reshape([rows, dims[D - 1]]);
-        let mut y = x2.clone().matmul(self.weight.val().transpose());
+        let mut y = alignprop_kernels::linear(x2.clone(), self.weight.val());
         if let Some(b) = &self.bias {
             y = y + b.val().unsqueeze::<2>();
         }
@@ -112,8 +112,8 @@ impl<B: Backend> Linear<B> {
             let (down, up) = (l.down.val(), l.up.val());
             let (base, ad) = (y.dtype(), down.dtype());
             let x2 = if ad == base { x2 } else { x2.cast(ad) };
-            let delta =
-                x2.matmul(down.transpose()).matmul(up.transpose()) * (l.scale * l.multiplier);
+            let delta = alignprop_kernels::linear(alignprop_kernels::linear(x2, down), up)
+                * (l.scale * l.multiplier);
             y = y + if ad == base { delta } else { delta.cast(base) };
         }
         let mut out = dims;

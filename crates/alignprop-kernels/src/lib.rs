@@ -10,8 +10,14 @@
 //! - [`FlexKernels`] (feature `flex`, on by default): burn's pure-Rust CPU backend `Flex` and `Autodiff<Flex>` in
 //!   f32 — vectorised GroupNorm, softmax and GEGLU ([`flex`]), FlashAttention-style attention that never stores the
 //!   score matrix ([`flex_attention`]), the shifted-GEMM backward of stride-1 convolutions ([`flex_conv`]).
+//! - [`AutodiffKernels`]: memory-efficient attention under autodiff ([`blockwise_attention`]: query blocks, only
+//!   the output and each row's log-sum-exp kept, probabilities recomputed in the backward) for `Autodiff<Flex>` in
+//!   other dtypes, `Autodiff<Cuda>` (feature `cuda`) and `Autodiff<Wgpu>` (feature `wgpu`).
+//! - [`CubeKernels`] (feature `cuda`): attention without autodiff on CUDA through burn's own `module::attention`
+//!   (flash-attention kernels on matrix cores), in query blocks of bounded score memory.
 //! - [`tensor_ops`]: the same ops in burn tensor ops, run and differentiated by every backend (CUDA, wgpu, f64,
-//!   half precision). Kernels for the cube backends are to be added as another [`Kernels`] implementation.
+//!   half precision); long reductions in two levels ([`sum_last`], [`mean_last`], [`sum_all`]: burn 0.21's cube
+//!   backend sums axes of 65,536+ values wrongly). [`linear`] is the one matrix product of every linear layer.
 //!
 //! Shapes: activations are `[batch, channels, spatial]` (GroupNorm), token sequences `[batch, tokens, heads * d]`
 //! (attention), images `[batch, channels, height, width]` (convolution).
@@ -23,6 +29,7 @@ pub mod flex;
 pub mod flex_attention;
 #[cfg(feature = "flex")]
 pub mod flex_conv;
+pub mod linear_op;
 pub mod tensor_ops;
 
 use std::any::{Any, TypeId};
@@ -32,7 +39,10 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 /// Moves `t` into type `U` when `T` is `U` (checked by the caller with `TypeId`).
-#[cfg_attr(not(any(feature = "flex", feature = "cuda", feature = "wgpu")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "flex", feature = "cuda", feature = "wgpu")),
+    allow(dead_code)
+)]
 pub(crate) fn cast<T: 'static, U: 'static>(t: T) -> U {
     let boxed: Box<dyn Any> = Box::new(t);
     *boxed
@@ -219,7 +229,10 @@ pub const GPU_BLOCK_BYTES: usize = 256 << 20;
 
 /// `q`, `k`, `v` `[batch, n, heads * d]` through [`blockwise_attention::attention`] when `B` is `Autodiff<I>`, in
 /// query blocks whose scores take at most `budget` bytes; the inputs back for any other `B`.
-#[cfg_attr(not(any(feature = "flex", feature = "cuda", feature = "wgpu")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "flex", feature = "cuda", feature = "wgpu")),
+    allow(dead_code)
+)]
 fn blockwise_on<I: Backend, B: Backend>(
     (q, k, v): AttentionInputs<B>,
     heads: usize,
@@ -290,12 +303,78 @@ impl Kernels for AutodiffKernels {
     }
 }
 
+/// Attention without autodiff on CUDA (sampling, evaluation, the trainer's forward pass) through burn's own
+/// `module::attention`, whose cube implementation autotunes between flash-attention kernels on the GPU's matrix
+/// cores and burn's reference decomposition. Queries are split in blocks so that no call holds more than
+/// [`GPU_BLOCK_BYTES`] of scores (non-causal calls only; causal ones are CLIP's 77 tokens).
+///
+/// Not on wgpu: WGSL has no matrix-core instructions, so burn has no fused kernel there, and its fallback measured
+/// 3.3e-4 (relative L2) off a float64 reference at 4096 tokens on llvmpipe where the tensor-op version
+/// ([`tensor_ops::multi_head_attention`]) is within 1.2e-6: wgpu keeps the tensor-op version.
+pub struct CubeKernels;
+
+/// Whether `B` is a backend whose `module::attention` has fused kernels (`Cuda`, with feature `cuda`).
+fn has_fused_attention<B: Backend>() -> bool {
+    #[cfg(feature = "cuda")]
+    if TypeId::of::<B>() == TypeId::of::<burn::backend::Cuda>() {
+        return true;
+    }
+    false
+}
+
+impl Kernels for CubeKernels {
+    fn attention<B: Backend>(
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        heads: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Result<Tensor<B, 3>, AttentionInputs<B>> {
+        let [b, n_q, c] = q.dims();
+        let shapes_ok = attention_shapes_ok(&q, &k, &v, heads, causal)
+            && (scale as f64 - 1.0 / ((c / heads) as f64).sqrt()).abs() < 1e-6;
+        if !has_fused_attention::<B>() || !shapes_ok {
+            return Err((q, k, v));
+        }
+        let n_kv = k.dims()[1];
+        let d = c / heads;
+        let split = |t: Tensor<B, 3>, n: usize| -> Tensor<B, 4> {
+            t.reshape([b, n, heads, d]).swap_dims(1, 2)
+        };
+        let (q, k, v) = (split(q, n_q), split(k, n_kv), split(v, n_kv));
+        // The default scale (None) is 1 / sqrt(d): a given scale would send burn to its unfused path.
+        let options = burn::tensor::ops::AttentionModuleOptions {
+            is_causal: causal,
+            ..Default::default()
+        };
+        let attend = |q: Tensor<B, 4>| {
+            burn::tensor::module::attention(q, k.clone(), v.clone(), None, None, options)
+        };
+        let rows = if causal {
+            n_q
+        } else {
+            blockwise_attention::block_rows(b * heads, n_q, n_kv, q.dtype().size(), GPU_BLOCK_BYTES)
+        };
+        let out = if rows >= n_q {
+            attend(q)
+        } else {
+            let blocks: Vec<Tensor<B, 4>> = (0..n_q)
+                .step_by(rows)
+                .map(|s| attend(q.clone().narrow(2, s, rows.min(n_q - s))))
+                .collect();
+            Tensor::cat(blocks, 2)
+        };
+        Ok(out.swap_dims(1, 2).reshape([b, n_q, c]))
+    }
+}
+
 /// The kernel sets the free functions of this crate try, in order, before the tensor-op versions.
 #[cfg(feature = "flex")]
-pub type Active = (FlexKernels, AutodiffKernels);
+pub type Active = ((FlexKernels, AutodiffKernels), CubeKernels);
 /// The kernel sets the free functions of this crate try, in order, before the tensor-op versions.
 #[cfg(not(feature = "flex"))]
-pub type Active = AutodiffKernels;
+pub type Active = (AutodiffKernels, CubeKernels);
 
 /// GroupNorm of `x` `[batch, channels, spatial]` with per-channel `gamma`, `beta` `[channels]`, same shape out.
 pub fn group_norm<B: Backend>(
@@ -375,3 +454,65 @@ pub fn conv2d<B: Backend>(
     Active::conv2d_same(x, weight, bias, stride, padding)
         .unwrap_or_else(|(x, w, b)| tensor_ops::conv2d(x, w, b, stride, padding))
 }
+
+/// Whether `B` is one of burn's cube backends this build has (`Cuda`, `Wgpu`, with or without autodiff).
+#[allow(unused_variables)]
+pub fn is_cube_backend<B: Backend>() -> bool {
+    let id = TypeId::of::<B>();
+    #[cfg(feature = "cuda")]
+    if id == TypeId::of::<burn::backend::Cuda>()
+        || id == TypeId::of::<Autodiff<burn::backend::Cuda>>()
+    {
+        return true;
+    }
+    #[cfg(feature = "wgpu")]
+    if id == TypeId::of::<burn::backend::Wgpu>()
+        || id == TypeId::of::<Autodiff<burn::backend::Wgpu>>()
+    {
+        return true;
+    }
+    false
+}
+
+/// Weights with a side at most this long get a contiguous transposed copy before the product on cube backends.
+pub const SMALL_LINEAR_SIDE: usize = 64;
+
+/// `x wᵀ` for a linear layer: `x` `[rows, in]`, `w` `[out, in]` (PyTorch's layout) -> `[rows, out]`.
+///
+/// Every linear layer of the networks and their LoRA adapters multiplies here. On burn 0.21's cube backend the
+/// autotuned double-buffered unit matmul (`matmul_double_unit_*`, chosen by timing) returns wrong values for a
+/// transposed-view right operand with a short inner dimension (measured on llvmpipe: `[2048, 8] x [8, 8]ᵀ` 0.94
+/// relative error; LoRA's `[rows, 4] x up[out, 4]ᵀ` made the LoRA UNet 4e-2 off). So on cube backends a weight with
+/// a side of at most [`SMALL_LINEAR_SIDE`] (LoRA factors, small models) is multiplied as a contiguous transposed
+/// copy (a flatten of the view, which the backend must materialise), and under autodiff through [`linear_op`],
+/// whose backward multiplies contiguous operands too (`dx = dy w`, `dw = T(dy) x`). Large weights keep
+/// the view (a copy of every SD1.5 weight per call would cost more than it is worth where the fault was not seen);
+/// `alignprop-gpucheck`'s `ops/matmul` sweep checks both at the models' shapes on every CI run.
+pub fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [out, inp] = w.dims();
+    if out.min(inp) > SMALL_LINEAR_SIDE || !is_cube_backend::<B>() {
+        return x.matmul(w.transpose());
+    }
+    // Under autodiff: one op whose backward products take contiguous right operands too ([`linear_op`]).
+    let result = Err((x, w));
+    #[cfg(feature = "cuda")]
+    let result = result.or_else(|(x, w)| linear_on::<burn::backend::Cuda, B>(x, w));
+    #[cfg(feature = "wgpu")]
+    let result = result.or_else(|(x, w)| linear_on::<burn::backend::Wgpu, B>(x, w));
+    result.unwrap_or_else(|(x, w)| x.matmul(linear_op::transposed_copy(w)))
+}
+
+/// [`linear_op::linear`] when `B` is `Autodiff<I>`; the inputs back otherwise.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+fn linear_on<I: Backend, B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
+    if TypeId::of::<B>() != TypeId::of::<Autodiff<I>>() {
+        return Err((x, w));
+    }
+    let y = linear_op::linear::<I, _>(cast::<_, Tensor<Autodiff<I>, 2>>(x), cast(w));
+    Ok(cast(y))
+}
+
+pub use tensor_ops::{REDUCE_CHUNK, mean_last, sum_all, sum_last};

@@ -7,13 +7,71 @@ use burn::tensor::module::conv2d as burn_conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Bool, DType, Tensor, activation};
 
+/// Longest axis one reduction runs over in [`sum_last`], [`mean_last`] and the norms: longer axes are split in
+/// two levels. burn 0.21's cube backend (wgpu, measured on llvmpipe) sums axes of 65,536+ values wrongly (`[2,
+/// 262144]` ones summed to 0 for one row) and loses ~5e-5 to sequential float32 rounding at 65,535; at most 4,096
+/// values per level it is exact to float32 rounding, and every backend's result improves.
+pub const REDUCE_CHUNK: usize = 4096;
+
+/// `(outer, inner)` with `outer * inner == n`, `inner <= REDUCE_CHUNK` the largest such divisor, or `None` when
+/// `n` needs no split (`n <= REDUCE_CHUNK`) or has no divisor that keeps `outer <= REDUCE_CHUNK * 16`.
+pub fn reduce_split(n: usize) -> Option<(usize, usize)> {
+    if n <= REDUCE_CHUNK {
+        return None;
+    }
+    (1..=REDUCE_CHUNK)
+        .rev()
+        .find(|c| n % c == 0)
+        .map(|c| (n / c, c))
+        .filter(|&(outer, _)| outer <= REDUCE_CHUNK * 16)
+}
+
+/// Sum over the last dimension of `x` `[rows, n]` -> `[rows, 1]`, in two levels for long rows ([`REDUCE_CHUNK`]);
+/// a long row of prime length is padded with zeros to a multiple of the chunk.
+pub fn sum_last<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [rows, n] = x.dims();
+    if n <= REDUCE_CHUNK {
+        return x.sum_dim(1);
+    }
+    let (x, (outer, inner)) = match reduce_split(n) {
+        Some(split) => (x, split),
+        None => {
+            let padded = n.div_ceil(REDUCE_CHUNK) * REDUCE_CHUNK;
+            let zeros = Tensor::zeros([rows, padded - n], (&x.device(), x.dtype()));
+            (
+                Tensor::cat(vec![x, zeros], 1),
+                (padded / REDUCE_CHUNK, REDUCE_CHUNK),
+            )
+        }
+    };
+    let partial: Tensor<B, 2> = x
+        .reshape([rows, outer, inner])
+        .sum_dim(2)
+        .reshape([rows, outer]);
+    sum_last(partial)
+}
+
+/// Sum of all values of `x` -> `[1]`, in two levels for long tensors (as [`sum_last`]).
+pub fn sum_all<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 1> {
+    let n = x.shape().num_elements();
+    sum_last(x.reshape([1, n])).reshape([1])
+}
+
+/// Mean over the last dimension of `x` `[rows, n]` -> `[rows, 1]` ([`sum_last`] divided by `n`).
+pub fn mean_last<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let n = x.dims()[1];
+    sum_last(x) / n as f64
+}
+
 /// Group normalisation of `x` `[batch, channels, spatial]` with per-channel `gamma`, `beta` `[channels]`.
 ///
-/// Statistics per `(batch, group)` on a `[batch, groups, n]` view; the normalisation and the affine are folded
-/// into one scale and shift per `(batch, channel)`, applied on a `[batch * channels, spatial]` view (one scalar per
-/// row). Two full-size passes (centred square for the variance, then `x * scale + shift`) instead of five, and a
-/// smaller autodiff graph. Half-precision inputs (f16, bf16) are normalised in f32 and the result cast back: their
-/// squared deviations would overflow f16 once `|x - mean| > 256`, and bf16 sums lose most of their digits.
+/// Statistics per `(batch, group)` on a `[batch * groups, n]` view ([`mean_last`]: long groups reduce in two
+/// levels); the normalisation and the affine are folded into one scale and shift per `(batch, channel)`, applied on
+/// a `[batch * channels, outer, inner]` view of each channel's `spatial` values (one scalar per channel). The view
+/// keeps every reduction short in the backward too: the gradient of a broadcast sums over the broadcast axes, one
+/// axis at a time. Two full-size passes (centred square for the variance, then `x * scale + shift`) instead of five,
+/// and a smaller autodiff graph. Half-precision inputs (f16, bf16) are normalised in f32 and the result cast back:
+/// their squared deviations would overflow f16 once `|x - mean| > 256`, and bf16 sums lose most of their digits.
 pub fn group_norm<B: Backend>(
     x: Tensor<B, 3>,
     gamma: Tensor<B, 1>,
@@ -28,17 +86,26 @@ pub fn group_norm<B: Backend>(
     }
     let [b, c, spatial] = x.dims();
     let per_group = c / groups;
-    let g: Tensor<B, 3> = x.reshape([b, groups, per_group * spatial]);
-    let mean = g.clone().mean_dim(2); // [b, G, 1]
-    let var = (g.clone() - mean.clone()).square().mean_dim(2); // [b, G, 1]
+    let (outer, inner) = reduce_split(spatial).unwrap_or((1, spatial));
+    // [b * G, per_group, outer, inner]: the group statistics reduce inner, outer, then the group's channels.
+    let g: Tensor<B, 4> = x.reshape([b * groups, per_group, outer, inner]);
+    let stat = |t: Tensor<B, 4>| -> Tensor<B, 4> {
+        let n = (per_group * outer * inner) as f64;
+        t.sum_dim(3).sum_dim(2).sum_dim(1) / n
+    };
+    let mean = stat(g.clone()); // [b * G, 1, 1, 1]
+    let var = stat((g.clone() - mean.clone()).square());
     let rstd = (var + eps).sqrt().recip();
     // Per (batch, channel): scale = gamma * rstd, shift = beta - mean * scale.
-    let per_channel =
-        |t: Tensor<B, 3>| -> Tensor<B, 2> { t.expand([b, groups, per_group]).reshape([b, c]) };
+    let per_channel = |t: Tensor<B, 4>| -> Tensor<B, 2> {
+        t.reshape([b, groups, 1])
+            .expand([b, groups, per_group])
+            .reshape([b, c])
+    };
     let scale = per_channel(rstd) * gamma.unsqueeze::<2>(); // [b, c]
     let shift = beta.unsqueeze::<2>() - per_channel(mean) * scale.clone();
-    let rows: Tensor<B, 2> = g.reshape([b * c, spatial]);
-    (rows * scale.reshape([b * c, 1]) + shift.reshape([b * c, 1])).reshape([b, c, spatial])
+    let rows: Tensor<B, 3> = g.reshape([b * c, outer, inner]);
+    (rows * scale.reshape([b * c, 1, 1]) + shift.reshape([b * c, 1, 1])).reshape([b, c, spatial])
 }
 
 /// Whether `dtype` is a 16-bit float, whose statistics are computed in f32.
@@ -59,9 +126,9 @@ pub fn layer_norm<B: Backend>(
         let f32 = |t: Tensor<B, 1>| t.cast(DType::F32);
         return layer_norm(x.cast(DType::F32), f32(weight), f32(bias), eps).cast(dtype);
     }
-    let mean = x.clone().mean_dim(1);
+    let mean = mean_last(x.clone());
     let centred = x - mean;
-    let var = centred.clone().square().mean_dim(1);
+    let var = mean_last(centred.clone().square());
     let normed = centred / (var + eps).sqrt();
     normed * weight.unsqueeze::<2>() + bias.unsqueeze::<2>()
 }
@@ -96,8 +163,9 @@ pub fn conv2d<B: Backend>(
     )
 }
 
-/// Largest score matrix (bytes) one attention call materialises; longer query sequences are processed in chunks
-/// of queries (the softmax is per query row, so chunks are independent).
+/// Largest score matrix (bytes) one attention call materialises on the CPU (on cube backends:
+/// [`crate::GPU_BLOCK_BYTES`]); longer query sequences are processed in chunks of queries (the softmax is per query
+/// row, so chunks are independent).
 const ATTENTION_CHUNK_BYTES: usize = 16 << 20;
 
 /// Scaled dot-product attention on head-major tensors: `softmax(q k^T * scale) v`.
@@ -120,7 +188,13 @@ pub fn attention_head_major<B: Backend>(
     let kt = k.swap_dims(1, 2);
     let elem = q.dtype().size();
     let row_bytes = bh * n_kv * elem;
-    let chunk = (ATTENTION_CHUNK_BYTES / row_bytes.max(1)).clamp(1, n_q);
+    // Cache-sized chunks on the CPU; on a GPU few large launches (each launch costs more than a cache miss).
+    let budget = if crate::is_cube_backend::<B>() {
+        crate::GPU_BLOCK_BYTES
+    } else {
+        ATTENTION_CHUNK_BYTES
+    };
+    let chunk = (budget / row_bytes.max(1)).clamp(1, n_q);
     let block = |q: Tensor<B, 3>, start: usize| {
         let rows = q.dims()[1];
         let mut scores = q.matmul(kt.clone());

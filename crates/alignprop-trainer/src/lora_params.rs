@@ -54,10 +54,10 @@ impl<B: Backend> LoraGrads<B> {
                     DType::F16 | DType::BF16 => t.clone().cast(DType::F32),
                     _ => t.clone(),
                 };
-                t.square().sum()
+                alignprop_kernels::sum_all(t.square())
             })
             .collect();
-        (!parts.is_empty()).then(|| Tensor::cat(parts, 0).sum())
+        (!parts.is_empty()).then(|| alignprop_kernels::sum_all(Tensor::cat(parts, 0)))
     }
 
     /// The global L2 norm over all tensors: one read from the device for all of them.
