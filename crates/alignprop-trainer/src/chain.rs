@@ -21,8 +21,8 @@ use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_pipeline::{Conditioning, guided_noise};
 use alignprop_schedulers::{DdimScheduler, Scheduler};
 use burn::module::AutodiffModule;
-use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, Tensor};
 
 use crate::lora_params::{LoraGrads, lora_grads_from};
 
@@ -61,7 +61,7 @@ pub struct TrajectoryOutput<B: AutodiffBackend> {
     pub images: Tensor<B::InnerBackend, 4>,
     /// dLoss/dLoRA, summed over the steps that carry gradient (each `[rank, in]` or `[out, rank]`).
     pub grads: LoraGrads<B::InnerBackend>,
-    /// `dL/dx_T` `[batch, 4, h, w]` (the latent gradient that reached the initial noise).
+    /// `dL/dx_T` `[batch, 4, h, w]` (the latent gradient that reached the initial noise), f32 for every model dtype.
     pub latent_grad: Tensor<B::InnerBackend, 4>,
 }
 
@@ -109,9 +109,12 @@ where
     let loss_value = scalar(loss.clone().inner());
     let scores = f64_values(scores.inner());
     let grads = loss.backward();
+    // The latent gradient is carried in f32 whatever the model dtype: in bf16 its ~3 significant digits would be
+    // lost again at every step it passes through.
     let mut g = x_n
         .grad(&grads)
-        .expect("the loss depends on the final latents");
+        .expect("the loss depends on the final latents")
+        .cast(DType::F32);
     drop(grads);
 
     // 3. Backward through the steps, one recomputed step at a time.
@@ -126,10 +129,13 @@ where
             let next = scheduler
                 .step(eps, i, xi.clone(), noise(i).map(Tensor::from_inner))
                 .prev_sample;
-            let vjp = (next * Tensor::from_inner(g)).sum();
+            let vjp = alignprop_kernels::sum_all(next.cast(DType::F32) * Tensor::from_inner(g));
             let grads = vjp.backward();
             acc.add(lora_grads_from(unet, &grads));
-            g = xi.grad(&grads).expect("the step depends on its input");
+            g = xi
+                .grad(&grads)
+                .expect("the step depends on its input")
+                .cast(DType::F32);
         } else {
             g = detached_step_grad(scheduler, i, g);
         }
@@ -250,7 +256,8 @@ where
     let grads = loss.backward();
     let g = x_first
         .grad(&grads)
-        .expect("the loss depends on the kept steps' input");
+        .expect("the loss depends on the kept steps' input")
+        .cast(DType::F32);
     TrajectoryOutput {
         loss: value,
         scores,

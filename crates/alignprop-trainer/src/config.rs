@@ -28,7 +28,8 @@ pub struct TrainConfig {
 pub struct ModelConfig {
     /// A diffusers folder. `None`: the tiny built-in demo model (the repository's test fixture).
     pub path: Option<PathBuf>,
-    /// `f32` (CPU, GPU) or `bf16` / `f16` (GPU: frozen networks in half precision, LoRA and optimiser in f32).
+    /// `f32` (CPU, GPU) or `bf16` (frozen networks in bfloat16; LoRA, optimiser and the latent gradient in f32).
+    /// `f16` is refused for training (no loss scaling: float16 gradients underflow); `f64` for tests.
     pub dtype: String,
 }
 

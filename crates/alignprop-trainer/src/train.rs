@@ -149,10 +149,21 @@ impl<B: AutodiffBackend> Trainer<B> {
             "f32" => DType::F32,
             "f64" => DType::F64,
             "bf16" => DType::BF16,
-            "f16" => DType::F16,
+            // Refused rather than loss-scaled: float16's range (6e-5 .. 65504) loses the small reward gradients
+            // that reach the early steps (they underflow) and the activations of a 512x512 UNet overflow it; bf16
+            // has float32's range at the same memory, and every GPU that has f16 matrix cores since Ampere has bf16
+            // ones. Sampling and evaluation (`alignprop sample --dtype f16`) stay available in f16.
+            "f16" => {
+                return Err(TrainError::Config(
+                    "model.dtype 'f16' is not supported for training (float16 gradients underflow and its \
+                     activations overflow without loss scaling): use model.dtype = \"bf16\" (the same memory, \
+                     float32's range) or \"f32\""
+                        .into(),
+                ));
+            }
             other => {
                 return Err(TrainError::Config(format!(
-                    "model.dtype '{other}' (expected f32, bf16, f16 or f64)"
+                    "model.dtype '{other}' (expected f32, bf16 or f64)"
                 )));
             }
         };

@@ -326,3 +326,17 @@ fn hps_and_pickscore_rewards_train_alone_and_in_a_sum() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// float16 training is refused with a message that recommends bf16 (no loss scaling; see `ModelConfig::dtype`).
+#[test]
+fn f16_training_is_refused_with_bf16_recommended() {
+    let mut cfg = demo_config("f16");
+    cfg.model.dtype = "f16".into();
+    let dir = cfg.output.dir.clone();
+    let err = train(cfg, false, None)
+        .err()
+        .expect("f16 must be refused")
+        .to_string();
+    assert!(err.contains("f16") && err.contains("bf16"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
