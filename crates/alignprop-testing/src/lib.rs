@@ -13,9 +13,29 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use alignprop_io::{SafetensorsSource, TensorSource};
 
+/// The repository's fixture folder (`tests/fixtures`): `$ALIGNPROP_FIXTURES` when set (a binary carried to another
+/// machine, e.g. `alignprop-gpucheck` on a GPU host), else the source tree this crate was built from, else
+/// `tests/fixtures` under the current directory.
+pub fn fixtures_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ALIGNPROP_FIXTURES") {
+        return PathBuf::from(dir);
+    }
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures")
+    }
+}
+
 /// The tiny SD1.5-topology fixture model of this repository (`tests/fixtures/tiny-sd`).
 pub fn tiny_sd() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd")
+    fixtures_root().join("tiny-sd")
+}
+
+/// The tiny CLIP vision tower and aesthetic head (`tests/fixtures/tiny-reward`).
+pub fn tiny_reward() -> PathBuf {
+    fixtures_root().join("tiny-reward")
 }
 
 /// A reference file under `tiny-sd/refs/`.

@@ -15,7 +15,7 @@ use burn::tensor::TensorData;
 
 /// `tests/fixtures/tiny-prompt-reward`.
 pub fn tiny_prompt_reward() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-prompt-reward")
+    crate::fixtures_root().join("tiny-prompt-reward")
 }
 
 /// The files [`write_prompt_reward_models`] wrote.
