@@ -7,8 +7,12 @@
 //! - `bench [--torch] [--only PATTERN] [--threads N] [--quick] [--criterion]`: the benchmark workloads of
 //!   `xtask/bench/WORKLOADS.md` on our side (and PyTorch's with `--torch`), one process per workload, as one table
 //!   of times, ratios and peak memory; results appended to `BENCHMARKS.md` (see `bench.rs`).
+//! - `gpu-check [--device cuda[:N]] [--no-build] [--build-only] [--no-torch]`: the GPU check: the parity suite on
+//!   the GPU, then full-size SD1.5 at 512x512 (50 DDIM steps, CFG, K = 1 and 50, f32 and bf16) beside PyTorch;
+//!   fails with a clear message where there is no GPU (see `gpu_check.rs`).
 
 mod bench;
+mod gpu_check;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -18,6 +22,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("fixtures") => fixtures(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
+        Some("gpu-check") => gpu_check::gpu_check(&args[1..]),
         Some("-h" | "--help") | None => {
             print_help();
             Ok(())
@@ -43,7 +48,10 @@ fn print_help() {
          torch, diffusers, transformers from PyPI on first use; ~3 GB)\n  \
          bench [--torch] [--only PATTERN] [--threads N] [--quick] [--criterion] [--no-append] [--device D]\n                                               \
          benchmark workloads (ours; with --torch beside PyTorch in the same run)\n                                               \
-         as one table with ratios and peak memory, appended to BENCHMARKS.md"
+         as one table with ratios and peak memory, appended to BENCHMARKS.md\n  \
+         gpu-check [--device cuda[:N]] [--no-build] [--build-only] [--no-torch] [--no-suite] [--only P]\n                                               \
+         the parity suite on a GPU, then full-size SD1.5 512x512 steps (K=1/50, f32/bf16)\n                                               \
+         beside PyTorch, appended to BENCHMARKS.md; needs a GPU (clear error without)"
     );
 }
 

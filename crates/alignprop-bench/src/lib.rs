@@ -79,6 +79,16 @@ pub const SCALING: &[&str] = &[
     "scale/s64_k1",
 ];
 
+/// Full-size SD1.5 (its UNet, VAE and 77-token text states with random weights) at 512x512: one AlignProp step
+/// of 50 DDIM steps with CFG 7.5, K = 1 or all 50 kept, float32 or bfloat16 base. For GPUs (`cargo xtask
+/// gpu-check`); not in [`names`] (a CPU would take hours).
+pub const GPU: &[&str] = &[
+    "gpu/sd15_512_k1_f32",
+    "gpu/sd15_512_k50_f32",
+    "gpu/sd15_512_k1_bf16",
+    "gpu/sd15_512_k50_bf16",
+];
+
 /// Every workload name, in table order.
 pub fn names() -> Vec<&'static str> {
     [OPS, MODELS, STEPS, SCALING].concat()
@@ -88,6 +98,8 @@ pub fn names() -> Vec<&'static str> {
 pub fn default_iters(name: &str) -> (usize, usize) {
     if name.starts_with("op/") || name == "ddim/step" {
         (3, 20)
+    } else if name.starts_with("gpu/") {
+        (1, 2)
     } else if name.starts_with("step/") || name.starts_with("scale/") {
         (1, 3)
     } else {
@@ -318,10 +330,19 @@ pub fn prepare<A: AutodiffBackend>(name: &str, device: &A::Device) -> Result<Wor
             let eps = randn::<I<A>, 4>([2, 4, 64, 64], &d);
             Box::new(move || drop(sched.step(eps.clone(), 0, x.clone(), None)))
         }
-        "step/k1" => alignprop_step::<A>(&d, 1, 32, true)?,
-        "step/kall" => alignprop_step::<A>(&d, 20, 32, true)?,
+        "step/k1" => alignprop_step::<A>(&d, &StepSpec::mid(1, 32, true))?,
+        "step/kall" => alignprop_step::<A>(&d, &StepSpec::mid(20, 32, true))?,
+        other if other.starts_with("gpu/") => match parse_gpu(other) {
+            Some(spec) => alignprop_step::<A>(&d, &spec)?,
+            None => {
+                return Err(format!(
+                    "unknown workload '{other}' (known: {})",
+                    GPU.join(", ")
+                ));
+            }
+        },
         other => match parse_scale(other) {
-            Some((k, s, ckpt)) => alignprop_step::<A>(&d, k, s, ckpt)?,
+            Some((k, s, ckpt)) => alignprop_step::<A>(&d, &StepSpec::mid(k, s, ckpt))?,
             None => {
                 return Err(format!(
                     "unknown workload '{other}' (known: {})",
@@ -347,35 +368,84 @@ fn parse_scale(name: &str) -> Option<(usize, usize, bool)> {
     }
 }
 
-/// One AlignProp training step on the mid UNet + mid VAE + tiny reward: 20 DDIM steps (eta 0, CFG 7.5) from a
-/// `[1, 4, s, s]` latent, gradient through the last `k` steps (checkpointed per step or the whole graph kept),
-/// loss `-reward`, one AdamW step on the LoRA adapters.
-fn alignprop_step<A: AutodiffBackend>(
-    d: &A::Device,
-    k: usize,
-    s: usize,
-    checkpointed: bool,
-) -> Result<Workload, String> {
+/// `gpu/sd15_512_k{K}_{f32|bf16}` -> its step.
+fn parse_gpu(name: &str) -> Option<StepSpec> {
+    let rest = name.strip_prefix("gpu/sd15_512_k")?;
+    let (k, dtype) = rest.split_once('_')?;
+    let dtype = match dtype {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        _ => return None,
+    };
+    let k: usize = k.parse().ok()?;
+    (1..=50).contains(&k).then(|| StepSpec {
+        unet: UNet2DConditionConfig::default(),
+        vae: AutoencoderKLConfig::default(),
+        steps: 50,
+        k,
+        latent: 64,
+        checkpointed: true,
+        dtype,
+    })
+}
+
+/// One AlignProp step's setup: networks, chain length, kept steps, latent size, checkpointing, base dtype.
+#[derive(Clone, Debug)]
+pub struct StepSpec {
+    pub unet: UNet2DConditionConfig,
+    pub vae: AutoencoderKLConfig,
+    /// DDIM steps of the chain.
+    pub steps: usize,
+    /// The last `k` steps carry gradient.
+    pub k: usize,
+    /// Latent side (image side / 8).
+    pub latent: usize,
+    pub checkpointed: bool,
+    /// Frozen networks' dtype (LoRA adapters and optimizer in f32).
+    pub dtype: DType,
+}
+
+impl StepSpec {
+    /// The mid UNet + mid VAE, 20 steps, float32 (the CPU benchmark steps).
+    pub fn mid(k: usize, latent: usize, checkpointed: bool) -> Self {
+        Self {
+            unet: mid_unet_config(),
+            vae: mid_vae_config(),
+            steps: 20,
+            k,
+            latent,
+            checkpointed,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// One AlignProp training step (the mid UNet + mid VAE by default, full SD1.5 for `gpu/*`) + tiny reward:
+/// `spec.steps` DDIM steps (eta 0, CFG 7.5) from a `[1, 4, s, s]` latent, gradient through the last `k` steps
+/// (checkpointed per step or the whole graph kept), loss `-reward`, one AdamW step on the LoRA adapters.
+fn alignprop_step<A: AutodiffBackend>(d: &A::Device, spec: &StepSpec) -> Result<Workload, String> {
+    let (k, s, checkpointed, dtype) = (spec.k, spec.latent, spec.checkpointed, spec.dtype);
     let err = |e: alignprop_io::weights::WeightError| e.to_string();
-    let vb = VarBuilder::<A>::random(d, DType::F32);
-    let mut unet = UNet2DConditionModel::new(&mid_unet_config(), &vb).map_err(err)?;
+    let vb = VarBuilder::<A>::random(d, dtype);
+    let mut unet = UNet2DConditionModel::new(&spec.unet, &vb).map_err(err)?;
     alignprop_lora::inject_seeded(&mut unet, &Default::default(), 1).map_err(|e| e.to_string())?;
-    let vae = AutoencoderKL::<A>::new(&mid_vae_config(), &vb).map_err(err)?;
+    let vae = AutoencoderKL::<A>::new(&spec.vae, &vb).map_err(err)?;
     let reward = TinyReward::<A>::new(&TinyRewardConfig::default(), &vb).map_err(err)?;
-    let n = 20;
+    let n = spec.steps;
     let scheduler =
         DdimScheduler::new(&SchedulerConfig::default(), n).map_err(|e| e.to_string())?;
     let mut rng = NoiseRng::new(7);
+    let cross = first(&spec.unet.cross_attention_dim);
     let text = Conditioning {
-        uncond: rng.normal_tensor([1, 77, 768], d, DType::F32),
-        cond: rng.normal_tensor([1, 77, 768], d, DType::F32),
+        uncond: rng.normal_tensor([1, 77, cross], d, dtype),
+        cond: rng.normal_tensor([1, 77, cross], d, dtype),
     };
-    let x_t: Tensor<A::InnerBackend, 4> = rng.normal_tensor([1, 4, s, s], d, DType::F32);
+    let x_t: Tensor<A::InnerBackend, 4> = rng.normal_tensor([1, 4, s, s], d, dtype);
     let steps = Truncation::Fixed { k }.grad_steps(n, &mut rng);
     let mut opt = AdamW::new(AdamWConfig::default());
     Ok(Box::new(move || {
         let loss = |img: Tensor<A, 4>| {
-            let r = reward.score(img);
+            let r = reward.score(img).cast(DType::F32);
             (-r.clone().mean(), r)
         };
         let input = TrajectoryInput {
@@ -407,6 +477,20 @@ mod tests {
         assert_eq!(parse_scale("scale/k8_nockpt"), Some((8, 32, false)));
         assert_eq!(parse_scale("scale/s64_k1"), Some((1, 64, true)));
         assert_eq!(parse_scale("scale/k20"), Some((20, 32, true)));
+        for name in GPU {
+            let spec = parse_gpu(name).unwrap_or_else(|| panic!("{name}"));
+            assert_eq!(
+                (spec.steps, spec.latent),
+                (50, 64),
+                "{name}: 512x512, 50 steps"
+            );
+        }
+        let k50 = parse_gpu("gpu/sd15_512_k50_bf16").unwrap();
+        assert_eq!((k50.k, k50.dtype), (50, DType::BF16));
+        assert!(
+            parse_gpu("gpu/sd15_512_k51_f32").is_none()
+                && parse_gpu("gpu/sd15_512_k1_f16").is_none()
+        );
         assert!(
             prepare::<burn::backend::Autodiff<burn::backend::Flex>>("nope", &Default::default())
                 .is_err()
