@@ -325,49 +325,45 @@ fn prompt_refs() -> Result<(SafetensorsSource, Vec<String>), String> {
     Ok((r, prompts[..2].to_vec()))
 }
 
-fn hps<A: AutodiffBackend>(d: &A::Device) -> CheckResult {
+/// A prompt reward (HPSv2 or PickScore, the tiny fixture models) loaded by `load`: score and image gradient of
+/// each image with its own prompt (the diagonal of the reference image x prompt score matrix `scores_key`).
+fn prompt_reward<A: AutodiffBackend, R: Reward<A>>(
+    load: impl FnOnce(&alignprop_testing::prompt_reward::PromptRewardModels) -> Result<R, String>,
+    d: &A::Device,
+    scores_key: &str,
+    grad_key: &str,
+) -> CheckResult {
     let (m, dir) = prompt_models()?;
-    let scorer = HpsScorer::<A>::load(
-        &m.hps_weights,
-        Some(&m.hps_config),
-        &m.tokenizer,
-        d,
-        DType::F32,
-    );
+    let scorer = load(&m);
     std::fs::remove_dir_all(&dir).ok();
-    let scorer = scorer.map_err(err)?;
+    let scorer = scorer?;
     let (r, p) = prompt_refs()?;
-    // The reference is the image x prompt score matrix: image i with prompt i is its diagonal.
-    let m = ref_values(&r, "hps_scores");
+    let m = ref_values(&r, scores_key);
     let mut rep = Report::new();
-    score_and_gradient::<A>(
-        &mut rep,
-        &r,
-        d,
-        |x| scorer.score_with_prompts(x, &p),
-        &[m[0], m[3]],
-        "hps_grad_image",
-    );
+    let score = |x| scorer.score_with_prompts(x, &p);
+    score_and_gradient::<A>(&mut rep, &r, d, score, &[m[0], m[3]], grad_key);
     rep.finish()
 }
 
+fn hps<A: AutodiffBackend>(d: &A::Device) -> CheckResult {
+    let load = |m: &alignprop_testing::prompt_reward::PromptRewardModels| {
+        HpsScorer::<A>::load(
+            &m.hps_weights,
+            Some(&m.hps_config),
+            &m.tokenizer,
+            d,
+            DType::F32,
+        )
+        .map_err(err)
+    };
+    prompt_reward::<A, _>(load, d, "hps_scores", "hps_grad_image")
+}
+
 fn pickscore<A: AutodiffBackend>(d: &A::Device) -> CheckResult {
-    let (m, dir) = prompt_models()?;
-    let scorer = PickScorer::<A>::load(&m.pickscore, None, &m.tokenizer, d, DType::F32);
-    std::fs::remove_dir_all(&dir).ok();
-    let scorer = scorer.map_err(err)?;
-    let (r, p) = prompt_refs()?;
-    let m = ref_values(&r, "pick_scores");
-    let mut rep = Report::new();
-    score_and_gradient::<A>(
-        &mut rep,
-        &r,
-        d,
-        |x| scorer.score_with_prompts(x, &p),
-        &[m[0], m[3]],
-        "pick_grad_image",
-    );
-    rep.finish()
+    let load = |m: &alignprop_testing::prompt_reward::PromptRewardModels| {
+        PickScorer::<A>::load(&m.pickscore, None, &m.tokenizer, d, DType::F32).map_err(err)
+    };
+    prompt_reward::<A, _>(load, d, "pick_scores", "pick_grad_image")
 }
 
 /// The decisive check: the LoRA gradient of our checkpointed backward through the 4-step CFG chain, VAE and tiny

@@ -106,8 +106,8 @@ fn run_on<A: AutodiffBackend>(cfg: TrainConfig, device: &A::Device) -> Result<Ru
     run::<A>(cfg, device, false, &stop, &mut |_| {}, &mut |_| {}).map_err(|e| e.to_string())
 }
 
-/// The same seeded run on the backend under test and on the CPU: every step's loss, reward and gradient norm
-/// agree, the final LoRA files agree, and the reward gradient is not zero.
+/// The same seeded run on the backend under test and on the CPU: every step's loss and reward agree within 1e-3
+/// and gradient norm within 1e-2, the final LoRA files within 5e-3, and the reward gradient is not zero.
 fn train<A: AutodiffBackend>(
     device: &A::Device,
     name: &str,
@@ -162,7 +162,10 @@ fn train<A: AutodiffBackend>(
             }
             Ok(v)
         };
-        rep.compare_values("final LoRA", &lora(&ours.lora)?, &lora(&cpu.lora)?, 1e-3);
+        // AdamW moves every element by about `lr` whatever its gradient's size, so elements whose gradient is near
+        // zero amplify float32 rounding: measured 1e-4 (demo) to 1.9e-3 (HPSv2) after two steps, where a wrong
+        // kernel gave 1.4e-2 and more.
+        rep.compare_values("final LoRA", &lora(&ours.lora)?, &lora(&cpu.lora)?, 5e-3);
         rep.note(format!(
             "{} steps, losses {:?}",
             ours.steps.len(),

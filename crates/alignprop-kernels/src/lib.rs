@@ -74,6 +74,21 @@ pub(crate) fn attention_shapes_ok<B: Backend>(
         && (!causal || n_q == n_kv)
 }
 
+/// [`attention_shapes_ok`] and the scale `1 / sqrt(d)` (what every caller of this crate passes; the blockwise and
+/// fused attentions compute with it).
+pub(crate) fn attention_applies<B: Backend>(
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 3>,
+    v: &Tensor<B, 3>,
+    heads: usize,
+    scale: f32,
+    causal: bool,
+) -> bool {
+    let c = q.dims()[2];
+    attention_shapes_ok(q, k, v, heads, causal)
+        && (scale as f64 - 1.0 / ((c / heads) as f64).sqrt()).abs() < 1e-6
+}
+
 /// The inputs of [`Kernels::conv2d_same`], given back when the kernel does not apply.
 pub type ConvInputs<B> = (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 1>>);
 
@@ -278,11 +293,7 @@ impl Kernels for AutodiffKernels {
         scale: f32,
         causal: bool,
     ) -> Result<Tensor<B, 3>, AttentionInputs<B>> {
-        let c = q.dims()[2];
-        // The scale these ops use is 1 / sqrt(d), what every caller of this crate passes.
-        let shapes_ok = attention_shapes_ok(&q, &k, &v, heads, causal)
-            && (scale as f64 - 1.0 / ((c / heads) as f64).sqrt()).abs() < 1e-6;
-        if !shapes_ok {
+        if !attention_applies(&q, &k, &v, heads, scale, causal) {
             return Err((q, k, v));
         }
         // Each backend in turn: the one `B` is runs the op, the others give the inputs back.
@@ -332,9 +343,7 @@ impl Kernels for CubeKernels {
         causal: bool,
     ) -> Result<Tensor<B, 3>, AttentionInputs<B>> {
         let [b, n_q, c] = q.dims();
-        let shapes_ok = attention_shapes_ok(&q, &k, &v, heads, causal)
-            && (scale as f64 - 1.0 / ((c / heads) as f64).sqrt()).abs() < 1e-6;
-        if !has_fused_attention::<B>() || !shapes_ok {
+        if !has_fused_attention::<B>() || !attention_applies(&q, &k, &v, heads, scale, causal) {
             return Err((q, k, v));
         }
         let n_kv = k.dims()[1];
