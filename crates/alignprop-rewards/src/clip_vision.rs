@@ -160,6 +160,6 @@ impl<B: Backend> CLIPVisionModel<B> {
         let pooled = self
             .post_layernorm
             .forward(x.narrow(1, 0, 1).reshape([b, h]));
-        pooled.matmul(self.visual_projection.val().transpose())
+        alignprop_kernels::linear(pooled, self.visual_projection.val())
     }
 }

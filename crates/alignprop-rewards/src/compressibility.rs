@@ -200,8 +200,8 @@ pub fn fit_head<B: AutodiffBackend>(
     let x = Tensor::<B, 2>::from_inner(embeddings);
     let yt = Tensor::<B, 1>::from_inner(y);
     let forward = |p: &[Tensor<B, 2>]| -> Tensor<B, 1> {
-        let h = gelu(x.clone().matmul(p[0].clone().transpose()) + p[1].clone());
-        let out = h.matmul(p[2].clone().transpose()) + p[3].clone();
+        let h = gelu(alignprop_kernels::linear(x.clone(), p[0].clone()) + p[1].clone());
+        let out = alignprop_kernels::linear(h, p[2].clone()) + p[3].clone();
         out.reshape([n])
     };
     for t in 1..=steps {

@@ -88,9 +88,7 @@ impl<B: Backend> TinyReward<B> {
             self.std,
         );
         let [b, c, h, w] = x.dims();
-        let f = x
-            .reshape([b, c * h * w])
-            .matmul(self.proj.val().transpose());
+        let f = alignprop_kernels::linear(x.reshape([b, c * h * w]), self.proj.val());
         let norm = f.clone().square().sum_dim(1).sqrt();
         f / norm
     }
