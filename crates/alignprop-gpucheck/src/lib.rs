@@ -18,6 +18,7 @@ pub mod models;
 pub mod ops;
 pub mod training;
 
+pub use alignprop_testing::{try_rel_err_values, values};
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
@@ -46,28 +47,6 @@ pub fn checks<A: AutodiffBackend>() -> Vec<Check<A>> {
     all
 }
 
-/// Relative L2 error `||a - e|| / ||e||` and max absolute difference; an error for non-finite values.
-pub fn rel_err_values(a: &[f64], e: &[f64]) -> Result<(f64, f64), String> {
-    if a.len() != e.len() {
-        return Err(format!("{} values, expected {}", a.len(), e.len()));
-    }
-    if let Some(i) = a.iter().position(|x| !x.is_finite()) {
-        return Err(format!("non-finite value {} at index {i}", a[i]));
-    }
-    let (mut num, mut den, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
-    for (x, y) in a.iter().zip(e) {
-        num += (x - y) * (x - y);
-        den += y * y;
-        max_abs = max_abs.max((x - y).abs());
-    }
-    Ok(((num / den.max(1e-300)).sqrt(), max_abs))
-}
-
-/// The values of a tensor as f64 (one device read).
-pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().to_vec().expect("f64 values")
-}
-
 /// Collects named comparisons of one check: `compare` records `name: rel` and remembers the ones over their
 /// tolerance; `finish` gives the report line, or the failures.
 #[derive(Default)]
@@ -83,7 +62,7 @@ impl Report {
 
     /// Compares value lists: relative L2 error at most `tol`.
     pub fn compare_values(&mut self, what: &str, actual: &[f64], expected: &[f64], tol: f64) {
-        match rel_err_values(actual, expected) {
+        match try_rel_err_values(actual, expected) {
             Ok((rel, max_abs)) => {
                 self.lines.push(format!("{what} {rel:.1e}"));
                 if rel > tol || rel.is_nan() {

@@ -92,16 +92,30 @@ pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
 }
 
 /// Relative L2 error `||a - b|| / ||b||` and max absolute difference of two value lists (panics on non-finite).
+#[track_caller]
 pub fn rel_err_values(a: &[f64], e: &[f64]) -> (f64, f64) {
-    assert_eq!(a.len(), e.len(), "length mismatch");
+    try_rel_err_values(a, e).unwrap_or_else(|m| panic!("{m}"))
+}
+
+/// [`rel_err_values`], with a length mismatch or a non-finite value in `a` as an error instead of a panic.
+pub fn try_rel_err_values(a: &[f64], e: &[f64]) -> Result<(f64, f64), String> {
+    if a.len() != e.len() {
+        return Err(format!(
+            "length mismatch: {} values, expected {}",
+            a.len(),
+            e.len()
+        ));
+    }
+    if let Some(i) = a.iter().position(|x| !x.is_finite()) {
+        return Err(format!("non-finite output: {} at index {i}", a[i]));
+    }
     let (mut num, mut den, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
     for (x, y) in a.iter().zip(e) {
-        assert!(x.is_finite(), "non-finite output");
         num += (x - y) * (x - y);
         den += y * y;
         max_abs = max_abs.max((x - y).abs());
     }
-    ((num / den.max(1e-300)).sqrt(), max_abs)
+    Ok(((num / den.max(1e-300)).sqrt(), max_abs))
 }
 
 /// Relative L2 error and max absolute difference of two tensors, computed in f64.
