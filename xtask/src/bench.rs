@@ -82,7 +82,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"))
@@ -94,6 +94,11 @@ fn json_line(cmd: &mut Command) -> Result<Value, String> {
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    last_json_line(cmd, &out)
+}
+
+/// The last JSON line of a finished `cmd`'s stdout, or why there is none (including a failed status).
+pub(crate) fn last_json_line(cmd: &Command, out: &std::process::Output) -> Result<Value, String> {
     if !out.status.success() {
         return Err(format!("{cmd:?} failed with {}", out.status));
     }
@@ -106,7 +111,8 @@ fn json_line(cmd: &mut Command) -> Result<Value, String> {
     serde_json::from_str(line).map_err(|e| format!("bad JSON from {cmd:?}: {e}: {line}"))
 }
 
-fn shell(cmd: &str, args: &[&str]) -> String {
+/// What `cmd args` prints, trimmed (empty when it cannot run).
+pub(crate) fn shell(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
         .args(args)
         .output()

@@ -18,16 +18,16 @@
 //!    CUDA: step time and peak GPU memory (sampled from `nvidia-smi` for each process, the same way for both
 //!    sides) in one table, appended to BENCHMARKS.md with the GPU, driver and versions.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::{root, run};
+use crate::bench::{last_json_line, shell, target_dir};
+use crate::{fixture_venv_python, root, run};
 
 struct Options {
     device: String,
@@ -51,7 +51,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         only: Vec::new(),
         iters: None,
         append: true,
-        bin_dir: root().join("target/release"),
+        bin_dir: target_dir().join("release"),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -84,58 +84,48 @@ fn parse(args: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
-/// Peak memory (MiB) the GPU driver reports for process `pid`, sampled every 100 ms from `nvidia-smi` while
-/// `running`; `None` where there is no `nvidia-smi`.
+/// Peak memory (MiB) the GPU driver reports for process `pid`, sampled every 100 ms from `nvidia-smi` until
+/// `running` is false; `None` where there is no `nvidia-smi`.
 fn sample_gpu_memory(pid: u32, running: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<u64>> {
     Command::new("nvidia-smi").arg("-L").output().ok()?;
-    let peak = Arc::new(AtomicU64::new(0));
     Some(std::thread::spawn(move || {
+        let mut peak = 0u64;
         while running.load(Ordering::SeqCst) {
-            if let Ok(out) = Command::new("nvidia-smi")
-                .args([
+            let apps = shell(
+                "nvidia-smi",
+                &[
                     "--query-compute-apps=pid,used_memory",
                     "--format=csv,noheader,nounits",
-                ])
-                .output()
-            {
-                for line in String::from_utf8_lossy(&out.stdout).lines() {
-                    let mut f = line.split(',').map(str::trim);
-                    if let (Some(p), Some(m)) = (f.next(), f.next())
-                        && p == pid.to_string()
-                        && let Ok(m) = m.parse::<u64>()
-                    {
-                        peak.fetch_max(m, Ordering::SeqCst);
-                    }
+                ],
+            );
+            for line in apps.lines() {
+                let mut f = line.split(',').map(str::trim);
+                if let (Some(p), Some(m)) = (f.next(), f.next())
+                    && p == pid.to_string()
+                    && let Ok(m) = m.parse::<u64>()
+                {
+                    peak = peak.max(m);
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        peak.load(Ordering::SeqCst)
+        peak
     }))
 }
 
 /// Runs `cmd`, which prints one JSON line, with its GPU memory sampled; the JSON with `gpu_peak_mib` added.
 fn run_json(mut cmd: Command) -> Result<Value, String> {
     eprintln!("+ {cmd:?}");
-    let mut child = cmd
+    let child = cmd
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     let running = Arc::new(AtomicBool::new(true));
     let sampler = sample_gpu_memory(child.id(), running.clone());
-    let mut out = String::new();
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
-        let line = line.map_err(|e| e.to_string())?;
-        out = line;
-    }
-    let status = child.wait().map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string());
     running.store(false, Ordering::SeqCst);
     let peak = sampler.and_then(|h| h.join().ok());
-    if !status.success() {
-        return Err(format!("{cmd:?} failed with {status}"));
-    }
-    let mut v: Value =
-        serde_json::from_str(&out).map_err(|e| format!("{cmd:?}: bad JSON line {out:?}: {e}"))?;
+    let mut v = last_json_line(&cmd, &out?)?;
     if let Some(p) = peak {
         v["gpu_peak_mib"] = Value::from(p);
     }
@@ -144,7 +134,7 @@ fn run_json(mut cmd: Command) -> Result<Value, String> {
 
 /// The fixture venv's python when its torch has CUDA.
 fn torch_cuda_python() -> Option<PathBuf> {
-    let python = root().join(".venv-fixtures/bin/python");
+    let python = fixture_venv_python();
     let ok = Command::new(&python)
         .args([
             "-c",
@@ -158,20 +148,18 @@ fn torch_cuda_python() -> Option<PathBuf> {
 }
 
 fn gpu_name() -> String {
-    Command::new("nvidia-smi")
-        .args([
+    let name = shell(
+        "nvidia-smi",
+        &[
             "--query-gpu=name,driver_version,memory.total",
             "--format=csv,noheader",
-        ])
-        .output()
-        .ok()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .replace('\n', "; ")
-        })
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown GPU (no nvidia-smi)".into())
+        ],
+    );
+    if name.is_empty() {
+        "unknown GPU (no nvidia-smi)".into()
+    } else {
+        name.replace('\n', "; ")
+    }
 }
 
 pub fn gpu_check(args: &[String]) -> Result<(), String> {
@@ -283,12 +271,7 @@ pub fn gpu_check(args: &[String]) -> Result<(), String> {
     if o.append {
         let header = format!(
             "\n## GPU check, {} ({})\n\nCommand: `cargo xtask gpu-check --device {}`; GPU: {}; burn 0.21.0.\n\n",
-            std::process::Command::new("date")
-                .arg("-u")
-                .arg("+%Y-%m-%d %H:%M UTC")
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_default(),
+            shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
             o.device,
             o.device,
             gpu_name()

@@ -74,10 +74,15 @@ pub(crate) fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
+/// The python of the fixture venv `.venv-fixtures/` (which may not exist yet).
+pub(crate) fn fixture_venv_python() -> PathBuf {
+    root().join(".venv-fixtures/bin/python")
+}
+
 /// The fixture venv's python, creating the venv from `xtask/fixtures/requirements.txt` when it is missing.
 pub(crate) fn fixture_python() -> Result<PathBuf, String> {
+    let python = fixture_venv_python();
     let venv = root().join(".venv-fixtures");
-    let python = venv.join("bin/python");
     if !python.exists() {
         eprintln!(
             "creating {} with the reference libraries (torch, diffusers, transformers; ~3 GB)",
