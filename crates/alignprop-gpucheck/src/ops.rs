@@ -375,8 +375,9 @@ fn norms_grad<A: AutodiffBackend>(device: &A::Device) -> CheckResult {
     sweep.finish(tol)
 }
 
-/// The convolutions of the UNet and VAE: 3x3 "same", 3x3 stride 2 (downsampling), 1x1 (shortcuts, quant convs),
-/// with few and many channels.
+/// The convolutions of the UNet and VAE: 3x3 "same", 3x3 stride 2 (downsampling; without padding on the VAE
+/// encoder's odd, right/bottom-padded sizes), 1x1 (shortcuts, quant convs; with few channels, where burn's
+/// `conv_im2col_1x1` met the transposed-operand matmul fault), with few and many channels.
 fn conv_sweep<B: Backend>(device: &B::Device) -> CheckResult {
     let tol = 1e-5;
     let mut sweep = Sweep::new();
@@ -384,6 +385,9 @@ fn conv_sweep<B: Backend>(device: &B::Device) -> CheckResult {
         (2, 4, 32, 16, 24, 3, 1, 1),
         (2, 32, 32, 16, 24, 3, 2, 1),
         (2, 64, 32, 8, 12, 1, 1, 0),
+        (2, 8, 8, 16, 24, 1, 1, 0),
+        (1, 8, 16, 32, 48, 1, 1, 0),
+        (1, 16, 16, 33, 49, 3, 2, 0),
         (1, 3, 32, 128, 128, 3, 1, 1),
         (1, 32, 3, 128, 128, 3, 1, 1),
         (2, 320, 320, 16, 16, 3, 1, 1),

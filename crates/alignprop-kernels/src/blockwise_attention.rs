@@ -59,7 +59,7 @@ pub fn forward<I: Backend>(
     rows: usize,
 ) -> (Tensor<I, 3>, Tensor<I, 3>) {
     let [bh, n_q, d] = q.dims();
-    let kt = k.swap_dims(1, 2);
+    let kt = crate::contiguous_on_cube(k.swap_dims(1, 2));
     let mut outs = Vec::new();
     let mut lses = Vec::new();
     for start in (0..n_q).step_by(rows) {
@@ -95,8 +95,8 @@ pub fn backward<I: Backend>(
     rows: usize,
 ) -> (Tensor<I, 3>, Tensor<I, 3>, Tensor<I, 3>) {
     let [bh, n_q, d] = q.dims();
-    let kt = k.clone().swap_dims(1, 2);
-    let vt = v.swap_dims(1, 2);
+    let kt = crate::contiguous_on_cube(k.clone().swap_dims(1, 2));
+    let vt = crate::contiguous_on_cube(v.swap_dims(1, 2));
     let dd = (dout.clone() * out).sum_dim(2); // [bh, n_q, 1]
     let mut dq = Vec::new();
     let mut dk = k.zeros_like();

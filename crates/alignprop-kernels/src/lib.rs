@@ -453,6 +453,11 @@ pub fn geglu<B: Backend>(h: Tensor<B, 2>) -> Tensor<B, 2> {
 /// `conv2d(x, weight, bias)` with square `stride` and `padding`, dilation 1, one group.
 ///
 /// `x`: `[batch, c_in, h, w]`, `weight`: `[c_out, c_in, k, k]`, `bias`: `[c_out]` -> `[batch, c_out, h', w']`.
+///
+/// On cube backends a 1x1 convolution (stride 1, no padding: shortcuts, `proj_in` / `proj_out`, the VAE's quant
+/// convs) is computed as the linear layer it is ([`conv1x1_as_linear`]): burn 0.21's autotuned `conv_im2col_1x1`
+/// multiplies by a transposed view of the weight and so meets the matmul fault [`linear`] works around (measured on
+/// llvmpipe when autotune picked it: the tiny VAE's encoding 0.37 off).
 pub fn conv2d<B: Backend>(
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
@@ -460,8 +465,49 @@ pub fn conv2d<B: Backend>(
     stride: usize,
     padding: usize,
 ) -> Tensor<B, 4> {
+    let [_, _, kh, kw] = weight.dims();
+    if kh == 1 && kw == 1 && stride == 1 && padding == 0 && is_cube_backend::<B>() {
+        return conv1x1_as_linear(x, weight, bias);
+    }
     Active::conv2d_same(x, weight, bias, stride, padding)
         .unwrap_or_else(|(x, w, b)| tensor_ops::conv2d(x, w, b, stride, padding))
+}
+
+/// A 1x1 convolution (stride 1, no padding) as a linear layer over the pixels, through [`linear`].
+///
+/// `x`: `[batch, c_in, h, w]`, `weight`: `[c_out, c_in, 1, 1]`, `bias`: `[c_out]` -> `[batch, c_out, h, w]` (a
+/// permuted view of a channels-last result).
+pub fn conv1x1_as_linear<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 4> {
+    let [b, c_in, h, w] = x.dims();
+    let [c_out, wc_in, kh, kw] = weight.dims();
+    assert!(
+        kh == 1 && kw == 1 && wc_in == c_in,
+        "conv1x1_as_linear: weight {:?} for input {:?}",
+        weight.dims(),
+        x.dims()
+    );
+    let rows = x.permute([0, 2, 3, 1]).reshape([b * h * w, c_in]);
+    let mut y = linear(rows, weight.reshape([c_out, c_in]));
+    if let Some(bias) = bias {
+        y = y + bias.unsqueeze_dim(0);
+    }
+    y.reshape([b, h, w, c_out]).permute([0, 3, 1, 2])
+}
+
+/// `t` written out in order on cube backends (a flatten and back, which makes the backend materialise a view), `t`
+/// itself elsewhere. For the transposed right operands of attention's products (`k ᵀ`, `v ᵀ`: inner dimension the
+/// head size, 8 to 160), which would otherwise meet burn 0.21's matmul fault with transposed right operands (see
+/// [`linear`]); the copy is small beside the score matrix.
+pub fn contiguous_on_cube<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    if !is_cube_backend::<B>() {
+        return t;
+    }
+    let dims = t.dims();
+    t.reshape([dims.iter().product::<usize>()]).reshape(dims)
 }
 
 /// Whether `B` is one of burn's cube backends this build has (`Cuda`, `Wgpu`, with or without autodiff).
@@ -525,3 +571,63 @@ fn linear_on<I: Backend, B: Backend>(
 }
 
 pub use tensor_ops::{REDUCE_CHUNK, mean_last, sum_all, sum_last};
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{DType, Distribution, Tensor};
+
+    type A = Autodiff<Flex>;
+
+    /// The 1x1 convolution as a linear layer equals burn's convolution in value and in every gradient (float64).
+    #[test]
+    fn conv1x1_as_linear_equals_conv2d_in_value_and_gradient() {
+        let d = Default::default();
+        let r = |s: &[usize]| {
+            Tensor::<A, 1>::random(
+                [s.iter().product::<usize>()],
+                Distribution::Normal(0.0, 1.0),
+                (&d, DType::F64),
+            )
+        };
+        for (b, c_in, c_out, h, w, with_bias) in [
+            (2, 8, 8, 5, 7, true),
+            (1, 3, 16, 4, 4, false),
+            (3, 16, 4, 1, 9, true),
+        ] {
+            let x0: Tensor<A, 4> = r(&[b, c_in, h, w]).reshape([b, c_in, h, w]);
+            let w0: Tensor<A, 4> = r(&[c_out, c_in]).reshape([c_out, c_in, 1, 1]);
+            let b0 = r(&[c_out]);
+            let g: Tensor<A, 4> = r(&[b, c_out, h, w]).reshape([b, c_out, h, w]);
+            let run = |ours: bool| {
+                let (x, wt, bi) = (
+                    x0.clone().require_grad(),
+                    w0.clone().require_grad(),
+                    b0.clone().require_grad(),
+                );
+                let bias = with_bias.then(|| bi.clone());
+                let y = if ours {
+                    super::conv1x1_as_linear(x.clone(), wt.clone(), bias)
+                } else {
+                    super::tensor_ops::conv2d(x.clone(), wt.clone(), bias, 1, 0)
+                };
+                let grads = (y.clone() * g.clone()).sum().backward();
+                let gb = with_bias.then(|| bi.grad(&grads).unwrap().into_data());
+                (
+                    y.inner().into_data(),
+                    x.grad(&grads).unwrap().into_data(),
+                    wt.grad(&grads).unwrap().into_data(),
+                    gb,
+                )
+            };
+            let (ours, reference) = (run(true), run(false));
+            let tol = burn::tensor::Tolerance::<f64>::absolute(1e-12);
+            ours.0.assert_approx_eq::<f64>(&reference.0, tol);
+            ours.1.assert_approx_eq::<f64>(&reference.1, tol);
+            ours.2.assert_approx_eq::<f64>(&reference.2, tol);
+            if let (Some(a), Some(e)) = (ours.3, reference.3) {
+                a.assert_approx_eq::<f64>(&e, tol);
+            }
+        }
+    }
+}

@@ -185,7 +185,7 @@ pub fn attention_head_major<B: Backend>(
     let [bh, n_q, d] = q.dims();
     let n_kv = k.dims()[1];
     let q = q * scale;
-    let kt = k.swap_dims(1, 2);
+    let kt = crate::contiguous_on_cube(k.swap_dims(1, 2));
     let elem = q.dtype().size();
     let row_bytes = bh * n_kv * elem;
     // Cache-sized chunks on the CPU; on a GPU few large launches (each launch costs more than a cache miss).
