@@ -460,9 +460,9 @@ fn alignprop_step<A: AutodiffBackend>(d: &A::Device, spec: &StepSpec) -> Result<
             loss_fn: loss,
         };
         let grads = if checkpointed {
-            trajectory(input).grads
+            trajectory(input).expect("trajectory").grads
         } else {
-            trajectory_full_graph(input).grads
+            trajectory_full_graph(input).expect("trajectory").grads
         };
         opt.step(&mut unet, grads);
     }))

@@ -411,7 +411,8 @@ fn alignprop_gradient<A: AutodiffBackend>(
             let scores = reward.score(img);
             (scores.clone().mean(), scores)
         },
-    });
+    })
+    .map_err(err)?;
     let mut rep = Report::new();
     rep.compare_values(
         "final latents",

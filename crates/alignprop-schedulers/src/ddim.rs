@@ -157,6 +157,51 @@ pub fn ddim_step<B: Backend>(
     }
 }
 
+/// `(dx0/dx, deps/dx)` of [`x0_and_eps`] with the model output held fixed, `a` = alpha_prod_t, `b = 1 - a`:
+/// epsilon `(1 / sqrt(a), 0)`, sample `(0, 1 / sqrt(b))`, v `(sqrt(a), sqrt(b))`.
+pub fn x0_eps_sample_slopes(prediction: PredictionType, alpha_prod_t: f64) -> (f64, f64) {
+    let (sa, sb) = (alpha_prod_t.sqrt(), (1.0 - alpha_prod_t).sqrt());
+    match prediction {
+        PredictionType::Epsilon => (1.0 / sa, 0.0),
+        PredictionType::Sample => (0.0, 1.0 / sb),
+        PredictionType::VPrediction => (sa, sb),
+    }
+}
+
+impl DdimScheduler {
+    /// The vector-Jacobian product of step `i` with respect to its input sample, the model output held fixed
+    /// (a step whose noise prediction is detached): `g = dL/dx_prev` -> `dL/dx_t`.
+    ///
+    /// Exact for every prediction type and with `clip_sample` (elements whose `x0` was clamped pass no gradient
+    /// through `x0`, as the derivative of the clamp). Without clipping it is `g` times one scalar
+    /// (`sqrt(a_prev) / sqrt(a_t)` for epsilon prediction) and `model_output` and `sample` are not read; with it they
+    /// give the clamp's mask (computed in `g`'s dtype). All tensors `[batch, channels, height, width]`.
+    pub fn step_sample_vjp<B: Backend>(
+        &self,
+        i: usize,
+        g: Tensor<B, 4>,
+        model_output: Tensor<B, 4>,
+        sample: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        let c = self.coefficients(i);
+        let (dx0, deps) = x0_eps_sample_slopes(self.prediction, c.alpha_prod_t);
+        if !self.config.clip_sample || dx0 == 0.0 {
+            return g * (c.sqrt_alpha_prev * dx0 + c.direction * deps);
+        }
+        let r = self.config.clip_sample_range;
+        let dtype = g.dtype();
+        let (x0, _) = x0_and_eps(
+            self.prediction,
+            model_output.cast(dtype),
+            sample.cast(dtype),
+            c.alpha_prod_t,
+        );
+        // clamp's derivative: 1 inside [-r, r] (bounds included, as torch and burn), 0 outside.
+        let inside = x0.abs().lower_equal_elem(r).float().cast(dtype);
+        g.clone() * (inside * (c.sqrt_alpha_prev * dx0)) + g * (c.direction * deps)
+    }
+}
+
 impl Scheduler for DdimScheduler {
     fn timesteps(&self) -> &[usize] {
         DdimScheduler::timesteps(self)

@@ -62,7 +62,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let scores = brightness(images);
             (-scores.clone().mean(), scores)
         },
-    });
+    })
+    .expect("a deterministic chain (eta 0) needs no noise");
     let mut optimizer = AdamW::<I>::new(AdamWConfig::default());
     let grad_norm = optimizer.step(&mut sd.unet, out.grads);
     println!(

@@ -13,8 +13,13 @@
 //!    built, so activation memory does not grow with the number of kept steps.
 //!
 //! Steps whose noise prediction is detached (before the truncation point, or the random detaches of the first
-//! AlignProp release) contribute no parameter gradient; the latent gradient still passes through their linear
-//! DDIM update, `dx_{i+1}/dx_i = sqrt(a_prev) / sqrt(a_t)` when eps is held fixed.
+//! AlignProp release) contribute no parameter gradient; the latent gradient still passes through their DDIM update
+//! with the model output held fixed ([`DdimScheduler::step_sample_vjp`]: `sqrt(a_prev) / sqrt(a_t)` for epsilon
+//! prediction, the v / sample slopes otherwise, and the clamp's mask with `clip_sample`).
+//!
+//! Refused with a [`ChainError`] rather than computed wrongly: a step that adds noise (eta > 0) without its noise
+//! in `noises` (the forward and the recomputed backward would draw different noise), `grad_steps` of the wrong
+//! length, and a loss that does not depend on the images.
 
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use alignprop_diffusion::vae::AutoencoderKL;
@@ -25,6 +30,42 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor};
 
 use crate::lora_params::{LoraGrads, lora_grads_from};
+
+/// Why a trajectory cannot be differentiated as asked.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ChainError {
+    #[error("grad_steps has {found} entries for a chain of {expected} steps")]
+    GradStepsLength { expected: usize, found: usize },
+    #[error(
+        "step {step} adds noise (eta > 0) but noises[{step}] is missing: the forward pass and the recomputed \
+         backward would draw different noise (pass the noise of every step that needs_noise)"
+    )]
+    MissingNoise { step: usize },
+    #[error(
+        "the loss does not depend on the generated images (a reward that ignores its input?): there is no gradient \
+         to backpropagate"
+    )]
+    LossIgnoresImages,
+}
+
+/// Checks the inputs the forward and the recomputed backward must agree on.
+fn check_inputs<B: AutodiffBackend, F>(
+    input: &TrajectoryInput<'_, B, F>,
+) -> Result<(), ChainError> {
+    let n = input.scheduler.timesteps().len();
+    if input.grad_steps.len() != n {
+        return Err(ChainError::GradStepsLength {
+            expected: n,
+            found: input.grad_steps.len(),
+        });
+    }
+    match (0..n).find(|&i| {
+        input.scheduler.needs_noise(i) && input.noises.get(i).is_none_or(Option::is_none)
+    }) {
+        Some(step) => Err(ChainError::MissingNoise { step }),
+        None => Ok(()),
+    }
+}
 
 /// What one trajectory needs: the models, the sampler, the conditioning, the noise, which steps carry gradient,
 /// and the loss. `B` is the autodiff backend; the stored tensors live on its inner backend (no graph).
@@ -41,7 +82,8 @@ pub struct TrajectoryInput<'a, B: AutodiffBackend, F> {
     pub guidance: f64,
     /// Initial noise `x_T`, `[batch, 4, h, w]`.
     pub x_t: Tensor<B::InnerBackend, 4>,
-    /// `noises[i]`: the DDIM noise `[batch, 4, h, w]` of step `i` (needed when eta > 0; missing entries are `None`).
+    /// `noises[i]`: the DDIM noise `[batch, 4, h, w]` of step `i`: required for every step that
+    /// [`Scheduler::needs_noise`] (eta > 0), `None` (or absent) for the others.
     pub noises: &'a [Option<Tensor<B::InnerBackend, 4>>],
     /// `grad_steps[i]`: whether step `i`'s noise prediction carries gradient (e.g. only the last K); length `n`.
     pub grad_steps: &'a [bool],
@@ -66,11 +108,12 @@ pub struct TrajectoryOutput<B: AutodiffBackend> {
 }
 
 /// Runs one trajectory and its checkpointed backward (see the module docs).
-pub fn trajectory<B, F>(input: TrajectoryInput<'_, B, F>) -> TrajectoryOutput<B>
+pub fn trajectory<B, F>(input: TrajectoryInput<'_, B, F>) -> Result<TrajectoryOutput<B>, ChainError>
 where
     B: AutodiffBackend,
     F: Fn(Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>),
 {
+    check_inputs(&input)?;
     let TrajectoryInput {
         unet,
         vae,
@@ -83,21 +126,19 @@ where
         loss_fn,
     } = input;
     let n = scheduler.timesteps().len();
-    assert_eq!(
-        grad_steps.len(),
-        n,
-        "grad_steps must have one entry per step"
-    );
     let noise = |i: usize| noises.get(i).cloned().flatten();
 
-    // 1. Forward on the inner backend, storing each step's input.
+    // 1. Forward on the inner backend, storing each step's input and guided model output (the detached steps'
+    // VJPs read them: a few kilobytes per step).
     let inner_unet = unet.valid();
     let mut inputs = Vec::with_capacity(n);
+    let mut outputs = Vec::with_capacity(n);
     let mut x = x_t;
     for i in 0..n {
         inputs.push(x.clone());
         let t = scheduler.timesteps()[i] as f64;
         let eps = guided_noise(&inner_unet, x.clone(), t, text, guidance);
+        outputs.push(eps.clone());
         x = scheduler.step(eps, i, x, noise(i)).prev_sample;
     }
     drop(inner_unet);
@@ -108,12 +149,12 @@ where
     let (loss, scores) = loss_fn(images.clone());
     let loss_value = scalar(loss.clone().inner());
     let scores = f64_values(scores.inner());
-    let grads = loss.backward();
+    let grads = backward_tracked(loss);
     // The latent gradient is carried in f32 whatever the model dtype: in bf16 its ~3 significant digits would be
     // lost again at every step it passes through.
     let mut g = x_n
         .grad(&grads)
-        .expect("the loss depends on the final latents")
+        .ok_or(ChainError::LossIgnoresImages)?
         .cast(DType::F32);
     drop(grads);
 
@@ -137,18 +178,18 @@ where
                 .expect("the step depends on its input")
                 .cast(DType::F32);
         } else {
-            g = detached_step_grad(scheduler, i, g);
+            g = scheduler.step_sample_vjp(i, g, outputs[i].clone(), inputs[i].clone());
         }
     }
 
-    TrajectoryOutput {
+    Ok(TrajectoryOutput {
         loss: loss_value,
         scores,
         final_latents: x,
         images: images.inner(),
         grads: acc,
-        latent_grad: carry_to_noise(scheduler, first, g),
-    }
+        latent_grad: carry_to_noise(scheduler, first, g, &outputs, &inputs),
+    })
 }
 
 /// The index of the first step that carries gradient (`grad_steps.len()` when none does).
@@ -159,27 +200,26 @@ fn first_kept(grad_steps: &[bool]) -> usize {
         .unwrap_or(grad_steps.len())
 }
 
-/// `dL/dx_i` from `g = dL/dx_{i+1}` through step `i` with its noise prediction detached: the DDIM update is then
-/// linear in `x_i` with slope `sqrt(a_prev) / sqrt(a_t)`. `g`: `[batch, 4, h, w]`.
-fn detached_step_grad<B: burn::tensor::backend::Backend>(
-    scheduler: &DdimScheduler,
-    i: usize,
-    g: Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    let c = scheduler.coefficients(i);
-    g * (c.sqrt_alpha_prev / c.alpha_prod_t.sqrt())
-}
-
-/// Carries `g = dL/dx_first` back to `dL/dx_T` through the steps before the first kept one (linear in `x`, no
-/// parameters). `g`: `[batch, 4, h, w]`.
+/// Carries `g = dL/dx_first` back to `dL/dx_T` through the steps before the first kept one (their model outputs
+/// held fixed; no parameters). `g`: `[batch, 4, h, w]`; `outputs[i]`, `inputs[i]`: step `i`'s model output and input.
 fn carry_to_noise<B: burn::tensor::backend::Backend>(
     scheduler: &DdimScheduler,
     first: usize,
     g: Tensor<B, 4>,
+    outputs: &[Tensor<B, 4>],
+    inputs: &[Tensor<B, 4>],
 ) -> Tensor<B, 4> {
-    (0..first)
-        .rev()
-        .fold(g, |g, i| detached_step_grad(scheduler, i, g))
+    (0..first).rev().fold(g, |g, i| {
+        scheduler.step_sample_vjp(i, g, outputs[i].clone(), inputs[i].clone())
+    })
+}
+
+/// `loss.backward()`, also when the loss is untracked (a reward that ignores or detaches the images: burn panics
+/// on the backward of a tensor without a graph): a zero leaf is added, so the gradients exist and the latents'
+/// gradient is simply absent ([`ChainError::LossIgnoresImages`]).
+fn backward_tracked<B: AutodiffBackend>(loss: Tensor<B, 1>) -> B::Gradients {
+    let anchor = Tensor::<B, 1>::zeros([1], (&loss.device(), loss.dtype())).require_grad();
+    (loss + anchor).backward()
 }
 
 /// The (constant) conditioning on the autodiff backend.
@@ -204,11 +244,14 @@ fn f64_values<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> Vec<f64> {
 /// The same trajectory differentiated the plain way: the autodiff graph of every kept step is built during the
 /// forward pass and freed only after one backward. Memory grows linearly with the number of kept steps; kept for
 /// comparison (tests, benchmarks) with the checkpointed [`trajectory`], whose output it returns in full.
-pub fn trajectory_full_graph<B, F>(input: TrajectoryInput<'_, B, F>) -> TrajectoryOutput<B>
+pub fn trajectory_full_graph<B, F>(
+    input: TrajectoryInput<'_, B, F>,
+) -> Result<TrajectoryOutput<B>, ChainError>
 where
     B: AutodiffBackend,
     F: Fn(Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>),
 {
+    check_inputs(&input)?;
     let (unet, scheduler, text, guidance) =
         (input.unet, input.scheduler, input.text, input.guidance);
     let (noises, grad_steps) = (input.noises, input.grad_steps);
@@ -220,6 +263,7 @@ where
     let first = first_kept(grad_steps);
     let mut x = Tensor::<B, 4>::from_inner(input.x_t);
     let mut x_first = None;
+    let (mut outputs, mut inputs) = (Vec::new(), Vec::new());
     for i in 0..n {
         if i == first {
             x = x.require_grad();
@@ -229,13 +273,12 @@ where
         let eps = if grad_steps[i] {
             guided_noise(unet, x.clone(), t, &text_ad, guidance)
         } else {
-            Tensor::from_inner(guided_noise(
-                &inner_unet,
-                x.clone().inner(),
-                t,
-                text,
-                guidance,
-            ))
+            let eps = guided_noise(&inner_unet, x.clone().inner(), t, text, guidance);
+            if i < first {
+                outputs.push(eps.clone());
+                inputs.push(x.clone().inner());
+            }
+            Tensor::from_inner(eps)
         };
         let z = noises.get(i).cloned().flatten().map(Tensor::from_inner);
         x = scheduler.step(eps, i, x, z).prev_sample;
@@ -253,17 +296,17 @@ where
     let value = scalar(loss.clone().inner());
     let scores = f64_values(scores.inner());
     let images = images.inner();
-    let grads = loss.backward();
+    let grads = backward_tracked(loss);
     let g = x_first
         .grad(&grads)
-        .expect("the loss depends on the kept steps' input")
+        .ok_or(ChainError::LossIgnoresImages)?
         .cast(DType::F32);
-    TrajectoryOutput {
+    Ok(TrajectoryOutput {
         loss: value,
         scores,
         final_latents,
         images,
         grads: lora_grads_from(unet, &grads),
-        latent_grad: carry_to_noise(scheduler, first, g),
-    }
+        latent_grad: carry_to_noise(scheduler, first, g, &outputs, &inputs),
+    })
 }

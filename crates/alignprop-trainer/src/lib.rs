@@ -16,7 +16,7 @@ pub mod plot;
 pub mod train;
 pub mod truncation;
 
-pub use chain::{TrajectoryInput, TrajectoryOutput, trajectory, trajectory_full_graph};
+pub use chain::{ChainError, TrajectoryInput, TrajectoryOutput, trajectory, trajectory_full_graph};
 pub use config::TrainConfig;
 pub use lora_params::{AdamW, AdamWConfig, LoraGrads};
 /// This crate's error ([`TrainError`]): every error of the crates below converts into it with `?`.

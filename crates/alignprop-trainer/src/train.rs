@@ -47,6 +47,8 @@ pub enum TrainError {
     NonFinite { step: usize, what: String },
     #[error("{path}: {msg}")]
     Io { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Chain(#[from] crate::chain::ChainError),
 }
 
 impl From<alignprop_diffusion::Error> for TrainError {
@@ -268,7 +270,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                     let (s, per_image) = reward.score_and_loss(images, &batch);
                     (per_image.mean() * coeff, s)
                 },
-            });
+            })?;
             if !out.loss.is_finite() || out.scores.iter().any(|s| !s.is_finite()) {
                 return Err(TrainError::NonFinite {
                     step: self.step + 1,

@@ -42,18 +42,7 @@ impl Truncation {
                 let (lo, hi) = (min.min(max), min.max(max));
                 last_k(lo + rng.below((hi - lo + 1) as u64) as usize)
             }
-            Self::Gaussian { mean, std } => {
-                let cut = loop {
-                    let c = (mean + std * rng.normal()).round();
-                    if c >= 1.0 && c < n as f64 {
-                        break c as usize;
-                    }
-                    if std == 0.0 {
-                        break (mean.round() as usize).clamp(1, n.saturating_sub(1).max(1));
-                    }
-                };
-                last_k(n - cut)
-            }
+            Self::Gaussian { mean, std } => last_k(n - gaussian_cut(mean, std, n, rng)),
             Self::PerStepRandom { min, max } => {
                 let (lo, hi) = (min.min(max), min.max(max));
                 (0..n)
@@ -72,12 +61,94 @@ impl Truncation {
             Self::Uniform { min, max } if min > max || max > n => Err(format!(
                 "truncation uniform min {min} / max {max} must satisfy min <= max <= {n}"
             )),
-            Self::Gaussian { std, .. } if std < 0.0 => {
-                Err("truncation gaussian std must be >= 0".into())
-            }
+            Self::Gaussian { mean, std } => validate_gaussian(mean, std, n),
+            Self::PerStepRandom { min, max } if min > max || max > n => Err(format!(
+                "truncation per_step_random min {min} / max {max} must satisfy min <= max <= {n}"
+            )),
             _ => Ok(()),
         }
     }
+}
+
+/// Draws before [`gaussian_cut`] gives up redrawing and takes the nearest valid cut instead.
+const GAUSSIAN_DRAWS: usize = 64;
+
+/// The smallest share of the gaussian's mass that must fall on valid cuts (`1..n`) for [`Truncation::validate`]:
+/// with less, most draws would be redrawn (and the distribution would not be the one asked for).
+const GAUSSIAN_MIN_MASS: f64 = 0.01;
+
+/// The cut index of a gaussian truncation for a chain of `n >= 2` steps: `round(mean + std z)` redrawn while it
+/// falls outside `1..n`, at most [`GAUSSIAN_DRAWS`] times, then clamped into `1..n` (so it always ends, whatever
+/// the parameters; [`Truncation::validate`] refuses those that would need many redraws).
+fn gaussian_cut(mean: f64, std: f64, n: usize, rng: &mut NoiseRng) -> usize {
+    let hi = n.saturating_sub(1).max(1);
+    let mut c = mean;
+    for _ in 0..GAUSSIAN_DRAWS {
+        c = (mean + std * rng.normal()).round();
+        if c >= 1.0 && c < n as f64 {
+            return c as usize;
+        }
+        if std == 0.0 {
+            break;
+        }
+    }
+    if c.is_finite() {
+        (c.round().max(1.0) as usize).min(hi)
+    } else {
+        hi
+    }
+}
+
+/// The probability that `round(mean + std z)` lands in `1..n` (standard normal `z`).
+fn gaussian_valid_mass(mean: f64, std: f64, n: usize) -> f64 {
+    let (lo, hi) = (0.5, n as f64 - 0.5);
+    if std == 0.0 {
+        let c = mean.round();
+        return if c >= 1.0 && c < n as f64 { 1.0 } else { 0.0 };
+    }
+    normal_cdf((hi - mean) / std) - normal_cdf((lo - mean) / std)
+}
+
+/// The standard normal distribution function (Abramowitz-Stegun 7.1.26 erf, absolute error < 1.5e-7).
+fn normal_cdf(x: f64) -> f64 {
+    let z = x.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.3275911 * z);
+    let poly = t
+        * (0.254829592
+            + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    let erf = 1.0 - poly * (-z * z).exp();
+    if x >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
+    }
+}
+
+fn validate_gaussian(mean: f64, std: f64, n: usize) -> Result<(), String> {
+    if !mean.is_finite() || !std.is_finite() || std < 0.0 {
+        return Err(format!(
+            "truncation gaussian mean {mean} / std {std}: both must be finite numbers and std >= 0"
+        ));
+    }
+    if n < 2 {
+        return Err(format!(
+            "truncation gaussian needs at least 2 sampling steps (its cut falls in 1..steps); got {n}: use \
+             mode = \"full\" or \"fixed\""
+        ));
+    }
+    let mass = gaussian_valid_mass(mean, std, n);
+    if mass < GAUSSIAN_MIN_MASS {
+        return Err(format!(
+            "truncation gaussian mean {mean} / std {std} puts {:.2e} of its mass on the valid cuts 1..={} of a \
+             {n}-step chain (at least {GAUSSIAN_MIN_MASS} needed): the mean is a step index, so scale it with \
+             sampling.steps (AlignProp's 42 / 5 is for 50 steps; for {n} steps e.g. mean = {:.1}, std = {:.1})",
+            mass,
+            n - 1,
+            (0.84 * n as f64).max(1.0),
+            (0.1 * n as f64).max(0.5),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -124,6 +195,58 @@ mod tests {
             kept[49]
         );
         assert!(Truncation::Fixed { k: 0 }.validate(50).is_err());
+    }
+
+    /// The shipped preset (42 / 5, made for 50 steps) on short chains: refused by `validate` with a message that
+    /// says how to scale it, and `grad_steps` ends even so (it redrew forever at <= 8 steps before).
+    #[test]
+    fn gaussian_truncation_is_validated_and_always_ends() {
+        let preset = Truncation::Gaussian {
+            mean: 42.0,
+            std: 5.0,
+        };
+        assert!(preset.validate(50).is_ok());
+        assert!(preset.validate(40).is_ok(), "mass on the cuts 1..=39 is ~0.31");
+        for n in [2, 8, 10, 20] {
+            let e = preset.validate(n).unwrap_err();
+            assert!(
+                e.contains("scale it with") && e.contains(&format!("{n}-step")),
+                "{e}"
+            );
+        }
+        let mut rng = NoiseRng::new(3);
+        for n in [2, 5, 8, 10] {
+            let steps = preset.grad_steps(n, &mut rng);
+            assert_eq!(steps.len(), n);
+            assert_eq!(
+                steps.iter().filter(|&&k| k).count(),
+                1,
+                "cut clamped to n - 1"
+            );
+        }
+        for bad in [(f64::NAN, 5.0), (42.0, f64::INFINITY), (42.0, -1.0)] {
+            let t = Truncation::Gaussian {
+                mean: bad.0,
+                std: bad.1,
+            };
+            assert!(t.validate(50).is_err(), "{bad:?}");
+            assert_eq!(
+                t.grad_steps(50, &mut rng).len(),
+                50,
+                "ends even unvalidated"
+            );
+        }
+        assert!(
+            Truncation::Gaussian {
+                mean: 1.0,
+                std: 0.0
+            }
+            .validate(1)
+            .is_err()
+        );
+        // The valid-mass estimate: a centred gaussian far inside the chain has all of it.
+        assert!((gaussian_valid_mass(25.0, 3.0, 50) - 1.0).abs() < 1e-6);
+        assert!((normal_cdf(1.0) - 0.841_344_746).abs() < 2e-7);
     }
 
     #[test]

@@ -10,7 +10,9 @@ use alignprop_pipeline::Conditioning;
 use alignprop_rewards::tiny::TinyReward;
 use alignprop_schedulers::{DdimScheduler, SchedulerConfig};
 use alignprop_testing::{ref_tensor_on, ref_values, refs, rel_err_values, tiny_sd, values};
-use alignprop_trainer::{TrajectoryInput, Truncation, trajectory};
+use alignprop_trainer::{
+    ChainError, TrajectoryInput, Truncation, trajectory, trajectory_full_graph,
+};
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor};
 
@@ -70,6 +72,7 @@ fn run(s: &Setup, truncation: Truncation) -> alignprop_trainer::TrajectoryOutput
             (scores.clone().mean(), scores)
         },
     })
+    .expect("every step's noise is given")
 }
 
 /// Runs our chain and compares with the reference gradients under `prefix` (`grad_full_f64`, ...).
@@ -189,5 +192,143 @@ fn bf16_base_gradient_is_close_to_f32() {
             rel < 0.15 && cosine > 0.985 && j_err < 0.03,
             "{prefix}: bf16 gradient rel err {rel:.3e}, cosine {cosine:.5}, J rel err {j_err:.2e}"
         );
+    }
+}
+
+/// The chain with a scheduler, kept steps, noises and reward of the test's choosing, checkpointed or full-graph.
+fn run_with(
+    s: &Setup,
+    scheduler: &DdimScheduler,
+    grad_steps: &[bool],
+    noises: &[Option<Tensor<I, 4>>],
+    ignore_images: bool,
+    full_graph: bool,
+) -> Result<alignprop_trainer::TrajectoryOutput<A>, ChainError> {
+    let input = TrajectoryInput {
+        unet: &s.unet,
+        vae: &s.vae,
+        scheduler,
+        text: &s.text,
+        guidance: 7.5,
+        x_t: s.x_t.clone(),
+        noises,
+        grad_steps,
+        loss_fn: |img: Tensor<A, 4>| {
+            let scores = s.reward.score(img);
+            if ignore_images {
+                // A user reward that returns a constant.
+                let c = Tensor::<A, 1>::ones([1], &scores.device());
+                (c.clone(), c)
+            } else {
+                (scores.clone().mean(), scores)
+            }
+        },
+    };
+    if full_graph {
+        trajectory_full_graph(input)
+    } else {
+        trajectory(input)
+    }
+}
+
+/// Steps with a detached noise prediction pass the latent gradient through the exact step Jacobian for v- and
+/// sample prediction and with `clip_sample` (the epsilon-only shortcut `sqrt(a_prev) / sqrt(a_t)` is wrong there):
+/// the checkpointed backward equals plain autodiff through the whole graph (float64 tensors; burn passes scalar
+/// factors as float32, so the two groupings of the step's scalars differ by ~1e-7), for kept steps that are the
+/// last one only and non-contiguous.
+#[test]
+fn detached_steps_are_exact_for_every_prediction_type_and_clipping() {
+    let s = setup(DType::F64);
+    let base =
+        SchedulerConfig::from_file(&tiny_sd().join("scheduler/scheduler_config.json")).unwrap();
+    for (prediction, clip) in [
+        ("v_prediction", false),
+        ("sample", false),
+        ("epsilon", true),
+        ("v_prediction", true),
+    ] {
+        let cfg = SchedulerConfig {
+            prediction_type: prediction.into(),
+            clip_sample: clip,
+            // Tight enough that some of x0's elements are clamped at every step.
+            clip_sample_range: 0.5,
+            ..base.clone()
+        };
+        let scheduler = DdimScheduler::new(&cfg, 4).unwrap().with_eta(1.0).unwrap();
+        for grad_steps in [[false, false, false, true], [false, true, false, true]] {
+            let ours = run_with(&s, &scheduler, &grad_steps, &s.noises, false, false).unwrap();
+            let full = run_with(&s, &scheduler, &grad_steps, &s.noises, false, true).unwrap();
+            let (e_x, _) = rel_err_values(&values(ours.latent_grad), &values(full.latent_grad));
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for (key, g) in &ours.grads.tensors {
+                a.extend(values(g.clone()));
+                b.extend(values(full.grads.tensors[key].clone()));
+            }
+            let (e_g, _) = rel_err_values(&a, &b);
+            eprintln!("{prediction} clip {clip} {grad_steps:?}: dL/dx_T {e_x:.2e}, LoRA {e_g:.2e}");
+            assert!(
+                e_x < 1e-6 && e_g < 1e-6,
+                "{prediction} clip {clip} {grad_steps:?}: dL/dx_T {e_x:.2e}, LoRA gradient {e_g:.2e}"
+            );
+        }
+    }
+}
+
+/// A step that adds noise without its noise given is refused (the forward and the recomputed backward would
+/// draw different noise: a silently wrong gradient), as are kept-step flags of the wrong length.
+#[test]
+fn missing_noise_and_wrong_grad_steps_are_errors() {
+    let s = setup(DType::F32);
+    let mut noises = s.noises.clone();
+    noises[2] = None;
+    for full_graph in [false, true] {
+        let e = run_with(
+            &s,
+            &s.scheduler,
+            &[false, false, false, true],
+            &noises,
+            false,
+            full_graph,
+        );
+        assert_eq!(e.err(), Some(ChainError::MissingNoise { step: 2 }));
+        let e = run_with(
+            &s,
+            &s.scheduler,
+            &[false, false, false, true],
+            &noises[..1],
+            false,
+            full_graph,
+        );
+        assert_eq!(e.err(), Some(ChainError::MissingNoise { step: 1 }));
+        let e = run_with(&s, &s.scheduler, &[true; 3], &s.noises, false, full_graph);
+        assert_eq!(
+            e.err(),
+            Some(ChainError::GradStepsLength {
+                expected: 4,
+                found: 3
+            })
+        );
+    }
+    // Deterministic DDIM (eta 0) needs no noise at all.
+    let cfg =
+        SchedulerConfig::from_file(&tiny_sd().join("scheduler/scheduler_config.json")).unwrap();
+    let eta0 = DdimScheduler::new(&cfg, 4).unwrap();
+    assert!(run_with(&s, &eta0, &[false, false, false, true], &[], false, false).is_ok());
+}
+
+/// A loss that does not depend on the images is an error, not a panic.
+#[test]
+fn a_loss_that_ignores_the_images_is_an_error() {
+    let s = setup(DType::F32);
+    for full_graph in [false, true] {
+        let e = run_with(
+            &s,
+            &s.scheduler,
+            &[false, false, false, true],
+            &s.noises,
+            true,
+            full_graph,
+        );
+        assert_eq!(e.err(), Some(ChainError::LossIgnoresImages));
     }
 }

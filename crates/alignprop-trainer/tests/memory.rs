@@ -54,10 +54,10 @@ fn checkpointed_memory_is_flat_in_k_full_graph_is_not() {
             loss_fn: loss,
         };
         ckpt.push(peak_during(|| {
-            let _ = trajectory(input());
+            drop(trajectory(input()).expect("trajectory"));
         }));
         full.push(peak_during(|| {
-            let _ = trajectory_full_graph(input());
+            drop(trajectory_full_graph(input()).expect("trajectory"));
         }));
     }
     eprintln!(
