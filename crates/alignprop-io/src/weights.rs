@@ -6,6 +6,12 @@
 //! tensor from `init`, so the full-size architecture can be built and run without any download.
 //!
 //! Files are memory-mapped and never executed: safetensors holds raw little-endian data and a JSON header only.
+//!
+//! A file is checked whole when it is opened ([`check_header`]): the 8-byte header length against the file size, the
+//! JSON header, each tensor's dtype, shape and `data_offsets` (with checked arithmetic, so a lying shape such as
+//! `[2^40, 2^40]` is an error, never an allocation), and that the tensors tile the data section exactly. Reading a
+//! tensor then copies at most the bytes the file holds. Values are not inspected: a tensor of NaNs is read as it is
+//! stored (finiteness is a property of the training run, not of the file format; callers that need it check it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -46,6 +52,8 @@ pub enum WeightError {
         key: String,
         dtype: String,
     },
+    #[error("{path}: not a readable PyTorch file ({msg})")]
+    Pth { path: PathBuf, msg: String },
     #[error("{path}: {msg}")]
     Config { path: PathBuf, msg: String },
     #[error("{path}: cannot write: {msg}")]
@@ -110,10 +118,14 @@ impl SafetensorsSource {
                 path: path.clone(),
                 source,
             })?;
+            check_header(&mmap).map_err(|msg| WeightError::Format {
+                path: path.clone(),
+                msg,
+            })?;
             let (header_len, meta) =
                 SafeTensors::read_metadata(&mmap).map_err(|e| WeightError::Format {
                     path: path.clone(),
-                    msg: e.to_string(),
+                    msg: one_line(&e.to_string()),
                 })?;
             let tensors: HashMap<_, _> = meta
                 .tensors()
@@ -152,6 +164,192 @@ impl SafetensorsSource {
         let &i = self.index.get(key)?;
         self.files[i].tensors.get(key).map(|t| t.1.clone())
     }
+}
+
+/// The largest header the safetensors crate accepts (its `MAX_HEADER_SIZE`).
+const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// Checks a whole safetensors file (`bytes`) before it is indexed, explaining what is wrong in one line: the 8-byte
+/// header length against the file size, the JSON header, and for every tensor its dtype, shape and `data_offsets`
+/// (with checked arithmetic, so no shape can make a reader allocate more than the file holds), and that the tensors
+/// tile the data section exactly, as the format requires.
+pub fn check_header(bytes: &[u8]) -> std::result::Result<(), String> {
+    let len = bytes.len();
+    let Some(n) = bytes.get(..8) else {
+        return Err(format!(
+            "file is {len} bytes, expected at least the 8-byte header length"
+        ));
+    };
+    let n = u64::from_le_bytes(n.try_into().expect("8 bytes"));
+    let after = (len - 8) as u64;
+    if n > after {
+        return Err(format!(
+            "header length {n} (first 8 bytes) exceeds the {after} bytes that follow it (truncated file?)"
+        ));
+    }
+    if n > MAX_HEADER_LEN {
+        return Err(format!(
+            "header length {n} exceeds the format's limit of {MAX_HEADER_LEN} bytes"
+        ));
+    }
+    let n = n as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).map_err(|e| {
+        format!(
+            "header is not UTF-8 (invalid byte at header offset {})",
+            e.valid_up_to()
+        )
+    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(header).map_err(|e| format!("header is not valid JSON: {e}"))?;
+    let serde_json::Value::Object(entries) = json else {
+        return Err(format!(
+            "header is JSON {}, expected an object of tensors",
+            json_kind(&json)
+        ));
+    };
+    let data_len = len - 8 - n;
+    let mut spans: Vec<(usize, usize, &str)> = Vec::with_capacity(entries.len());
+    for (key, entry) in &entries {
+        if key == "__metadata__" {
+            let ok = entry.is_null()
+                || entry
+                    .as_object()
+                    .is_some_and(|m| m.values().all(serde_json::Value::is_string));
+            if !ok {
+                return Err(format!(
+                    "'__metadata__' is {}, expected an object of strings",
+                    json_kind(entry)
+                ));
+            }
+            continue;
+        }
+        let field = |name: &str| {
+            entry.get(name).ok_or_else(|| {
+                format!("tensor '{key}': no '{name}' in its header entry (expected dtype, shape, data_offsets)")
+            })
+        };
+        let dtype = field("dtype")?;
+        let dtype: StDtype = serde_json::from_value(dtype.clone())
+            .map_err(|_| format!("tensor '{key}': unknown dtype {}", short(dtype)))?;
+        let shape = field("shape")?;
+        let dims: Vec<usize> = shape
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect()
+            })
+            .ok_or_else(|| {
+                format!(
+                    "tensor '{key}': shape {}, expected a list of non-negative integers",
+                    short(shape)
+                )
+            })?;
+        let offsets = field("data_offsets")?;
+        let (start, end) = match offsets.as_array().map(Vec::as_slice) {
+            Some([s, e]) => match (s.as_u64(), e.as_u64()) {
+                (Some(s), Some(e)) => (s, e),
+                _ => (u64::MAX, 0),
+            },
+            _ => (u64::MAX, 0),
+        };
+        if start == u64::MAX {
+            return Err(format!(
+                "tensor '{key}': data_offsets {}, expected [start, end] byte offsets",
+                short(offsets)
+            ));
+        }
+        if start > end {
+            return Err(format!(
+                "tensor '{key}': data_offsets [{start}, {end}] are reversed (start after end)"
+            ));
+        }
+        if end > data_len as u64 {
+            return Err(format!(
+                "tensor '{key}': data_offsets [{start}, {end}] end past the data section ({data_len} bytes)"
+            ));
+        }
+        let needed = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|elems| elems.checked_mul(dtype.bitsize()));
+        if let Some(bits) = needed.filter(|b| b % 8 != 0) {
+            return Err(format!(
+                "tensor '{key}': {dtype:?} {dims:?} is {bits} bits, expected a whole number of bytes"
+            ));
+        }
+        let needed = needed.map(|bits| bits / 8);
+        let (start, end) = (start as usize, end as usize);
+        match needed {
+            Some(needed) if needed == end - start => {}
+            Some(needed) => {
+                return Err(format!(
+                    "tensor '{key}': {dtype:?} {dims:?} needs {needed} bytes, but data_offsets [{start}, {end}] hold {}",
+                    end - start
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "tensor '{key}': {dtype:?} {dims:?} is larger than any file (its size overflows), data_offsets [{start}, {end}] hold {}",
+                    end - start
+                ));
+            }
+        }
+        spans.push((start, end, key));
+    }
+    spans.sort_unstable();
+    let mut covered = 0usize;
+    let mut previous: Option<(usize, usize, &str)> = None;
+    for &(start, end, key) in &spans {
+        if start != covered {
+            return Err(match previous {
+                Some((ps, pe, pk)) if start < covered => {
+                    format!("tensors '{pk}' [{ps}, {pe}] and '{key}' [{start}, {end}] overlap")
+                }
+                Some((ps, pe, pk)) => format!(
+                    "{} unused bytes between tensors '{pk}' [{ps}, {pe}] and '{key}' [{start}, {end}]",
+                    start - covered
+                ),
+                None => format!(
+                    "tensor '{key}' starts at data offset {start}, expected 0 (first tensor)"
+                ),
+            });
+        }
+        covered = end;
+        previous = Some((start, end, key));
+    }
+    if covered != data_len {
+        return Err(format!(
+            "the tensors cover {covered} bytes, but the data section holds {data_len} (expected equal)"
+        ));
+    }
+    Ok(())
+}
+
+/// The kind of a JSON value, for error messages.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// A JSON value for an error message, cut to a readable length.
+fn short(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(60) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
+}
+
+/// `msg` on one line (errors of other crates may hold newlines).
+pub(crate) fn one_line(msg: &str) -> String {
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn to_burn_dtype(dtype: StDtype) -> Option<DType> {
@@ -461,10 +659,20 @@ impl<B: Backend> VarBuilder<B> {
                         String::new()
                     },
                 })?;
+                if !matches!(
+                    raw.data.dtype,
+                    DType::F32 | DType::F16 | DType::BF16 | DType::F64
+                ) {
+                    return Err(WeightError::Dtype {
+                        path: raw.file,
+                        key: raw.stored_key,
+                        dtype: format!("{:?}", raw.data.dtype),
+                    });
+                }
                 self.shared
                     .used
                     .lock()
-                    .unwrap()
+                    .unwrap_or_else(|p| p.into_inner())
                     .push((key.clone(), shape.to_vec()));
                 let squeezed = |s: &[usize]| -> Vec<usize> {
                     let mut v = s.to_vec();

@@ -7,6 +7,11 @@
 //! | [`LoraFormat::Kohya`] (A1111 / ComfyUI) | `lora_unet_<module with _>.lora_down.weight` | `....lora_up.weight` | `....alpha` scalar |
 //!
 //! `<module>` is the diffusers module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
+//!
+//! Reading checks each adapter whole, with errors naming the file, the key and what was expected and found: both
+//! halves present (a down without its up, or an up without its down, is an error), float matrices whose ranks agree
+//! and are not 0, a one-element `alpha`, readable peft metadata, and finite values (a NaN or infinite weight or alpha
+//! — the mark of a diverged run — would turn every image it touches into NaNs, so it is refused at load time).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -140,23 +145,43 @@ impl LoraWeights {
             LoraFormat::Diffusers => (".lora.down.weight", ".lora.up.weight", "unet."),
             LoraFormat::Kohya => (".lora_down.weight", ".lora_up.weight", "lora_unet_"),
         };
-        let peft_alpha = peft_alpha(&src.metadata());
+        let peft_alpha = peft_alpha(&src.metadata()).map_err(err)?;
+        if let Some(key) = keys.iter().find(|k| {
+            k.strip_suffix(up_sfx)
+                .is_some_and(|m| src.shape(&format!("{m}{down_sfx}")).is_none())
+        }) {
+            let module = key.strip_suffix(up_sfx).expect("found by suffix");
+            return Err(err(format!(
+                "tensor '{key}' has no down half: expected '{module}{down_sfx}' next to it"
+            )));
+        }
         let mut modules = BTreeMap::new();
         for key in &keys {
             let Some(module) = key.strip_suffix(down_sfx) else {
                 continue;
             };
             let up_key = format!("{module}{up_sfx}");
+            if src.shape(&up_key).is_none() {
+                return Err(err(format!(
+                    "tensor '{key}' has no up half: expected '{up_key}' next to it"
+                )));
+            }
             let down = read_matrix(&src, key, path)?;
             let up = read_matrix(&src, &up_key, path)?;
+            if down.shape[0] == 0 {
+                return Err(err(format!(
+                    "tensor '{key}': rank 0 (shape {:?}), expected at least 1",
+                    down.shape
+                )));
+            }
             if up.shape[1] != down.shape[0] {
                 return Err(err(format!(
-                    "'{up_key}' has shape {:?} but '{key}' has rank {} ({:?})",
-                    up.shape, down.shape[0], down.shape
+                    "tensor '{up_key}': expected shape [_, {}] (the rank of '{key}', shape {:?}), found {:?}",
+                    down.shape[0], down.shape, up.shape
                 )));
             }
             let alpha = match format {
-                LoraFormat::Kohya => read_scalar(&src, &format!("{module}.alpha"))?,
+                LoraFormat::Kohya => read_scalar(&src, &format!("{module}.alpha"), path)?,
                 _ => peft_alpha,
             };
             let Some(name) = module.strip_prefix(prefix) else {
@@ -344,36 +369,83 @@ fn read_matrix(src: &SafetensorsSource, key: &str, path: &Path) -> Result<Matrix
             });
         }
     };
-    let values = raw
-        .data
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .map_err(|e| LoraError::File {
+    let values = float_values::<f32>(raw, key, path)?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(LoraError::File {
             path: path.to_path_buf(),
-            msg: format!("tensor '{key}': {e:?}"),
-        })?;
+            msg: format!(
+                "tensor '{key}': expected finite values, found {} at index {i} ({} of {} not finite)",
+                values[i],
+                values.iter().filter(|v| !v.is_finite()).count(),
+                values.len()
+            ),
+        });
+    }
     Ok(Matrix::new(shape, values))
 }
 
-fn read_scalar(src: &SafetensorsSource, key: &str) -> Result<Option<f64>> {
-    Ok(match src.find(key)? {
-        Some(raw) => raw
-            .data
-            .convert::<f64>()
-            .to_vec::<f64>()
-            .ok()
-            .and_then(|v| v.first().copied()),
-        None => None,
-    })
+/// The values of a stored float tensor (F32, F16, BF16, F64) as `E`; an integer or boolean tensor is an error.
+fn float_values<E: burn::tensor::Element>(
+    raw: alignprop_io::RawTensor,
+    key: &str,
+    path: &Path,
+) -> Result<Vec<E>> {
+    let err = |msg: String| LoraError::File {
+        path: path.to_path_buf(),
+        msg: format!("tensor '{key}': {msg}"),
+    };
+    if !raw.data.dtype.is_float() {
+        return Err(err(format!(
+            "expected a float dtype (F32, F16, BF16, F64), found {:?}",
+            raw.data.dtype
+        )));
+    }
+    raw.data
+        .convert::<E>()
+        .to_vec::<E>()
+        .map_err(|e| err(format!("{e:?}")))
 }
 
-/// `lora_alpha` from diffusers' peft metadata (`{"unet.lora_alpha": 4, "unet.r": 4, ...}`).
-fn peft_alpha(metadata: &BTreeMap<String, String>) -> Option<f64> {
-    let json: serde_json::Value =
-        serde_json::from_str(metadata.get("lora_adapter_metadata")?).ok()?;
-    json.get("unet.lora_alpha")
-        .or_else(|| json.get("lora_alpha"))?
-        .as_f64()
+/// A kohya `alpha`: one finite number (shape `[]` or `[1]`), or `None` when the file has none.
+fn read_scalar(src: &SafetensorsSource, key: &str, path: &Path) -> Result<Option<f64>> {
+    let Some(raw) = src.find(key)? else {
+        return Ok(None);
+    };
+    let err = |msg: String| LoraError::File {
+        path: path.to_path_buf(),
+        msg: format!("tensor '{key}': {msg}"),
+    };
+    let shape = raw.shape.clone();
+    let values = float_values::<f64>(raw, key, path)?;
+    match values.as_slice() {
+        [a] if a.is_finite() => Ok(Some(*a)),
+        [a] => Err(err(format!("expected a finite alpha, found {a}"))),
+        _ => Err(err(format!(
+            "expected a scalar alpha (shape [] or [1]), found shape {shape:?}"
+        ))),
+    }
+}
+
+/// `lora_alpha` from diffusers' peft metadata (`{"unet.lora_alpha": 4, "unet.r": 4, ...}`); `None` without
+/// metadata. Metadata that is there but unreadable is an error (ignoring it would silently change the scale).
+fn peft_alpha(metadata: &BTreeMap<String, String>) -> std::result::Result<Option<f64>, String> {
+    let Some(text) = metadata.get("lora_adapter_metadata") else {
+        return Ok(None);
+    };
+    let json: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("metadata 'lora_adapter_metadata' is not valid JSON: {e}"))?;
+    let Some(alpha) = json
+        .get("unet.lora_alpha")
+        .or_else(|| json.get("lora_alpha"))
+    else {
+        return Ok(None);
+    };
+    match alpha.as_f64() {
+        Some(a) if a.is_finite() => Ok(Some(a)),
+        _ => Err(format!(
+            "metadata 'lora_adapter_metadata': expected a number for lora_alpha, found {alpha}"
+        )),
+    }
 }
 
 /// The metadata diffusers writes with `save_lora_weights(..., unet_lora_adapter_metadata=config)`.

@@ -159,16 +159,31 @@ pub fn captioned_grid(images: &[RgbImage], captions: &[Vec<String>], cols: usize
     out
 }
 
+/// The largest width or height [`load_image`] decodes: rewards score pictures of a few hundred pixels, and a
+/// file claiming more is refused before anything is allocated for it.
+pub const MAX_IMAGE_SIDE: u32 = 8192;
+
 /// An image file (PNG, JPEG) as `[1, 3, height, width]` in `[-1, 1]`, the range of the VAE decoder's output that
-/// every reward takes.
+/// every reward takes. The format is told from the file's content (a PNG named `.jpg` reads); a file that is no
+/// image, is truncated, or claims more than [`MAX_IMAGE_SIDE`] pixels a side is a one-line error naming the file.
 pub fn load_image<B: Backend>(
     path: impl AsRef<Path>,
     device: &B::Device,
 ) -> Result<Tensor<B, 4>, String> {
     let path = path.as_ref();
-    let img = image::open(path)
-        .map_err(|e| format!("{}: cannot read image: {e}", path.display()))?
-        .to_rgb8();
+    let err = |e: &dyn std::fmt::Display| {
+        let msg = e.to_string();
+        let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
+        format!("{}: cannot read image: {msg}", path.display())
+    };
+    let mut reader = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| err(&e))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| err(&e))?.to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
     let mut v = vec![0f32; 3 * h * w];
     for (x, y, p) in img.enumerate_pixels() {
