@@ -63,11 +63,13 @@ fn fit<B: Backend>(args: &FitArgs, device: &B::Device) -> Result<()> {
     let bar = indicatif::ProgressBar::new(files.len() as u64);
     let (mut sizes, mut embs) = (Vec::new(), Vec::new());
     for f in &files {
+        // load_image first: it checks the content and the size before decoding (one-line errors).
+        let pixels = load_image::<B>(f, device).map_err(anyhow::Error::msg)?;
         let img = image::open(f)
             .with_context(|| format!("{}: cannot read image", f.display()))?
             .to_rgb8();
         sizes.push(jpeg_size_kib(&img, JPEG_QUALITY));
-        embs.push(clip_embedding(&clip, load_image::<B>(f, device)?));
+        embs.push(clip_embedding(&clip, pixels));
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use alignprop_device::{Cpu, Cuda, DeviceChoice, Wgpu, cuda_device, wgpu_device};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use alignprop_trainer::{RunEnd, TrainConfig};
+use alignprop_trainer::{Resume, RunEnd, TrainConfig};
 use anyhow::{Context, Result, anyhow, bail};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
@@ -28,6 +28,10 @@ pub struct TrainArgs {
     /// numbers as an uninterrupted run).
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: continue even though the config differs from the checkpoint's (in more than train.steps,
+    /// eval.* and output.*); the numbers then differ from an uninterrupted run.
+    #[arg(long, requires = "resume")]
+    pub allow_config_change: bool,
     /// cpu, cuda, cuda:N, wgpu or wgpu:N (any Vulkan / Metal / DX12 GPU; default: CUDA when a GPU is present, else CPU).
     #[arg(long, value_parser = crate::parse_device)]
     pub device: Option<DeviceChoice>,
@@ -38,27 +42,44 @@ fn builtin_demo() -> PathBuf {
 }
 
 /// Reads the config with the `KEY=VALUE` overrides applied (unknown keys are errors naming the key).
+///
+/// Values are TOML (numbers, booleans, quoted strings, arrays); a bare word is taken as a string only where the
+/// config holds a string or nothing (`--set model.path=/models/sd15`), and is an error naming the key and the
+/// expected type where it holds a number or a boolean. Setting a section's `mode` (`truncation.mode=gaussian`)
+/// drops the keys of its previous mode, so the new mode's keys follow with `--set`. Input paths given with `--set`
+/// are relative to the working folder (the config's own are relative to the config file's folder).
 pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
     let mut cfg = TrainConfig::from_file(path).map_err(|e| anyhow!(e))?;
     if overrides.is_empty() {
         return Ok(cfg);
     }
+    let from_file: Vec<PathBuf> = cfg
+        .input_paths_mut()
+        .into_iter()
+        .map(|p| p.clone())
+        .collect();
     let mut value = toml::Value::try_from(&cfg).context("config to TOML")?;
     for o in overrides {
         let (key, raw) = o
             .split_once('=')
             .ok_or_else(|| anyhow!("--set {o}: expected KEY=VALUE"))?;
-        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-        let mut node = &mut value;
+        let (key, raw) = (key.trim(), raw.trim());
         let parts: Vec<&str> = key.split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            bail!("--set {o}: '{key}' is not a dotted config key (e.g. train.steps)");
+        }
+        let current = lookup(&value, &parts).cloned();
+        let parsed = parse_value(o, key, raw, current.as_ref())?;
+        let mut node = &mut value;
         for (i, part) in parts.iter().enumerate() {
             let table = node
                 .as_table_mut()
                 .ok_or_else(|| anyhow!("--set {key}: '{part}' is not inside a section"))?;
             if i + 1 == parts.len() {
+                if *part == "mode" && current.as_ref() != Some(&parsed) {
+                    // A new mode: the old mode's keys do not apply to it.
+                    table.clear();
+                }
                 table.insert(part.to_string(), parsed.clone());
                 break;
             }
@@ -67,8 +88,91 @@ pub fn load_config(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
                 .or_insert_with(|| toml::Value::Table(Default::default()));
         }
     }
-    cfg = value.try_into().map_err(|e| anyhow!("--set: {e}"))?;
+    cfg = value.try_into().map_err(|e| {
+        anyhow!(
+            "{}: with --set {}: {}",
+            path.display(),
+            overrides.join(" --set "),
+            one_line(&e.to_string())
+        )
+    })?;
+    // Paths typed on the command line are relative to where the command runs.
+    let cwd = std::env::current_dir().context("the working folder")?;
+    for p in cfg.input_paths_mut() {
+        if p.is_relative() && !from_file.contains(p) {
+            *p = cwd.join(&*p);
+        }
+    }
     Ok(cfg)
+}
+
+/// The value at `parts` of a TOML tree, if any.
+fn lookup<'a>(value: &'a toml::Value, parts: &[&str]) -> Option<&'a toml::Value> {
+    parts
+        .iter()
+        .try_fold(value, |node, part| node.as_table()?.get(*part))
+}
+
+/// An override's value: TOML where it parses; a bare word where the key holds a string (or nothing yet);
+/// otherwise an error that names the key and the type it holds.
+fn parse_value(
+    o: &str,
+    key: &str,
+    raw: &str,
+    current: Option<&toml::Value>,
+) -> Result<toml::Value> {
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    let kind = |v: &toml::Value| v.type_str();
+    match (parsed, current) {
+        (Some(v), Some(c)) if kind(&v) != kind(c) && !(v.is_integer() && c.is_float()) => {
+            if c.is_str() {
+                // `--set model.dtype=1` style: keep the text.
+                Ok(toml::Value::String(raw.to_string()))
+            } else {
+                bail!(
+                    "--set {o}: {key} holds {}{}, got {} '{raw}'",
+                    article(kind(c)),
+                    now(c),
+                    article(kind(&v))
+                )
+            }
+        }
+        (Some(v), Some(c)) if v.is_integer() && c.is_float() => {
+            Ok(toml::Value::Float(v.as_integer().unwrap_or_default() as f64))
+        }
+        (Some(v), _) => Ok(v),
+        (None, None) => Ok(toml::Value::String(raw.to_string())),
+        (None, Some(c)) if c.is_str() => Ok(toml::Value::String(raw.to_string())),
+        (None, Some(c)) => bail!(
+            "--set {o}: '{raw}' is not a valid value for {key}, which holds {}{}",
+            article(kind(c)),
+            now(c)
+        ),
+    }
+}
+
+/// ` (now VALUE)` for a scalar, nothing for a table or an array (multi-line in TOML).
+fn now(c: &toml::Value) -> String {
+    if c.is_table() || c.is_array() {
+        String::new()
+    } else {
+        format!(" (now {c})")
+    }
+}
+
+fn article(kind: &str) -> String {
+    match kind {
+        "integer" => "an integer".into(),
+        "array" => "an array".into(),
+        other => format!("a {other}"),
+    }
+}
+
+/// An error message on one line (TOML's errors span several, with a caret under the spot).
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -96,20 +200,25 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         crate::resolve_device(args.device)
     };
+    let resume = match (args.resume, args.allow_config_change) {
+        (false, _) => Resume::No,
+        (true, false) => Resume::Checked,
+        (true, true) => Resume::AllowConfigChange,
+    };
     match device {
-        DeviceChoice::Cpu => train::<Autodiff<Cpu>>(cfg, &Default::default(), args.resume),
+        DeviceChoice::Cpu => train::<Autodiff<Cpu>>(cfg, &Default::default(), resume),
         DeviceChoice::Cuda(i) => {
             let d = cuda_device(i).map_err(anyhow::Error::msg)?;
-            train::<Autodiff<Cuda>>(cfg, &d, args.resume)
+            train::<Autodiff<Cuda>>(cfg, &d, resume)
         }
         DeviceChoice::Wgpu(i) => {
             let d = wgpu_device(i).map_err(anyhow::Error::msg)?;
-            train::<Autodiff<Wgpu>>(cfg, &d, args.resume)
+            train::<Autodiff<Wgpu>>(cfg, &d, resume)
         }
     }
 }
 
-fn train<B: AutodiffBackend>(cfg: TrainConfig, device: &B::Device, resume: bool) -> Result<()> {
+fn train<B: AutodiffBackend>(cfg: TrainConfig, device: &B::Device, resume: Resume) -> Result<()> {
     if cfg.train.steps == 0 {
         bail!("train.steps is 0: nothing to do");
     }
@@ -178,4 +287,94 @@ fn train<B: AutodiffBackend>(cfg: TrainConfig, device: &B::Device, resume: bool)
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alignprop_trainer::Truncation;
+
+    fn demo_with(sets: &[&str]) -> Result<TrainConfig> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        load_config(&builtin_demo(), &sets)
+    }
+
+    /// Setting `truncation.mode` drops the old mode's keys (the demo's `k`), so the new mode's keys follow.
+    #[test]
+    fn setting_a_mode_replaces_the_sections_keys() {
+        let cfg = demo_with(&[
+            "truncation.mode=gaussian",
+            "truncation.mean=42",
+            "truncation.std=5",
+        ])
+        .unwrap();
+        assert_eq!(
+            cfg.truncation,
+            Truncation::Gaussian {
+                mean: 42.0,
+                std: 5.0
+            }
+        );
+        // The same mode again keeps its keys.
+        let cfg = demo_with(&["truncation.mode=fixed"]).unwrap();
+        assert_eq!(cfg.truncation, Truncation::Fixed { k: 3 });
+        // A new mode without its keys names the missing one.
+        let e = demo_with(&["truncation.mode=gaussian"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mean") && !e.contains('\n'), "{e}");
+    }
+
+    /// A value that is not of the key's type is an error naming the key and the type; integers widen to floats;
+    /// bare words are strings where the config holds strings.
+    #[test]
+    fn set_values_are_type_checked() {
+        for (set, needles) in [
+            (
+                "train.steps=abc",
+                &["train.steps", "an integer", "'abc'"][..],
+            ),
+            ("optimizer.lr=fast", &["optimizer.lr", "a float"]),
+            (
+                "train.steps=1.5",
+                &["train.steps holds an integer", "a float '1.5'"],
+            ),
+            (
+                "sampling.eta=true",
+                &["sampling.eta holds a float", "a boolean"],
+            ),
+            ("train.stepz=3", &["stepz"]),
+            ("train=3", &["train holds a table"]),
+            ("=3", &["not a dotted config key"]),
+            ("train.steps", &["expected KEY=VALUE"]),
+        ] {
+            let e = demo_with(&[set]).unwrap_err().to_string();
+            assert!(
+                needles.iter().all(|n| e.contains(n)) && !e.contains('\n'),
+                "--set {set}: {e}"
+            );
+        }
+        let cfg = demo_with(&[
+            "sampling.guidance_scale=7",
+            "model.dtype=bf16",
+            "reward.kind=sum",
+        ]);
+        // `sum` without terms is a validate() error, not a parse error: the parse succeeds.
+        let cfg = cfg.unwrap();
+        assert_eq!(cfg.sampling.guidance_scale, 7.0);
+        assert_eq!(cfg.model.dtype, "bf16");
+    }
+
+    /// Paths given with --set are relative to the working folder; the config's own stay relative to the config.
+    #[test]
+    fn set_paths_are_relative_to_the_working_folder() {
+        let cwd = std::env::current_dir().unwrap();
+        let cfg = demo_with(&["model.path=models/sd15", "eval.prompts=my_prompts.txt"]).unwrap();
+        assert_eq!(cfg.model.path, Some(cwd.join("models/sd15")));
+        assert_eq!(cfg.eval.prompts, cwd.join("my_prompts.txt"));
+        let config_dir = builtin_demo().parent().unwrap().to_path_buf();
+        assert_eq!(cfg.train.prompts, config_dir.join("prompts/animals.txt"));
+        let cfg = demo_with(&["model.path=/abs/sd15"]).unwrap();
+        assert_eq!(cfg.model.path, Some(PathBuf::from("/abs/sd15")));
+    }
 }

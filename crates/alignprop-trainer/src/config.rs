@@ -269,19 +269,20 @@ impl Default for OutputConfig {
 }
 
 impl TrainConfig {
-    /// Reads a TOML config; relative prompt paths are resolved against the config's folder.
+    /// Reads a TOML config; relative input paths (`model.path`, the prompt files, the reward's files) are resolved
+    /// against the config's folder ([`Self::resolve_paths`]); `output.dir` stays relative to the working folder.
     pub fn from_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
         let mut cfg: TrainConfig =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.train.prompts, &mut cfg.eval.prompts] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
-        let r = &mut cfg.reward;
+            toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(cfg)
+    }
+
+    /// The config's input paths (`model.path`, `train.prompts`, `eval.prompts`, every reward file).
+    pub fn input_paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        let r = &mut self.reward;
         let term_paths = r.terms.iter_mut().flat_map(|t| {
             [
                 &mut t.path,
@@ -290,21 +291,30 @@ impl TrainConfig {
                 &mut t.tokenizer,
             ]
         });
-        for p in [
-            &mut r.path,
-            &mut r.clip_path,
-            &mut r.config,
-            &mut r.tokenizer,
-        ]
-        .into_iter()
-        .chain(term_paths)
-        .flatten()
-        {
+        [&mut self.train.prompts, &mut self.eval.prompts]
+            .into_iter()
+            .chain(
+                [
+                    &mut self.model.path,
+                    &mut r.path,
+                    &mut r.clip_path,
+                    &mut r.config,
+                    &mut r.tokenizer,
+                ]
+                .into_iter()
+                .chain(term_paths)
+                .flatten(),
+            )
+            .collect()
+    }
+
+    /// Joins every relative input path ([`Self::input_paths_mut`]) to `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for p in self.input_paths_mut() {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
-        Ok(cfg)
     }
 
     /// Checks values that serde cannot.
@@ -312,6 +322,54 @@ impl TrainConfig {
         let s = &self.sampling;
         if s.steps == 0 {
             return Err("sampling.steps must be at least 1".into());
+        }
+        let o = &self.optimizer;
+        let numbers = [
+            (
+                "sampling.guidance_scale",
+                s.guidance_scale,
+                f64::NEG_INFINITY,
+            ),
+            ("sampling.eta", s.eta, 0.0),
+            ("optimizer.lr", o.lr, 0.0),
+            ("optimizer.beta1", o.beta1, 0.0),
+            ("optimizer.beta2", o.beta2, 0.0),
+            ("optimizer.eps", o.eps, 0.0),
+            ("optimizer.weight_decay", o.weight_decay, 0.0),
+            (
+                "reward.loss_coeff",
+                self.reward.loss_coeff,
+                f64::NEG_INFINITY,
+            ),
+        ];
+        for (key, v, min) in numbers {
+            if !v.is_finite() || v < min {
+                return Err(format!(
+                    "{key} = {v}: expected a finite number{}",
+                    if min == 0.0 { " >= 0" } else { "" }
+                ));
+            }
+        }
+        if o.lr <= 0.0 {
+            return Err(format!("optimizer.lr = {}: expected a number > 0", o.lr));
+        }
+        if o.beta1 >= 1.0 || o.beta2 >= 1.0 {
+            return Err(format!(
+                "optimizer.beta1 = {} / beta2 = {}: each must be in [0, 1)",
+                o.beta1, o.beta2
+            ));
+        }
+        if let Some(c) = o.max_grad_norm
+            && (!c.is_finite() || c <= 0.0)
+        {
+            return Err(format!(
+                "optimizer.max_grad_norm = {c}: expected a finite number > 0 (or leave it out: no clipping)"
+            ));
+        }
+        if let Some(t) = self.reward.target
+            && !t.is_finite()
+        {
+            return Err(format!("reward.target = {t}: expected a finite number"));
         }
         self.truncation.validate(s.steps)?;
         if self.train.batch_size == 0 || self.train.grad_accum == 0 {
@@ -334,6 +392,22 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+/// A TOML error on one line: `file: line L, column C: message` (toml's own text spans several lines, with an
+/// excerpt and a caret).
+pub fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
+    let place = e
+        .span()
+        .map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: ")
+        })
+        .unwrap_or_default();
+    let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    format!("{}: {place}{message}", path.display())
 }
 
 /// Reads prompts, one per line (blank lines and `#` comments skipped); an empty file is an error.

@@ -21,5 +21,5 @@ pub use config::TrainConfig;
 pub use lora_params::{AdamW, AdamWConfig, LoraGrads};
 /// This crate's error ([`TrainError`]): every error of the crates below converts into it with `?`.
 pub use train::TrainError as Error;
-pub use train::{EvalLog, RunEnd, RunSummary, StepLog, TrainError, Trainer, run};
+pub use train::{EvalLog, Resume, RunEnd, RunSummary, StepLog, TrainError, Trainer, run};
 pub use truncation::Truncation;

@@ -21,7 +21,10 @@ use burn::tensor::{DType, Tensor};
 use serde::Serialize;
 
 use crate::chain::{TrajectoryInput, trajectory};
-use crate::checkpoint::{CheckpointState, list_checkpoints, read_checkpoint, write_checkpoint};
+use crate::checkpoint::{
+    CheckpointState, OutputLock, config_differences, list_checkpoints, read_checkpoint,
+    read_checkpoint_config, write_checkpoint,
+};
 use crate::config::{TrainConfig, read_prompts};
 use crate::lora_params::{AdamW, LoraGrads, adapter_values, set_adapter_values};
 
@@ -136,6 +139,8 @@ pub struct Trainer<B: AutodiffBackend> {
     pub step: usize,
     rng: NoiseRng,
     out_dir: PathBuf,
+    /// Held while the trainer lives: a second run on the same output folder is refused.
+    _lock: OutputLock,
 }
 
 /// The tiny model shipped with the repository (its test fixture), used when no model is configured.
@@ -192,6 +197,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             )));
         }
         std::fs::create_dir_all(&out_dir).map_err(|e| io_err(&out_dir, e))?;
+        let lock = OutputLock::acquire(&out_dir).map_err(TrainError::Config)?;
         let cfg_text =
             toml::to_string_pretty(&config).map_err(|e| TrainError::Config(e.to_string()))?;
         std::fs::write(out_dir.join("config.toml"), cfg_text).map_err(|e| io_err(&out_dir, e))?;
@@ -206,6 +212,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             eval_prompts,
             step: 0,
             out_dir,
+            _lock: lock,
         })
     }
 
@@ -394,7 +401,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             rng_spare,
         };
         let dir = root.join(format!("step_{:05}", self.step));
-        write_checkpoint(&dir, &tensors, &state).map_err(TrainError::Config)?;
+        let config =
+            toml::to_string_pretty(&self.config).map_err(|e| TrainError::Config(e.to_string()))?;
+        write_checkpoint(&dir, &tensors, &state, &config).map_err(TrainError::Config)?;
         let all = list_checkpoints(&root);
         let keep = self.config.output.keep_last.max(1);
         for old in &all[..all.len().saturating_sub(keep)] {
@@ -403,9 +412,33 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(dir)
     }
 
-    /// Continues from a checkpoint folder written by [`Trainer::save_checkpoint`].
-    pub fn load_checkpoint(&mut self, dir: impl AsRef<Path>) -> Result<(), TrainError> {
+    /// Continues from a checkpoint folder written by [`Trainer::save_checkpoint`]. The checkpoint's config must
+    /// equal this run's outside `train.steps`, `eval.*` and `output.*` (anything else changes the numbers), unless
+    /// `allow_config_change`; the error lists every differing key with both values.
+    pub fn load_checkpoint(
+        &mut self,
+        dir: impl AsRef<Path>,
+        allow_config_change: bool,
+    ) -> Result<(), TrainError> {
         let dir = dir.as_ref();
+        if let Some(saved) = read_checkpoint_config(dir).map_err(TrainError::Config)? {
+            let now = toml::Value::try_from(&self.config)
+                .map_err(|e| TrainError::Config(e.to_string()))?;
+            let diffs = config_differences(&saved, &now);
+            if !diffs.is_empty() && !allow_config_change {
+                let list: Vec<String> = diffs
+                    .iter()
+                    .map(|(k, a, b)| format!("{k} (checkpoint {a}, now {b})"))
+                    .collect();
+                return Err(TrainError::Config(format!(
+                    "{}: resuming with a different config: {}; resume with the checkpoint's config \
+                     ({}/config.toml) or pass --allow-config-change",
+                    dir.display(),
+                    list.join(", "),
+                    dir.display()
+                )));
+            }
+        }
         // Adapters and optimiser state are f32 when the frozen base runs in half precision.
         let dtype = match self.sd.dtype {
             DType::F16 | DType::BF16 => DType::F32,
@@ -435,6 +468,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.optimizer.step = state.adam_step;
         self.rng = NoiseRng::from_state(state.rng, state.rng_spare);
         self.step = state.step;
+        // Steps logged after this checkpoint (by a run that crashed before its next one) are run again.
+        for log in ["metrics.jsonl", "eval.jsonl"] {
+            truncate_jsonl_after(&self.out_dir.join(log), self.step)?;
+        }
         Ok(())
     }
 
@@ -488,6 +525,23 @@ pub struct RunSummary {
     pub end: RunEnd,
 }
 
+/// Whether [`run`] continues from the newest checkpoint. `bool` converts (`true`: [`Resume::Checked`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// A new run (evaluated before its first step).
+    No,
+    /// Continue; the checkpoint's config must equal this one outside `train.steps`, `eval.*`, `output.*`.
+    Checked,
+    /// Continue even though the config changed (the numbers will differ from an uninterrupted run).
+    AllowConfigChange,
+}
+
+impl From<bool> for Resume {
+    fn from(resume: bool) -> Self {
+        if resume { Self::Checked } else { Self::No }
+    }
+}
+
 /// How a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunEnd {
@@ -503,14 +557,15 @@ pub enum RunEnd {
 pub fn run<B: AutodiffBackend>(
     config: TrainConfig,
     device: &B::Device,
-    resume: bool,
+    resume: impl Into<Resume>,
     stop: &AtomicBool,
     on_step: &mut dyn FnMut(&StepLog),
     on_eval: &mut dyn FnMut(&EvalLog),
 ) -> Result<RunSummary, TrainError> {
+    let resume = resume.into();
     let mut trainer = Trainer::<B>::new(config, device)?;
     let mut evals = Vec::new();
-    if resume {
+    if resume != Resume::No {
         let root = trainer.out_dir.join("checkpoints");
         let latest = list_checkpoints(&root).pop().ok_or_else(|| {
             TrainError::Config(format!(
@@ -518,7 +573,7 @@ pub fn run<B: AutodiffBackend>(
                 root.display()
             ))
         })?;
-        trainer.load_checkpoint(&latest)?;
+        trainer.load_checkpoint(&latest, resume == Resume::AllowConfigChange)?;
     } else {
         let e = trainer.evaluate()?;
         on_eval(&e);
@@ -545,7 +600,9 @@ pub fn run<B: AutodiffBackend>(
             trainer.save_checkpoint()?;
         }
         if stop.load(Ordering::SeqCst) && trainer.step < total {
-            trainer.save_checkpoint()?;
+            if trainer.step % save_every != 0 {
+                trainer.save_checkpoint()?;
+            }
             end = RunEnd::Interrupted;
             break;
         }
@@ -572,6 +629,30 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     let mean = v.iter().sum::<f64>() / n;
     let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
     (mean, var.sqrt())
+}
+
+/// Keeps the lines of a JSONL log whose `step` is at most `step` (rewritten through a temporary file and a rename;
+/// a missing log is fine).
+fn truncate_jsonl_after(path: &Path, step: usize) -> Result<(), TrainError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path, e)),
+    };
+    let keep = |l: &&str| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .ok()
+            .and_then(|v| v.get("step")?.as_u64())
+            .is_some_and(|s| s as usize <= step)
+    };
+    let kept: Vec<&str> = text.lines().filter(keep).collect();
+    if kept.len() == text.lines().count() {
+        return Ok(());
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    let body: String = kept.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&tmp, body).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> TrainError {

@@ -206,7 +206,10 @@ mod tests {
             std: 5.0,
         };
         assert!(preset.validate(50).is_ok());
-        assert!(preset.validate(40).is_ok(), "mass on the cuts 1..=39 is ~0.31");
+        assert!(
+            preset.validate(40).is_ok(),
+            "mass on the cuts 1..=39 is ~0.31"
+        );
         for n in [2, 8, 10, 20] {
             let e = preset.validate(n).unwrap_err();
             assert!(
