@@ -190,6 +190,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(out) = &args.out {
         cfg.output.dir = out.clone();
     }
+    // The built-in demo is disposable: running it again replaces its previous run (any other run refuses to
+    // start over an earlier run's checkpoints).
+    let demo_dir = args.config.is_none() && args.out.is_none() && !args.resume;
+    if demo_dir && cfg.output.dir.join("checkpoints").is_dir() {
+        eprintln!(
+            "replacing the previous demo run in {}",
+            cfg.output.dir.display()
+        );
+        std::fs::remove_dir_all(&cfg.output.dir)
+            .with_context(|| format!("{}: cannot remove", cfg.output.dir.display()))?;
+    }
     if cfg.model.path.is_none() {
         eprintln!(
             "no model.path: using the tiny built-in model (tests/fixtures/tiny-sd), a demo, not a real SD1.5"

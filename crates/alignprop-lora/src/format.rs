@@ -279,12 +279,18 @@ impl LoraWeights {
         }
         // Write to a temporary file and rename, so a crash never leaves a truncated LoRA behind.
         let tmp = path.with_extension("safetensors.tmp");
-        safetensors::serialize_to_file(views, Some(metadata), &tmp)
-            .and_then(|_| std::fs::rename(&tmp, path).map_err(Into::into))
-            .map_err(|e| LoraError::File {
-                path: path.to_path_buf(),
-                msg: format!("cannot write: {e}"),
-            })
+        let write = || -> std::result::Result<(), String> {
+            let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| e.to_string())?;
+            let bytes = sorted_header(&bytes)?;
+            let mut f = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
+            std::io::Write::write_all(&mut f, &bytes).map_err(|e| e.to_string())?;
+            f.sync_all().map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+        };
+        write().map_err(|e| LoraError::File {
+            path: path.to_path_buf(),
+            msg: format!("cannot write: {e}"),
+        })
     }
 
     /// The distinct last path components of the adapted modules (`to_q`, `to_out.0`, ...), sorted.
@@ -424,6 +430,25 @@ fn read_scalar(src: &SafetensorsSource, key: &str, path: &Path) -> Result<Option
             "expected a scalar alpha (shape [] or [1]), found shape {shape:?}"
         ))),
     }
+}
+
+/// A serialised safetensors file with its JSON header's keys sorted (the metadata map is a `HashMap`, whose order
+/// changes from process to process), so the same LoRA is the same file byte for byte. The header is padded with
+/// spaces to a multiple of 8 bytes, as safetensors writes it; tensor offsets are relative to the data and unchanged.
+fn sorted_header(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| "short header")?) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| e.to_string())?;
+    // serde_json's map is ordered by key (no `preserve_order`), so re-serialising sorts every level.
+    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// `lora_alpha` from diffusers' peft metadata (`{"unet.lora_alpha": 4, "unet.r": 4, ...}`); `None` without

@@ -50,8 +50,22 @@ pub enum TrainError {
     NonFinite { step: usize, what: String },
     #[error("{path}: {msg}")]
     Io { path: PathBuf, msg: String },
+    /// The trajectory cannot be differentiated as asked (a reward's error is [`TrainError::Reward`] instead).
     #[error(transparent)]
-    Chain(#[from] crate::chain::ChainError),
+    Chain(crate::chain::ChainError),
+    /// The reward cannot score the images (wrong shape, missing prompts, a tokenizer failure), in training or in
+    /// evaluation.
+    #[error(transparent)]
+    Reward(#[from] alignprop_rewards::RewardError),
+}
+
+impl From<crate::chain::ChainError> for TrainError {
+    fn from(e: crate::chain::ChainError) -> Self {
+        match e {
+            crate::chain::ChainError::Reward(e) => Self::Reward(e),
+            e => Self::Chain(e),
+        }
+    }
 }
 
 impl From<alignprop_diffusion::Error> for TrainError {
@@ -274,8 +288,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                 noises: &noises,
                 grad_steps: &grad_steps,
                 loss_fn: |images| {
-                    let (s, per_image) = reward.score_and_loss(images, &batch);
-                    (per_image.mean() * coeff, s)
+                    let (s, per_image) = reward.score_and_loss(images, &batch)?;
+                    Ok((per_image.mean() * coeff, s))
                 },
             })?;
             if !out.loss.is_finite() || out.scores.iter().any(|s| !s.is_finite()) {
@@ -319,7 +333,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(log)
     }
 
-    /// Samples the eval prompts from fixed noise (no gradients), scores them, writes a PNG grid.
+    /// Samples the eval prompts from fixed noise (no gradients), scores them, writes a PNG grid; a reward that
+    /// cannot score them is a [`TrainError::Reward`].
     pub fn evaluate(&mut self) -> Result<EvalLog, TrainError> {
         let (device, dtype) = (self.sd.device.clone(), self.sd.dtype);
         let prompts = self.eval_prompts.clone();
@@ -349,7 +364,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let images = vae.decode_scaled(latents);
         let scores: Vec<f64> = self
             .reward
-            .score_with_prompts(Tensor::from_inner(images.clone()), &prompts)
+            .score_with_prompts(Tensor::from_inner(images.clone()), &prompts)?
             .inner()
             .into_data()
             .convert::<f64>()
@@ -575,6 +590,24 @@ pub fn run<B: AutodiffBackend>(
         })?;
         trainer.load_checkpoint(&latest, resume == Resume::AllowConfigChange)?;
     } else {
+        // A new run never mixes with an earlier one: checkpoints of another run are refused; the logs of a run
+        // killed before its first checkpoint are dropped.
+        let root = trainer.out_dir.join("checkpoints");
+        if let Some(last) = list_checkpoints(&root).pop() {
+            return Err(TrainError::Config(format!(
+                "{}: the output folder holds checkpoints of an earlier run (newest {}): continue it with \
+                 --resume, or choose another output.dir (--out), or delete the folder",
+                trainer.out_dir.display(),
+                last.file_name().unwrap_or_default().to_string_lossy()
+            )));
+        }
+        for log in ["metrics.jsonl", "eval.jsonl"] {
+            let path = trainer.out_dir.join(log);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&path, e)),
+                _ => {}
+            }
+        }
         let e = trainer.evaluate()?;
         on_eval(&e);
         evals.push(e);

@@ -238,3 +238,21 @@ fn non_finite_and_out_of_range_numbers_are_config_errors() {
         assert!(err.contains(key) && !err.contains('\n'), "{key}: {err}");
     }
 }
+
+#[test]
+fn a_new_run_over_an_earlier_runs_checkpoints_is_refused() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = small("over", 1);
+    let dir = cfg.output.dir.clone();
+    train(cfg, Resume::No, &mut |_| {}).unwrap();
+    let err = train(small_keep("over", 1), Resume::No, &mut |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("checkpoints of an earlier run (newest step_00001)")
+            && err.contains("--resume"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
