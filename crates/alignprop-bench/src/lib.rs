@@ -446,7 +446,7 @@ fn alignprop_step<A: AutodiffBackend>(d: &A::Device, spec: &StepSpec) -> Result<
     Ok(Box::new(move || {
         let loss = |img: Tensor<A, 4>| {
             let r = reward.score(img).cast(DType::F32);
-            (-r.clone().mean(), r)
+            Ok((-r.clone().mean(), r))
         };
         let input = TrajectoryInput {
             unet: &unet,

@@ -158,18 +158,22 @@ impl<B: Backend> EvalReward<B> {
         })
     }
 
-    /// Scores of `images` (one prompt per image for the prompt rewards; ignored by the others).
-    fn score(&self, images: Tensor<B, 4>, prompts: &[String]) -> Vec<f64> {
+    /// Scores of `images` (one prompt per image for the prompt rewards; ignored by the others); the reward's error
+    /// (wrong image shape, missing prompts, a tokenizer failure) as it is.
+    fn score(&self, images: Tensor<B, 4>, prompts: &[String]) -> Result<Vec<f64>> {
         let s = match &self.scorer {
-            EvalScorer::Reward(r) => r.score_with_prompts(images, prompts),
+            EvalScorer::Reward(r) => r.score_with_prompts(images, prompts)?,
             EvalScorer::Jpeg => {
-                return alignprop_pipeline::images::to_rgb8(images)
+                return Ok(alignprop_pipeline::images::to_rgb8(images)
                     .iter()
                     .map(|p| jpeg_size_kib(p, JPEG_QUALITY))
-                    .collect();
+                    .collect());
             }
         };
-        s.into_data().convert::<f64>().to_vec().expect("f64 scores")
+        s.into_data()
+            .convert::<f64>()
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("reading the scores: {e:?}"))
     }
 }
 
@@ -274,7 +278,9 @@ fn eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<()> {
                 .collect()
         };
         for (f, prompt) in items {
-            let s = reward.score(load_image::<B>(&f, device)?, &[prompt])[0];
+            let s = reward
+                .score(load_image::<B>(&f, device)?, &[prompt])
+                .with_context(|| format!("scoring {}", f.display()))?[0];
             rows.push((f.file_name().unwrap().to_string_lossy().into_owned(), s));
         }
     } else if let Some(model) = &args.model {
@@ -301,12 +307,10 @@ fn eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<()> {
             ..Default::default()
         };
         let out = sd.sample(&prompts, &opts, &mut |_, _| {})?;
-        rows.extend(
-            prompts
-                .iter()
-                .cloned()
-                .zip(reward.score(out.images, &prompts)),
-        );
+        let scores = reward
+            .score(out.images, &prompts)
+            .context("scoring the generated images")?;
+        rows.extend(prompts.iter().cloned().zip(scores));
     }
     let n = rows.len() as f64;
     let mean = rows.iter().map(|r| r.1).sum::<f64>() / n;

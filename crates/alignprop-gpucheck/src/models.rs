@@ -7,12 +7,12 @@ use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_io::weights::SafetensorsSource;
 use alignprop_lora::LoraWeights;
 use alignprop_pipeline::{Conditioning, StableDiffusion, guided_noise};
-use alignprop_rewards::Reward;
 use alignprop_rewards::aesthetic::AestheticScorer;
 use alignprop_rewards::hps::HpsScorer;
 use alignprop_rewards::pickscore::PickScorer;
 use alignprop_rewards::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess, resize_bilinear};
 use alignprop_rewards::tiny::TinyReward;
+use alignprop_rewards::{Reward, RewardError};
 use alignprop_schedulers::{DdimScheduler, Scheduler, SchedulerConfig};
 use alignprop_testing::prompt_reward::write_prompt_reward_models;
 use alignprop_testing::{ref_int_on, ref_tensor_on, ref_values, refs, tiny_reward, tiny_sd};
@@ -257,17 +257,21 @@ fn tiny<A: AutodiffBackend>(d: &A::Device) -> CheckResult {
     rep.finish()
 }
 
-/// Score and d score / d image of a reward against its references (`image`, `<score_key>`, `<grad_key>`).
+/// Score and d score / d image of a reward against its references (`image`, `<score_key>`, `<grad_key>`); a reward
+/// error is a failure.
 fn score_and_gradient<A: AutodiffBackend>(
     rep: &mut Report,
     r: &SafetensorsSource,
     d: &A::Device,
-    score: impl Fn(Tensor<A, 4>) -> Tensor<A, 1>,
+    score: impl Fn(Tensor<A, 4>) -> Result<Tensor<A, 1>, RewardError>,
     expected_scores: &[f64],
     grad_key: &str,
 ) {
     let image = ref_tensor_on::<A, 4>(r, "image", d, DType::F32).require_grad();
-    let s = score(image.clone());
+    let s = match score(image.clone()) {
+        Ok(s) => s,
+        Err(e) => return rep.fail(e.to_string()),
+    };
     rep.compare_values("score", &values(s.clone().inner()), expected_scores, TOL);
     match image.grad(&s.sum().backward()) {
         Some(g) => rep.compare(
@@ -296,7 +300,7 @@ fn aesthetic<A: AutodiffBackend>(d: &A::Device) -> CheckResult {
         &mut rep,
         &r,
         d,
-        |x| scorer.score(x),
+        |x| Ok(scorer.score(x)),
         &expected,
         "grad_image",
     );
@@ -409,7 +413,7 @@ fn alignprop_gradient<A: AutodiffBackend>(
         grad_steps: &grad_steps,
         loss_fn: |img| {
             let scores = reward.score(img);
-            (scores.clone().mean(), scores)
+            Ok((scores.clone().mean(), scores))
         },
     })
     .map_err(err)?;

@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `[1, 3, height, width]` in [-1, 1].
         let image = load_image::<B>(path, &device)?;
         // One score per image: `[1]`.
-        let score = reward.score(image).into_scalar();
+        let score = reward.score(image)?.into_scalar();
         println!("{path}\t{}\t{score:.4}", reward.name());
     }
     Ok(())

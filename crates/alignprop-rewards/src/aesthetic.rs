@@ -11,9 +11,9 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
-use crate::Reward;
 use crate::clip_vision::CLIPVisionModel;
 use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess};
+use crate::{Reward, RewardError, check_square_images};
 use alignprop_io::pth::PthSource;
 
 /// The MLP head, sized from the weight file (the LAION layout: Linear at indices 0, 2, 4, 6, 7).
@@ -95,7 +95,8 @@ impl<B: Backend> AestheticScorer<B> {
         })
     }
 
-    /// Decoder output `[b, 3, H, W]` in `[-1, 1]` -> aesthetic score `[b]`.
+    /// Decoder output `[b, 3, H, H]` (square) in `[-1, 1]` -> aesthetic score `[b]`; the [`Reward`] method checks
+    /// the shape first (this one panics on a non-square batch).
     pub fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
         let px = clip_preprocess(images, self.clip.image_size, CLIP_MEAN, CLIP_STD);
         let emb = self.clip.forward(px);
@@ -108,8 +109,11 @@ impl<B: Backend> Reward<B> for AestheticScorer<B> {
     fn name(&self) -> String {
         "aesthetic".into()
     }
-    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
-        AestheticScorer::score(self, images)
+    /// [`RewardError::Input`] unless `images` are `[batch, 3, H, W]` and square (see
+    /// [`check_square_images`]).
+    fn score(&self, images: Tensor<B, 4>) -> std::result::Result<Tensor<B, 1>, RewardError> {
+        check_square_images("aesthetic", &images, self.clip.image_size)?;
+        Ok(AestheticScorer::score(self, images))
     }
     fn loss(&self, scores: Tensor<B, 1>) -> Tensor<B, 1> {
         (scores - self.target).abs()

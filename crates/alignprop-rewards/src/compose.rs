@@ -5,7 +5,7 @@
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
-use crate::Reward;
+use crate::{Reward, RewardError};
 
 /// A reward whose per-image loss is `|score - target|` (AlignProp's aesthetic loss with target 10).
 pub struct Targeted<B: Backend> {
@@ -17,10 +17,14 @@ impl<B: Backend> Reward<B> for Targeted<B> {
     fn name(&self) -> String {
         self.inner.name()
     }
-    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
+    fn score(&self, images: Tensor<B, 4>) -> Result<Tensor<B, 1>, RewardError> {
         self.inner.score(images)
     }
-    fn score_with_prompts(&self, images: Tensor<B, 4>, prompts: &[String]) -> Tensor<B, 1> {
+    fn score_with_prompts(
+        &self,
+        images: Tensor<B, 4>,
+        prompts: &[String],
+    ) -> Result<Tensor<B, 1>, RewardError> {
         self.inner.score_with_prompts(images, prompts)
     }
     fn loss(&self, scores: Tensor<B, 1>) -> Tensor<B, 1> {
@@ -58,31 +62,42 @@ impl<B: Backend> Reward<B> for WeightedSum<B> {
             .collect::<Vec<_>>()
             .join(" + ")
     }
-    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
+    /// The terms' scores without prompts: a [`RewardError::MissingPrompts`] if a term needs them.
+    fn score(&self, images: Tensor<B, 4>) -> Result<Tensor<B, 1>, RewardError> {
         self.score_with_prompts(images, &[])
     }
-    fn score_with_prompts(&self, images: Tensor<B, 4>, prompts: &[String]) -> Tensor<B, 1> {
-        self.score_and_loss(images, prompts).0
+    fn score_with_prompts(
+        &self,
+        images: Tensor<B, 4>,
+        prompts: &[String],
+    ) -> Result<Tensor<B, 1>, RewardError> {
+        Ok(self.score_and_loss(images, prompts)?.0)
     }
     /// The sum's own per-image loss cannot be rebuilt from the summed score: use [`Reward::score_and_loss`].
     fn loss(&self, scores: Tensor<B, 1>) -> Tensor<B, 1> {
         -scores
     }
+    /// The first term's error, if any; an empty sum (built without [`WeightedSum::new`]) is a
+    /// [`RewardError::Input`].
     fn score_and_loss(
         &self,
         images: Tensor<B, 4>,
         prompts: &[String],
-    ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    ) -> Result<(Tensor<B, 1>, Tensor<B, 1>), RewardError> {
         let mut total: Option<(Tensor<B, 1>, Tensor<B, 1>)> = None;
         for t in &self.terms {
-            let (s, l) = t.reward.score_and_loss(images.clone(), prompts);
+            let (s, l) = t.reward.score_and_loss(images.clone(), prompts)?;
             let (s, l) = (s * t.weight, l * t.weight);
             total = Some(match total {
                 None => (s, l),
                 Some((ts, tl)) => (ts + s, tl + l),
             });
         }
-        total.expect("at least one term")
+        total.ok_or_else(|| RewardError::Input {
+            reward: "sum".into(),
+            message: "expected at least one weighted reward, found none: add terms to the sum"
+                .into(),
+        })
     }
 }
 
@@ -106,6 +121,7 @@ mod tests {
         )
         .require_grad();
         let b = Reward::<A>::score(&Brightness, images.clone())
+            .unwrap()
             .into_data()
             .to_vec::<f32>()
             .unwrap()[0] as f64;
@@ -123,7 +139,7 @@ mod tests {
             },
         ]);
         assert_eq!(sum.name(), "2*brightness + 0.5*brightness");
-        let (s, l) = sum.score_and_loss(images.clone(), &[]);
+        let (s, l) = sum.score_and_loss(images.clone(), &[]).unwrap();
         let s: Vec<f32> = s.into_data().to_vec().unwrap();
         let lv: Vec<f32> = l.clone().into_data().to_vec().unwrap();
         assert!((s[0] as f64 - 2.5 * b).abs() < 1e-6, "{s:?} vs {b}");

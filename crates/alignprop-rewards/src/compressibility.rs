@@ -21,9 +21,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
 use image::RgbImage;
 
-use crate::Reward;
 use crate::clip_vision::CLIPVisionModel;
 use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess};
+use crate::{Reward, RewardError, check_square_images};
 
 /// The JPEG quality of the compressibility reward.
 pub const JPEG_QUALITY: u8 = 95;
@@ -133,8 +133,11 @@ impl<B: Backend> Reward<B> for CompressibilityScorer<B> {
     fn name(&self) -> String {
         "compressibility".into()
     }
-    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
-        -self.predicted_kib(images)
+    /// [`RewardError::Input`] unless `images` are `[batch, 3, H, W]` and square (see
+    /// [`check_square_images`]).
+    fn score(&self, images: Tensor<B, 4>) -> std::result::Result<Tensor<B, 1>, RewardError> {
+        check_square_images("compressibility", &images, self.clip.image_size)?;
+        Ok(-self.predicted_kib(images))
     }
 }
 

@@ -10,8 +10,8 @@
 //! names, read without executing pickle code) or the same tensors as safetensors (`alignprop convert pth`), with
 //! open_clip's `ViT-H-14.json` (built in: [`OpenClipConfig::vit_h_14`]).
 //!
-//! [`Reward::score`] without prompts panics: an HPSv2 score is only defined for an image and its prompt; the trainer
-//! and `alignprop eval` call [`Reward::score_with_prompts`].
+//! [`Reward::score`] without prompts is a [`RewardError::MissingPrompts`]: an HPSv2 score is only defined for an
+//! image and its prompt; the trainer and `alignprop eval` call [`Reward::score_with_prompts`].
 
 use std::path::Path;
 
@@ -21,10 +21,13 @@ use alignprop_io::weights::Result;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 
-use crate::Reward;
 use crate::open_clip::{self, OpenClip, OpenClipConfig};
 use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess_center_crop};
-use crate::text::{check_prompts, load_tokenizer, prompt_ids};
+use crate::text::{check_prompts, load_tokenizer, reward_prompt_ids};
+use crate::{Reward, RewardError, check_images};
+
+/// The name of the reward in logs and errors.
+const NAME: &str = "hps";
 
 /// The HPSv2 scorer: open_clip model + tokenizer.
 #[derive(Debug)]
@@ -71,13 +74,20 @@ impl<B: Backend> HpsScorer<B> {
         })
     }
 
-    /// Prompts to `[b, context_length]` ids as open_clip's tokenizer gives them (padding 0).
-    pub fn input_ids(&self, prompts: &[String], device: &B::Device) -> Tensor<B, 2, Int> {
-        prompt_ids(
+    /// Prompts to `[b, context_length]` ids as open_clip's tokenizer gives them (padding 0); a prompt the
+    /// tokenizer cannot encode, or an id outside the text model's vocabulary, is a [`RewardError::Tokenizer`].
+    pub fn input_ids(
+        &self,
+        prompts: &[String],
+        device: &B::Device,
+    ) -> std::result::Result<Tensor<B, 2, Int>, RewardError> {
+        reward_prompt_ids(
+            NAME,
             &self.tokenizer,
             prompts,
             self.clip.context_length,
             self.clip.pad_id,
+            self.clip.text.embeddings.token_embedding.val().dims()[0],
             device,
         )
     }
@@ -93,17 +103,21 @@ impl<B: Backend> HpsScorer<B> {
 
 impl<B: Backend> Reward<B> for HpsScorer<B> {
     fn name(&self) -> String {
-        "hps".into()
+        NAME.into()
     }
-    /// Panics: HPSv2 needs the prompts ([`Reward::score_with_prompts`]).
-    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
-        let _ = images;
-        panic!("{}", crate::text::needs_prompts("HPSv2"))
+    /// Always [`RewardError::MissingPrompts`]: HPSv2 needs the prompts ([`Reward::score_with_prompts`]).
+    fn score(&self, images: Tensor<B, 4>) -> std::result::Result<Tensor<B, 1>, RewardError> {
+        self.score_with_prompts(images, &[])
     }
-    fn score_with_prompts(&self, images: Tensor<B, 4>, prompts: &[String]) -> Tensor<B, 1> {
-        check_prompts("HPSv2", images.dims()[0], prompts);
-        let ids = self.input_ids(prompts, &images.device());
-        self.score_ids(images, ids)
+    fn score_with_prompts(
+        &self,
+        images: Tensor<B, 4>,
+        prompts: &[String],
+    ) -> std::result::Result<Tensor<B, 1>, RewardError> {
+        let [b, ..] = check_images(NAME, &images)?;
+        check_prompts(NAME, b, prompts)?;
+        let ids = self.input_ids(prompts, &images.device())?;
+        Ok(self.score_ids(images, ids))
     }
     /// AlignProp's HPS loss: `1 - score`.
     fn loss(&self, scores: Tensor<B, 1>) -> Tensor<B, 1> {

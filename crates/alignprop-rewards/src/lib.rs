@@ -31,23 +31,113 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 /// This crate's error: loading a reward fails with `alignprop-io`'s error, naming the file, the key and the expected
-/// and found shapes (tokenizer problems included).
+/// and found shapes (tokenizer problems included). Scoring fails with a [`RewardError`].
 pub use alignprop_io::{Error, Result};
+
+/// Why a reward cannot score a batch: one line that names the reward, what it expected and what it found, and what
+/// to do.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RewardError {
+    /// A prompt reward called without one prompt per image (e.g. [`Reward::score`], which has no prompts).
+    #[error(
+        "{reward}: needs one prompt per image ({}, {}): call score_with_prompts with one prompt per image",
+        count(*images, "image"),
+        count(*prompts, "prompt")
+    )]
+    MissingPrompts {
+        reward: String,
+        images: usize,
+        prompts: usize,
+    },
+    /// The prompts cannot be turned into token ids the reward's text model reads.
+    #[error("{reward}: cannot tokenize the prompts: {message}")]
+    Tokenizer { reward: String, message: String },
+    /// The images are not what the reward takes (shape, channels, aspect).
+    #[error("{reward}: {message}")]
+    Input { reward: String, message: String },
+}
+
+/// `1 image`, `4 images`.
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Checks that `images` are decoder output as every reward takes it: `[batch, 3, H, W]` with at least one image and
+/// non-empty sides; the shape otherwise, as [`RewardError::Input`] naming `reward`.
+pub fn check_images<B: Backend>(
+    reward: &str,
+    images: &Tensor<B, 4>,
+) -> std::result::Result<[usize; 4], RewardError> {
+    let dims = images.dims();
+    let [b, c, h, w] = dims;
+    let problem = if c != 3 {
+        Some(format!("{c} channels"))
+    } else if b == 0 {
+        Some("an empty batch".to_string())
+    } else if h == 0 || w == 0 {
+        Some("an empty image".to_string())
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(dims),
+        Some(p) => Err(RewardError::Input {
+            reward: reward.into(),
+            message: format!(
+                "expected RGB images [batch, 3, H, W] with batch, H, W > 0, found {dims:?} ({p}): pass the VAE's \
+                 decoded images"
+            ),
+        }),
+    }
+}
+
+/// [`check_images`], and that the images become `size x size` when their shorter side is resized to `size`: for
+/// the rewards that feed AlignProp's preprocessing ([`preprocess::clip_preprocess`], no crop) to a square CLIP
+/// tower of input `size`, i.e. square images (or nearly).
+pub fn check_square_images<B: Backend>(
+    reward: &str,
+    images: &Tensor<B, 4>,
+    size: usize,
+) -> std::result::Result<[usize; 4], RewardError> {
+    let dims = check_images(reward, images)?;
+    let [_, _, h, w] = dims;
+    let resized = preprocess::shorter_side_size(h, w, size);
+    if resized != [size, size] {
+        return Err(RewardError::Input {
+            reward: reward.into(),
+            message: format!(
+                "expected square images, found {h}x{w} in {dims:?} (resized to {}x{} without a crop, not the CLIP \
+                 input {size}x{size}): generate square images or crop them",
+                resized[0], resized[1]
+            ),
+        });
+    }
+    Ok(dims)
+}
 
 /// A differentiable reward: `score` maps images to `[batch]` scores, `loss` maps scores to per-image losses to
 /// minimise. Implement it to plug a new reward into the trainer.
+///
+/// The scoring methods return a [`RewardError`] rather than panic on input they cannot score: images that are not
+/// `[batch, 3, H, W]`, missing prompts, or prompts the tokenizer cannot encode.
 pub trait Reward<B: Backend> {
     /// A short name for logs.
     fn name(&self) -> String;
-    /// `images`: `[batch, 3, H, W]` in `[-1, 1]` -> `[batch]`.
-    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1>;
+    /// `images`: `[batch, 3, H, W]` in `[-1, 1]` -> `[batch]`. Rewards that need prompts (HPSv2, PickScore)
+    /// return [`RewardError::MissingPrompts`].
+    fn score(&self, images: Tensor<B, 4>) -> std::result::Result<Tensor<B, 1>, RewardError>;
     /// Per-image loss from scores (default: `-score`, i.e. maximise the reward).
     fn loss(&self, scores: Tensor<B, 1>) -> Tensor<B, 1> {
         -scores
     }
     /// Scores of images generated from `prompts` (one prompt per image). Rewards that compare the image with its
-    /// prompt (HPSv2, PickScore) override this; the default ignores the prompts.
-    fn score_with_prompts(&self, images: Tensor<B, 4>, prompts: &[String]) -> Tensor<B, 1> {
+    /// prompt (HPSv2, PickScore) override this, and return [`RewardError::MissingPrompts`] unless there is one
+    /// prompt per image; the default ignores the prompts.
+    fn score_with_prompts(
+        &self,
+        images: Tensor<B, 4>,
+        prompts: &[String],
+    ) -> std::result::Result<Tensor<B, 1>, RewardError> {
         let _ = prompts;
         self.score(images)
     }
@@ -57,9 +147,9 @@ pub trait Reward<B: Backend> {
         &self,
         images: Tensor<B, 4>,
         prompts: &[String],
-    ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-        let s = self.score_with_prompts(images, prompts);
-        (s.clone(), self.loss(s))
+    ) -> std::result::Result<(Tensor<B, 1>, Tensor<B, 1>), RewardError> {
+        let s = self.score_with_prompts(images, prompts)?;
+        Ok((s.clone(), self.loss(s)))
     }
 }
 
@@ -67,8 +157,9 @@ impl<B: Backend> Reward<B> for tiny::TinyReward<B> {
     fn name(&self) -> String {
         "tiny".into()
     }
-    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
-        tiny::TinyReward::score(self, images)
+    fn score(&self, images: Tensor<B, 4>) -> std::result::Result<Tensor<B, 1>, RewardError> {
+        check_images("tiny", &images)?;
+        Ok(tiny::TinyReward::score(self, images))
     }
 }
 
@@ -80,7 +171,8 @@ impl<B: Backend> Reward<B> for Brightness {
     fn name(&self) -> String {
         "brightness".into()
     }
-    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
-        brightness::brightness(images)
+    fn score(&self, images: Tensor<B, 4>) -> std::result::Result<Tensor<B, 1>, RewardError> {
+        check_images("brightness", &images)?;
+        Ok(brightness::brightness(images))
     }
 }

@@ -17,7 +17,7 @@
 //! prompt and masks the padding, which gives the same pooled output since the text mask is causal and padding comes
 //! after the end-of-text token.
 //!
-//! [`Reward::score`] without prompts panics (the score needs the prompt).
+//! [`Reward::score`] without prompts is a [`RewardError::MissingPrompts`] (the score needs the prompt).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,11 +33,11 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 use serde_json::{Map, Value, json};
 
-use crate::Reward;
 use crate::clip_vision::{CLIPVisionConfig, CLIPVisionModel};
 use crate::hps::cosine_rows;
 use crate::preprocess::{CLIP_MEAN, CLIP_STD, clip_preprocess_center_crop};
-use crate::text::{check_prompts, load_tokenizer, needs_prompts, prompt_ids};
+use crate::text::{check_prompts, load_tokenizer, reward_prompt_ids};
+use crate::{Reward, RewardError, check_images};
 use alignprop_io::pth::PthSource;
 
 /// transformers' `CLIPConfig` as read from a `config.json`: the two tower configs (with transformers' defaults for
@@ -221,10 +221,22 @@ impl<B: Backend> PickScorer<B> {
         Self::new(&cfg, &vb, load_tokenizer(tokenizer)?)
     }
 
-    /// Prompts to `[b, max_length]` ids (padded with the tokenizer's pad id).
-    pub fn input_ids(&self, prompts: &[String], device: &B::Device) -> Tensor<B, 2, Int> {
-        let pad = self.tokenizer.pad_id();
-        prompt_ids(&self.tokenizer, prompts, self.max_length, pad, device)
+    /// Prompts to `[b, max_length]` ids (padded with the tokenizer's pad id); a prompt the tokenizer cannot
+    /// encode, or an id outside the text model's vocabulary, is a [`RewardError::Tokenizer`].
+    pub fn input_ids(
+        &self,
+        prompts: &[String],
+        device: &B::Device,
+    ) -> std::result::Result<Tensor<B, 2, Int>, RewardError> {
+        reward_prompt_ids(
+            "pickscore",
+            &self.tokenizer,
+            prompts,
+            self.max_length,
+            self.tokenizer.pad_id(),
+            self.text.embeddings.token_embedding.val().dims()[0],
+            device,
+        )
     }
 
     /// Decoder output `[b, 3, H, W]` in `[-1, 1]` and ids `[b, max_length]` -> PickScore `[b]` (image `i` with
@@ -244,14 +256,18 @@ impl<B: Backend> Reward<B> for PickScorer<B> {
     fn name(&self) -> String {
         "pickscore".into()
     }
-    /// Panics: PickScore needs the prompts ([`Reward::score_with_prompts`]).
-    fn score(&self, images: Tensor<B, 4>) -> Tensor<B, 1> {
-        let _ = images;
-        panic!("{}", needs_prompts("PickScore"))
+    /// Always [`RewardError::MissingPrompts`]: PickScore needs the prompts ([`Reward::score_with_prompts`]).
+    fn score(&self, images: Tensor<B, 4>) -> std::result::Result<Tensor<B, 1>, RewardError> {
+        self.score_with_prompts(images, &[])
     }
-    fn score_with_prompts(&self, images: Tensor<B, 4>, prompts: &[String]) -> Tensor<B, 1> {
-        check_prompts("PickScore", images.dims()[0], prompts);
-        let ids = self.input_ids(prompts, &images.device());
-        self.score_ids(images, ids)
+    fn score_with_prompts(
+        &self,
+        images: Tensor<B, 4>,
+        prompts: &[String],
+    ) -> std::result::Result<Tensor<B, 1>, RewardError> {
+        let [b, ..] = check_images("pickscore", &images)?;
+        check_prompts("pickscore", b, prompts)?;
+        let ids = self.input_ids(prompts, &images.device())?;
+        Ok(self.score_ids(images, ids))
     }
 }

@@ -107,7 +107,7 @@ fn surrogate_fits_and_loads_as_a_differentiable_reward() {
         "the loaded head predicts differently: mse {mse} vs {}",
         fit.mse
     );
-    let score = Reward::<A>::score(&scorer, images.clone());
+    let score = Reward::<A>::score(&scorer, images.clone()).unwrap();
     let grads = score.sum().backward();
     let g: Vec<f32> = images.grad(&grads).unwrap().into_data().to_vec().unwrap();
     assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|v| *v != 0.0));

@@ -96,8 +96,8 @@ fn token_ids_match_open_clip_and_transformers_tokenizers() {
     let tok = tokenizer();
     let p = prompts();
     assert_eq!(p.len(), 3);
-    let oc: Tensor<I, 2, Int> = prompt_ids(&tok, &p, 77, 0, &d);
-    let hf: Tensor<I, 2, Int> = prompt_ids(&tok, &p, 77, tok.pad_id(), &d);
+    let oc: Tensor<I, 2, Int> = prompt_ids(&tok, &p, 77, 0, &d).unwrap();
+    let hf: Tensor<I, 2, Int> = prompt_ids(&tok, &p, 77, tok.pad_id(), &d).unwrap();
     let want_oc: Tensor<I, 2, Int> = ref_int_on(&r, "ids_open_clip", &d);
     let want_hf: Tensor<I, 2, Int> = ref_int_on(&r, "ids_hf", &d);
     assert_eq!(
@@ -109,7 +109,7 @@ fn token_ids_match_open_clip_and_transformers_tokenizers() {
     // The scorers pad as their reference libraries: open_clip with 0, the PickScore processor with its pad token.
     let m = models();
     let h = hps::<I>(&m, DType::F32);
-    let ids = h.input_ids(&p[..2], &d);
+    let ids = h.input_ids(&p[..2], &d).unwrap();
     assert_eq!(
         ids.into_data(),
         ref_int_on::<I, 2>(&r, "ids_open_clip", &d)
@@ -117,7 +117,7 @@ fn token_ids_match_open_clip_and_transformers_tokenizers() {
             .into_data()
     );
     let ps = pickscore::<I>(&m, DType::F32);
-    let ids = ps.input_ids(&p[..2], &d);
+    let ids = ps.input_ids(&p[..2], &d).unwrap();
     assert_eq!(
         ids.into_data(),
         ref_int_on::<I, 2>(&r, "ids_hf", &d).slice(0..2).into_data()
@@ -145,13 +145,16 @@ fn hps_scores_and_image_gradients_match_open_clip() {
             ref_tensor_on(&r, &format!("hps_image_features{sfx}"), &d, dtype),
         );
         let (e_ft, _) = rel_err(
-            scorer.clip.encode_text(scorer.input_ids(&p, &d)).inner(),
+            scorer
+                .clip
+                .encode_text(scorer.input_ids(&p, &d).unwrap())
+                .inner(),
             ref_tensor_on(&r, &format!("hps_text_features{sfx}"), &d, dtype),
         );
         let (want, want_swapped) = diag_and_swapped(&ref_values(&r, &format!("hps_scores{sfx}")));
-        let s_sw = scorer.score_with_prompts(image.clone(), &swapped);
+        let s_sw = scorer.score_with_prompts(image.clone(), &swapped).unwrap();
         let e_sw = err(&values(s_sw.inner()), &want_swapped);
-        let s = scorer.score_with_prompts(image.clone(), &p);
+        let s = scorer.score_with_prompts(image.clone(), &p).unwrap();
         let e_s = err(&values(s.clone().inner()), &want);
         let g = image.grad(&s.sum().backward()).unwrap();
         let (e_g, _) = rel_err(
@@ -223,19 +226,27 @@ fn pickscore_scores_and_image_gradients_match_transformers() {
             scorer.vision.forward(px).inner(),
             ref_tensor_on(&r, &format!("pick_image_embeds{sfx}"), &d, dtype),
         );
-        let te = scorer
-            .text_projection
-            .forward(scorer.text.forward(scorer.input_ids(&p, &d)).pooler_output);
+        let te = scorer.text_projection.forward(
+            scorer
+                .text
+                .forward(scorer.input_ids(&p, &d).unwrap())
+                .pooler_output,
+        );
         let (e_te, _) = rel_err(
             te.inner(),
             ref_tensor_on(&r, &format!("pick_text_embeds{sfx}"), &d, dtype),
         );
         let (want, want_swapped) = diag_and_swapped(&ref_values(&r, &format!("pick_scores{sfx}")));
         let e_sw = err(
-            &values(scorer.score_with_prompts(image.clone(), &swapped).inner()),
+            &values(
+                scorer
+                    .score_with_prompts(image.clone(), &swapped)
+                    .unwrap()
+                    .inner(),
+            ),
             &want_swapped,
         );
-        let s = scorer.score_with_prompts(image.clone(), &p);
+        let s = scorer.score_with_prompts(image.clone(), &p).unwrap();
         let e_s = err(&values(s.clone().inner()), &want);
         let g = image.grad(&s.sum().backward()).unwrap();
         let (e_g, _) = rel_err(
@@ -266,24 +277,6 @@ fn losses_are_one_minus_score_for_hps_and_minus_score_for_pickscore() {
     let p = pickscore::<I>(&m, DType::F32);
     assert_eq!(values(p.loss(s())), [-0.25, 0.5]);
     assert_eq!(Reward::<I>::name(&p), "pickscore");
-}
-
-#[test]
-#[should_panic(expected = "compares each image with its prompt")]
-fn hps_score_without_prompts_panics() {
-    let d = Default::default();
-    let m = models();
-    let h = hps::<I>(&m, DType::F32);
-    let _ = Reward::<I>::score(&h, Tensor::zeros([1, 3, 16, 16], &d));
-}
-
-#[test]
-#[should_panic(expected = "1 prompt(s) given for 2 image(s)")]
-fn pickscore_needs_one_prompt_per_image() {
-    let d = Default::default();
-    let m = models();
-    let p = pickscore::<I>(&m, DType::F32);
-    let _ = p.score_with_prompts(Tensor::zeros([2, 3, 16, 16], &d), &["a cat".to_string()]);
 }
 
 #[test]
@@ -379,7 +372,11 @@ fn real_vit_h14_hps_config_builds_and_runs() {
         burn::tensor::Distribution::Uniform(-1.0, 1.0),
         &d,
     );
-    let s = values(scorer.score_with_prompts(images, &["a painting of a fox".to_string()]));
+    let s = values(
+        scorer
+            .score_with_prompts(images, &["a painting of a fox".to_string()])
+            .unwrap(),
+    );
     assert_eq!(s.len(), 1);
     assert!(s[0].is_finite() && s[0].abs() <= 1.0 + 1e-5);
 }
@@ -418,7 +415,11 @@ fn real_clip_h14_pickscore_config_builds_and_runs() {
         burn::tensor::Distribution::Uniform(-1.0, 1.0),
         &d,
     );
-    let s = values(scorer.score_with_prompts(images, &["a painting of a fox".to_string()]));
+    let s = values(
+        scorer
+            .score_with_prompts(images, &["a painting of a fox".to_string()])
+            .unwrap(),
+    );
     assert_eq!(s.len(), 1);
     assert!(s[0].is_finite());
 }

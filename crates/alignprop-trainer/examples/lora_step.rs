@@ -60,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `images` `[1, 3, H, W]` -> (loss `[1]`, scores `[1]`): maximise the brightness.
         loss_fn: |images: Tensor<A, 4>| {
             let scores = brightness(images);
-            (-scores.clone().mean(), scores)
+            Ok((-scores.clone().mean(), scores))
         },
     })
     .expect("a deterministic chain (eta 0) needs no noise");

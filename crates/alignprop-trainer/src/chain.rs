@@ -19,7 +19,8 @@
 //!
 //! Refused with a [`ChainError`] rather than computed wrongly: a step that adds noise (eta > 0) without its noise
 //! in `noises` (the forward and the recomputed backward would draw different noise), `grad_steps` of the wrong
-//! length, and a loss that does not depend on the images.
+//! length, and a loss that does not depend on the images. A reward that cannot score the images (the loss closure's
+//! [`RewardError`]) ends the trajectory with [`ChainError::Reward`].
 
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use alignprop_diffusion::vae::AutoencoderKL;
@@ -28,6 +29,8 @@ use alignprop_schedulers::{DdimScheduler, Scheduler};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor};
+
+use alignprop_rewards::RewardError;
 
 use crate::lora_params::{LoraGrads, lora_grads_from};
 
@@ -46,6 +49,9 @@ pub enum ChainError {
          to backpropagate"
     )]
     LossIgnoresImages,
+    /// The loss closure's reward could not score the decoded images (its one-line message, naming the reward).
+    #[error(transparent)]
+    Reward(#[from] RewardError),
 }
 
 /// Checks the inputs the forward and the recomputed backward must agree on.
@@ -87,7 +93,8 @@ pub struct TrajectoryInput<'a, B: AutodiffBackend, F> {
     pub noises: &'a [Option<Tensor<B::InnerBackend, 4>>],
     /// `grad_steps[i]`: whether step `i`'s noise prediction carries gradient (e.g. only the last K); length `n`.
     pub grad_steps: &'a [bool],
-    /// `loss_fn(images [batch, 3, H, W]) -> (scalar loss [1], per-image scores [batch])`, built from autodiff ops.
+    /// `loss_fn(images [batch, 3, H, W]) -> (scalar loss [1], per-image scores [batch])`, built from autodiff ops;
+    /// its error (a reward that cannot score the images) becomes [`ChainError::Reward`].
     pub loss_fn: F,
 }
 
@@ -111,7 +118,7 @@ pub struct TrajectoryOutput<B: AutodiffBackend> {
 pub fn trajectory<B, F>(input: TrajectoryInput<'_, B, F>) -> Result<TrajectoryOutput<B>, ChainError>
 where
     B: AutodiffBackend,
-    F: Fn(Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>),
+    F: Fn(Tensor<B, 4>) -> Result<(Tensor<B, 1>, Tensor<B, 1>), RewardError>,
 {
     check_inputs(&input)?;
     let TrajectoryInput {
@@ -146,7 +153,7 @@ where
     // 2. Loss and dL/dx_n through the decoder and the reward.
     let x_n = Tensor::<B, 4>::from_inner(x.clone()).require_grad();
     let images = vae.decode_scaled(x_n.clone());
-    let (loss, scores) = loss_fn(images.clone());
+    let (loss, scores) = loss_fn(images.clone())?;
     let loss_value = scalar(loss.clone().inner());
     let scores = f64_values(scores.inner());
     let grads = backward_tracked(loss);
@@ -249,7 +256,7 @@ pub fn trajectory_full_graph<B, F>(
 ) -> Result<TrajectoryOutput<B>, ChainError>
 where
     B: AutodiffBackend,
-    F: Fn(Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>),
+    F: Fn(Tensor<B, 4>) -> Result<(Tensor<B, 1>, Tensor<B, 1>), RewardError>,
 {
     check_inputs(&input)?;
     let (unet, scheduler, text, guidance) =
@@ -292,7 +299,7 @@ where
     };
     let final_latents = x.clone().inner();
     let images = input.vae.decode_scaled(x);
-    let (loss, scores) = (input.loss_fn)(images.clone());
+    let (loss, scores) = (input.loss_fn)(images.clone())?;
     let value = scalar(loss.clone().inner());
     let scores = f64_values(scores.inner());
     let images = images.inner();

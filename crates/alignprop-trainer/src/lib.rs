@@ -16,6 +16,8 @@ pub mod plot;
 pub mod train;
 pub mod truncation;
 
+/// What a trajectory's loss closure returns when its reward cannot score the images.
+pub use alignprop_rewards::RewardError;
 pub use chain::{ChainError, TrajectoryInput, TrajectoryOutput, trajectory, trajectory_full_graph};
 pub use config::TrainConfig;
 pub use lora_params::{AdamW, AdamWConfig, LoraGrads};

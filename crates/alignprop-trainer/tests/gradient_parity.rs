@@ -11,7 +11,7 @@ use alignprop_rewards::tiny::TinyReward;
 use alignprop_schedulers::{DdimScheduler, SchedulerConfig};
 use alignprop_testing::{ref_tensor_on, ref_values, refs, rel_err_values, tiny_sd, values};
 use alignprop_trainer::{
-    ChainError, TrajectoryInput, Truncation, trajectory, trajectory_full_graph,
+    ChainError, RewardError, TrajectoryInput, Truncation, trajectory, trajectory_full_graph,
 };
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor};
@@ -69,7 +69,7 @@ fn run(s: &Setup, truncation: Truncation) -> alignprop_trainer::TrajectoryOutput
         grad_steps: &grad_steps,
         loss_fn: |img| {
             let scores = s.reward.score(img);
-            (scores.clone().mean(), scores)
+            Ok((scores.clone().mean(), scores))
         },
     })
     .expect("every step's noise is given")
@@ -195,13 +195,33 @@ fn bf16_base_gradient_is_close_to_f32() {
     }
 }
 
-/// The chain with a scheduler, kept steps, noises and reward of the test's choosing, checkpointed or full-graph.
+/// The loss of [`run_with`]'s chain.
+#[derive(Clone, Copy)]
+enum Loss {
+    /// The mean tiny reward.
+    Mean,
+    /// A user reward that returns a constant (ignores the images).
+    Constant,
+    /// A reward that cannot score the images (e.g. a prompt reward called without prompts).
+    Fails,
+}
+
+/// The reward error of [`Loss::Fails`].
+fn reward_error() -> RewardError {
+    RewardError::MissingPrompts {
+        reward: "hps".into(),
+        images: 1,
+        prompts: 0,
+    }
+}
+
+/// The chain with a scheduler, kept steps, noises and loss of the test's choosing, checkpointed or full-graph.
 fn run_with(
     s: &Setup,
     scheduler: &DdimScheduler,
     grad_steps: &[bool],
     noises: &[Option<Tensor<I, 4>>],
-    ignore_images: bool,
+    loss: Loss,
     full_graph: bool,
 ) -> Result<alignprop_trainer::TrajectoryOutput<A>, ChainError> {
     let input = TrajectoryInput {
@@ -215,12 +235,13 @@ fn run_with(
         grad_steps,
         loss_fn: |img: Tensor<A, 4>| {
             let scores = s.reward.score(img);
-            if ignore_images {
-                // A user reward that returns a constant.
-                let c = Tensor::<A, 1>::ones([1], &scores.device());
-                (c.clone(), c)
-            } else {
-                (scores.clone().mean(), scores)
+            match loss {
+                Loss::Mean => Ok((scores.clone().mean(), scores)),
+                Loss::Constant => {
+                    let c = Tensor::<A, 1>::ones([1], &scores.device());
+                    Ok((c.clone(), c))
+                }
+                Loss::Fails => Err(reward_error()),
             }
         },
     };
@@ -256,8 +277,8 @@ fn detached_steps_are_exact_for_every_prediction_type_and_clipping() {
         };
         let scheduler = DdimScheduler::new(&cfg, 4).unwrap().with_eta(1.0).unwrap();
         for grad_steps in [[false, false, false, true], [false, true, false, true]] {
-            let ours = run_with(&s, &scheduler, &grad_steps, &s.noises, false, false).unwrap();
-            let full = run_with(&s, &scheduler, &grad_steps, &s.noises, false, true).unwrap();
+            let ours = run_with(&s, &scheduler, &grad_steps, &s.noises, Loss::Mean, false).unwrap();
+            let full = run_with(&s, &scheduler, &grad_steps, &s.noises, Loss::Mean, true).unwrap();
             let (e_x, _) = rel_err_values(&values(ours.latent_grad), &values(full.latent_grad));
             let (mut a, mut b) = (Vec::new(), Vec::new());
             for (key, g) in &ours.grads.tensors {
@@ -287,7 +308,7 @@ fn missing_noise_and_wrong_grad_steps_are_errors() {
             &s.scheduler,
             &[false, false, false, true],
             &noises,
-            false,
+            Loss::Mean,
             full_graph,
         );
         assert_eq!(e.err(), Some(ChainError::MissingNoise { step: 2 }));
@@ -296,11 +317,18 @@ fn missing_noise_and_wrong_grad_steps_are_errors() {
             &s.scheduler,
             &[false, false, false, true],
             &noises[..1],
-            false,
+            Loss::Mean,
             full_graph,
         );
         assert_eq!(e.err(), Some(ChainError::MissingNoise { step: 1 }));
-        let e = run_with(&s, &s.scheduler, &[true; 3], &s.noises, false, full_graph);
+        let e = run_with(
+            &s,
+            &s.scheduler,
+            &[true; 3],
+            &s.noises,
+            Loss::Mean,
+            full_graph,
+        );
         assert_eq!(
             e.err(),
             Some(ChainError::GradStepsLength {
@@ -313,7 +341,17 @@ fn missing_noise_and_wrong_grad_steps_are_errors() {
     let cfg =
         SchedulerConfig::from_file(&tiny_sd().join("scheduler/scheduler_config.json")).unwrap();
     let eta0 = DdimScheduler::new(&cfg, 4).unwrap();
-    assert!(run_with(&s, &eta0, &[false, false, false, true], &[], false, false).is_ok());
+    assert!(
+        run_with(
+            &s,
+            &eta0,
+            &[false, false, false, true],
+            &[],
+            Loss::Mean,
+            false
+        )
+        .is_ok()
+    );
 }
 
 /// A loss that does not depend on the images is an error, not a panic.
@@ -326,9 +364,33 @@ fn a_loss_that_ignores_the_images_is_an_error() {
             &s.scheduler,
             &[false, false, false, true],
             &s.noises,
-            true,
+            Loss::Constant,
             full_graph,
         );
         assert_eq!(e.err(), Some(ChainError::LossIgnoresImages));
+    }
+}
+
+/// A reward that cannot score the images (the loss closure's error) ends the trajectory with that error, in the
+/// checkpointed and the full-graph chain, and its message is the reward's own.
+#[test]
+fn a_reward_error_in_the_loss_is_a_chain_error() {
+    let s = setup(DType::F32);
+    for full_graph in [false, true] {
+        let e = run_with(
+            &s,
+            &s.scheduler,
+            &[false, false, false, true],
+            &s.noises,
+            Loss::Fails,
+            full_graph,
+        )
+        .err();
+        assert_eq!(e, Some(ChainError::Reward(reward_error())));
+        let msg = e.unwrap().to_string();
+        assert!(
+            msg.starts_with("hps: needs one prompt per image (1 image, 0 prompts)"),
+            "{msg}"
+        );
     }
 }
