@@ -256,8 +256,8 @@ fn train<B: AutodiffBackend>(cfg: TrainConfig, device: &B::Device, resume: Resum
         &STOP,
         &mut |s| {
             bar.set_message(format!(
-                "loss {:.4} reward {:.4} |g| {:.3} K {:.0}",
-                s.loss, s.reward_mean, s.grad_norm, s.k
+                "reward {:.4} loss {:.4} |g| {:.3} K {:.1} {:.2} img/s",
+                s.reward_mean, s.loss, s.grad_norm, s.k, s.images_per_s
             ));
             bar.inc(1);
         },

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod lora_params;
 pub mod plot;
+pub mod tensorboard;
 pub mod train;
 pub mod truncation;
 

@@ -153,6 +153,8 @@ pub struct Trainer<B: AutodiffBackend> {
     pub step: usize,
     rng: NoiseRng,
     out_dir: PathBuf,
+    /// TensorBoard scalars and eval images (`events.out.tfevents.*` in the output folder).
+    events: crate::tensorboard::EventWriter,
     /// Held while the trainer lives: a second run on the same output folder is refused.
     _lock: OutputLock,
 }
@@ -212,6 +214,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         std::fs::create_dir_all(&out_dir).map_err(|e| io_err(&out_dir, e))?;
         let lock = OutputLock::acquire(&out_dir).map_err(TrainError::Config)?;
+        let events =
+            crate::tensorboard::EventWriter::create(&out_dir).map_err(TrainError::Config)?;
         let cfg_text =
             toml::to_string_pretty(&config).map_err(|e| TrainError::Config(e.to_string()))?;
         std::fs::write(out_dir.join("config.toml"), cfg_text).map_err(|e| io_err(&out_dir, e))?;
@@ -226,6 +230,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             eval_prompts,
             step: 0,
             out_dir,
+            events,
             _lock: lock,
         })
     }
@@ -330,6 +335,19 @@ impl<B: AutodiffBackend> Trainer<B> {
             peak_rss_mib: peak_rss_mib(),
         };
         self.append_jsonl("metrics.jsonl", &log)?;
+        self.events
+            .scalars(
+                log.step as u64,
+                &[
+                    ("train/loss", log.loss),
+                    ("train/reward_mean", log.reward_mean),
+                    ("train/reward_std", log.reward_std),
+                    ("train/grad_norm", log.grad_norm),
+                    ("train/k", log.k),
+                    ("train/images_per_s", log.images_per_s),
+                ],
+            )
+            .map_err(TrainError::Config)?;
         Ok(log)
     }
 
@@ -389,6 +407,21 @@ impl<B: AutodiffBackend> Trainer<B> {
             eval_reward_std,
         };
         self.append_jsonl("eval.jsonl", &log)?;
+        let png = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
+        let step = self.step as u64;
+        self.events
+            .scalars(
+                step,
+                &[
+                    ("eval/reward_mean", eval_reward_mean),
+                    ("eval/reward_std", eval_reward_std),
+                ],
+            )
+            .and_then(|_| {
+                self.events
+                    .image(step, "eval/images", &png, picture.height(), picture.width())
+            })
+            .map_err(TrainError::Config)?;
         self.plot_rewards()?;
         Ok(log)
     }

@@ -94,7 +94,134 @@ fn brightness_rises_and_outputs_are_written() {
     }
     let lora = alignprop_lora::LoraWeights::read(&summary.lora).unwrap();
     assert_eq!(lora.num_params(), 21_568);
+    // TensorBoard's event file: every record's CRCs check, the scalars of every step and the eval images are there.
+    let events: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let (version, scalars, images) = read_events(&std::fs::read(&events[0]).unwrap());
+    assert_eq!(version, "brain.Event:2");
+    let losses: Vec<(u64, f32)> = scalars
+        .iter()
+        .filter(|(_, tag, _)| tag == "train/loss")
+        .map(|(s, _, v)| (*s, *v))
+        .collect();
+    assert_eq!(losses.len(), 12);
+    for (log, (step, v)) in summary.steps.iter().zip(&losses) {
+        assert_eq!((log.step as u64, log.loss as f32), (*step, *v));
+    }
+    let eval: Vec<(u64, f32)> = scalars
+        .iter()
+        .filter(|(_, tag, _)| tag == "eval/reward_mean")
+        .map(|(s, _, v)| (*s, *v))
+        .collect();
+    let expected: Vec<(u64, f32)> = summary
+        .evals
+        .iter()
+        .map(|e| (e.step as u64, e.eval_reward_mean as f32))
+        .collect();
+    assert_eq!(eval, expected);
+    assert_eq!(images.len(), 4, "one eval grid per eval");
+    for (step, png) in &images {
+        let on_disk = std::fs::read(dir.join(format!("eval_{step:05}.png"))).unwrap();
+        assert_eq!(png, &on_disk, "the event's image is the eval grid PNG");
+    }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Reads a TensorBoard event file as its record reader does (length and data CRCs checked), decoding the Event
+/// protobuf fields the writer uses: `(file_version, [(step, tag, simple_value)], [(step, png)])`.
+fn read_events(bytes: &[u8]) -> (String, Vec<(u64, String, f32)>, Vec<(u64, Vec<u8>)>) {
+    use alignprop_trainer::tensorboard::masked_crc32c;
+    fn varint(b: &[u8], i: &mut usize) -> u64 {
+        let (mut v, mut shift) = (0u64, 0);
+        loop {
+            let byte = b[*i];
+            *i += 1;
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte < 0x80 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    /// `(field, wire type, payload)` of each field of a message.
+    fn fields(b: &[u8]) -> Vec<(u64, u64, Vec<u8>)> {
+        let (mut i, mut out) = (0, Vec::new());
+        while i < b.len() {
+            let key = varint(b, &mut i);
+            let (field, wire) = (key >> 3, key & 7);
+            let payload = match wire {
+                0 => varint(b, &mut i).to_le_bytes().to_vec(),
+                1 => {
+                    i += 8;
+                    b[i - 8..i].to_vec()
+                }
+                2 => {
+                    let n = varint(b, &mut i) as usize;
+                    i += n;
+                    b[i - n..i].to_vec()
+                }
+                5 => {
+                    i += 4;
+                    b[i - 4..i].to_vec()
+                }
+                w => panic!("unexpected wire type {w}"),
+            };
+            out.push((field, wire, payload));
+        }
+        out
+    }
+    let (mut i, mut version) = (0, String::new());
+    let (mut scalars, mut images) = (Vec::new(), Vec::new());
+    while i < bytes.len() {
+        let len_bytes = &bytes[i..i + 8];
+        let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(bytes[i + 8..i + 12].try_into().unwrap());
+        assert_eq!(crc, masked_crc32c(len_bytes), "length CRC at byte {i}");
+        let data = &bytes[i + 12..i + 12 + len];
+        let crc = u32::from_le_bytes(bytes[i + 12 + len..i + 16 + len].try_into().unwrap());
+        assert_eq!(crc, masked_crc32c(data), "data CRC at byte {i}");
+        i += 16 + len;
+        let event = fields(data);
+        let step = event
+            .iter()
+            .find(|f| f.0 == 2)
+            .map(|f| u64::from_le_bytes(f.2.clone().try_into().unwrap()))
+            .unwrap_or(0);
+        for (field, _, payload) in event {
+            match field {
+                3 => version = String::from_utf8(payload).unwrap(),
+                5 => {
+                    for (_, _, value) in fields(&payload) {
+                        let value = fields(&value);
+                        let tag = String::from_utf8(value[0].2.clone()).unwrap();
+                        match value[1].0 {
+                            2 => scalars.push((
+                                step,
+                                tag,
+                                f32::from_le_bytes(value[1].2.clone().try_into().unwrap()),
+                            )),
+                            4 => {
+                                let image = fields(&value[1].2);
+                                images.push((step, image[3].2.clone()));
+                            }
+                            other => panic!("unexpected Summary.Value field {other}"),
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    (version, scalars, images)
 }
 
 #[test]
