@@ -304,14 +304,131 @@ pub fn check_torch_zip(bytes: &[u8]) -> std::result::Result<(), String> {
     check_pickle(&bytes[start..start + size]).map_err(|e| format!("{name}: {e}"))
 }
 
+/// Deepest object nesting [`check_pickle`] lets through: burn-store's reader builds (and drops) nested values
+/// recursively, so a pickle nested a million levels deep would overflow the stack (an abort, which no error
+/// handling can catch). A torch state dict nests about six levels.
+pub const MAX_PICKLE_NESTING: u32 = 1000;
+
+/// The nesting depth of the pickle machine's stack, simulated per opcode: atoms are depth 0, a container built from
+/// items is one deeper than its deepest item. Lenient: an underflow reads depth 0 (the opcode check, not this,
+/// rejects malformed pickles), and memo references count as atoms.
+#[derive(Default)]
+struct Nesting {
+    stack: Vec<u32>,
+    marks: Vec<usize>,
+}
+
+impl Nesting {
+    fn pop(&mut self) -> u32 {
+        self.stack.pop().unwrap_or(0)
+    }
+
+    fn pop_to_mark(&mut self) -> u32 {
+        let mark = self.marks.pop().unwrap_or(0).min(self.stack.len());
+        self.stack.drain(mark..).max().unwrap_or(0)
+    }
+
+    fn deepen_top(&mut self, child: u32) -> u32 {
+        match self.stack.last_mut() {
+            Some(top) => {
+                *top = (*top).max(child + 1);
+                *top
+            }
+            None => child + 1,
+        }
+    }
+
+    fn push(&mut self, depth: u32) -> u32 {
+        self.stack.push(depth);
+        depth
+    }
+
+    /// Applies opcode `op`; returns the depth it produced (0 when it builds nothing).
+    fn apply(&mut self, op: u8) -> u32 {
+        match op {
+            b'(' => {
+                self.marks.push(self.stack.len());
+                0
+            }
+            // TUPLE, LIST, DICT, FROZENSET, OBJ, INST: a container of the items above the mark.
+            b't' | b'l' | b'd' | 0x91 | b'o' | b'i' => {
+                let d = self.pop_to_mark();
+                self.push(d + 1)
+            }
+            // APPENDS, SETITEMS, ADDITEMS: the items above the mark go into the container below it.
+            b'e' | b'u' | 0x90 => {
+                let d = self.pop_to_mark();
+                self.deepen_top(d)
+            }
+            b'1' => {
+                self.pop_to_mark();
+                0
+            }
+            // EMPTY_TUPLE, EMPTY_LIST, EMPTY_DICT, EMPTY_SET.
+            b')' | b']' | b'}' | 0x8f => self.push(1),
+            // TUPLE1, TUPLE2, TUPLE3.
+            0x85..=0x87 => {
+                let d = (0..op - 0x84).map(|_| self.pop()).max().unwrap_or(0);
+                self.push(d + 1)
+            }
+            // APPEND, BUILD: one item into the object below.
+            b'a' | b'b' => {
+                let d = self.pop();
+                self.deepen_top(d)
+            }
+            b's' => {
+                let d = self.pop().max(self.pop());
+                self.deepen_top(d)
+            }
+            // REDUCE, NEWOBJ: callable / class and arguments -> object.
+            b'R' | 0x81 => {
+                let d = self.pop().max(self.pop());
+                self.push(d + 1)
+            }
+            0x92 => {
+                let d = self.pop().max(self.pop()).max(self.pop());
+                self.push(d + 1)
+            }
+            // STACK_GLOBAL: module and name -> a global.
+            0x93 => {
+                self.pop();
+                self.pop();
+                self.push(0)
+            }
+            b'Q' => {
+                let d = self.pop();
+                self.push(d + 1)
+            }
+            b'0' => {
+                self.pop();
+                0
+            }
+            b'2' => {
+                let d = self.stack.last().copied().unwrap_or(0);
+                self.push(d)
+            }
+            // PROTO, FRAME, PUT, BINPUT, LONG_BINPUT, MEMOIZE, STOP: no stack change.
+            0x80 | 0x95 | b'p' | b'q' | b'r' | 0x94 | b'.' => 0,
+            // Everything else pushes one atom (numbers, strings, None, booleans, GLOBAL, GET, PERSID, ...).
+            _ => self.push(0),
+        }
+    }
+}
+
 /// Walks a pickle's opcodes without building anything: every opcode must be known, every argument must fit in
 /// the bytes left (so no length in the pickle can make a reader allocate more than the pickle holds), and the
 /// pickle must end with STOP.
 pub fn check_pickle(p: &[u8]) -> std::result::Result<(), String> {
     let mut i = 0usize;
+    let mut nesting = Nesting::default();
     while i < p.len() {
         let (at, op) = (i, p[i]);
         i += 1;
+        if nesting.apply(op) > MAX_PICKLE_NESTING {
+            return Err(format!(
+                "objects nested deeper than {MAX_PICKLE_NESTING} levels at byte {at} (a state dict nests a few)"
+            ));
+        }
         let need = |n: u64, i: usize| -> std::result::Result<usize, String> {
             let left = (p.len() - i) as u64;
             if n > left {

@@ -393,3 +393,33 @@ fn bad_pth_files() {
         "cannot read",
     );
 }
+
+/// Pickles nested deeper than burn-store's recursive reader can take are refused before it runs (lists in lists,
+/// tuples of tuples); the torch state-dict pickle passes.
+#[test]
+fn deeply_nested_pickles_are_refused() {
+    use alignprop_io::pth::{MAX_PICKLE_NESTING, check_pickle};
+    let n = 100_000;
+    let mut lists = vec![0x80, 2];
+    lists.extend(std::iter::repeat_n(b']', n));
+    lists.extend(std::iter::repeat_n(b'a', n - 1));
+    lists.push(b'.');
+    let mut tuples = vec![0x80, 2, b'N'];
+    tuples.extend(std::iter::repeat_n(0x85, n));
+    tuples.push(b'.');
+    let mut marks = vec![0x80, 2];
+    for _ in 0..n {
+        marks.push(b'(');
+    }
+    marks.push(b'N');
+    marks.extend(std::iter::repeat_n(b't', n));
+    marks.push(b'.');
+    for (name, p) in [("lists", lists), ("tuples", tuples), ("marks", marks)] {
+        let e = check_pickle(&p).expect_err(name);
+        assert!(
+            e.contains(&format!("nested deeper than {MAX_PICKLE_NESTING}")) && !e.contains('\n'),
+            "{name}: {e}"
+        );
+    }
+    check_pickle(&common::torch_pickle(&[2, 3], 6)).expect("a state dict's pickle");
+}
