@@ -16,9 +16,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// A diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// A diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/). Default: the
+    /// built-in demo model (tiny-shapes: 64x64 pictures of shapes, prompts like "two red squares on a blue
+    /// background"), the model `alignprop train` without --config tunes.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// A prompt (repeat the flag for several).
     #[arg(long = "prompt", short = 'p')]
     pub prompts: Vec<String>,
@@ -130,8 +132,16 @@ fn sample<B: Backend>(args: &SampleArgs, device: &B::Device, dtype: DType) -> Re
         );
     }
     let t0 = Instant::now();
-    let mut sd = StableDiffusion::<B>::load(&args.model, device, dtype)
-        .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let m = alignprop_trainer::builtin::demo_model().map_err(anyhow::Error::msg)?;
+            eprintln!("no --model: the built-in demo model ({})", m.display());
+            m
+        }
+    };
+    let mut sd = StableDiffusion::<B>::load(&model, device, dtype)
+        .with_context(|| format!("loading the model from {}", model.display()))?;
     if let Some(path) = &args.lora {
         let lora = LoraWeights::read(path)?;
         alignprop_lora::apply(&mut sd.unet, &lora, args.lora_scale, false)

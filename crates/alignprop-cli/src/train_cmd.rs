@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use alignprop_device::{Cpu, Cuda, DeviceChoice, Wgpu, cuda_device, wgpu_device};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use alignprop_trainer::{Resume, RunEnd, TrainConfig};
+use alignprop_trainer::{Resume, RunEnd, TrainConfig, builtin};
 use anyhow::{Context, Result, anyhow, bail};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
@@ -14,8 +14,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// A TOML training config (see configs/). Without one, the tiny built-in CPU demo runs
-    /// (configs/tiny_demo.toml: the repository's tiny model, brightness reward, about a minute).
+    /// A TOML training config (see configs/), or the name of a built-in preset (tiny_demo, aesthetic, aesthetic_k1,
+    /// hps, hps_k1: embedded in the binary). Without one, the built-in CPU demo runs (tiny_demo: a tiny pretrained
+    /// shapes model aligned to a brightness reward in about a minute; before_after.png shows the change).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override a config value: `--set train.steps=10` (repeatable; values are TOML: numbers, strings, booleans).
@@ -37,8 +38,46 @@ pub struct TrainArgs {
     pub device: Option<DeviceChoice>,
 }
 
-fn builtin_demo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny_demo.toml")
+/// The built-in demo's config (embedded in the binary, written to the cache folder on first use).
+fn builtin_demo() -> Result<PathBuf> {
+    builtin::preset("tiny_demo")
+        .map_err(anyhow::Error::msg)?
+        .ok_or_else(|| anyhow!("the built-in demo config is missing from this build"))
+}
+
+/// The config file to run: `--config`'s path where it exists; else, where it names a built-in preset (`aesthetic`,
+/// `aesthetic.toml` or `configs/aesthetic.toml` run from a folder without that file), the preset written out from
+/// the binary; without `--config`, the demo.
+fn config_path(arg: Option<&Path>) -> Result<PathBuf> {
+    let Some(p) = arg else {
+        let demo = builtin_demo()?;
+        eprintln!(
+            "no --config given: running the built-in CPU demo ({})",
+            demo.display()
+        );
+        return Ok(demo);
+    };
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let bare = p
+        .parent()
+        .is_none_or(|d| d.as_os_str().is_empty() || d.ends_with("configs"));
+    if bare && let Some(preset) = builtin::preset(name).map_err(anyhow::Error::msg)? {
+        eprintln!(
+            "{}: not found here: using the built-in preset '{}' ({})",
+            p.display(),
+            name.trim_end_matches(".toml"),
+            preset.display()
+        );
+        return Ok(preset);
+    }
+    bail!(
+        "{}: no such config file (the built-in presets run by name: {})",
+        p.display(),
+        builtin::preset_names().join(", ")
+    )
 }
 
 /// Reads the config with the `KEY=VALUE` overrides applied (unknown keys are errors naming the key).
@@ -176,16 +215,7 @@ fn one_line(s: &str) -> String {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let path = match &args.config {
-        Some(p) => p.clone(),
-        None => {
-            eprintln!(
-                "no --config given: running the tiny built-in CPU demo ({})",
-                builtin_demo().display()
-            );
-            builtin_demo()
-        }
-    };
+    let path = config_path(args.config.as_deref())?;
     let mut cfg = load_config(&path, &args.overrides)?;
     if let Some(out) = &args.out {
         cfg.output.dir = out.clone();
@@ -203,7 +233,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     if cfg.model.path.is_none() {
         eprintln!(
-            "no model.path: using the tiny built-in model (tests/fixtures/tiny-sd), a demo, not a real SD1.5"
+            "no model.path: using the built-in demo model (tiny-shapes: 64x64 pictures of shapes, not SD1.5)"
         );
     }
     let device = if cfg.model.path.is_none() && args.device.is_none() {
@@ -307,7 +337,7 @@ mod tests {
 
     fn demo_with(sets: &[&str]) -> Result<TrainConfig> {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        load_config(&builtin_demo(), &sets)
+        load_config(&builtin_demo().unwrap(), &sets)
     }
 
     /// Setting `truncation.mode` drops the old mode's keys (the demo's `k`), so the new mode's keys follow.
@@ -383,8 +413,8 @@ mod tests {
         let cfg = demo_with(&["model.path=models/sd15", "eval.prompts=my_prompts.txt"]).unwrap();
         assert_eq!(cfg.model.path, Some(cwd.join("models/sd15")));
         assert_eq!(cfg.eval.prompts, cwd.join("my_prompts.txt"));
-        let config_dir = builtin_demo().parent().unwrap().to_path_buf();
-        assert_eq!(cfg.train.prompts, config_dir.join("prompts/animals.txt"));
+        let config_dir = builtin_demo().unwrap().parent().unwrap().to_path_buf();
+        assert_eq!(cfg.train.prompts, config_dir.join("prompts/shapes.txt"));
         let cfg = demo_with(&["model.path=/abs/sd15"]).unwrap();
         assert_eq!(cfg.model.path, Some(PathBuf::from("/abs/sd15")));
     }

@@ -7,7 +7,9 @@
 //! - [`truncation`]: which steps carry gradient (fixed K, uniform, gaussian, per-step random detach).
 //! - [`train`]: the loop (gradient accumulation, AdamW, evaluation, JSONL logs, LoRA checkpoints), [`config`]: TOML.
 //! - [`lora_params`]: LoRA gradients and AdamW with global-norm clipping.
+//! - [`builtin`]: the demo model and the preset configs, embedded, written to a cache folder on first use.
 
+pub mod builtin;
 pub mod chain;
 pub mod checkpoint;
 pub mod config;

@@ -9,7 +9,7 @@ use std::time::Instant;
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_lora::LoraFormat;
-use alignprop_pipeline::images::{captioned_grid, save_png, to_rgb8};
+use alignprop_pipeline::images::{captioned_grid, enlarge_to, labelled_stack, save_png, to_rgb8};
 use alignprop_pipeline::{Conditioning, NoiseRng, StableDiffusion, denoise};
 use alignprop_rewards::Reward;
 use alignprop_rewards::compose::{Targeted, WeightedSum, WeightedTerm};
@@ -159,11 +159,6 @@ pub struct Trainer<B: AutodiffBackend> {
     _lock: OutputLock,
 }
 
-/// The tiny model shipped with the repository (its test fixture), used when no model is configured.
-pub fn builtin_tiny_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd")
-}
-
 impl<B: AutodiffBackend> Trainer<B> {
     /// Loads the model, injects fresh LoRA adapters, reads the prompts, prepares the output folder.
     pub fn new(config: TrainConfig, device: &B::Device) -> Result<Self, TrainError> {
@@ -190,7 +185,11 @@ impl<B: AutodiffBackend> Trainer<B> {
                 )));
             }
         };
-        let model_dir = config.model.path.clone().unwrap_or_else(builtin_tiny_model);
+        // No model configured: the built-in demo model (embedded, written to the cache folder on first use).
+        let model_dir = match config.model.path.clone() {
+            Some(p) => p,
+            None => crate::builtin::demo_model().map_err(TrainError::Config)?,
+        };
         let mut sd = StableDiffusion::<B>::load(&model_dir, device, dtype)?;
         B::seed(device, config.train.seed);
         alignprop_lora::inject_seeded(&mut sd.unet, &config.lora, config.train.seed)?;
@@ -389,7 +388,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             .to_vec()
             .expect("f64 scores");
         let (eval_reward_mean, eval_reward_std) = mean_std(&scores);
-        let pictures = to_rgb8(images);
+        // Small pictures (a tiny model's 64 pixels) are enlarged so that their captions fit under them.
+        let pictures = enlarge_to(to_rgb8(images), 128);
         let path = self.out_dir.join(format!("eval_{:05}.png", self.step));
         let captions: Vec<Vec<String>> = prompts
             .iter()
@@ -530,22 +530,104 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(path)
     }
 
-    /// Redraws `reward_curve.png` from `eval.jsonl` (so a resumed run's curve includes the earlier evals).
-    fn plot_rewards(&self) -> Result<(), TrainError> {
+    /// Writes `before_after.png`: the first eval's grid over the last one's (the same prompts and seeds, each
+    /// picture captioned with its reward), from `eval.jsonl` and the `eval_*.png` files, so a resumed run's
+    /// picture starts from the run's first eval. Nothing is written before a second eval exists.
+    pub fn draw_before_after(&self) -> Result<(), TrainError> {
         let log = self.out_dir.join("eval.jsonl");
         let text = std::fs::read_to_string(&log).map_err(|e| io_err(&log, e))?;
-        let points: Vec<(f64, f64)> = text
+        let evals: Vec<(u64, f64)> = text
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|v| {
                 Some((
-                    v.get("step")?.as_f64()?,
+                    v.get("step")?.as_u64()?,
                     v.get("eval_reward_mean")?.as_f64()?,
                 ))
             })
             .collect();
+        let (Some(first), Some(last)) = (evals.first(), evals.last()) else {
+            return Ok(());
+        };
+        if first.0 == last.0 {
+            return Ok(());
+        }
+        let grid = |step: u64| -> Result<image::RgbImage, TrainError> {
+            let path = self.out_dir.join(format!("eval_{step:05}.png"));
+            image::open(&path)
+                .map(|i| i.to_rgb8())
+                .map_err(|e| TrainError::Io {
+                    path,
+                    msg: format!("cannot read the eval grid: {e}"),
+                })
+        };
+        let label = |what: &str, (step, mean): (u64, f64)| {
+            format!(
+                "{what} (step {step}): {} mean {mean:.4}",
+                self.config.reward.kind
+            )
+        };
+        let picture = labelled_stack(&[
+            (label("before training", *first), grid(first.0)?),
+            (label("after training", *last), grid(last.0)?),
+        ]);
+        let path = self.out_dir.join("before_after.png");
+        save_png(&picture, &path).map_err(|msg| TrainError::Io { path, msg })
+    }
+
+    /// Redraws `reward_curve.png` from `metrics.jsonl` (the training reward's mean and std per step) and
+    /// `eval.jsonl` (the eval reward), so a resumed run's curve includes the earlier steps. Lines that do not
+    /// parse are skipped; a log not written yet counts as empty.
+    fn plot_rewards(&self) -> Result<(), TrainError> {
+        let read_log = |file: &str, keys: &[&str]| -> Result<Vec<Vec<f64>>, TrainError> {
+            let log = self.out_dir.join(file);
+            let text = match std::fs::read_to_string(&log) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(io_err(&log, e)),
+            };
+            Ok(text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| keys.iter().map(|k| v.get(*k)?.as_f64()).collect())
+                .collect())
+        };
+        let train = read_log("metrics.jsonl", &["step", "reward_mean", "reward_std"])?;
+        let eval = read_log("eval.jsonl", &["step", "eval_reward_mean"])?;
+        let run_name = self
+            .out_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .or_else(|| {
+                let abs = self.out_dir.canonicalize().ok()?;
+                Some(abs.file_name()?.to_string_lossy().into_owned())
+            })
+            .unwrap_or_else(|| self.out_dir.display().to_string());
+        let reward = &self.config.reward;
+        let y_label = if reward.kind == SUM_KIND {
+            let terms: Vec<String> = reward
+                .terms
+                .iter()
+                .map(|t| {
+                    if t.weight == 1.0 {
+                        t.kind.clone()
+                    } else {
+                        format!("{} {}", t.weight, t.kind)
+                    }
+                })
+                .collect();
+            format!("reward ({})", terms.join(" + "))
+        } else {
+            format!("{} reward", reward.kind)
+        };
+        let curve = crate::plot::RewardCurve {
+            title: format!("reward: {run_name}"),
+            y_label,
+            train: train.iter().map(|v| (v[0], v[1], v[2])).collect(),
+            eval: eval.iter().map(|v| (v[0], v[1])).collect(),
+        };
         let path = self.out_dir.join("reward_curve.png");
-        crate::plot::reward_curve(&points, &path).map_err(|msg| TrainError::Io { path, msg })
+        crate::plot::reward_curve(&curve, &path).map_err(|msg| TrainError::Io { path, msg })
     }
 
     fn append_jsonl<T: Serialize>(&self, file: &str, value: &T) -> Result<(), TrainError> {
@@ -674,6 +756,7 @@ pub fn run<B: AutodiffBackend>(
         }
     }
     let lora = trainer.save_lora("pytorch_lora_weights.safetensors")?;
+    trainer.draw_before_after()?;
     Ok(RunSummary {
         steps,
         evals,

@@ -192,7 +192,7 @@ fn resuming_with_a_changed_config_is_refused_unless_allowed() {
         .to_string();
     assert!(
         err.contains("sampling.steps (checkpoint 2, now 3)")
-            && err.contains("optimizer.lr (checkpoint 0.05, now 0.01)")
+            && err.contains("optimizer.lr (checkpoint 0.005, now 0.01)")
             && err.contains("--allow-config-change")
             && !err.contains('\n'),
         "{err}"

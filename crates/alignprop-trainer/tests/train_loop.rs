@@ -57,9 +57,12 @@ fn one_step(name: &str, reward: RewardConfig) -> StepLog {
 }
 
 #[test]
+/// The demo (its model, reward, target and learning rate; shortened to 8 steps of 6 sampling steps, seeded): the
+/// eval brightness rises at every eval and by far more than its spread (measured: 0.433 -> 0.646 -> 0.821, the
+/// demo's own 20 steps settle near its target 0.7), and every output is written.
 fn brightness_rises_and_outputs_are_written() {
     let mut cfg = demo_config("rise");
-    cfg.train.steps = 12;
+    cfg.train.steps = 8;
     cfg.sampling.steps = 6;
     cfg.truncation = Truncation::Fixed { k: 2 };
     cfg.eval.every = 4;
@@ -67,13 +70,13 @@ fn brightness_rises_and_outputs_are_written() {
     let summary = train(cfg, false, None).unwrap();
     let evals: Vec<f64> = summary.evals.iter().map(|e| e.eval_reward_mean).collect();
     eprintln!("eval brightness: {evals:?}");
-    assert_eq!(evals.len(), 4);
+    assert_eq!(evals.len(), 3);
     assert!(
-        evals.windows(2).all(|w| w[1] > w[0]),
+        evals.windows(2).all(|w| w[1] > w[0] + 0.05),
         "eval reward did not rise at every eval: {evals:?}"
     );
     assert!(
-        evals[3] > evals[0] + 0.01,
+        evals[2] > evals[0] + 0.2,
         "eval reward did not rise clearly: {evals:?}"
     );
     assert!(
@@ -87,13 +90,15 @@ fn brightness_rises_and_outputs_are_written() {
         "eval.jsonl",
         "config.toml",
         "eval_00000.png",
-        "eval_00012.png",
+        "eval_00008.png",
+        "before_after.png",
+        "reward_curve.png",
         "pytorch_lora_weights.safetensors",
     ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let lora = alignprop_lora::LoraWeights::read(&summary.lora).unwrap();
-    assert_eq!(lora.num_params(), 21_568);
+    assert_eq!(lora.num_params(), 21_504);
     // TensorBoard's event file: every record's CRCs check, the scalars of every step and the eval images are there.
     let events: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
@@ -113,7 +118,7 @@ fn brightness_rises_and_outputs_are_written() {
         .filter(|(_, tag, _)| tag == "train/loss")
         .map(|(s, _, v)| (*s, *v))
         .collect();
-    assert_eq!(losses.len(), 12);
+    assert_eq!(losses.len(), 8);
     for (log, (step, v)) in summary.steps.iter().zip(&losses) {
         assert_eq!((log.step as u64, log.loss as f32), (*step, *v));
     }
@@ -128,7 +133,7 @@ fn brightness_rises_and_outputs_are_written() {
         .map(|e| (e.step as u64, e.eval_reward_mean as f32))
         .collect();
     assert_eq!(eval, expected);
-    assert_eq!(images.len(), 4, "one eval grid per eval");
+    assert_eq!(images.len(), 3, "one eval grid per eval");
     for (step, png) in &images {
         let on_disk = std::fs::read(dir.join(format!("eval_{step:05}.png"))).unwrap();
         assert_eq!(png, &on_disk, "the event's image is the eval grid PNG");
