@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use alignprop_io::pth::PthSource;
 use alignprop_io::weights::{SafetensorsSource, TensorSource, VarBuilder};
-use alignprop_testing::alloc::{Counting, peak_during};
+use alignprop_testing::alloc::{Counting, peak_on_this_thread_during};
 use burn::backend::Flex;
 use burn::tensor::DType;
 use common::*;
@@ -276,7 +276,7 @@ fn oversized_safetensors_shapes_do_not_allocate() {
     ];
     for (name, w, what) in cases {
         let bytes = two(&w, B);
-        let peak = peak_during(|| safetensors_error(name, &bytes, what));
+        let peak = peak_on_this_thread_during(|| safetensors_error(name, &bytes, what));
         assert!(
             peak < 1 << 20,
             "{name}: {peak} bytes allocated for a {}-byte file",
@@ -288,7 +288,7 @@ fn oversized_safetensors_shapes_do_not_allocate() {
 /// Opens `bytes` as a `.pth` file; checks the error message.
 fn pth_error(name: &str, bytes: &[u8], what: &str) {
     let path = file("pth", name, bytes);
-    let peak = peak_during(|| {
+    let peak = peak_on_this_thread_during(|| {
         let msg = PthSource::open(&path)
             .err()
             .unwrap_or_else(|| panic!("{name}: read without error"))
