@@ -61,16 +61,12 @@ fn panel(area: &Canvas<'_>, p: &Panel) -> DrawResult {
         &[UpperLeft, LowerRight, UpperRight, LowerLeft],
     );
     let mut chart = FRAME.chart(area, p.title).build_cartesian_2d(x, y)?;
-    chart
-        .configure_mesh()
+    FRAME
+        .mesh(&mut chart)
         .x_desc(p.x_desc)
         .y_desc(p.y_desc)
         .x_label_formatter(&|v| compact(*v))
         .y_label_formatter(&|v| compact(*v))
-        .label_style((FONT, FRAME.label_font))
-        .axis_desc_style((FONT, FRAME.desc_font))
-        .bold_line_style(RGBColor(225, 225, 225))
-        .light_line_style(TRANSPARENT)
         .draw()?;
     for s in &series {
         let color = RGBColor(s.color[0], s.color[1], s.color[2]);

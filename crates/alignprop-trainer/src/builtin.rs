@@ -72,10 +72,17 @@ pub fn home() -> PathBuf {
     base.join(concat!("builtin-", env!("CARGO_PKG_VERSION")))
 }
 
-/// Writes every embedded file that is missing or differs under [`home`]; returns that folder.
+/// Writes every embedded file that is missing or differs under [`home`]; returns that folder. Done once per
+/// process (later calls return the first call's result: the CLI asks for the config and the trainer for the
+/// model, and each check reads every file back).
 ///
 /// Errors name the file that could not be written.
 pub fn materialise() -> Result<PathBuf, String> {
+    static DONE: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(write_all).clone()
+}
+
+fn write_all() -> Result<PathBuf, String> {
     let root = home();
     for (rel, bytes) in CONFIG_FILES.iter().chain(DEMO_MODEL_FILES) {
         write_if_changed(&root.join(rel), bytes)?;

@@ -7,7 +7,10 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Once;
 
+use plotters::chart::MeshStyle;
 use plotters::coord::Shift;
+use plotters::coord::cartesian::Cartesian2d;
+use plotters::coord::ranged1d::{Ranged, ValueFormatter};
 use plotters::prelude::*;
 
 /// The font family every plot's text uses (registered by [`register_font`]).
@@ -124,6 +127,25 @@ impl Frame {
             .x_label_area_size(self.x_label_area)
             .y_label_area_size(self.y_label_area);
         b
+    }
+
+    /// The mesh of `chart` in the shared look: tick labels and axis descriptions in [`FONT`] at this frame's sizes,
+    /// a light grey grid at the ticks, no minor grid lines. Callers add their descriptions and formatters, then
+    /// draw it.
+    pub fn mesh<'a, 'c, X, Y, XT, YT>(
+        &self,
+        chart: &'c mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>,
+    ) -> MeshStyle<'a, 'c, X, Y, BitMapBackend<'a>>
+    where
+        X: Ranged<ValueType = XT> + ValueFormatter<XT>,
+        Y: Ranged<ValueType = YT> + ValueFormatter<YT>,
+    {
+        let mut mesh = chart.configure_mesh();
+        mesh.label_style((FONT, self.label_font))
+            .axis_desc_style((FONT, self.desc_font))
+            .bold_line_style(RGBColor(225, 225, 225))
+            .light_line_style(TRANSPARENT);
+        mesh
     }
 
     /// The plotting area's size (pixels inside the axes) of [`Frame::chart`] on an area of `area` pixels.
@@ -348,8 +370,8 @@ pub fn reward_curve(curve: &RewardCurve, path: &Path) -> Result<(), String> {
         let mut chart = frame
             .chart(root, &curve.title)
             .build_cartesian_2d(x_range, y_range)?;
-        chart
-            .configure_mesh()
+        frame
+            .mesh(&mut chart)
             .x_desc("optimizer step")
             .y_desc(&curve.y_label)
             .x_labels(x_ticks)
@@ -362,10 +384,6 @@ pub fn reward_curve(curve: &RewardCurve, path: &Path) -> Result<(), String> {
                 }
             })
             .y_label_formatter(&|y| compact(*y))
-            .label_style((FONT, frame.label_font))
-            .axis_desc_style((FONT, frame.desc_font))
-            .bold_line_style(RGBColor(225, 225, 225))
-            .light_line_style(TRANSPARENT)
             .draw()?;
         if band {
             let fill = TRAIN_COLOR.mix(0.18);

@@ -534,17 +534,10 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// picture captioned with its reward), from `eval.jsonl` and the `eval_*.png` files, so a resumed run's
     /// picture starts from the run's first eval. Nothing is written before a second eval exists.
     pub fn draw_before_after(&self) -> Result<(), TrainError> {
-        let log = self.out_dir.join("eval.jsonl");
-        let text = std::fs::read_to_string(&log).map_err(|e| io_err(&log, e))?;
-        let evals: Vec<(u64, f64)> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| {
-                Some((
-                    v.get("step")?.as_u64()?,
-                    v.get("eval_reward_mean")?.as_f64()?,
-                ))
-            })
+        let evals: Vec<(u64, f64)> = self
+            .read_log_fields("eval.jsonl", &["step", "eval_reward_mean"])?
+            .iter()
+            .map(|v| (v[0] as u64, v[1]))
             .collect();
         let (Some(first), Some(last)) = (evals.first(), evals.last()) else {
             return Ok(());
@@ -575,25 +568,29 @@ impl<B: AutodiffBackend> Trainer<B> {
         save_png(&picture, &path).map_err(|msg| TrainError::Io { path, msg })
     }
 
+    /// The numeric fields `keys` of every line of the output folder's JSONL log `file` that has them all, in file
+    /// order (lines that do not parse are skipped; a log not written yet counts as empty).
+    fn read_log_fields(&self, file: &str, keys: &[&str]) -> Result<Vec<Vec<f64>>, TrainError> {
+        let log = self.out_dir.join(file);
+        let text = match std::fs::read_to_string(&log) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io_err(&log, e)),
+        };
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| keys.iter().map(|k| v.get(*k)?.as_f64()).collect())
+            .collect())
+    }
+
     /// Redraws `reward_curve.png` from `metrics.jsonl` (the training reward's mean and std per step) and
     /// `eval.jsonl` (the eval reward), so a resumed run's curve includes the earlier steps. Lines that do not
     /// parse are skipped; a log not written yet counts as empty.
     fn plot_rewards(&self) -> Result<(), TrainError> {
-        let read_log = |file: &str, keys: &[&str]| -> Result<Vec<Vec<f64>>, TrainError> {
-            let log = self.out_dir.join(file);
-            let text = match std::fs::read_to_string(&log) {
-                Ok(t) => t,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-                Err(e) => return Err(io_err(&log, e)),
-            };
-            Ok(text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter_map(|v| keys.iter().map(|k| v.get(*k)?.as_f64()).collect())
-                .collect())
-        };
-        let train = read_log("metrics.jsonl", &["step", "reward_mean", "reward_std"])?;
-        let eval = read_log("eval.jsonl", &["step", "eval_reward_mean"])?;
+        let train =
+            self.read_log_fields("metrics.jsonl", &["step", "reward_mean", "reward_std"])?;
+        let eval = self.read_log_fields("eval.jsonl", &["step", "eval_reward_mean"])?;
         let run_name = self
             .out_dir
             .file_name()
