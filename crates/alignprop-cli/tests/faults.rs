@@ -1,6 +1,6 @@
 //! The training process killed (SIGKILL) 20 times at random points, some of them while it writes a checkpoint,
 //! and resumed each time: every resume starts from the last complete checkpoint, and the final LoRA is the same
-//! file as an uninterrupted run's. Bounded in time: each incarnation lives a few seconds.
+//! file as an uninterrupted run's. Bounded in time: no wait for an incarnation's progress lasts over 2 minutes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -66,6 +66,14 @@ fn writing_checkpoint(out: &Path, born: std::time::SystemTime) -> bool {
         })
 }
 
+/// The newest complete checkpoint (`step_N`, not `step_N.tmp`).
+fn last_complete(out: &Path) -> Option<String> {
+    checkpoints(out)
+        .into_iter()
+        .filter(|n| n.starts_with("step_") && !n.contains('.'))
+        .last()
+}
+
 fn complete_checkpoint(out: &Path) -> bool {
     checkpoints(out)
         .iter()
@@ -106,26 +114,37 @@ fn killed_twenty_times_then_resumed_gives_the_uninterrupted_lora() {
     let started = Instant::now();
     while kills < KILLS {
         let resume = complete_checkpoint(&killed);
-        resumed_from.push(
-            checkpoints(&killed)
-                .into_iter()
-                .filter(|n| !n.contains('.'))
-                .last(),
-        );
+        resumed_from.push(last_complete(&killed));
         let born_at = std::time::SystemTime::now() - Duration::from_millis(50);
         let mut child = train(&killed, resume, &log);
         let born = Instant::now();
-        if kills % 4 == 3 {
-            // Wait for a checkpoint being written (`step_N.tmp`), then kill inside it.
-            while born.elapsed() < Duration::from_secs(30)
-                && !writing_checkpoint(&killed, born_at)
-                && child.try_wait().unwrap().is_none()
-            {
-                std::thread::sleep(Duration::from_millis(10));
+        // Where this incarnation is killed, by progress rather than by the clock (start-up takes 3 s on one
+        // machine and 8 s on a loaded CI machine): every 4th inside a checkpoint write, every 4th at a random
+        // time that may fall in the start-up, the rest at a random point of the step after its first new
+        // checkpoint, so that the runs move on.
+        let done_before = last_complete(&killed);
+        let alive = |child: &mut Child| child.try_wait().unwrap().is_none();
+        let bound = Duration::from_secs(120);
+        match kills % 4 {
+            3 => {
+                // A checkpoint being written (`step_N.tmp`): kill inside it.
+                while born.elapsed() < bound
+                    && !writing_checkpoint(&killed, born_at)
+                    && alive(&mut child)
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
-        } else {
-            // Long enough on average for a step or two after the start-up (about 3 s here).
-            std::thread::sleep(Duration::from_secs_f64(1.0 + 5.0 * rng.next_f64()));
+            2 => std::thread::sleep(Duration::from_secs_f64(4.0 * rng.next_f64())),
+            _ => {
+                while born.elapsed() < bound
+                    && last_complete(&killed) == done_before
+                    && alive(&mut child)
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                std::thread::sleep(Duration::from_secs_f64(1.5 * rng.next_f64()));
+            }
         }
         if let Some(status) = child.try_wait().unwrap() {
             // It ended by itself: only a finished run may do that.
