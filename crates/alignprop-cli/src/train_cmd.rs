@@ -36,6 +36,47 @@ pub struct TrainArgs {
     /// cpu, cuda, cuda:N, wgpu or wgpu:N (any Vulkan / Metal / DX12 GPU; default: CUDA when a GPU is present, else CPU).
     #[arg(long, value_parser = crate::parse_device)]
     pub device: Option<DeviceChoice>,
+    /// Data-parallel training: one worker per device, LoRA gradients all-reduced once per optimiser step (global
+    /// batch = batch_size x grad_accum x devices). A comma-separated list of one backend (`cuda:0,cuda:1`,
+    /// `wgpu:0,wgpu:1`, `cpu,cpu`), or `all` (every CUDA GPU). Replaces `[train] devices`.
+    #[arg(long, value_name = "LIST", conflicts_with = "device")]
+    pub devices: Option<String>,
+}
+
+/// The devices of a data-parallel run: `all` (every CUDA GPU the driver reports) or a comma-separated list of
+/// devices of one backend; an error names the entry that does not parse or the mix of backends.
+pub fn parse_devices(list: &[String]) -> Result<Vec<DeviceChoice>> {
+    if list.len() == 1 && list[0].trim() == "all" {
+        return match alignprop_device::cuda_status() {
+            alignprop_device::CudaStatus::Available(n) => {
+                Ok((0..n).map(DeviceChoice::Cuda).collect())
+            }
+            alignprop_device::CudaStatus::Unavailable(why) => {
+                bail!("--devices all: no CUDA GPU ({why})")
+            }
+        };
+    }
+    let devices: Vec<DeviceChoice> = list
+        .iter()
+        .map(|d| {
+            d.trim()
+                .parse::<DeviceChoice>()
+                .map_err(|e| anyhow!("--devices: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    let kind = |d: &DeviceChoice| std::mem::discriminant(d);
+    if let Some(first) = devices.first()
+        && let Some(other) = devices.iter().find(|d| kind(d) != kind(first))
+    {
+        bail!("--devices: {first} and {other} are different backends (one backend per run)");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for d in &devices {
+        if !matches!(d, DeviceChoice::Cpu) && !seen.insert(d.to_string()) {
+            bail!("--devices: {d} is listed twice (one worker per GPU)");
+        }
+    }
+    Ok(devices)
 }
 
 /// The built-in demo's config (embedded in the binary, written to the cache folder on first use).
@@ -236,32 +277,65 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "no model.path: using the built-in demo model (tiny-shapes: 64x64 pictures of shapes, not SD1.5)"
         );
     }
-    let device = if cfg.model.path.is_none() && args.device.is_none() {
-        DeviceChoice::Cpu
-    } else {
-        crate::resolve_device(args.device)
-    };
     let resume = match (args.resume, args.allow_config_change) {
         (false, _) => Resume::No,
         (true, false) => Resume::Checked,
         (true, true) => Resume::AllowConfigChange,
     };
-    match device {
-        DeviceChoice::Cpu => train::<Autodiff<Cpu>>(cfg, &Default::default(), resume),
-        DeviceChoice::Cuda(i) => {
-            let d = cuda_device(i).map_err(anyhow::Error::msg)?;
-            train::<Autodiff<Cuda>>(cfg, &d, resume)
+    if let Some(list) = &args.devices {
+        cfg.train.devices = list.split(',').map(|s| s.trim().to_string()).collect();
+    }
+    // One device (`--device`, or the only entry of `[train] devices`) or several (data parallel): the same loop.
+    let devices = if !cfg.train.devices.is_empty() {
+        parse_devices(&cfg.train.devices)?
+    } else if cfg.model.path.is_none() && args.device.is_none() {
+        vec![DeviceChoice::Cpu]
+    } else {
+        vec![crate::resolve_device(args.device)]
+    };
+    match devices[0] {
+        DeviceChoice::Cpu => {
+            train_on::<Autodiff<Cpu>>(cfg, &vec![Default::default(); devices.len()], resume)
         }
-        DeviceChoice::Wgpu(i) => {
-            let d = wgpu_device(i).map_err(anyhow::Error::msg)?;
-            train::<Autodiff<Wgpu>>(cfg, &d, resume)
+        DeviceChoice::Cuda(_) => {
+            let ds = devices
+                .iter()
+                .map(|d| match d {
+                    DeviceChoice::Cuda(i) => cuda_device(*i).map_err(anyhow::Error::msg),
+                    _ => unreachable!("parse_devices: one backend"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            train_on::<Autodiff<Cuda>>(cfg, &ds, resume)
+        }
+        DeviceChoice::Wgpu(_) => {
+            let ds = devices
+                .iter()
+                .map(|d| match d {
+                    DeviceChoice::Wgpu(i) => wgpu_device(*i).map_err(anyhow::Error::msg),
+                    _ => unreachable!("parse_devices: one backend"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            train_on::<Autodiff<Wgpu>>(cfg, &ds, resume)
         }
     }
 }
 
-fn train<B: AutodiffBackend>(cfg: TrainConfig, device: &B::Device, resume: Resume) -> Result<()> {
+/// Trains on one device, or data-parallel on several of one backend.
+fn train_on<B: AutodiffBackend>(
+    cfg: TrainConfig,
+    devices: &[B::Device],
+    resume: Resume,
+) -> Result<()> {
     if cfg.train.steps == 0 {
         bail!("train.steps is 0: nothing to do");
+    }
+    if devices.len() > 1 {
+        eprintln!(
+            "data parallel: {} workers ({}), global batch {} images per optimiser step",
+            devices.len(),
+            cfg.train.devices.join(", "),
+            cfg.train.batch_size * cfg.train.grad_accum * devices.len()
+        );
     }
     // Ctrl-C: finish the current step, write a checkpoint, exit (resume with --resume).
     static STOP: AtomicBool = AtomicBool::new(false);
@@ -279,31 +353,38 @@ fn train<B: AutodiffBackend>(cfg: TrainConfig, device: &B::Device, resume: Resum
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} eta {eta}] {msg}")
             .expect("template"),
     );
-    let summary = alignprop_trainer::run::<B>(
-        cfg,
-        device,
-        resume,
-        &STOP,
-        &mut |s| {
-            bar.set_message(format!(
-                "reward {:.4} loss {:.4} |g| {:.3} K {:.1} {:.2} img/s",
-                s.reward_mean, s.loss, s.grad_norm, s.k, s.images_per_s
-            ));
-            bar.inc(1);
-        },
-        &mut |e| {
-            let line = format!(
-                "eval at step {}: reward {:.4} ± {:.4}",
-                e.step, e.eval_reward_mean, e.eval_reward_std
-            );
-            // A hidden bar (output not a terminal) drops println: print the line directly then.
-            if bar.is_hidden() {
-                eprintln!("{line}")
-            } else {
-                bar.println(line)
-            }
-        },
-    )?;
+    let mut on_step = |s: &alignprop_trainer::StepLog| {
+        bar.set_message(format!(
+            "reward {:.4} loss {:.4} |g| {:.3} K {:.1} {:.2} img/s",
+            s.reward_mean, s.loss, s.grad_norm, s.k, s.images_per_s
+        ));
+        bar.inc(1);
+    };
+    let mut on_eval = |e: &alignprop_trainer::EvalLog| {
+        let line = format!(
+            "eval at step {}: reward {:.4} ± {:.4}",
+            e.step, e.eval_reward_mean, e.eval_reward_std
+        );
+        // A hidden bar (output not a terminal) drops println: print the line directly then.
+        if bar.is_hidden() {
+            eprintln!("{line}")
+        } else {
+            bar.println(line)
+        }
+    };
+    let summary = if devices.len() == 1 {
+        alignprop_trainer::run::<B>(cfg, &devices[0], resume, &STOP, &mut on_step, &mut on_eval)?
+    } else {
+        alignprop_trainer::run_parallel::<B>(
+            cfg,
+            devices,
+            resume,
+            &STOP,
+            &Default::default(),
+            &mut on_step,
+            &mut on_eval,
+        )?
+    };
     bar.finish_and_clear();
     if summary.end == RunEnd::Interrupted {
         eprintln!(

@@ -137,6 +137,51 @@ fn train_then_resume() {
     std::fs::remove_dir_all(out).ok();
 }
 
+/// `--devices cpu,cpu`: two data-parallel workers train (one output folder, logs over the global batch of 2
+/// images); the run resumes on one device with the same global batch (`grad_accum` 2).
+#[test]
+fn train_on_two_workers_then_resume_on_one() {
+    let out = tmp("dp");
+    let base = |steps: &str| {
+        let mut c = bin();
+        c.arg("train");
+        for set in [
+            "sampling.steps=2",
+            "truncation.k=1",
+            "train.batch_size=1",
+            "eval.every=100",
+            "output.save_every=1",
+        ] {
+            c.args(["--set", set]);
+        }
+        c.arg("--set")
+            .arg(format!("train.steps={steps}"))
+            .arg("--out")
+            .arg(&out);
+        c
+    };
+    let two = run(base("2").args(["--devices", "cpu,cpu"]));
+    let err = String::from_utf8_lossy(&two.stderr);
+    assert!(two.status.success(), "{err}");
+    assert!(
+        err.contains("data parallel: 2 workers (cpu, cpu), global batch 2 images"),
+        "{err}"
+    );
+    assert!(out.join("checkpoints/step_00002/state.json").is_file());
+    // Another global batch is refused; the same one on one device resumes.
+    let wrong = run(base("3").args(["--device", "cpu", "--resume"]));
+    assert_clean_error(&wrong, "global batch");
+    let one = run(base("3").args(["--device", "cpu", "--set", "train.grad_accum=2", "--resume"]));
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
+    std::fs::remove_dir_all(out).ok();
+}
+
 #[test]
 fn bad_input_is_one_clear_error() {
     let out = tmp("bad");
@@ -203,6 +248,16 @@ fn bad_input_is_one_clear_error() {
             .arg(&out)),
         "unknown reward",
     );
+    // Data-parallel devices of two backends, or one GPU twice.
+    assert_clean_error(
+        &run(bin().args(["train", "--devices", "cpu,wgpu:0"])),
+        "different backends",
+    );
+    assert_clean_error(
+        &run(bin().args(["train", "--devices", "cuda:0,cuda:0"])),
+        "listed twice",
+    );
+    assert_clean_error(&run(bin().args(["train", "--devices", "cpu,tpu"])), "tpu");
     // A config key that does not exist.
     assert_clean_error(
         &run(bin().args(["train", "--set", "train.stepz=3"])),

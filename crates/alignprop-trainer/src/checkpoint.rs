@@ -23,9 +23,12 @@ pub struct CheckpointState {
     pub step: usize,
     /// AdamW's step count (bias correction).
     pub adam_step: u64,
-    /// The training noise generator's state.
-    pub rng: [u64; 4],
-    pub rng_spare: Option<f64>,
+    /// Workers of the run that wrote it (its global batch is `batch_size x grad_accum x workers`); checkpoints
+    /// of earlier versions: 1.
+    #[serde(default = "one")]
+    pub workers: usize,
+    // No generator state: every draw of a step derives from (train.seed, step, sample index), see
+    // `Trainer::local_step`. (Checkpoints of earlier versions hold `rng` / `rng_spare`: ignored.)
 }
 
 /// Writes named matrices as safetensors (F32 or F64, as the tensors are).
@@ -170,7 +173,18 @@ pub const CONFIG_FILE: &str = "config.toml";
 
 /// Config keys that may change on resume: the length of the run, evaluation and output settings. Everything else
 /// (model, reward, sampling, truncation, LoRA, optimiser, batch, seed, prompts) changes the numbers.
-pub const RESUMABLE_CHANGES: &[&str] = &["train.steps", "eval.", "output."];
+pub const RESUMABLE_CHANGES: &[&str] = &[
+    "train.steps",
+    "eval.",
+    "output.",
+    // The split of the global batch over workers and accumulation (checked as a product on resume).
+    "train.grad_accum",
+    "train.devices",
+];
+
+fn one() -> usize {
+    1
+}
 
 /// The dotted keys where two configs (as TOML values) differ, outside [`RESUMABLE_CHANGES`], each with both
 /// values: `(key, checkpoint's, now)`.

@@ -207,8 +207,12 @@ pub struct LoopConfig {
     pub steps: usize,
     /// Trajectories (images) per backward pass.
     pub batch_size: usize,
-    /// Backward passes accumulated per optimiser step (effective batch = batch_size * grad_accum).
+    /// Backward passes accumulated per optimiser step and worker (global batch = batch_size x grad_accum x
+    /// workers).
     pub grad_accum: usize,
+    /// Devices to train on, one worker each (data parallel): e.g. `["cuda:0", "cuda:1"]`, `["cpu", "cpu"]`; empty:
+    /// one device, chosen by `--device`. The command line's `--devices` replaces it.
+    pub devices: Vec<String>,
     /// Seeds every random stream (noise, prompts, truncation) of the run.
     pub seed: u64,
     /// A prompt file (one per line); relative paths are taken from the config file's folder.
@@ -221,6 +225,7 @@ impl Default for LoopConfig {
             steps: 100,
             batch_size: 2,
             grad_accum: 1,
+            devices: Vec::new(),
             seed: 42,
             prompts: "prompts/animals.txt".into(),
         }

@@ -7,6 +7,7 @@
 //! - [`truncation`]: which steps carry gradient (fixed K, uniform, gaussian, per-step random detach).
 //! - [`train`]: the loop (gradient accumulation, AdamW, evaluation, JSONL logs, LoRA checkpoints), [`config`]: TOML.
 //! - [`lora_params`]: LoRA gradients and AdamW with global-norm clipping.
+//! - [`parallel`]: data-parallel training over several devices on burn's collective engine.
 //! - [`builtin`]: the demo model and the preset configs, embedded, written to a cache folder on first use.
 
 pub mod builtin;
@@ -14,6 +15,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod config;
 pub mod lora_params;
+pub mod parallel;
 pub mod plot;
 pub mod tensorboard;
 pub mod train;
@@ -24,7 +26,10 @@ pub use alignprop_rewards::RewardError;
 pub use chain::{ChainError, TrajectoryInput, TrajectoryOutput, trajectory, trajectory_full_graph};
 pub use config::TrainConfig;
 pub use lora_params::{AdamW, AdamWConfig, LoraGrads};
+pub use parallel::{ParallelOptions, run_parallel};
 /// This crate's error ([`TrainError`]): every error of the crates below converts into it with `?`.
 pub use train::TrainError as Error;
-pub use train::{EvalLog, Resume, RunEnd, RunSummary, StepLog, TrainError, Trainer, run};
+pub use train::{
+    EvalLog, Resume, RunEnd, RunSummary, StepLog, TrainError, Trainer, WorkerRank, run,
+};
 pub use truncation::Truncation;

@@ -57,6 +57,25 @@ pub enum TrainError {
     /// evaluation.
     #[error(transparent)]
     Reward(#[from] alignprop_rewards::RewardError),
+    /// A panic in a data-parallel worker, caught so that the other workers stop too.
+    #[error("panic: {0}")]
+    Panic(String),
+    /// Another worker of a data-parallel run failed (its own error is reported); this one stopped with it.
+    #[error("worker {worker} failed, so this worker stopped too")]
+    PeerFailed { worker: usize },
+    /// A data-parallel worker's error, with the worker and its device.
+    #[error("worker {worker} ({device}): {source}")]
+    Worker {
+        worker: usize,
+        device: String,
+        source: Box<TrainError>,
+    },
+    /// The collective all-reduce of a data-parallel run failed (burn::collective's error).
+    #[error("data-parallel exchange failed: {0}")]
+    Collective(String),
+    /// The workers' adapters differ (they must be identical after every update).
+    #[error("{0}")]
+    ReplicaDrift(String),
 }
 
 impl From<crate::chain::ChainError> for TrainError {
@@ -151,17 +170,81 @@ pub struct Trainer<B: AutodiffBackend> {
     pub prompts: Vec<String>,
     pub eval_prompts: Vec<String>,
     pub step: usize,
-    rng: NoiseRng,
+    /// Which worker of a data-parallel run this is (worker 0 of 1 alone).
+    pub worker: WorkerRank,
     out_dir: PathBuf,
-    /// TensorBoard scalars and eval images (`events.out.tfevents.*` in the output folder).
-    events: crate::tensorboard::EventWriter,
-    /// Held while the trainer lives: a second run on the same output folder is refused.
-    _lock: OutputLock,
+    /// TensorBoard scalars and eval images (`events.out.tfevents.*` in the output folder); worker 0 only.
+    events: Option<crate::tensorboard::EventWriter>,
+    /// Held while the trainer lives: a second run on the same output folder is refused; worker 0 only.
+    _lock: Option<OutputLock>,
+    /// Test hook of data-parallel runs: fail in this optimiser step (1-based).
+    pub(crate) fault: Option<(usize, crate::parallel::InjectedFault)>,
+}
+
+/// A worker's place in a data-parallel run: `rank` of `world` workers over all devices and machines. Worker 0
+/// evaluates and writes every output (logs, pictures, LoRA files, checkpoints); the others only compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerRank {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl WorkerRank {
+    /// The only worker of a single-device run.
+    pub const SOLE: Self = Self { rank: 0, world: 1 };
+
+    /// Whether this worker writes the run's outputs (worker 0).
+    pub fn writes_output(&self) -> bool {
+        self.rank == 0
+    }
+}
+
+/// One micro-batch's results, as logged over the global batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MicroBatch {
+    /// Global index in the optimiser step (`0 .. grad_accum x world`).
+    pub index: usize,
+    pub loss: f64,
+    /// Differentiated steps of its trajectory.
+    pub k: f64,
+    /// The reward of each of its images.
+    pub scores: Vec<f64>,
+}
+
+/// What one worker computed for its micro-batches of an optimiser step ([`Trainer::local_step`]).
+pub struct LocalStep<B: burn::tensor::backend::Backend> {
+    /// The sum over its micro-batches of their LoRA gradients.
+    pub grads: LoraGrads<B>,
+    pub micro: Vec<MicroBatch>,
+}
+
+/// A seed for one stream of draws (`stream`) of item `index` at optimiser step `step` of a run seeded `seed`
+/// (splitmix64 finalisers chained: nearby inputs give unrelated seeds).
+pub fn derive_seed(seed: u64, step: u64, index: u64, stream: u64) -> u64 {
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    [step, index, stream]
+        .into_iter()
+        .fold(mix(seed), |h, x| mix(h ^ mix(x)))
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// Loads the model, injects fresh LoRA adapters, reads the prompts, prepares the output folder.
     pub fn new(config: TrainConfig, device: &B::Device) -> Result<Self, TrainError> {
+        Self::new_worker(config, device, WorkerRank::SOLE)
+    }
+
+    /// [`Trainer::new`] for worker `worker` of a data-parallel run: every worker loads its own copy of the model
+    /// and gets the same adapters (seeded by `train.seed`); only worker 0 prepares the output folder.
+    pub fn new_worker(
+        config: TrainConfig,
+        device: &B::Device,
+        worker: WorkerRank,
+    ) -> Result<Self, TrainError> {
         config.validate().map_err(TrainError::Config)?;
         let dtype = match config.model.dtype.as_str() {
             "f32" => DType::F32,
@@ -211,15 +294,21 @@ impl<B: AutodiffBackend> Trainer<B> {
                 out_dir.display()
             )));
         }
-        std::fs::create_dir_all(&out_dir).map_err(|e| io_err(&out_dir, e))?;
-        let lock = OutputLock::acquire(&out_dir).map_err(TrainError::Config)?;
-        let events =
-            crate::tensorboard::EventWriter::create(&out_dir).map_err(TrainError::Config)?;
-        let cfg_text =
-            toml::to_string_pretty(&config).map_err(|e| TrainError::Config(e.to_string()))?;
-        std::fs::write(out_dir.join("config.toml"), cfg_text).map_err(|e| io_err(&out_dir, e))?;
+        let (mut lock, mut events) = (None, None);
+        if worker.writes_output() {
+            std::fs::create_dir_all(&out_dir).map_err(|e| io_err(&out_dir, e))?;
+            lock = Some(OutputLock::acquire(&out_dir).map_err(TrainError::Config)?);
+            events = Some(
+                crate::tensorboard::EventWriter::create(&out_dir).map_err(TrainError::Config)?,
+            );
+            let cfg_text =
+                toml::to_string_pretty(&config).map_err(|e| TrainError::Config(e.to_string()))?;
+            std::fs::write(out_dir.join("config.toml"), cfg_text)
+                .map_err(|e| io_err(&out_dir, e))?;
+        }
         Ok(Self {
-            rng: NoiseRng::new(config.train.seed),
+            worker,
+            fault: None,
             optimizer: AdamW::new(config.optimizer.clone()),
             config,
             sd,
@@ -256,30 +345,74 @@ impl<B: AutodiffBackend> Trainer<B> {
         })
     }
 
-    /// One optimiser step (with gradient accumulation). Returns its log line.
-    pub fn train_step(&mut self) -> Result<StepLog, TrainError> {
-        let t0 = Instant::now();
-        let cfg = self.config.clone();
+    /// The generator of global sample `index` of optimiser step `step` (0-based): its prompt, initial latents and
+    /// DDIM noise come from it alone, so the same step sees the same samples however the global batch is split
+    /// over workers and micro-batches.
+    fn sample_rng(&self, step: usize, index: usize) -> NoiseRng {
+        NoiseRng::new(derive_seed(
+            self.config.train.seed,
+            step as u64,
+            index as u64,
+            0,
+        ))
+    }
+
+    /// The truncation draw of global micro-batch `micro` of optimiser step `step` (its own stream).
+    fn truncation_rng(&self, step: usize, micro: usize) -> NoiseRng {
+        NoiseRng::new(derive_seed(
+            self.config.train.seed,
+            step as u64,
+            micro as u64,
+            1,
+        ))
+    }
+
+    /// This worker's micro-batches of an optimiser step: global indices `rank * grad_accum ..` (the global batch is
+    /// `batch_size x grad_accum x world` images).
+    pub fn micro_batches(&self) -> std::ops::Range<usize> {
+        let accum = self.config.train.grad_accum;
+        self.worker.rank * accum..(self.worker.rank + 1) * accum
+    }
+
+    /// Runs this worker's micro-batches of the next optimiser step: the trajectories, their rewards and the
+    /// summed (not averaged) LoRA gradients. Nothing is updated.
+    pub fn local_step(&mut self) -> Result<LocalStep<B::InnerBackend>, TrainError> {
+        let cfg = &self.config;
         let n = cfg.sampling.steps;
+        let bs = cfg.train.batch_size;
         let (device, dtype) = (self.sd.device.clone(), self.sd.dtype);
-        let mut acc = LoraGrads::default();
-        let (mut losses, mut scores, mut ks) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..cfg.train.grad_accum {
-            let batch: Vec<String> = (0..cfg.train.batch_size)
-                .map(|_| self.prompts[self.rng.below(self.prompts.len() as u64) as usize].clone())
+        if let Some((step, fault)) = self.fault
+            && step == self.step + 1
+        {
+            return crate::parallel::injected(fault);
+        }
+        let mut grads = LoraGrads::default();
+        let mut micro = Vec::new();
+        for m in self.micro_batches() {
+            let mut rngs: Vec<NoiseRng> = (0..bs)
+                .map(|j| self.sample_rng(self.step, m * bs + j))
+                .collect();
+            let batch: Vec<String> = rngs
+                .iter_mut()
+                .map(|r| self.prompts[r.below(self.prompts.len() as u64) as usize].clone())
                 .collect();
             let text = self.text(&batch)?;
-            let shape = self.latent_shape(batch.len());
-            let x_t = self.rng.normal_tensor(shape, &device, dtype);
+            let [_, c, h, w] = self.latent_shape(1);
+            let draw = |rngs: &mut Vec<NoiseRng>| {
+                let parts = rngs
+                    .iter_mut()
+                    .map(|r| r.normal_tensor::<B::InnerBackend, 4>([1, c, h, w], &device, dtype))
+                    .collect();
+                Tensor::cat(parts, 0)
+            };
+            let x_t = draw(&mut rngs);
             let noises: Vec<_> = (0..n)
-                .map(|i| {
-                    self.scheduler
-                        .needs_noise(i)
-                        .then(|| self.rng.normal_tensor(shape, &device, dtype))
-                })
+                .map(|i| self.scheduler.needs_noise(i).then(|| draw(&mut rngs)))
                 .collect();
-            let grad_steps = cfg.truncation.grad_steps(n, &mut self.rng);
-            ks.push(grad_steps.iter().filter(|&&k| k).count() as f64);
+            let grad_steps = cfg
+                .truncation
+                .grad_steps(n, &mut self.truncation_rng(self.step, m));
+            let k = grad_steps.iter().filter(|&&k| k).count() as f64;
             let reward = &self.reward;
             let coeff = cfg.reward.loss_coeff;
             let out = trajectory(TrajectoryInput {
@@ -302,14 +435,30 @@ impl<B: AutodiffBackend> Trainer<B> {
                     what: format!("loss {}", out.loss),
                 });
             }
-            losses.push(out.loss);
-            scores.extend(out.scores);
-            acc.add(out.grads);
+            grads.add(out.grads);
+            micro.push(MicroBatch {
+                index: m,
+                loss: out.loss,
+                k,
+                scores: out.scores,
+            });
         }
-        acc.scale(1.0 / cfg.train.grad_accum as f64);
+        Ok(LocalStep { grads, micro })
+    }
+
+    /// Applies the mean LoRA gradient of the global batch (`grads`, already averaged over all micro-batches) with
+    /// AdamW and counts the step; `micro` holds every micro-batch of the global batch (in index order), `t0` the
+    /// step's start. Every worker runs this with the same inputs, so the replicas stay identical. Returns the log
+    /// line (written by [`Trainer::write_step_log`]).
+    pub fn apply_step(
+        &mut self,
+        grads: LoraGrads<B::InnerBackend>,
+        micro: &[MicroBatch],
+        t0: Instant,
+    ) -> Result<StepLog, TrainError> {
         // One device read for the finiteness check and the clipping: a NaN or infinity in any micro-batch's
         // gradient makes the accumulated norm non-finite, and the update is skipped.
-        let grad_norm = acc.norm();
+        let grad_norm = grads.norm();
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFinite {
                 step: self.step + 1,
@@ -318,35 +467,60 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let grad_norm = self
             .optimizer
-            .step_with_norm(&mut self.sd.unet, acc, grad_norm);
+            .step_with_norm(&mut self.sd.unet, grads, grad_norm);
         self.step += 1;
+        let scores: Vec<f64> = micro
+            .iter()
+            .flat_map(|m| m.scores.iter().copied())
+            .collect();
         let (reward_mean, reward_std) = mean_std(&scores);
+        let count = micro.len().max(1) as f64;
         let time_s = t0.elapsed().as_secs_f64();
-        let log = StepLog {
+        Ok(StepLog {
             step: self.step,
-            loss: losses.iter().sum::<f64>() / losses.len() as f64,
+            loss: micro.iter().map(|m| m.loss).sum::<f64>() / count,
             reward_mean,
             reward_std,
             grad_norm,
-            k: ks.iter().sum::<f64>() / ks.len() as f64,
+            k: micro.iter().map(|m| m.k).sum::<f64>() / count,
             time_s,
             images_per_s: scores.len() as f64 / time_s,
             peak_rss_mib: peak_rss_mib(),
-        };
-        self.append_jsonl("metrics.jsonl", &log)?;
-        self.events
-            .scalars(
-                log.step as u64,
-                &[
-                    ("train/loss", log.loss),
-                    ("train/reward_mean", log.reward_mean),
-                    ("train/reward_std", log.reward_std),
-                    ("train/grad_norm", log.grad_norm),
-                    ("train/k", log.k),
-                    ("train/images_per_s", log.images_per_s),
-                ],
-            )
-            .map_err(TrainError::Config)?;
+        })
+    }
+
+    /// Appends a step's line to `metrics.jsonl` and its scalars to the TensorBoard events (worker 0 only; the
+    /// other workers write nothing).
+    pub fn write_step_log(&mut self, log: &StepLog) -> Result<(), TrainError> {
+        if !self.worker.writes_output() {
+            return Ok(());
+        }
+        self.append_jsonl("metrics.jsonl", log)?;
+        if let Some(events) = &mut self.events {
+            events
+                .scalars(
+                    log.step as u64,
+                    &[
+                        ("train/loss", log.loss),
+                        ("train/reward_mean", log.reward_mean),
+                        ("train/reward_std", log.reward_std),
+                        ("train/grad_norm", log.grad_norm),
+                        ("train/k", log.k),
+                        ("train/images_per_s", log.images_per_s),
+                    ],
+                )
+                .map_err(TrainError::Config)?;
+        }
+        Ok(())
+    }
+
+    /// One optimiser step of a single-worker run (with gradient accumulation). Returns its log line.
+    pub fn train_step(&mut self) -> Result<StepLog, TrainError> {
+        let t0 = Instant::now();
+        let LocalStep { mut grads, micro } = self.local_step()?;
+        grads.scale(1.0 / micro.len().max(1) as f64);
+        let log = self.apply_step(grads, &micro, t0)?;
+        self.write_step_log(&log)?;
         Ok(log)
     }
 
@@ -409,19 +583,20 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.append_jsonl("eval.jsonl", &log)?;
         let png = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
         let step = self.step as u64;
-        self.events
-            .scalars(
-                step,
-                &[
-                    ("eval/reward_mean", eval_reward_mean),
-                    ("eval/reward_std", eval_reward_std),
-                ],
-            )
-            .and_then(|_| {
-                self.events
-                    .image(step, "eval/images", &png, picture.height(), picture.width())
-            })
-            .map_err(TrainError::Config)?;
+        if let Some(events) = &mut self.events {
+            events
+                .scalars(
+                    step,
+                    &[
+                        ("eval/reward_mean", eval_reward_mean),
+                        ("eval/reward_std", eval_reward_std),
+                    ],
+                )
+                .and_then(|_| {
+                    events.image(step, "eval/images", &png, picture.height(), picture.width())
+                })
+                .map_err(TrainError::Config)?;
+        }
         self.plot_rewards()?;
         Ok(log)
     }
@@ -441,12 +616,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         for (k, v) in &self.optimizer.v.tensors {
             tensors.insert(format!("adam_v.{k}"), v.clone());
         }
-        let (rng, rng_spare) = self.rng.state();
         let state = CheckpointState {
             step: self.step,
             adam_step: self.optimizer.step,
-            rng,
-            rng_spare,
+            workers: self.worker.world,
         };
         let dir = root.join(format!("step_{:05}", self.step));
         let config =
@@ -494,6 +667,25 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         let (tensors, state) = read_checkpoint::<B::InnerBackend>(dir, &self.sd.device, dtype)
             .map_err(TrainError::Config)?;
+        // Any split of the same global batch over workers and accumulation resumes the same run.
+        let saved_accum = read_checkpoint_config(dir)
+            .map_err(TrainError::Config)?
+            .and_then(|c| c.get("train")?.get("grad_accum")?.as_integer())
+            .map_or(self.config.train.grad_accum, |a| a as usize);
+        let (accum, world) = (self.config.train.grad_accum, self.worker.world);
+        if saved_accum * state.workers != accum * world && !allow_config_change {
+            return Err(TrainError::Config(format!(
+                "{}: the checkpoint's global batch is {} micro-batches (train.grad_accum {saved_accum} x {} \
+                 workers), this run's {} (train.grad_accum {accum} x {world} workers): set train.grad_accum \
+                 to {} x {} / {world} workers, or pass --allow-config-change",
+                dir.display(),
+                saved_accum * state.workers,
+                state.workers,
+                accum * world,
+                saved_accum,
+                state.workers
+            )));
+        }
         let mut lora = LoraGrads::default();
         let (mut m, mut v) = (LoraGrads::default(), LoraGrads::default());
         for (k, t) in tensors {
@@ -514,11 +706,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.optimizer.m = m;
         self.optimizer.v = v;
         self.optimizer.step = state.adam_step;
-        self.rng = NoiseRng::from_state(state.rng, state.rng_spare);
         self.step = state.step;
         // Steps logged after this checkpoint (by a run that crashed before its next one) are run again.
-        for log in ["metrics.jsonl", "eval.jsonl"] {
-            truncate_jsonl_after(&self.out_dir.join(log), self.step)?;
+        if self.worker.writes_output() {
+            for log in ["metrics.jsonl", "eval.jsonl"] {
+                truncate_jsonl_after(&self.out_dir.join(log), self.step)?;
+            }
         }
         Ok(())
     }
@@ -680,7 +873,8 @@ pub enum RunEnd {
 /// Runs the whole configured training: eval before the first step (unless resuming), every `eval.every` steps
 /// and at the end; LoRA and checkpoint every `output.save_every` steps and at the end. With `resume`, continues
 /// from the newest checkpoint under `<output.dir>/checkpoints`. When `stop` becomes true the current step
-/// finishes, a checkpoint is written and the run returns [`RunEnd::Interrupted`].
+/// finishes, a checkpoint is written and the run returns [`RunEnd::Interrupted`]. One device; for several see
+/// [`crate::parallel::run_parallel`].
 pub fn run<B: AutodiffBackend>(
     config: TrainConfig,
     device: &B::Device,
@@ -689,77 +883,226 @@ pub fn run<B: AutodiffBackend>(
     on_step: &mut dyn FnMut(&StepLog),
     on_eval: &mut dyn FnMut(&EvalLog),
 ) -> Result<RunSummary, TrainError> {
-    let resume = resume.into();
-    let mut trainer = Trainer::<B>::new(config, device)?;
+    let trainer = Trainer::<B>::new(config, device)?;
+    drive(
+        Ok(trainer),
+        &mut crate::parallel::Solo,
+        resume.into(),
+        stop,
+        on_step,
+        on_eval,
+    )
+}
+
+/// How often (in optimiser steps) the workers of a data-parallel run compare checksums of their adapters.
+pub const REPLICA_CHECK_EVERY: usize = 10;
+
+/// The training loop of one worker (the only one, or one of a data-parallel run): every worker calls
+/// `sync.exchange` at the same points (once after start-up, once per optimiser step), and every failure between
+/// two exchanges (an error or a panic, on any worker) is carried into the next one, so all workers stop together
+/// and none waits forever. `trainer` is the worker's loaded trainer, or why it could not load.
+pub(crate) fn drive<B: AutodiffBackend>(
+    trainer: Result<Trainer<B>, TrainError>,
+    sync: &mut dyn crate::parallel::Exchange<B::InnerBackend>,
+    resume: Resume,
+    stop: &AtomicBool,
+    on_step: &mut dyn FnMut(&StepLog),
+    on_eval: &mut dyn FnMut(&EvalLog),
+) -> Result<RunSummary, TrainError> {
+    use crate::parallel::Contribution;
     let mut evals = Vec::new();
-    if resume != Resume::No {
-        let root = trainer.out_dir.join("checkpoints");
-        let latest = list_checkpoints(&root).pop().ok_or_else(|| {
-            TrainError::Config(format!(
-                "--resume: no checkpoint under {} (nothing to resume)",
-                root.display()
-            ))
-        })?;
-        trainer.load_checkpoint(&latest, resume == Resume::AllowConfigChange)?;
-    } else {
-        // A new run never mixes with an earlier one: checkpoints of another run are refused; the logs of a run
-        // killed before its first checkpoint are dropped.
-        let root = trainer.out_dir.join("checkpoints");
-        if let Some(last) = list_checkpoints(&root).pop() {
-            return Err(TrainError::Config(format!(
-                "{}: the output folder holds checkpoints of an earlier run (newest {}): continue it with \
-                 --resume, or choose another output.dir (--out), or delete the folder",
-                trainer.out_dir.display(),
-                last.file_name().unwrap_or_default().to_string_lossy()
-            )));
+    let (mut trainer, mut pending) = match trainer {
+        Ok(t) => (Some(t), None),
+        Err(e) => (None, Some(e)),
+    };
+    let mut checksum = None;
+    if let Some(t) = trainer.as_mut() {
+        match guarded(|| {
+            t.start(resume, &mut evals, on_eval)?;
+            Ok(t.adapter_checksum())
+        }) {
+            Ok(c) => checksum = Some(c),
+            Err(e) => pending = Some(e),
         }
-        for log in ["metrics.jsonl", "eval.jsonl"] {
-            let path = trainer.out_dir.join(log);
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&path, e)),
-                _ => {}
-            }
-        }
-        let e = trainer.evaluate()?;
-        on_eval(&e);
-        evals.push(e);
     }
+    let agreed = sync.exchange(
+        Contribution {
+            failed: pending.is_some(),
+            stop: false,
+            checksum,
+            micro: Vec::new(),
+            grads: None,
+        },
+        None,
+    )?;
+    if let Some(e) = pending.take() {
+        return Err(e);
+    }
+    agreed.settle()?;
+    let mut trainer = trainer.expect("a trainer where no worker failed");
+    let layout = crate::parallel::step_layout(&mut trainer);
     let total = trainer.config.train.steps;
     let (every, save_every) = (
         trainer.config.eval.every.max(1),
         trainer.config.output.save_every.max(1),
     );
+    let writer = trainer.worker.writes_output();
     let mut steps = Vec::new();
     let mut end = RunEnd::Finished;
     while trainer.step < total {
-        let log = trainer.train_step()?;
-        on_step(&log);
-        steps.push(log);
-        if trainer.step % every == 0 || trainer.step == total {
-            let e = trainer.evaluate()?;
-            on_eval(&e);
-            evals.push(e);
-        }
-        if trainer.step % save_every == 0 || trainer.step == total {
-            trainer.save_lora(&format!("lora_step{:05}.safetensors", trainer.step))?;
-            trainer.save_checkpoint()?;
-        }
-        if stop.load(Ordering::SeqCst) && trainer.step < total {
-            if trainer.step % save_every != 0 {
-                trainer.save_checkpoint()?;
+        let t0 = Instant::now();
+        let check = trainer.step % REPLICA_CHECK_EVERY == 0;
+        let local = match pending.take() {
+            Some(e) => Err(e),
+            None => guarded(|| trainer.local_step()),
+        };
+        let contribution = match &local {
+            Ok(l) => Contribution {
+                failed: false,
+                stop: stop.load(Ordering::SeqCst),
+                checksum: check.then(|| trainer.adapter_checksum()),
+                micro: l.micro.clone(),
+                grads: Some(l.grads.clone()),
+            },
+            Err(_) => Contribution::failure(),
+        };
+        let agreed = sync.exchange(contribution, Some(&layout))?;
+        local?;
+        agreed.settle()?;
+        let stop_now = agreed.stop || (trainer.worker.world == 1 && stop.load(Ordering::SeqCst));
+        let mut grads = agreed.grads.expect("gradients in a step's exchange");
+        grads.scale(1.0 / agreed.micro.len().max(1) as f64);
+        // The same inputs on every worker: the same update, or the same error on all of them.
+        let log = trainer.apply_step(grads, &agreed.micro, t0)?;
+        if writer {
+            // Worker 0's outputs; an error here stops every worker at the next exchange.
+            let t = &mut trainer;
+            let outputs = guarded(|| {
+                t.write_step_log(&log)?;
+                on_step(&log);
+                if t.step % every == 0 || t.step == total {
+                    let e = t.evaluate()?;
+                    on_eval(&e);
+                    evals.push(e);
+                }
+                if t.step % save_every == 0 || t.step == total {
+                    t.save_lora(&format!("lora_step{:05}.safetensors", t.step))?;
+                    t.save_checkpoint()?;
+                }
+                if stop_now && t.step < total && t.step % save_every != 0 {
+                    t.save_checkpoint()?;
+                }
+                Ok(())
+            });
+            if let Err(e) = outputs {
+                pending = Some(e);
             }
+        }
+        steps.push(log);
+        if stop_now && trainer.step < total {
             end = RunEnd::Interrupted;
             break;
         }
     }
-    let lora = trainer.save_lora("pytorch_lora_weights.safetensors")?;
-    trainer.draw_before_after()?;
+    if let Some(e) = pending {
+        return Err(e);
+    }
+    let lora = if writer {
+        let lora = trainer.save_lora("pytorch_lora_weights.safetensors")?;
+        trainer.draw_before_after()?;
+        lora
+    } else {
+        trainer.out_dir.join("pytorch_lora_weights.safetensors")
+    };
     Ok(RunSummary {
         steps,
         evals,
         lora,
         end,
     })
+}
+
+/// Runs `f`, turning a panic into [`TrainError::Panic`] (a data-parallel worker must reach its next exchange).
+pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, TrainError>) -> Result<T, TrainError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            Err(TrainError::Panic(msg))
+        }
+    }
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// Before the first step: with `resume`, loads the newest checkpoint (every worker); else worker 0 refuses an
+    /// output folder holding another run's checkpoints, drops stale logs and evaluates the untrained model.
+    fn start(
+        &mut self,
+        resume: Resume,
+        evals: &mut Vec<EvalLog>,
+        on_eval: &mut dyn FnMut(&EvalLog),
+    ) -> Result<(), TrainError> {
+        let root = self.out_dir.join("checkpoints");
+        if resume != Resume::No {
+            let latest = list_checkpoints(&root).pop().ok_or_else(|| {
+                TrainError::Config(format!(
+                    "--resume: no checkpoint under {} (nothing to resume)",
+                    root.display()
+                ))
+            })?;
+            return self.load_checkpoint(&latest, resume == Resume::AllowConfigChange);
+        }
+        if !self.worker.writes_output() {
+            return Ok(());
+        }
+        // A new run never mixes with an earlier one: checkpoints of another run are refused; the logs of a run
+        // killed before its first checkpoint are dropped.
+        if let Some(last) = list_checkpoints(&root).pop() {
+            return Err(TrainError::Config(format!(
+                "{}: the output folder holds checkpoints of an earlier run (newest {}): continue it with \
+                 --resume, or choose another output.dir (--out), or delete the folder",
+                self.out_dir.display(),
+                last.file_name().unwrap_or_default().to_string_lossy()
+            )));
+        }
+        for log in ["metrics.jsonl", "eval.jsonl"] {
+            let path = self.out_dir.join(log);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&path, e)),
+                _ => {}
+            }
+        }
+        let e = self.evaluate()?;
+        on_eval(&e);
+        evals.push(e);
+        Ok(())
+    }
+
+    /// Two numbers that summarise the adapters (the sum of all values and of their squares), compared across
+    /// the workers of a data-parallel run to catch replicas drifting apart.
+    pub fn adapter_checksum(&mut self) -> [f64; 2] {
+        let values = adapter_values(&mut self.sd.unet);
+        let sums: Vec<Tensor<B::InnerBackend, 1>> = values
+            .tensors
+            .values()
+            .map(|t| alignprop_kernels::sum_all(t.clone().cast(DType::F32)))
+            .collect();
+        if sums.is_empty() {
+            return [0.0, 0.0];
+        }
+        let sum = alignprop_kernels::sum_all(Tensor::cat(sums, 0));
+        let square = values.squared_norm().expect("adapters").cast(DType::F32);
+        let v: Vec<f64> = Tensor::cat(vec![sum.cast(DType::F32), square], 0)
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .expect("f64");
+        [v[0], v[1]]
+    }
 }
 
 /// The process's peak resident set size in MiB (`VmHWM` in `/proc/self/status`; `None` elsewhere).
