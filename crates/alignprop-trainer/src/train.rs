@@ -969,7 +969,7 @@ pub(crate) fn drive<B: AutodiffBackend>(
         let agreed = sync.exchange(contribution, Some(&layout))?;
         local?;
         agreed.settle()?;
-        let stop_now = agreed.stop || (trainer.worker.world == 1 && stop.load(Ordering::SeqCst));
+        let mut stop_now = agreed.stop;
         let mut grads = agreed.grads.expect("gradients in a step's exchange");
         grads.scale(1.0 / agreed.micro.len().max(1) as f64);
         // The same inputs on every worker: the same update, or the same error on all of them.
@@ -980,6 +980,9 @@ pub(crate) fn drive<B: AutodiffBackend>(
             let outputs = guarded(|| {
                 t.write_step_log(&log)?;
                 on_step(&log);
+                // One worker agrees with itself: a Ctrl-C seen so far (also in `on_step`) ends the run after
+                // this step. Several workers stop at the step whose exchange first carries the flag.
+                let stop_now = stop_now || (t.worker.world == 1 && stop.load(Ordering::SeqCst));
                 if t.step % every == 0 || t.step == total {
                     let e = t.evaluate()?;
                     on_eval(&e);
@@ -992,10 +995,11 @@ pub(crate) fn drive<B: AutodiffBackend>(
                 if stop_now && t.step < total && t.step % save_every != 0 {
                     t.save_checkpoint()?;
                 }
-                Ok(())
+                Ok(stop_now)
             });
-            if let Err(e) = outputs {
-                pending = Some(e);
+            match outputs {
+                Ok(s) => stop_now = s,
+                Err(e) => pending = Some(e),
             }
         }
         steps.push(log);

@@ -162,21 +162,27 @@ fn two_and_three_workers_match_one_in_f64() {
     std::fs::remove_dir_all(&out1).ok();
 }
 
-/// The same in float32: the workers' gradients are summed in another order than one worker's accumulation, so
-/// the adapters differ by rounding only (measured: see the assertion's bound).
+/// The same in float32, 1 worker x accumulation 6 against 2 x 3 and 3 x 2: the workers' gradients are summed in
+/// another order than one worker's accumulation ((g0+g1+g2)+(g3+g4+g5) against g0+...+g5), so the adapters
+/// differ by rounding only. AdamW divides each update by the root of its squared gradients, so the rounding of a
+/// component whose gradient is near zero is magnified (float64 above shows the same: 4e-14 from 1e-16 rounding).
+/// Measured: 1.15e-4 (2 workers) and 1.16e-4 (3 workers) relative after 3 steps; the bound leaves a margin of 8x.
 #[test]
-fn two_workers_match_one_in_f32_up_to_rounding() {
-    let one = small("f32-1", "f32", 2);
+fn two_and_three_workers_match_one_in_f32_up_to_rounding() {
+    let one = small("f32-1", "f32", 6);
     let out1 = one.output.dir.clone();
     train(one, 1);
-    let two = small("f32-2", "f32", 1);
-    let out2 = two.output.dir.clone();
-    train(two, 2);
-    let d = relative_difference(&adapters(&out1), &adapters(&out2));
-    eprintln!("2 workers vs 1 (f32): max relative adapter difference {d:e}");
-    assert!(d <= 1e-5, "2 workers differ from 1 by {d:e}");
+    let base = adapters(&out1);
+    for workers in [2, 3] {
+        let cfg = small(&format!("f32-{workers}"), "f32", 6 / workers);
+        let out = cfg.output.dir.clone();
+        train(cfg, workers);
+        let d = relative_difference(&base, &adapters(&out));
+        eprintln!("{workers} workers vs 1 (f32): max relative adapter difference {d:e}");
+        assert!(d <= 1e-3, "{workers} workers differ from 1 by {d:e}");
+        std::fs::remove_dir_all(&out).ok();
+    }
     std::fs::remove_dir_all(&out1).ok();
-    std::fs::remove_dir_all(&out2).ok();
 }
 
 /// A worker that fails (an error or a panic, while loading or in a step) ends the run with an error naming that
