@@ -165,8 +165,9 @@ fn two_and_three_workers_match_one_in_f64() {
 /// The same in float32, 1 worker x accumulation 6 against 2 x 3 and 3 x 2: the workers' gradients are summed in
 /// another order than one worker's accumulation ((g0+g1+g2)+(g3+g4+g5) against g0+...+g5), so the adapters
 /// differ by rounding only. AdamW divides each update by the root of its squared gradients, so the rounding of a
-/// component whose gradient is near zero is magnified (float64 above shows the same: 4e-14 from 1e-16 rounding).
-/// Measured: 1.15e-4 (2 workers) and 1.16e-4 (3 workers) relative after 3 steps; the bound leaves a margin of 8x.
+/// component whose gradient is near zero is magnified (float64 above shows the same: 1e-14 from 1e-16 rounding).
+/// Measured: 1.1e-5 (2 workers) and 1.2e-5 (3 workers) relative after 3 steps at the demo config's learning rate
+/// 0.003, 1.2e-4 for both at 0.005 (the rounding grows with the step size); the bound is 5e-4.
 #[test]
 fn two_and_three_workers_match_one_in_f32_up_to_rounding() {
     let one = small("f32-1", "f32", 6);
@@ -179,7 +180,7 @@ fn two_and_three_workers_match_one_in_f32_up_to_rounding() {
         train(cfg, workers);
         let d = relative_difference(&base, &adapters(&out));
         eprintln!("{workers} workers vs 1 (f32): max relative adapter difference {d:e}");
-        assert!(d <= 1e-3, "{workers} workers differ from 1 by {d:e}");
+        assert!(d <= 5e-4, "{workers} workers differ from 1 by {d:e}");
         std::fs::remove_dir_all(&out).ok();
     }
     std::fs::remove_dir_all(&out1).ok();
