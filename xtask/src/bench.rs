@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo xtask bench [--torch] [--only PATTERN[,PATTERN..]] [--threads N] [--iters N] [--quick]
-//!                   [--criterion] [--no-append] [--no-build] [--device cpu|cuda]
+//!                   [--criterion] [--no-append] [--no-build] [--device cpu|cuda|wgpu] [--devices all|N]
 //! ```
 //!
 //! - Builds the runner (`alignprop-bench`, release profile) and runs every workload of `xtask/bench/WORKLOADS.md`
@@ -14,6 +14,10 @@
 //!   raw results as JSON under `xtask/bench/results/`, draws the scaling curves (step time and peak memory
 //!   against K, checkpointed and not, and against the latent size) as a PNG there, and appends the table with the
 //!   date, machine, versions and the exact command to `BENCHMARKS.md` (unless `--no-append`).
+//! - The data-parallel workloads (`parallel/*`: the trainer on 1, 2 and 4 workers) get a table of their own
+//!   (workers, images per step, step time, images/s, peak memory in all and per worker); they have no PyTorch
+//!   side. `--devices all|N` caps their worker count (`all`, the default: every count on the CPU, where the
+//!   workers share its cores; on CUDA as many as `nvidia-smi -L` lists GPUs).
 //! - `--quick`: ops and models only, fewer iterations (a smoke run). `--criterion`: also runs the criterion
 //!   benchmarks (`cargo bench -p alignprop-bench`) first. `--no-build`: use the runner already built in
 //!   `target/release` (e.g. one built on another machine and carried).
@@ -37,7 +41,32 @@ struct Options {
     append: bool,
     device: String,
     build: bool,
+    /// The largest worker count of the `parallel/*` workloads (`None`: `all`).
+    devices: Option<usize>,
 }
+
+/// `cargo xtask bench --help`.
+const HELP: &str = "\
+cargo xtask bench [OPTIONS]: our benchmark workloads (xtask/bench/WORKLOADS.md) beside PyTorch's, one process per
+workload and side; prints a table, writes raw JSON and the scaling plot under xtask/bench/results/, appends the table
+with machine and versions to BENCHMARKS.md.
+
+Options:
+  --torch              also run each workload in PyTorch (xtask/bench/bench_torch.py, in .venv-fixtures, made
+                       from PyPI when missing), right after ours; the table gets time and memory ratios
+  --only P[,P..]       only the workloads whose name contains one of the patterns (e.g. op/,unet/mid_fwd)
+  --threads N          threads on both sides (RAYON_NUM_THREADS, torch.set_num_threads); default 2
+  --iters N            timed iterations per workload (1 warm-up); default per workload: ops 3+20, models 2+5,
+                       steps, scaling and parallel 1+3
+  --quick              ops and models only, fewer iterations (a smoke run)
+  --criterion          run the criterion benchmarks (cargo bench -p alignprop-bench) first
+  --no-append          do not append the table to BENCHMARKS.md
+  --no-build           use the runner already in target/release (e.g. built elsewhere and carried)
+  --device D           cpu (default), cuda or wgpu: the device our side runs on (PyTorch's: cpu or cuda)
+  --devices all|N      the largest worker count of the parallel/* workloads (all: every count on the CPU, as many
+                       as nvidia-smi lists GPUs on cuda)
+  -h, --help           this text
+";
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
@@ -50,6 +79,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         append: true,
         device: "cpu".into(),
         build: true,
+        devices: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -76,7 +106,24 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--no-append" => o.append = false,
             "--no-build" => o.build = false,
             "--device" => o.device = value("--device")?,
-            other => return Err(format!("unknown option '{other}' for `bench`")),
+            "--devices" => {
+                let v = value("--devices")?;
+                o.devices = match v.as_str() {
+                    "all" => None,
+                    n => Some(n.parse().map_err(|e| {
+                        format!("--devices: expected 'all' or a count, found '{n}': {e}")
+                    })?),
+                }
+            }
+            "-h" | "--help" => {
+                print!("{HELP}");
+                std::process::exit(0);
+            }
+            other => {
+                return Err(format!(
+                    "unknown option '{other}' for `bench` (see `cargo xtask bench --help`)"
+                ));
+            }
         }
     }
     Ok(o)
@@ -184,7 +231,20 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         .map(str::to_string)
         .collect();
     if o.quick {
-        workloads.retain(|w| !w.starts_with("step/") && !w.starts_with("scale/"));
+        workloads.retain(|w| {
+            !w.starts_with("step/") && !w.starts_with("scale/") && !w.starts_with("parallel/")
+        });
+    }
+    let max_workers = o.devices.or_else(|| {
+        (o.device == "cuda").then(|| {
+            shell("nvidia-smi", &["-L"])
+                .lines()
+                .filter(|l| l.starts_with("GPU "))
+                .count()
+        })
+    });
+    if let Some(max) = max_workers {
+        workloads.retain(|w| workers_of(w).is_none_or(|n| n <= max));
     }
     if !o.only.is_empty() {
         workloads.retain(|w| o.only.iter().any(|p| w.contains(p.as_str())));
@@ -231,20 +291,24 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             ours.args(["--iters", &n, "--warmup", &wu]);
         }
         let a = json_line(&mut ours);
-        let b = python.as_ref().map(|py| {
-            eprintln!("[{}/{total}] {w}: torch", i + 1);
-            let mut t = Command::new(py);
-            t.arg(&script)
-                .args(["--workload", w, "--threads", &o.threads.to_string()])
-                .current_dir(root());
-            if o.device != "cpu" {
-                t.args(["--device", &o.device]);
-            }
-            if let Some((n, wu)) = iters(w) {
-                t.args(["--iters", &n, "--warmup", &wu]);
-            }
-            json_line(&mut t)
-        });
+        // The data-parallel workloads have no PyTorch side (see WORKLOADS.md).
+        let b = python
+            .as_ref()
+            .filter(|_| workers_of(w).is_none())
+            .map(|py| {
+                eprintln!("[{}/{total}] {w}: torch", i + 1);
+                let mut t = Command::new(py);
+                t.arg(&script)
+                    .args(["--workload", w, "--threads", &o.threads.to_string()])
+                    .current_dir(root());
+                if o.device != "cpu" {
+                    t.args(["--device", &o.device]);
+                }
+                if let Some((n, wu)) = iters(w) {
+                    t.args(["--iters", &n, "--warmup", &wu]);
+                }
+                json_line(&mut t)
+            });
         // Each result is also written as soon as it exists, so a run cut short keeps what it measured.
         for side in [a.as_ref().ok(), b.as_ref().and_then(|b| b.as_ref().ok())]
             .into_iter()
@@ -266,7 +330,13 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     let mut torch_version = String::new();
     let mut diffusers_version = String::new();
     let mut table = String::new();
-    if o.torch {
+    let single: Vec<_> = results
+        .iter()
+        .filter(|(w, _, _)| workers_of(w).is_none())
+        .collect();
+    if single.is_empty() {
+        // Only data-parallel workloads: their own table below.
+    } else if o.torch {
         table.push_str(
             "| workload | ours ms | torch ms | time ratio (ours/torch) | ours peak MiB | torch peak MiB | memory ratio |\n\
              |---|---:|---:|---:|---:|---:|---:|\n",
@@ -278,7 +348,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         Some(x) => format!("{x:.digits$}"),
         None => "-".into(),
     };
-    for (w, a, b) in &results {
+    for (w, a, b) in single {
         let a = a.as_ref().ok();
         let b = b.as_ref().and_then(|b| b.as_ref().ok());
         if let Some(b) = b {
@@ -320,6 +390,39 @@ pub fn bench(args: &[String]) -> Result<(), String> {
                 a.and_then(|a| a.get("iters").and_then(Value::as_u64))
                     .map_or("-".into(), |n| n.to_string()),
                 cell(ap, 0),
+            );
+        }
+    }
+    // The data-parallel table (ours only: one trainer run per worker count).
+    let parallel: Vec<_> = results
+        .iter()
+        .filter(|(w, _, _)| workers_of(w).is_some())
+        .collect();
+    if !parallel.is_empty() {
+        if !table.is_empty() {
+            table.push('\n');
+        }
+        table.push_str(
+            "| data-parallel workload | workers | images / step | step ms (median) | min | max | images/s | peak MiB | \
+             peak MiB per worker |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for (w, a, _) in parallel {
+            let a = a.as_ref().ok();
+            let u = |key: &str| {
+                a.and_then(|a| a.get(key).and_then(Value::as_u64))
+                    .map_or("-".into(), |n| n.to_string())
+            };
+            let _ = writeln!(
+                table,
+                "| {w} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                u("workers"),
+                u("images_per_step"),
+                cell(a.and_then(|a| f(a, "median_ms")), 0),
+                cell(a.and_then(|a| f(a, "min_ms")), 0),
+                cell(a.and_then(|a| f(a, "max_ms")), 0),
+                cell(a.and_then(|a| f(a, "images_per_s")), 3),
+                cell(a.and_then(|a| f(a, "peak_rss_mib")), 0),
+                cell(a.and_then(|a| f(a, "peak_rss_mib_per_worker")), 0),
             );
         }
     }
@@ -422,6 +525,15 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     } else {
         Err(format!("{} workload run(s) failed", failures.len()))
     }
+}
+
+/// The worker count of a `parallel/NAME_wN` workload.
+fn workers_of(w: &str) -> Option<usize> {
+    w.strip_prefix("parallel/")?
+        .rsplit_once("_w")?
+        .1
+        .parse()
+        .ok()
 }
 
 fn relative(p: &Path) -> PathBuf {

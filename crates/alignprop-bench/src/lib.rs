@@ -10,6 +10,7 @@
 //! Inputs are made before timing, with values from a seeded generator (values do not matter for timing). A
 //! forward+backward workload times the forward and the backward of `sum(out * g)` for a fixed random `g`.
 
+pub mod parallel;
 pub mod plot;
 
 use std::path::PathBuf;
@@ -91,7 +92,7 @@ pub const GPU: &[&str] = &[
 
 /// Every workload name, in table order.
 pub fn names() -> Vec<&'static str> {
-    [OPS, MODELS, STEPS, SCALING].concat()
+    [OPS, MODELS, STEPS, SCALING, parallel::PARALLEL].concat()
 }
 
 /// Default `(warmup, iters)` for a workload: cheap ops are repeated more than training steps.
@@ -100,7 +101,10 @@ pub fn default_iters(name: &str) -> (usize, usize) {
         (3, 20)
     } else if name.starts_with("gpu/") {
         (1, 2)
-    } else if name.starts_with("step/") || name.starts_with("scale/") {
+    } else if name.starts_with("step/")
+        || name.starts_with("scale/")
+        || name.starts_with("parallel/")
+    {
         (1, 3)
     } else {
         (2, 5)

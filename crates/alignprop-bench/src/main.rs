@@ -11,6 +11,7 @@
 
 use std::process::ExitCode;
 
+use alignprop_bench::parallel::{ParallelTiming, parse_parallel};
 use alignprop_bench::{default_iters, measure, names, peak_rss_mib, prepare};
 use alignprop_device::{self as device, CpuAutodiff, CudaAutodiff, DeviceChoice, WgpuAutodiff};
 
@@ -86,6 +87,36 @@ fn run<A: burn::tensor::backend::AutodiffBackend>(
     Ok(measure(&mut w, &sync, warmup, iters))
 }
 
+/// A `parallel/*_wN` workload: `N` workers on the CPU device (sharing its cores) or on `cuda:0..N` / `wgpu:0..N`.
+fn run_parallel_workload(
+    name: &str,
+    device: &DeviceChoice,
+    workers: usize,
+    warmup: usize,
+    iters: usize,
+) -> Result<ParallelTiming, String> {
+    use alignprop_bench::parallel::run_workload;
+    match device {
+        DeviceChoice::Cpu => {
+            run_workload::<CpuAutodiff>(name, &vec![Default::default(); workers], warmup, iters)
+        }
+        DeviceChoice::Cuda(_) => {
+            let devices = (0..workers)
+                .map(device::cuda_device)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{name} runs worker i on cuda:i: {e}"))?;
+            run_workload::<CudaAutodiff>(name, &devices, warmup, iters)
+        }
+        DeviceChoice::Wgpu(_) => {
+            let devices = (0..workers)
+                .map(device::wgpu_device)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{name} runs worker i on wgpu:i: {e}"))?;
+            run_workload::<WgpuAutodiff>(name, &devices, warmup, iters)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
@@ -116,6 +147,36 @@ fn main() -> ExitCode {
     let tuned = args.malloc_tuning && device::keep_freed_memory();
     let (dw, di) = default_iters(&name);
     let (warmup, iters) = (args.warmup.unwrap_or(dw), args.iters.unwrap_or(di));
+    if let Some((_, workers)) = parse_parallel(&name) {
+        return match run_parallel_workload(&name, &args.device, workers, warmup, iters) {
+            Ok(p) => {
+                let peak = peak_rss_mib();
+                let line = serde_json::json!({
+                    "workload": name,
+                    "side": "burn",
+                    "median_ms": p.timing.median_ms,
+                    "min_ms": p.timing.min_ms,
+                    "max_ms": p.timing.max_ms,
+                    "iters": p.timing.iters,
+                    "peak_rss_mib": peak,
+                    "workers": p.workers,
+                    "images_per_step": p.images_per_step,
+                    "images_per_s": p.images_per_s,
+                    "peak_rss_mib_per_worker": peak.map(|m| m / p.workers as f64),
+                    "device": args.device.to_string(),
+                    "burn": "0.21.0",
+                    "malloc_tuning": tuned,
+                    "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+                });
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {name}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match args.device {
         DeviceChoice::Cpu => run::<CpuAutodiff>(&name, &Default::default(), warmup, iters),
         DeviceChoice::Cuda(i) => match device::cuda_device(i) {

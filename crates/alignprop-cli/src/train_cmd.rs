@@ -298,26 +298,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
             train_on::<Autodiff<Cpu>>(cfg, &vec![Default::default(); devices.len()], resume)
         }
         DeviceChoice::Cuda(_) => {
-            let ds = devices
-                .iter()
-                .map(|d| match d {
-                    DeviceChoice::Cuda(i) => cuda_device(*i).map_err(anyhow::Error::msg),
-                    _ => unreachable!("parse_devices: one backend"),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            train_on::<Autodiff<Cuda>>(cfg, &ds, resume)
+            train_on::<Autodiff<Cuda>>(cfg, &open(&devices, cuda_device)?, resume)
         }
         DeviceChoice::Wgpu(_) => {
-            let ds = devices
-                .iter()
-                .map(|d| match d {
-                    DeviceChoice::Wgpu(i) => wgpu_device(*i).map_err(anyhow::Error::msg),
-                    _ => unreachable!("parse_devices: one backend"),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            train_on::<Autodiff<Wgpu>>(cfg, &ds, resume)
+            train_on::<Autodiff<Wgpu>>(cfg, &open(&devices, wgpu_device)?, resume)
         }
     }
+}
+
+/// Opens every device of `devices` (all of one backend, as [`parse_devices`] returns them) by its index.
+fn open<D>(devices: &[DeviceChoice], make: fn(usize) -> Result<D, String>) -> Result<Vec<D>> {
+    devices
+        .iter()
+        .map(|d| make(d.index()).map_err(anyhow::Error::msg))
+        .collect()
 }
 
 /// Trains on one device, or data-parallel on several of one backend.

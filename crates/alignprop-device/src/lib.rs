@@ -30,6 +30,16 @@ pub enum DeviceChoice {
     Wgpu(usize),
 }
 
+impl DeviceChoice {
+    /// The device's index within its backend (`cuda:N`, `wgpu:N`; 0 for the CPU).
+    pub fn index(&self) -> usize {
+        match self {
+            Self::Cpu => 0,
+            Self::Cuda(i) | Self::Wgpu(i) => *i,
+        }
+    }
+}
+
 impl FromStr for DeviceChoice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -637,16 +637,29 @@ impl<B: Backend> VarBuilder<B> {
         let key = self.key(name);
         let device = &self.shared.device;
         let dtype = self.shared.dtype;
+        let record = || {
+            self.shared
+                .used
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((key.clone(), shape.to_vec()))
+        };
         match &self.shared.backing {
-            Backing::Zeros => Ok(Tensor::zeros(shape, (device, dtype))),
-            Backing::Random => Ok(match init {
-                Init::Zeros => Tensor::zeros(shape, (device, dtype)),
-                Init::Ones => Tensor::ones(shape, (device, dtype)),
-                Init::Uniform(b) => {
-                    Tensor::random(shape, Distribution::Uniform(-b, b), (device, dtype))
-                }
-                Init::Normal(s) => {
-                    Tensor::random(shape, Distribution::Normal(0.0, s), (device, dtype))
+            Backing::Zeros => {
+                record();
+                Ok(Tensor::zeros(shape, (device, dtype)))
+            }
+            Backing::Random => Ok({
+                record();
+                match init {
+                    Init::Zeros => Tensor::zeros(shape, (device, dtype)),
+                    Init::Ones => Tensor::ones(shape, (device, dtype)),
+                    Init::Uniform(b) => {
+                        Tensor::random(shape, Distribution::Uniform(-b, b), (device, dtype))
+                    }
+                    Init::Normal(s) => {
+                        Tensor::random(shape, Distribution::Normal(0.0, s), (device, dtype))
+                    }
                 }
             }),
             Backing::Files(source) => {
@@ -669,11 +682,7 @@ impl<B: Backend> VarBuilder<B> {
                         dtype: format!("{:?}", raw.data.dtype),
                     });
                 }
-                self.shared
-                    .used
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((key.clone(), shape.to_vec()));
+                record();
                 let squeezed = |s: &[usize]| -> Vec<usize> {
                     let mut v = s.to_vec();
                     while v.last() == Some(&1) {
@@ -716,7 +725,7 @@ impl<B: Backend> VarBuilder<B> {
         self.used_tensors().into_iter().map(|(k, _)| k).collect()
     }
 
-    /// Keys read from files so far, each with the shape the model expects (which may drop trailing 1s of the
+    /// Keys read (or, for a random or zero builder, made) so far, each with the shape the model expects (which may drop trailing 1s of the
     /// stored shape, see [`Self::get`]).
     pub fn used_tensors(&self) -> Vec<(String, Vec<usize>)> {
         self.shared.used.lock().unwrap().clone()
