@@ -129,7 +129,7 @@ impl<B: Backend> ResnetBlock2D<B> {
         if self.output_scale_factor == 1.0 {
             out
         } else {
-            out / self.output_scale_factor
+            out * (1.0 / self.output_scale_factor) // not `/`: see `AutoencoderKL::unscale_latents`
         }
     }
 }

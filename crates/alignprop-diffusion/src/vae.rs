@@ -633,7 +633,9 @@ impl<B: Backend> AutoencoderKL<B> {
 
     /// UNet latents -> VAE latents: `latents / scaling_factor + shift_factor`.
     pub fn unscale_latents(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
-        let z = latents / self.scaling_factor;
+        // A product with the reciprocal, not a division: burn-autodiff 0.21's `div_scalar` backward rounds the
+        // divisor to f32 (`1.0 / rhs.elem::<f32>()`), a 3e-8 error in every float64 gradient through here.
+        let z = latents * (1.0 / self.scaling_factor);
         if self.shift_factor == 0.0 {
             z
         } else {

@@ -82,9 +82,17 @@ pub fn x0_and_eps<B: Backend>(
     alpha_prod_t: f64,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let (sa, sb) = (alpha_prod_t.sqrt(), (1.0 - alpha_prod_t).sqrt());
+    // Products with reciprocals, not divisions: burn-autodiff 0.21's `div_scalar` backward rounds the divisor to
+    // f32, which float64 gradients through a step would inherit.
     match prediction {
-        PredictionType::Epsilon => ((sample - model_output.clone() * sb) / sa, model_output),
-        PredictionType::Sample => ((model_output.clone()), (sample - model_output * sa) / sb),
+        PredictionType::Epsilon => (
+            (sample - model_output.clone() * sb) * (1.0 / sa),
+            model_output,
+        ),
+        PredictionType::Sample => (
+            (model_output.clone()),
+            (sample - model_output * sa) * (1.0 / sb),
+        ),
         PredictionType::VPrediction => (
             sample.clone() * sa - model_output.clone() * sb,
             model_output * sa + sample * sb,
