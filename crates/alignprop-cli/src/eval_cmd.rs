@@ -25,8 +25,9 @@ pub struct EvalArgs {
     /// compressible; not differentiable); compressibility (the learned surrogate: --reward-path a head written by
     /// fit-compressibility, --clip-path its CLIP folder; score = -predicted KiB); hps (HPSv2, image-prompt cosine:
     /// --reward-path HPS_v2_compressed.pt / HPS_v2.1_compressed.pt or a safetensors conversion, --reward-config the
-    /// open_clip config, default ViT-H-14); pickscore (--reward-path the PickScore_v1 folder); tiny (the test
-    /// fixtures' scorer; --reward-path its folder).
+    /// open_clip config, default ViT-H-14); pickscore (--reward-path the PickScore_v1 folder); concept (the CLIP
+    /// cosine to --concept: --reward-path a transformers CLIPModel folder); tiny (the test fixtures' scorer;
+    /// --reward-path its folder).
     #[arg(long, default_value = "brightness")]
     pub reward: String,
     /// The reward's weights (the aesthetic head file, the HPSv2 checkpoint, the PickScore folder; a folder for
@@ -44,6 +45,9 @@ pub struct EvalArgs {
     /// The CLIP vision tower of the aesthetic reward (a transformers CLIPVisionModelWithProjection folder).
     #[arg(long)]
     pub clip_path: Option<PathBuf>,
+    /// concept: the concept's text (the score is each image's CLIP similarity to it).
+    #[arg(long)]
+    pub concept: Option<String>,
     /// Score the PNG/JPEG files of this folder.
     #[arg(long, conflicts_with = "model")]
     pub images: Option<PathBuf>,
@@ -135,6 +139,7 @@ impl<B: Backend> EvalReward<B> {
             clip_path: args.clip_path.as_deref(),
             config: args.reward_config.as_deref(),
             tokenizers: &tokenizers,
+            concept: args.concept.as_deref(),
         };
         if !kind.missing(&files).is_empty() {
             bail!(

@@ -7,6 +7,7 @@
 //! - [`open_clip`]: OpenCLIP's CLIP (ViT + text transformer, open_clip's state-dict names and model configs).
 //! - [`hps`]: HPSv2 (OpenCLIP ViT-H/14; cosine of image and prompt features), loss `1 - score`.
 //! - [`pickscore`]: PickScore (transformers CLIP-H; `logit_scale.exp()` times the cosine), loss `-score`.
+//! - [`concept`]: concept removal: the CLIP cosine of an image to a concept prompt, loss `+similarity`.
 //! - [`text`]: prompts to token ids for the prompt-conditioned rewards.
 //! - [`compressibility`]: JPEG size (the true metric) and its learned differentiable surrogate.
 //! - [`compose`]: a weighted sum of rewards, and a fixed target (`|score - target|` loss) for any reward.
@@ -19,6 +20,7 @@ pub mod brightness;
 pub mod clip_vision;
 pub mod compose;
 pub mod compressibility;
+pub mod concept;
 pub mod hps;
 pub mod open_clip;
 pub mod pickscore;

@@ -13,6 +13,7 @@ use burn::tensor::backend::Backend;
 use crate::Reward;
 use crate::aesthetic::AestheticScorer;
 use crate::compressibility::CompressibilityScorer;
+use crate::concept::ConceptSimilarity;
 use crate::hps::HpsScorer;
 use crate::pickscore::PickScorer;
 use crate::text::find_tokenizer;
@@ -59,6 +60,8 @@ pub struct RewardFiles<'a> {
     pub config: Option<&'a Path>,
     /// Where a prompt reward's CLIP tokenizer is looked for, in order ([`RewardKind::tokenizer_candidates`]).
     pub tokenizers: &'a [PathBuf],
+    /// `concept`: the text of the concept to move away from (`reward.concept`, `--concept`).
+    pub concept: Option<&'a str>,
 }
 
 impl RewardFiles<'_> {
@@ -294,6 +297,38 @@ pub fn reward_kinds<B: Backend>() -> Vec<RewardKind<B>> {
                 Scorer::Reward(|f, d, t| with_tokenizer(PickScorer::load, f, d, t)),
             )
         },
+        RewardKind {
+            tokenizer_in_weights: true,
+            ..kind(
+                "concept",
+                &[Need {
+                    file: WEIGHTS,
+                    what: "a transformers CLIPModel folder (e.g. openai/clip-vit-large-patch14); the concept \
+                           text is reward.concept / --concept",
+                }],
+                false,
+                Scorer::Reward(|f, d, t| {
+                    let concept = f.concept.filter(|c| !c.trim().is_empty()).ok_or_else(|| {
+                        WeightError::Config {
+                            path: PathBuf::new(),
+                            msg: "reward 'concept' needs the concept's text (reward.concept = \"...\" in a \
+                                  config, --concept for eval)"
+                                .into(),
+                        }
+                    })?;
+                    let tokenizer = find_tokenizer(f.tokenizers)?;
+                    let reward = ConceptSimilarity::load(
+                        f.require(WEIGHTS)?,
+                        f.config,
+                        &tokenizer,
+                        concept,
+                        d,
+                        t,
+                    )?;
+                    Ok(Box::new(reward) as Box<dyn Reward<B>>)
+                }),
+            )
+        },
         kind(
             "tiny",
             &[Need {
@@ -342,8 +377,8 @@ pub fn kind_names(trainable_only: bool) -> Vec<&'static str> {
 mod tests {
     use super::*;
 
-    /// Names are unique; only `jpeg` is evaluation-only; the prompt rewards are HPSv2 and PickScore, and only
-    /// PickScore looks for its tokenizer in its weights folder.
+    /// Names are unique; only `jpeg` is evaluation-only; the prompt rewards are HPSv2 and PickScore; PickScore and
+    /// concept look for their tokenizer in their weights folder first; concept without its text is an error.
     #[test]
     fn kinds_are_unique_and_described() {
         let mut names = kind_names(false);
@@ -356,6 +391,7 @@ mod tests {
                 "jpeg",
                 "hps",
                 "pickscore",
+                "concept",
                 "tiny"
             ]
         );
@@ -367,6 +403,7 @@ mod tests {
                 "compressibility",
                 "hps",
                 "pickscore",
+                "concept",
                 "tiny"
             ]
         );
@@ -402,5 +439,17 @@ mod tests {
             "{e}"
         );
         assert!(trainable_kind::<AnyBackend>("tiny").is_ok());
+        let concept = reward_kind::<AnyBackend>("concept").unwrap();
+        assert!(concept.tokenizer_in_weights && !concept.reads_prompts);
+        let files = RewardFiles {
+            path: Some(Path::new("clip")),
+            ..Default::default()
+        };
+        let e = concept
+            .build(&files, &Default::default(), DType::F32)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("needs the concept's text"), "{e}");
     }
 }

@@ -423,3 +423,57 @@ fn real_clip_h14_pickscore_config_builds_and_runs() {
     assert_eq!(s.len(), 1);
     assert!(s[0].is_finite());
 }
+
+/// Concept removal's score is CLIPModel's cosine of each image with the concept prompt: PickScore's reference
+/// matrix divided by `logit_scale.exp()` (the fixture's PickScore is a transformers `CLIPModel`), with the image
+/// gradient of the matching entries; its loss is `+similarity`. Measured: f32 2.9e-7 / 1.4e-6, f64 3e-16 / 1.4e-15.
+#[test]
+fn concept_similarity_and_image_gradients_match_transformers() {
+    use alignprop_rewards::concept::ConceptSimilarity;
+    let r = refs();
+    let d = Default::default();
+    let p = prompts()[..2].to_vec();
+    let m = models();
+    for (dtype, sfx, tol) in [(DType::F32, "", 1e-4f64), (DType::F64, "_f64", 1e-9)] {
+        let scale = pickscore::<I>(&m, dtype).logit_scale.val().exp();
+        let scale = values(scale)[0];
+        let matrix: Vec<f64> = ref_values(&r, &format!("pick_scores{sfx}"))
+            .into_iter()
+            .map(|v| v / scale)
+            .collect();
+        let grad_ref = values(ref_tensor_on::<I, 4>(
+            &r,
+            &format!("pick_grad_image{sfx}"),
+            &d,
+            dtype,
+        ));
+        let half = grad_ref.len() / 2;
+        for (j, concept) in p.iter().enumerate() {
+            let reward = ConceptSimilarity::new(pickscore::<A>(&m, dtype), concept).unwrap();
+            let image: Tensor<A, 4> = ref_tensor_on(&r, "image", &d, dtype);
+            let image = image.require_grad();
+            let s = reward.score(image.clone()).unwrap();
+            // Both images against concept j: column j of the (image, prompt) matrix.
+            let want = [matrix[j], matrix[2 + j]];
+            let e_s = err(&values(s.clone().inner()), &want);
+            // Image j's gradient is that of the diagonal entry (j, j) of the reference.
+            let g = values(image.grad(&s.clone().sum().backward()).unwrap());
+            let g_scaled: Vec<f64> = grad_ref[j * half..(j + 1) * half]
+                .iter()
+                .map(|v| v / scale)
+                .collect();
+            let e_g = err(&g[j * half..(j + 1) * half], &g_scaled);
+            eprintln!("concept {j} {dtype:?}: scores {e_s:.2e}, d score/d image {e_g:.2e}");
+            assert!(
+                e_s < tol && e_g < tol,
+                "{dtype:?} concept {j}: {e_s:e} {e_g:e}"
+            );
+            let loss = reward.loss(s.clone());
+            assert_eq!(
+                values(loss.inner()),
+                values(s.inner()),
+                "loss = +similarity"
+            );
+        }
+    }
+}

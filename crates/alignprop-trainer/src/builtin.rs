@@ -26,6 +26,8 @@ pub const CONFIG_FILES: &[(&str, &[u8])] = embed!(
     "configs/aesthetic_k1.toml",
     "configs/hps.toml",
     "configs/hps_k1.toml",
+    "configs/draft_lv_hps.toml",
+    "configs/refl_aesthetic.toml",
     "configs/prompts/animals.txt",
     "configs/prompts/eval_animals.txt",
     "configs/prompts/shapes.txt",

@@ -52,6 +52,10 @@ pub enum ChainError {
     /// The loss closure's reward could not score the decoded images (its one-line message, naming the reward).
     #[error(transparent)]
     Reward(#[from] RewardError),
+    #[error("ReFL's stop step {stop} is not a step of this {steps}-step chain (0 ..= {})", steps.saturating_sub(1))]
+    StopStep { stop: usize, steps: usize },
+    #[error("DRaFT-LV needs at least one re-noised copy (method.copies >= 1)")]
+    NoCopies,
 }
 
 /// Checks the inputs the forward and the recomputed backward must agree on.
@@ -65,6 +69,14 @@ fn check_inputs<B: AutodiffBackend, F>(
             found: input.grad_steps.len(),
         });
     }
+    check_noise(input)
+}
+
+/// Every step that adds noise has its noise given (a recomputed step must see the same noise).
+pub(crate) fn check_noise<B: AutodiffBackend, F>(
+    input: &TrajectoryInput<'_, B, F>,
+) -> Result<(), ChainError> {
+    let n = input.scheduler.timesteps().len();
     match (0..n).find(|&i| {
         input.scheduler.needs_noise(i) && input.noises.get(i).is_none_or(Option::is_none)
     }) {
@@ -112,6 +124,8 @@ pub struct TrajectoryOutput<B: AutodiffBackend> {
     pub grads: LoraGrads<B::InnerBackend>,
     /// `dL/dx_T` `[batch, 4, h, w]` (the latent gradient that reached the initial noise), f32 for every model dtype.
     pub latent_grad: Tensor<B::InnerBackend, 4>,
+    /// DRaFT-LV ([`crate::methods::draft_lv`]): each re-noised copy's per-image scores; empty otherwise.
+    pub copy_scores: Vec<Vec<f64>>,
 }
 
 /// Runs one trajectory and its checkpointed backward (see the module docs).
@@ -196,6 +210,7 @@ where
         images: images.inner(),
         grads: acc,
         latent_grad: carry_to_noise(scheduler, first, g, &outputs, &inputs),
+        copy_scores: Vec::new(),
     })
 }
 
@@ -209,7 +224,7 @@ fn first_kept(grad_steps: &[bool]) -> usize {
 
 /// Carries `g = dL/dx_first` back to `dL/dx_T` through the steps before the first kept one (their model outputs
 /// held fixed; no parameters). `g`: `[batch, 4, h, w]`; `outputs[i]`, `inputs[i]`: step `i`'s model output and input.
-fn carry_to_noise<B: burn::tensor::backend::Backend>(
+pub(crate) fn carry_to_noise<B: burn::tensor::backend::Backend>(
     scheduler: &DdimScheduler,
     first: usize,
     g: Tensor<B, 4>,
@@ -224,24 +239,26 @@ fn carry_to_noise<B: burn::tensor::backend::Backend>(
 /// `loss.backward()`, also when the loss is untracked (a reward that ignores or detaches the images: burn panics
 /// on the backward of a tensor without a graph): a zero leaf is added, so the gradients exist and the latents'
 /// gradient is simply absent ([`ChainError::LossIgnoresImages`]).
-fn backward_tracked<B: AutodiffBackend>(loss: Tensor<B, 1>) -> B::Gradients {
+pub(crate) fn backward_tracked<B: AutodiffBackend>(loss: Tensor<B, 1>) -> B::Gradients {
     let anchor = Tensor::<B, 1>::zeros([1], (&loss.device(), loss.dtype())).require_grad();
     (loss + anchor).backward()
 }
 
 /// The (constant) conditioning on the autodiff backend.
-fn autodiff_text<B: AutodiffBackend>(text: &Conditioning<B::InnerBackend>) -> Conditioning<B> {
+pub(crate) fn autodiff_text<B: AutodiffBackend>(
+    text: &Conditioning<B::InnerBackend>,
+) -> Conditioning<B> {
     Conditioning {
         uncond: Tensor::from_inner(text.uncond.clone()),
         cond: Tensor::from_inner(text.cond.clone()),
     }
 }
 
-fn scalar<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> f64 {
+pub(crate) fn scalar<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> f64 {
     f64_values(t)[0]
 }
 
-fn f64_values<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> Vec<f64> {
+pub(crate) fn f64_values<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> Vec<f64> {
     t.into_data()
         .convert::<f64>()
         .to_vec::<f64>()
@@ -315,5 +332,6 @@ where
         images,
         grads: lora_grads_from(unet, &grads),
         latent_grad: carry_to_noise(scheduler, first, g, &outputs, &inputs),
+        copy_scores: Vec::new(),
     })
 }

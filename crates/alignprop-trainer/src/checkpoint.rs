@@ -27,6 +27,9 @@ pub struct CheckpointState {
     /// of earlier versions: 1.
     #[serde(default = "one")]
     pub workers: usize,
+    /// Optimiser steps averaged into the adapters' moving average (`ema.*` tensors), when the run keeps one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_step: Option<u64>,
     // No generator state: every draw of a step derives from (train.seed, step, sample index), see
     // `Trainer::local_step`. (Checkpoints of earlier versions hold `rng` / `rng_spare`: ignored.)
 }

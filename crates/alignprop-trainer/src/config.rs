@@ -14,12 +14,16 @@ pub struct TrainConfig {
     pub model: ModelConfig,
     pub reward: RewardConfig,
     pub sampling: SamplingConfig,
+    /// Which reward-gradient method (AlignProp, DRaFT-K, DRaFT-LV, ReFL).
+    pub method: crate::method::MethodConfig,
     pub truncation: Truncation,
     pub lora: alignprop_lora::LoraConfig,
     pub optimizer: AdamWConfig,
     pub train: LoopConfig,
     pub eval: EvalConfig,
     pub output: OutputConfig,
+    /// A moving average of the adapters for eval and export (off by default).
+    pub ema: crate::ema::EmaConfig,
 }
 
 /// Which Stable Diffusion to fine-tune.
@@ -64,6 +68,9 @@ pub struct RewardConfig {
     /// `hps`, `pickscore`: a CLIP tokenizer folder (`tokenizer.json` or `vocab.json` + `merges.txt`). Default: the
     /// PickScore folder when it holds one, else the `tokenizer/` folder of `model.path` (SD1.5's is the same BPE).
     pub tokenizer: Option<PathBuf>,
+    /// `concept`: the text of the concept to move away from (e.g. "a photo of a dog"); the reward is the CLIP
+    /// similarity of each image to it (`path`: a transformers `CLIPModel` folder), the loss `+similarity`.
+    pub concept: Option<String>,
     /// The loss is `loss_coeff * mean(per-image loss)`; AlignProp uses 0.01 for the aesthetic reward.
     pub loss_coeff: f64,
     /// For `|score - target|` losses (aesthetic: 10); `None` uses the reward's own loss (`-score` for most,
@@ -81,6 +88,7 @@ impl Default for RewardConfig {
             clip_path: None,
             config: None,
             tokenizer: None,
+            concept: None,
             loss_coeff: 1.0,
             target: None,
             terms: Vec::new(),
@@ -99,6 +107,7 @@ pub struct RewardTermConfig {
     pub clip_path: Option<PathBuf>,
     pub config: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
+    pub concept: Option<String>,
     pub target: Option<f64>,
 }
 
@@ -111,6 +120,7 @@ impl Default for RewardTermConfig {
             clip_path: None,
             config: None,
             tokenizer: None,
+            concept: None,
             target: None,
         }
     }
@@ -138,6 +148,7 @@ impl RewardTermConfig {
             clip_path: self.clip_path.as_deref(),
             config: self.config.as_deref(),
             tokenizers,
+            concept: self.concept.as_deref(),
         }
     }
 
@@ -150,6 +161,12 @@ impl RewardTermConfig {
         }
         if !self.weight.is_finite() {
             return Err(format!("{at}weight must be a finite number"));
+        }
+        if self.kind == "concept" && self.concept.as_deref().is_none_or(|c| c.trim().is_empty()) {
+            return Err(format!(
+                "{at}kind = \"concept\" needs {at}concept: the text of the concept to move away from \
+                 (e.g. concept = \"a photo of a dog\")"
+            ));
         }
         Ok(())
     }
@@ -168,6 +185,7 @@ impl RewardConfig {
                 clip_path: self.clip_path.clone(),
                 config: self.config.clone(),
                 tokenizer: self.tokenizer.clone(),
+                concept: self.concept.clone(),
                 target: self.target,
             }]
         }
@@ -328,6 +346,7 @@ impl TrainConfig {
         if s.steps == 0 {
             return Err("sampling.steps must be at least 1".into());
         }
+        self.method.validate(s.steps, &self.truncation)?;
         let o = &self.optimizer;
         let numbers = [
             (
@@ -362,6 +381,20 @@ impl TrainConfig {
             return Err(format!(
                 "optimizer.beta1 = {} / beta2 = {}: each must be in [0, 1)",
                 o.beta1, o.beta2
+            ));
+        }
+        if o.warmup_steps > 0 && o.warmup_steps >= self.train.steps {
+            return Err(format!(
+                "optimizer.warmup_steps = {}: expected fewer than train.steps ({}), or the learning rate never \
+                 reaches optimizer.lr",
+                o.warmup_steps, self.train.steps
+            ));
+        }
+        let e = &self.ema;
+        if e.enabled && !(0.0..1.0).contains(&e.decay) {
+            return Err(format!(
+                "ema.decay = {}: expected a number in [0, 1) (diffusers' EMAModel uses 0.9999)",
+                e.decay
             ));
         }
         if let Some(c) = o.max_grad_norm

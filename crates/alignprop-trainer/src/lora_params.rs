@@ -162,6 +162,10 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     /// Global-norm gradient clipping (None: off).
     pub max_grad_norm: Option<f64>,
+    /// How `lr` changes over `train.steps`: `constant` (AlignProp's), `linear` or `cosine` decay to 0.
+    pub schedule: crate::schedule::LrSchedule,
+    /// Optimiser steps of linear warm-up from 0 to `lr` before the schedule (0: none).
+    pub warmup_steps: usize,
 }
 
 impl Default for AdamWConfig {
@@ -174,6 +178,8 @@ impl Default for AdamWConfig {
             eps: 1e-8,
             weight_decay: 1e-4,
             max_grad_norm: Some(5.0),
+            schedule: Default::default(),
+            warmup_steps: 0,
         }
     }
 }
@@ -185,6 +191,8 @@ pub struct AdamW<B: Backend> {
     pub step: u64,
     pub m: LoraGrads<B>,
     pub v: LoraGrads<B>,
+    /// The learning-rate schedule's factor for the next step (the step's rate is `config.lr * lr_factor`).
+    pub lr_factor: f64,
 }
 
 impl<B: Backend> AdamW<B> {
@@ -194,7 +202,13 @@ impl<B: Backend> AdamW<B> {
             step: 0,
             m: LoraGrads::default(),
             v: LoraGrads::default(),
+            lr_factor: 1.0,
         }
+    }
+
+    /// The learning rate of the next step.
+    pub fn lr(&self) -> f64 {
+        self.config.lr * self.lr_factor
     }
 
     /// Clips `grads` to the configured global norm (returns the norm before clipping) and applies one AdamW step
@@ -225,6 +239,7 @@ impl<B: Backend> AdamW<B> {
         }
         self.step += 1;
         let c = self.config.clone();
+        let lr = self.lr();
         let (bc1, bc2) = (
             1.0 - c.beta1.powi(self.step as i32),
             1.0 - c.beta2.powi(self.step as i32),
@@ -243,7 +258,7 @@ impl<B: Backend> AdamW<B> {
             };
             let value = param.val().inner();
             let update = (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + c.eps);
-            let new = value * (1.0 - c.lr * c.weight_decay) - update * c.lr;
+            let new = value * (1.0 - lr * c.weight_decay) - update * lr;
             *param = Param::initialized(param.id, Tensor::from_inner(new).require_grad());
             self.m.tensors.insert(key.to_string(), m);
             self.v.tensors.insert(key.to_string(), v);

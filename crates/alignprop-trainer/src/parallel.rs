@@ -104,6 +104,8 @@ pub struct StepLayout<B: Backend> {
     /// Micro-batches in the global batch and images per micro-batch.
     pub micro: usize,
     pub batch_size: usize,
+    /// DRaFT-LV's re-noised copies per micro-batch (each logs its mean reward); 0 for the other methods.
+    pub copies: usize,
     pub device: B::Device,
     /// The adapters' (and their gradients') dtype.
     pub dtype: DType,
@@ -117,26 +119,27 @@ impl<B: Backend> StepLayout<B> {
 
 /// The layout of a worker's trainer (the same on every worker: the adapters are injected in one order).
 pub fn step_layout<A: AutodiffBackend>(trainer: &mut Trainer<A>) -> StepLayout<A::InnerBackend> {
-    {
-        let values = adapter_values(&mut trainer.sd.unet);
-        let dtype = values
+    let values = adapter_values(&mut trainer.sd.unet);
+    let dtype = values
+        .tensors
+        .values()
+        .next()
+        .map(|t| t.dtype())
+        .unwrap_or(DType::F32);
+    StepLayout {
+        tensors: values
             .tensors
-            .values()
-            .next()
-            .map(|t| t.dtype())
-            .unwrap_or(DType::F32);
-        let device = trainer.sd.device.clone();
-        StepLayout {
-            tensors: values
-                .tensors
-                .iter()
-                .map(|(k, t)| (k.clone(), t.dims()))
-                .collect(),
-            micro: trainer.config.train.grad_accum * trainer.worker.world,
-            batch_size: trainer.config.train.batch_size,
-            device,
-            dtype,
-        }
+            .iter()
+            .map(|(k, t)| (k.clone(), t.dims()))
+            .collect(),
+        micro: trainer.config.train.grad_accum * trainer.worker.world,
+        batch_size: trainer.config.train.batch_size,
+        copies: match trainer.config.method.kind {
+            crate::method::MethodKind::DraftLv => trainer.config.method.copies,
+            _ => 0,
+        },
+        device: trainer.sd.device.clone(),
+        dtype,
     }
 }
 
@@ -173,8 +176,8 @@ impl<B: Backend> Exchange<B> for Solo {
 /// `burn::collective` on the inner (non-autodiff) backend.
 ///
 /// Header layout (`W` workers, `M` micro-batches of `b` images): `W` failure flags, 1 stop flag, `W` checksum
-/// flags and `2W` checksums, then (in a step's exchange) `M x 3` (computed, loss, K) and `M x b` rewards, then
-/// the gradients in [`StepLayout`]'s order. Each worker writes only its own slots, so the sum gathers them.
+/// flags and `2W` checksums, then (in a step's exchange) `M x (4 + c)` (computed, loss, K, ReFL's stop step or
+/// -1, DRaFT-LV's `c` per-copy rewards) and `M x b` rewards, then the gradients in [`StepLayout`]'s order. Each worker writes only its own slots, so the sum gathers them.
 pub struct Collective<B: Backend> {
     pub worker: WorkerRank,
     pub peer: PeerId,
@@ -191,7 +194,9 @@ impl<B: Backend> Exchange<B> for Collective<B> {
         let (w, r) = (self.worker.world, self.worker.rank);
         let micro_n = layout.map_or(0, |l| l.micro);
         let bs = layout.map_or(0, |l| l.batch_size);
-        let header_len = 4 * w + 1 + micro_n * (3 + bs);
+        let copies = layout.map_or(0, |l| l.copies);
+        let per = 4 + copies;
+        let header_len = 4 * w + 1 + micro_n * (per + bs);
         let mut header = vec![0.0f64; header_len];
         header[r] = c.failed as u8 as f64;
         header[w] = c.stop as u8 as f64;
@@ -200,17 +205,19 @@ impl<B: Backend> Exchange<B> for Collective<B> {
             header[2 * w + 1 + 2 * r] = a;
             header[2 * w + 2 + 2 * r] = b;
         }
-        let (stats, scores) = (4 * w + 1, 4 * w + 1 + 3 * micro_n);
+        let (stats, scores) = (4 * w + 1, 4 * w + 1 + per * micro_n);
         for m in &c.micro {
-            if m.index >= micro_n || m.scores.len() != bs {
+            if m.index >= micro_n || m.scores.len() != bs || m.copy_rewards.len() != copies {
                 return Err(TrainError::Collective(format!(
                     "micro-batch {} of {} images does not fit the step's {micro_n} micro-batches of {bs}",
                     m.index,
                     m.scores.len()
                 )));
             }
-            header[stats + 3 * m.index..stats + 3 * m.index + 3]
-                .copy_from_slice(&[1.0, m.loss, m.k]);
+            let at = stats + per * m.index;
+            let stop = m.stop.map_or(-1.0, |s| s as f64);
+            header[at..at + 4].copy_from_slice(&[1.0, m.loss, m.k, stop]);
+            header[at + 4..at + per].copy_from_slice(&m.copy_rewards);
             header[scores + bs * m.index..scores + bs * (m.index + 1)].copy_from_slice(&m.scores);
         }
         // The header travels in the gradients' dtype: on the adapters' device, beside them.
@@ -260,12 +267,17 @@ impl<B: Backend> Exchange<B> for Collective<B> {
             })
             .collect();
         let micro = (0..micro_n)
-            .filter(|&m| head[stats + 3 * m] > 0.5)
-            .map(|m| MicroBatch {
-                index: m,
-                loss: head[stats + 3 * m + 1],
-                k: head[stats + 3 * m + 2],
-                scores: head[scores + bs * m..scores + bs * (m + 1)].to_vec(),
+            .filter(|&m| head[stats + per * m] > 0.5)
+            .map(|m| {
+                let at = stats + per * m;
+                MicroBatch {
+                    index: m,
+                    loss: head[at + 1],
+                    k: head[at + 2],
+                    stop: (head[at + 3] >= 0.0).then(|| head[at + 3].round() as usize),
+                    copy_rewards: head[at + 4..at + per].to_vec(),
+                    scores: head[scores + bs * m..scores + bs * (m + 1)].to_vec(),
+                }
             })
             .collect();
         let grads = layout.map(|l| {

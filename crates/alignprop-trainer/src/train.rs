@@ -27,6 +27,7 @@ use crate::checkpoint::{
 };
 use crate::config::{TrainConfig, read_prompts};
 use crate::lora_params::{AdamW, LoraGrads, adapter_values, set_adapter_values};
+use crate::method::{MethodKind, ReflLoss};
 
 /// Errors of a training run; each message says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +107,14 @@ pub struct StepLog {
     pub grad_norm: f64,
     /// Mean number of differentiated steps per trajectory.
     pub k: f64,
+    /// The learning rate of this step (`optimizer.lr` times the schedule's factor).
+    pub lr: f64,
+    /// ReFL: the mean stop step drawn for the step's micro-batches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refl_stop: Option<f64>,
+    /// DRaFT-LV: each re-noised copy's mean reward over the global batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_rewards: Option<Vec<f64>>,
     pub time_s: f64,
     pub images_per_s: f64,
     /// Peak resident memory of the process so far (MiB; Linux `VmHWM`), where the OS reports it.
@@ -170,6 +179,8 @@ pub struct Trainer<B: AutodiffBackend> {
     pub prompts: Vec<String>,
     pub eval_prompts: Vec<String>,
     pub step: usize,
+    /// The moving average of the adapters (`[ema] enabled`; worker 0 only: it evaluates and saves).
+    pub ema: Option<crate::ema::Ema<B::InnerBackend>>,
     /// Which worker of a data-parallel run this is (worker 0 of 1 alone).
     pub worker: WorkerRank,
     out_dir: PathBuf,
@@ -207,7 +218,11 @@ pub struct MicroBatch {
     pub loss: f64,
     /// Differentiated steps of its trajectory.
     pub k: f64,
-    /// The reward of each of its images.
+    /// ReFL: the stop step drawn for it.
+    pub stop: Option<usize>,
+    /// DRaFT-LV: each re-noised copy's mean reward over its images.
+    pub copy_rewards: Vec<f64>,
+    /// The reward of each of its images (DRaFT-LV: the mean over the copies).
     pub scores: Vec<f64>,
 }
 
@@ -306,9 +321,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             std::fs::write(out_dir.join("config.toml"), cfg_text)
                 .map_err(|e| io_err(&out_dir, e))?;
         }
+        let ema = (config.ema.enabled && worker.writes_output())
+            .then(|| crate::ema::Ema::new(adapter_values(&mut sd.unet).tensors));
         Ok(Self {
             worker,
             fault: None,
+            ema,
             optimizer: AdamW::new(config.optimizer.clone()),
             config,
             sd,
@@ -409,13 +427,33 @@ impl<B: AutodiffBackend> Trainer<B> {
             let noises: Vec<_> = (0..n)
                 .map(|i| self.scheduler.needs_noise(i).then(|| draw(&mut rngs)))
                 .collect();
-            let grad_steps = cfg
-                .truncation
-                .grad_steps(n, &mut self.truncation_rng(self.step, m));
-            let k = grad_steps.iter().filter(|&&k| k).count() as f64;
+            let method = &cfg.method;
+            // ReFL draws its stop step from the truncation stream; the other methods their kept steps.
+            let mut trng = self.truncation_rng(self.step, m);
+            let (grad_steps, stop) = match method.kind {
+                MethodKind::Refl => {
+                    let (lo, hi) = method.stop_range(n);
+                    (
+                        vec![false; n],
+                        Some(lo + trng.below((hi - lo + 1) as u64) as usize),
+                    )
+                }
+                _ => (cfg.truncation.grad_steps(n, &mut trng), None),
+            };
+            // DRaFT-LV's re-noising draws continue each sample's own stream (after its DDIM noise).
+            let renoise: Vec<_> = match method.kind {
+                MethodKind::DraftLv => (0..method.copies).map(|_| draw(&mut rngs)).collect(),
+                _ => Vec::new(),
+            };
+            let k = match method.kind {
+                MethodKind::Refl | MethodKind::DraftLv => 1.0,
+                _ => grad_steps.iter().filter(|&&k| k).count() as f64,
+            };
             let reward = &self.reward;
             let coeff = cfg.reward.loss_coeff;
-            let out = trajectory(TrajectoryInput {
+            let relu = (method.kind == MethodKind::Refl && method.refl_loss == ReflLoss::Relu)
+                .then_some(method.relu_margin);
+            let input = TrajectoryInput {
                 unet: &self.sd.unet,
                 vae: &self.sd.vae,
                 scheduler: &self.scheduler,
@@ -426,9 +464,19 @@ impl<B: AutodiffBackend> Trainer<B> {
                 grad_steps: &grad_steps,
                 loss_fn: |images| {
                     let (s, per_image) = reward.score_and_loss(images, &batch)?;
+                    let per_image = match relu {
+                        // ReFL.py's loss: relu(margin - score).
+                        Some(margin) => (s.clone().neg() + margin).clamp_min(0.0),
+                        None => per_image,
+                    };
                     Ok((per_image.mean() * coeff, s))
                 },
-            })?;
+            };
+            let out = match method.kind {
+                MethodKind::Alignprop | MethodKind::DraftK => trajectory(input)?,
+                MethodKind::DraftLv => crate::methods::draft_lv(input, &renoise)?,
+                MethodKind::Refl => crate::methods::refl(input, stop.expect("ReFL's stop step"))?,
+            };
             if !out.loss.is_finite() || out.scores.iter().any(|s| !s.is_finite()) {
                 return Err(TrainError::NonFinite {
                     step: self.step + 1,
@@ -440,6 +488,12 @@ impl<B: AutodiffBackend> Trainer<B> {
                 index: m,
                 loss: out.loss,
                 k,
+                stop,
+                copy_rewards: out
+                    .copy_scores
+                    .iter()
+                    .map(|c| c.iter().sum::<f64>() / c.len().max(1) as f64)
+                    .collect(),
                 scores: out.scores,
             });
         }
@@ -465,10 +519,21 @@ impl<B: AutodiffBackend> Trainer<B> {
                 what: "LoRA gradient".into(),
             });
         }
+        let o = &self.config.optimizer;
+        self.optimizer.lr_factor = crate::schedule::lr_factor(
+            o.schedule,
+            o.warmup_steps,
+            self.config.train.steps,
+            self.step,
+        );
+        let lr = self.optimizer.lr();
         let grad_norm = self
             .optimizer
             .step_with_norm(&mut self.sd.unet, grads, grad_norm);
         self.step += 1;
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.config.ema, &adapter_values(&mut self.sd.unet).tensors);
+        }
         let scores: Vec<f64> = micro
             .iter()
             .flat_map(|m| m.scores.iter().copied())
@@ -483,6 +548,20 @@ impl<B: AutodiffBackend> Trainer<B> {
             reward_std,
             grad_norm,
             k: micro.iter().map(|m| m.k).sum::<f64>() / count,
+            lr,
+            refl_stop: micro
+                .iter()
+                .map(|m| m.stop.map(|s| s as f64))
+                .sum::<Option<f64>>()
+                .map(|s| s / count),
+            copy_rewards: micro
+                .first()
+                .filter(|m| !m.copy_rewards.is_empty())
+                .map(|m0| {
+                    (0..m0.copy_rewards.len())
+                        .map(|j| micro.iter().map(|m| m.copy_rewards[j]).sum::<f64>() / count)
+                        .collect()
+                }),
             time_s,
             images_per_s: scores.len() as f64 / time_s,
             peak_rss_mib: peak_rss_mib(),
@@ -506,6 +585,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                         ("train/reward_std", log.reward_std),
                         ("train/grad_norm", log.grad_norm),
                         ("train/k", log.k),
+                        ("train/lr", log.lr),
                         ("train/images_per_s", log.images_per_s),
                     ],
                 )
@@ -525,8 +605,29 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// Samples the eval prompts from fixed noise (no gradients), scores them, writes a PNG grid; a reward that
-    /// cannot score them is a [`TrainError::Reward`].
+    /// cannot score them is a [`TrainError::Reward`]. With `[ema] enabled`, with the averaged adapters.
     pub fn evaluate(&mut self) -> Result<EvalLog, TrainError> {
+        self.with_ema_adapters(Self::evaluate_current)
+    }
+
+    /// Runs `f` with the adapters set to their moving average (when there is one), then puts the trained ones back.
+    fn with_ema_adapters<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, TrainError>,
+    ) -> Result<T, TrainError> {
+        let Some(shadow) = self.ema.as_ref().map(|e| LoraGrads {
+            tensors: e.shadow.clone(),
+        }) else {
+            return f(self);
+        };
+        let trained = adapter_values(&mut self.sd.unet);
+        set_adapter_values(&mut self.sd.unet, &shadow).map_err(TrainError::Config)?;
+        let out = f(self);
+        set_adapter_values(&mut self.sd.unet, &trained).map_err(TrainError::Config)?;
+        out
+    }
+
+    fn evaluate_current(&mut self) -> Result<EvalLog, TrainError> {
         let (device, dtype) = (self.sd.device.clone(), self.sd.dtype);
         let prompts = self.eval_prompts.clone();
         let text = self.text(&prompts)?;
@@ -616,10 +717,16 @@ impl<B: AutodiffBackend> Trainer<B> {
         for (k, v) in &self.optimizer.v.tensors {
             tensors.insert(format!("adam_v.{k}"), v.clone());
         }
+        if let Some(ema) = &self.ema {
+            for (k, v) in &ema.shadow {
+                tensors.insert(format!("ema.{k}"), v.clone());
+            }
+        }
         let state = CheckpointState {
             step: self.step,
             adam_step: self.optimizer.step,
             workers: self.worker.world,
+            ema_step: self.ema.as_ref().map(|e| e.step),
         };
         let dir = root.join(format!("step_{:05}", self.step));
         let config =
@@ -645,6 +752,14 @@ impl<B: AutodiffBackend> Trainer<B> {
         if let Some(saved) = read_checkpoint_config(dir).map_err(TrainError::Config)? {
             let now = toml::Value::try_from(&self.config)
                 .map_err(|e| TrainError::Config(e.to_string()))?;
+            // Read through today's config type, so that keys added since the checkpoint was written (at their
+            // defaults) are no difference; a config this version cannot read is compared as it is.
+            let saved = saved
+                .clone()
+                .try_into::<TrainConfig>()
+                .ok()
+                .and_then(|c| toml::Value::try_from(&c).ok())
+                .unwrap_or(saved);
             let diffs = config_differences(&saved, &now);
             if !diffs.is_empty() && !allow_config_change {
                 let list: Vec<String> = diffs
@@ -688,9 +803,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let mut lora = LoraGrads::default();
         let (mut m, mut v) = (LoraGrads::default(), LoraGrads::default());
+        let mut ema = std::collections::BTreeMap::new();
         for (k, t) in tensors {
             if let Some(key) = k.strip_prefix("lora.") {
                 lora.tensors.insert(key.to_string(), t);
+            } else if let Some(key) = k.strip_prefix("ema.") {
+                ema.insert(key.to_string(), t);
             } else if let Some(key) = k.strip_prefix("adam_m.") {
                 m.tensors.insert(key.to_string(), t);
             } else if let Some(key) = k.strip_prefix("adam_v.") {
@@ -707,6 +825,16 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.optimizer.v = v;
         self.optimizer.step = state.adam_step;
         self.step = state.step;
+        if let Some(e) = &mut self.ema {
+            // A checkpoint written without the average (`[ema]` turned on at resume) starts it from the adapters.
+            match state.ema_step {
+                Some(n) if !ema.is_empty() => {
+                    e.shadow = ema;
+                    e.step = n;
+                }
+                _ => *e = crate::ema::Ema::new(lora.tensors.clone()),
+            }
+        }
         // Steps logged after this checkpoint (by a run that crashed before its next one) are run again.
         if self.worker.writes_output() {
             for log in ["metrics.jsonl", "eval.jsonl"] {
@@ -717,9 +845,17 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// Writes the LoRA (diffusers/peft format) to `<output.dir>/<name>`, atomically.
+    /// With `[ema] enabled`, the averaged adapters go beside it as `<stem>_ema.safetensors`.
     pub fn save_lora(&mut self, name: &str) -> Result<PathBuf, TrainError> {
         let path = self.out_dir.join(name);
         alignprop_lora::extract(&mut self.sd.unet).write(&path, LoraFormat::Peft)?;
+        if self.ema.is_some() {
+            let ema_path = ema_path(&path);
+            self.with_ema_adapters(|t| {
+                alignprop_lora::extract(&mut t.sd.unet).write(&ema_path, LoraFormat::Peft)?;
+                Ok(())
+            })?;
+        }
         Ok(path)
     }
 
@@ -1024,6 +1160,14 @@ pub(crate) fn drive<B: AutodiffBackend>(
         lora,
         end,
     })
+}
+
+/// `dir/name.safetensors` -> `dir/name_ema.safetensors`: where the averaged adapters of a LoRA file go.
+pub fn ema_path(lora: &Path) -> PathBuf {
+    let stem = lora
+        .file_stem()
+        .map_or("lora".into(), |s| s.to_string_lossy());
+    lora.with_file_name(format!("{stem}_ema.safetensors"))
 }
 
 /// Runs `f`, turning a panic into [`TrainError::Panic`] (a data-parallel worker must reach its next exchange).

@@ -186,6 +186,63 @@ fn two_and_three_workers_match_one_in_f32_up_to_rounding() {
     std::fs::remove_dir_all(&out1).ok();
 }
 
+/// ReFL and DRaFT-LV spread over workers as AlignProp does: their draws (ReFL's stop step, DRaFT-LV's re-noising)
+/// come from (seed, step, global index), so 1 worker x accumulation 2 and 2 workers x 1 compute the same adapters
+/// (float64) and log the same stop steps and per-copy rewards.
+#[test]
+fn refl_and_draft_lv_on_two_workers_match_one() {
+    use alignprop_trainer::{MethodConfig, MethodKind};
+    for kind in [MethodKind::Refl, MethodKind::DraftLv] {
+        let with = |name: &str, accum: usize| {
+            let mut cfg = small(name, "f64", accum);
+            cfg.method = MethodConfig {
+                kind,
+                stop_min: Some(1),
+                ..Default::default()
+            };
+            cfg
+        };
+        let one = with(&format!("{kind:?}-1"), 2);
+        let out1 = one.output.dir.clone();
+        let s1 = train(one, 1);
+        let two = with(&format!("{kind:?}-2"), 1);
+        let out2 = two.output.dir.clone();
+        let s2 = train(two, 2);
+        let d = relative_difference(&adapters(&out1), &adapters(&out2));
+        eprintln!("{kind:?}: 2 workers vs 1 (f64): max relative adapter difference {d:e}");
+        assert!(d <= 1e-10, "{kind:?}: {d:e}");
+        for (a, b) in s1.steps.iter().zip(&s2.steps) {
+            assert_eq!((a.refl_stop, a.k), (b.refl_stop, b.k));
+            assert_eq!(
+                a.copy_rewards.as_ref().map(Vec::len),
+                b.copy_rewards.as_ref().map(Vec::len)
+            );
+            for (x, y) in a
+                .copy_rewards
+                .iter()
+                .flatten()
+                .zip(b.copy_rewards.iter().flatten())
+            {
+                assert!((x - y).abs() <= 1e-10 * x.abs().max(1e-12));
+            }
+        }
+        match kind {
+            MethodKind::Refl => assert!(
+                s1.steps
+                    .iter()
+                    .all(|s| s.refl_stop.is_some_and(|x| (1.0..=2.0).contains(&x)))
+            ),
+            _ => assert!(
+                s1.steps
+                    .iter()
+                    .all(|s| s.copy_rewards.as_ref().is_some_and(|c| c.len() == 2))
+            ),
+        }
+        std::fs::remove_dir_all(&out1).ok();
+        std::fs::remove_dir_all(&out2).ok();
+    }
+}
+
 /// A worker that fails (an error or a panic, while loading or in a step) ends the run with an error naming that
 /// worker and its device; the other workers stop with it (no hang: the helper fails after a timeout).
 #[test]

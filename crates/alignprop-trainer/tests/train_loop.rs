@@ -435,6 +435,51 @@ fn hps_and_pickscore_rewards_train_alone_and_in_a_sum() {
         sum.loss
     );
 
+    // Concept removal on the same CLIPModel: loss = +similarity, alone and in a sum with brightness.
+    let concept = RewardTermConfig {
+        kind: "concept".into(),
+        path: Some(m.pickscore.clone()),
+        concept: Some("a red circle".into()),
+        ..Default::default()
+    };
+    let c = one_step(
+        "concept",
+        RewardConfig {
+            kind: "concept".into(),
+            path: concept.path.clone(),
+            concept: concept.concept.clone(),
+            ..Default::default()
+        },
+    );
+    assert!(c.reward_mean.abs() <= 1.0 && c.grad_norm > 0.0);
+    assert!((c.loss - c.reward_mean).abs() < 1e-6, "{c:?}");
+    let mix = one_step(
+        "concept-sum",
+        RewardConfig {
+            kind: "sum".into(),
+            terms: vec![
+                concept.clone(),
+                RewardTermConfig {
+                    kind: "brightness".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        },
+    );
+    assert!(
+        (mix.loss - (c.loss - (mix.reward_mean - c.reward_mean))).abs() < 1e-5,
+        "{mix:?}"
+    );
+    let mut cfg = demo_config("concept-notext");
+    cfg.reward = RewardConfig {
+        kind: "concept".into(),
+        path: concept.path.clone(),
+        ..Default::default()
+    };
+    let e = cfg.validate().unwrap_err();
+    assert!(e.contains("reward.concept"), "{e}");
+
     // Without a tokenizer anywhere the error lists where it looked.
     let e = match alignprop_trainer::train::build_reward::<A>(
         &single(&hps),
@@ -471,4 +516,193 @@ fn f16_training_is_refused_with_bf16_recommended() {
         .to_string();
     assert!(err.contains("f16") && err.contains("bf16"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every LoRA value of a file, in key order (down then up of each module).
+fn lora_values(path: &std::path::Path) -> Vec<f64> {
+    let w = alignprop_lora::LoraWeights::read(path).unwrap();
+    w.modules
+        .values()
+        .flat_map(|p| p.down.values.iter().chain(&p.up.values))
+        .map(|&v| f64::from(v))
+        .collect()
+}
+
+/// A cosine schedule with warm-up sets each step's learning rate by transformers' formula (logged per step), and
+/// the moving average of the adapters is diffusers' EMAModel's over the saved per-step adapters, is saved beside
+/// them, is what the eval scores (the same training numbers as without it, another final eval), and resumes.
+#[test]
+fn lr_schedule_and_ema_of_the_adapters() {
+    use alignprop_trainer::schedule::lr_factor;
+    use alignprop_trainer::{EmaConfig, LrSchedule};
+    let small = |name: &str, ema: bool| {
+        let mut cfg = demo_config(name);
+        cfg.train.steps = 4;
+        cfg.sampling.steps = 3;
+        cfg.truncation = Truncation::Fixed { k: 1 };
+        cfg.eval.every = 100;
+        cfg.output.save_every = 1;
+        cfg.optimizer.schedule = LrSchedule::Cosine;
+        cfg.optimizer.warmup_steps = 1;
+        cfg.ema = EmaConfig {
+            enabled: ema,
+            decay: 0.5,
+            update_after_step: 0,
+        };
+        cfg
+    };
+    let cfg = small("ema", true);
+    let (dir, lr, ema_cfg) = (cfg.output.dir.clone(), cfg.optimizer.lr, cfg.ema.clone());
+    let with = train(cfg, false, None).unwrap();
+    let lrs: Vec<f64> = with.steps.iter().map(|s| s.lr).collect();
+    let want: Vec<f64> = (0..4)
+        .map(|k| lr * lr_factor(LrSchedule::Cosine, 1, 4, k))
+        .collect();
+    assert_eq!(lrs, want);
+    assert_eq!(lrs[0], 0.0, "warm-up starts at 0");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().all(|l| l.contains("\"lr\":")), "{metrics}");
+
+    // The average by hand, from the raw adapters after each step.
+    let raw: Vec<Vec<f64>> = (1..=4)
+        .map(|s| lora_values(&dir.join(format!("lora_step{s:05}.safetensors"))))
+        .collect();
+    let mut shadow = raw[0].clone();
+    for (n, w) in raw.iter().enumerate().skip(1) {
+        let d = ema_cfg.decay_at(n as u64 + 1);
+        assert!(d > 0.0 && d <= 0.5);
+        for (s, x) in shadow.iter_mut().zip(w) {
+            *s -= (1.0 - d) * (*s - x);
+        }
+    }
+    for file in [
+        "lora_step00004_ema.safetensors",
+        "pytorch_lora_weights_ema.safetensors",
+    ] {
+        let got = lora_values(&dir.join(file));
+        let worst = got
+            .iter()
+            .zip(&shadow)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-5, "{file}: {worst}");
+    }
+    assert_ne!(shadow, raw[3], "the average lags the adapters");
+
+    // Without the average: the same training, but the final eval scores other adapters.
+    let plain = train(small("no-ema", false), false, None).unwrap();
+    let key = |v: &[StepLog]| v.iter().map(|s| (s.loss, s.grad_norm)).collect::<Vec<_>>();
+    assert_eq!(key(&with.steps), key(&plain.steps));
+    assert_eq!(
+        with.evals[0].eval_reward_mean,
+        plain.evals[0].eval_reward_mean
+    );
+    assert_ne!(
+        with.evals.last().unwrap().eval_reward_mean,
+        plain.evals.last().unwrap().eval_reward_mean
+    );
+    assert!(
+        !plain
+            .lora
+            .with_file_name("pytorch_lora_weights_ema.safetensors")
+            .exists()
+    );
+
+    // Stopped after step 2 and resumed: the same average at the end.
+    let first = small("ema-resumed", true);
+    let dir_r = first.output.dir.clone();
+    train(first, false, Some(2)).unwrap();
+    train(small("ema-resumed", true), true, None).unwrap();
+    assert_eq!(
+        lora_values(&dir_r.join("pytorch_lora_weights_ema.safetensors")),
+        lora_values(&dir.join("pytorch_lora_weights_ema.safetensors"))
+    );
+    for d in [dir, dir_r, plain.lora.parent().unwrap().to_path_buf()] {
+        std::fs::remove_dir_all(&d).ok();
+    }
+}
+
+/// Every method trains the demo: in a seeded 10-step run the eval reward rises, and each logs its own quantities
+/// (K, ReFL's stop step, DRaFT-LV's per-copy rewards).
+#[test]
+fn every_method_raises_the_reward_in_ten_steps() {
+    use alignprop_trainer::{MethodConfig, MethodKind, ReflLoss};
+    let methods = [
+        (
+            "alignprop",
+            MethodKind::Alignprop,
+            ReflLoss::Reward,
+            Truncation::Uniform { min: 1, max: 3 },
+        ),
+        (
+            "draft_k",
+            MethodKind::DraftK,
+            ReflLoss::Reward,
+            Truncation::Fixed { k: 2 },
+        ),
+        (
+            "draft_lv",
+            MethodKind::DraftLv,
+            ReflLoss::Reward,
+            Truncation::Fixed { k: 1 },
+        ),
+        (
+            "refl",
+            MethodKind::Refl,
+            ReflLoss::Relu,
+            Truncation::Fixed { k: 1 },
+        ),
+    ];
+    for (name, kind, refl_loss, truncation) in methods {
+        let mut cfg = demo_config(&format!("method-{name}"));
+        cfg.train.steps = 10;
+        cfg.eval.every = 100;
+        cfg.output.save_every = 100;
+        cfg.truncation = truncation;
+        cfg.method = MethodConfig {
+            kind,
+            refl_loss,
+            relu_margin: 1.0,
+            ..Default::default()
+        };
+        let dir = cfg.output.dir.clone();
+        let s = train(cfg, false, None).unwrap();
+        let (first, last) = (&s.evals[0], s.evals.last().unwrap());
+        eprintln!(
+            "{name}: eval reward {:.4} -> {:.4}",
+            first.eval_reward_mean, last.eval_reward_mean
+        );
+        assert!(
+            last.eval_reward_mean > first.eval_reward_mean + 0.05,
+            "{name}: eval reward {} -> {}",
+            first.eval_reward_mean,
+            last.eval_reward_mean
+        );
+        let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        match kind {
+            MethodKind::Refl => {
+                // Stops drawn in the last quarter of the 10 steps (7 ..= 9); K is 1.
+                assert!(
+                    s.steps.iter().all(
+                        |l| l.refl_stop.is_some_and(|x| (7.0..=9.0).contains(&x)) && l.k == 1.0
+                    )
+                );
+                assert!(metrics.contains("\"refl_stop\":"));
+            }
+            MethodKind::DraftLv => {
+                assert!(
+                    s.steps
+                        .iter()
+                        .all(|l| l.copy_rewards.as_ref().is_some_and(|c| c.len() == 2))
+                );
+                assert!(metrics.contains("\"copy_rewards\":"));
+            }
+            _ => assert!(
+                s.steps
+                    .iter()
+                    .all(|l| l.refl_stop.is_none() && l.copy_rewards.is_none())
+            ),
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
