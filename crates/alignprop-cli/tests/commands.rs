@@ -483,7 +483,7 @@ fn fit_compressibility_then_eval_with_it_and_with_the_true_jpeg_size() {
     std::fs::remove_dir_all(d).ok();
 }
 
-/// `eval --reward hps|pickscore` (the tiny fixture models): a folder written by `sample` is scored with the prompts
+/// `eval --reward hps|pickscore|concept` (the tiny fixture models): a folder written by `sample` is scored with the prompts
 /// of its manifest.json; `--prompt` gives one prompt for every image instead; `--model` scores generated images
 /// with their prompts (the tokenizer defaults to the model's); missing prompts or tokenizer are clean errors.
 #[test]
@@ -561,6 +561,26 @@ fn eval_with_prompt_rewards_reads_the_sample_manifest_or_prompts() {
         "c.json",
     );
     assert_eq!(p.len(), 2);
+    // Concept removal on the same CLIPModel: every image's similarity to --concept (no prompts needed); without
+    // --concept a clean error says what to give.
+    let concept: Vec<std::ffi::OsString> = vec![
+        "--reward".into(),
+        "concept".into(),
+        "--reward-path".into(),
+        m.pickscore.clone().into(),
+    ];
+    let text: Vec<std::ffi::OsString> = vec!["--concept".into(), "a cat".into()];
+    let c = scores(
+        &[concept.clone(), tok.clone(), folder.clone(), text].concat(),
+        "e.json",
+    );
+    assert!(c.len() >= 2 && c.iter().all(|r| r.1.abs() <= 1.0), "{c:?}");
+    let e = run(bin()
+        .args(["eval", "--device", "cpu"])
+        .args(&concept)
+        .args(&tok)
+        .args(&folder));
+    assert_clean_error(&e, "--concept");
     let gen_args: Vec<std::ffi::OsString> = vec![
         "--model".into(),
         tiny().into(),
