@@ -90,3 +90,132 @@ fn sharded(index: &Path) -> Result<Vec<PathBuf>> {
     let files: BTreeSet<&String> = idx.weight_map.values().collect();
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
+
+/// The pipeline classes whose folders load here: Stable Diffusion 1.x (and 2.x, the same pipeline class).
+pub const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline"];
+
+/// Checks a diffusers folder's `model_index.json` (`_class_name`) and `unet/config.json` (`in_channels`) before
+/// anything is loaded, so a model family that is not supported is one clear error naming what was found, not a
+/// missing tensor later. A folder without `model_index.json` (e.g. a hand-assembled one) passes.
+pub fn check_pipeline_family(folder: &Path) -> Result<()> {
+    let index = folder.join("model_index.json");
+    if index.is_file() {
+        let value: serde_json::Value = read_json(&index)?;
+        let class = value
+            .get("_class_name")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("");
+        if !class.is_empty() && !SUPPORTED_PIPELINES.contains(&class) {
+            let what = match class {
+                "StableDiffusionXLPipeline" => "SDXL base (not supported yet)",
+                "StableDiffusionXLImg2ImgPipeline" => "the SDXL refiner / img2img (not supported)",
+                "StableDiffusionInpaintPipeline" | "StableDiffusionXLInpaintPipeline" => {
+                    "an inpainting model (not supported)"
+                }
+                "StableDiffusionDepth2ImgPipeline" => "a depth-conditioned model (not supported)",
+                "StableDiffusionUpscalePipeline" | "StableDiffusionLatentUpscalePipeline" => {
+                    "an upscaler (not supported)"
+                }
+                "StableDiffusion3Pipeline" => "Stable Diffusion 3 (an MMDiT, not supported)",
+                "FluxPipeline" => "FLUX (a flow transformer, not supported)",
+                _ => "a pipeline that is not supported",
+            };
+            return Err(WeightError::Config {
+                path: index,
+                msg: format!(
+                    "_class_name is '{class}': {what}; supported: {} (Stable Diffusion 1.x / 2.x text-to-image)",
+                    SUPPORTED_PIPELINES.join(", ")
+                ),
+            });
+        }
+    }
+    let unet = folder.join("unet/config.json");
+    if unet.is_file() {
+        let value: serde_json::Value = read_json(&unet)?;
+        if let Some(c) = value.get("in_channels").and_then(serde_json::Value::as_u64)
+            && c != 4
+        {
+            let what = match c {
+                9 => " (an inpainting UNet: latents + mask + masked image)",
+                5 => " (a depth-conditioned UNet)",
+                _ => "",
+            };
+            return Err(WeightError::Config {
+                path: unet,
+                msg: format!(
+                    "in_channels is {c}{what}; expected 4 (a text-to-image UNet on 4-channel latents)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod family_tests {
+    use super::*;
+
+    fn folder(name: &str, index: Option<&str>, unet: Option<&str>) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("alignprop-family-{name}-{}", std::process::id()));
+        std::fs::remove_dir_all(&d).ok();
+        std::fs::create_dir_all(d.join("unet")).unwrap();
+        if let Some(i) = index {
+            std::fs::write(d.join("model_index.json"), i).unwrap();
+        }
+        if let Some(u) = unet {
+            std::fs::write(d.join("unet/config.json"), u).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn unsupported_families_are_one_clear_error() {
+        let ok = folder(
+            "sd15",
+            Some(r#"{"_class_name": "StableDiffusionPipeline"}"#),
+            Some(r#"{"in_channels": 4}"#),
+        );
+        assert!(check_pipeline_family(&ok).is_ok());
+        let bare = folder("bare", None, None);
+        assert!(check_pipeline_family(&bare).is_ok());
+        for (class, says) in [
+            ("StableDiffusionXLPipeline", "SDXL base"),
+            ("StableDiffusionXLImg2ImgPipeline", "refiner"),
+            ("StableDiffusion3Pipeline", "Stable Diffusion 3"),
+            ("FluxPipeline", "FLUX"),
+            ("KandinskyPipeline", "not supported"),
+        ] {
+            let d = folder(
+                class,
+                Some(&format!(r#"{{"_class_name": "{class}"}}"#)),
+                None,
+            );
+            let e = check_pipeline_family(&d).unwrap_err().to_string();
+            assert!(
+                e.contains("model_index.json") && e.contains(class) && e.contains(says),
+                "{e}"
+            );
+            assert!(
+                e.contains("StableDiffusionPipeline") && !e.contains('\n'),
+                "{e}"
+            );
+            std::fs::remove_dir_all(&d).ok();
+        }
+        let inpaint = folder(
+            "inpaint",
+            Some(r#"{"_class_name": "StableDiffusionPipeline"}"#),
+            Some(r#"{"in_channels": 9}"#),
+        );
+        let e = check_pipeline_family(&inpaint).unwrap_err().to_string();
+        assert!(
+            e.contains("unet/config.json")
+                && e.contains("in_channels is 9")
+                && e.contains("inpainting"),
+            "{e}"
+        );
+        for d in [ok, bare, inpaint] {
+            std::fs::remove_dir_all(&d).ok();
+        }
+    }
+}

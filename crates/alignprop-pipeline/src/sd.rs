@@ -148,6 +148,8 @@ impl<B: Backend> StableDiffusion<B> {
                 folder.display()
             )));
         }
+        // An SDXL, SD3, FLUX, inpainting or depth folder: one clear error before anything is read.
+        alignprop_io::pipeline_files::check_pipeline_family(folder)?;
         let scheduler_file = folder.join("scheduler/scheduler_config.json");
         let scheduler_config = if scheduler_file.is_file() {
             SchedulerConfig::from_file(&scheduler_file)?
