@@ -323,11 +323,15 @@ fn norms<B: Backend>(device: &B::Device) -> CheckResult {
         .enumerate()
     {
         let (x, xr) = pair::<B, 3>(&random_data(&[b, r, n], 1300 + i as u64), device);
+        // A float32 sum of n terms in an order the autotuned kernel picks has a relative error of about
+        // u sqrt(n) (u = 2^-24): 1.5e-5 for the 70 000-long rows (measured 1.54e-5 in one CI run, under 1e-5 in
+        // others), so long rows get 4 u sqrt(n).
+        let row_tol = tol.max(4.0 * (n as f64).sqrt() * f64::from(f32::EPSILON) / 2.0);
         sweep.case(
             format!("softmax [{b},{r},{n}]"),
             alignprop_kernels::softmax(x * 8.0),
             alignprop_kernels::softmax(xr * 8.0),
-            tol,
+            row_tol,
         );
     }
     sweep.finish(tol)
