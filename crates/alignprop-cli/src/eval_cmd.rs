@@ -26,7 +26,9 @@ pub struct EvalArgs {
     /// fit-compressibility, --clip-path its CLIP folder; score = -predicted KiB); hps (HPSv2, image-prompt cosine:
     /// --reward-path HPS_v2_compressed.pt / HPS_v2.1_compressed.pt or a safetensors conversion, --reward-config the
     /// open_clip config, default ViT-H-14); pickscore (--reward-path the PickScore_v1 folder); concept (the CLIP
-    /// cosine to --concept: --reward-path a transformers CLIPModel folder); tiny (the test fixtures' scorer;
+    /// cosine to --concept: --reward-path a transformers CLIPModel folder); count (objects counted by OWL-ViT:
+    /// --reward-path an OwlViTForObjectDetection folder, the object from --object or from each prompt, "three
+    /// dogs"; also prints the hard count of detections above --count-threshold); tiny (the test fixtures' scorer;
     /// --reward-path its folder).
     #[arg(long, default_value = "brightness")]
     pub reward: String,
@@ -48,6 +50,13 @@ pub struct EvalArgs {
     /// concept: the concept's text (the score is each image's CLIP similarity to it).
     #[arg(long)]
     pub concept: Option<String>,
+    /// count: the object to count in every image, as a detector query (e.g. "a photo of a dog"); without it, the
+    /// word after the number in each image's prompt ("three dogs" counts dogs).
+    #[arg(long)]
+    pub object: Option<String>,
+    /// count: the probability above which a detection counts for the hard count.
+    #[arg(long, default_value_t = alignprop_rewards::count::DEFAULT_THRESHOLD)]
+    pub count_threshold: f64,
     /// Score the PNG/JPEG files of this folder.
     #[arg(long, conflicts_with = "model")]
     pub images: Option<PathBuf>,
@@ -105,6 +114,9 @@ struct EvalReward<B: Backend> {
     reads_prompts: bool,
 }
 
+/// A reward's per-image details: `(column name, one value per image)`.
+type Details = Vec<(String, Vec<f64>)>;
+
 /// The file of `alignprop sample` that says which image shows which prompt.
 pub const MANIFEST: &str = "manifest.json";
 
@@ -140,14 +152,17 @@ impl<B: Backend> EvalReward<B> {
             config: args.reward_config.as_deref(),
             tokenizers: &tokenizers,
             concept: args.concept.as_deref(),
+            object: args.object.as_deref(),
+            count_threshold: Some(args.count_threshold),
         };
+        let reads_prompts = kind.reads_prompts(&files);
         if !kind.missing(&files).is_empty() {
             bail!(
                 "{}",
                 kind.needs_message(&format!("--reward {}", kind.name), flag)
             );
         }
-        if kind.reads_prompts && tokenizers.is_empty() {
+        if reads_prompts && tokenizers.is_empty() {
             bail!(
                 "--reward {} needs a CLIP tokenizer: give --tokenizer FOLDER (an SD1.5 tokenizer/ folder works)",
                 args.reward
@@ -159,26 +174,30 @@ impl<B: Backend> EvalReward<B> {
         };
         Ok(Self {
             scorer,
-            reads_prompts: kind.reads_prompts,
+            reads_prompts,
         })
     }
 
-    /// Scores of `images` (one prompt per image for the prompt rewards; ignored by the others); the reward's error
-    /// (wrong image shape, missing prompts, a tokenizer failure) as it is.
-    fn score(&self, images: Tensor<B, 4>, prompts: &[String]) -> Result<Vec<f64>> {
-        let s = match &self.scorer {
-            EvalScorer::Reward(r) => r.score_with_prompts(images, prompts)?,
+    /// Scores of `images` (one prompt per image for the prompt rewards; ignored by the others) and the reward's
+    /// per-image details (named columns, e.g. the object count's hard count); the reward's error (wrong image
+    /// shape, missing prompts, a tokenizer failure) as it is.
+    fn score(&self, images: Tensor<B, 4>, prompts: &[String]) -> Result<(Vec<f64>, Details)> {
+        let (s, details) = match &self.scorer {
+            EvalScorer::Reward(r) => r.score_with_details(images, prompts)?,
             EvalScorer::Jpeg => {
-                return Ok(alignprop_pipeline::images::to_rgb8(images)
+                let kib = alignprop_pipeline::images::to_rgb8(images)
                     .iter()
                     .map(|p| jpeg_size_kib(p, JPEG_QUALITY))
-                    .collect());
+                    .collect();
+                return Ok((kib, Vec::new()));
             }
         };
-        s.into_data()
+        let s = s
+            .into_data()
             .convert::<f64>()
             .to_vec()
-            .map_err(|e| anyhow::anyhow!("reading the scores: {e:?}"))
+            .map_err(|e| anyhow::anyhow!("reading the scores: {e:?}"))?;
+        Ok((s, details))
     }
 }
 
@@ -268,6 +287,18 @@ pub fn load_image<B: Backend>(path: &Path, device: &B::Device) -> Result<Tensor<
 fn eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<()> {
     let reward = EvalReward::<B>::load(args, device)?;
     let mut rows: Vec<(String, f64)> = Vec::new();
+    // The reward's detail columns (names, then one value per row in each).
+    let mut columns: Vec<String> = Vec::new();
+    let mut details: Vec<Vec<f64>> = Vec::new();
+    let mut add_details = |d: Details| {
+        if columns.is_empty() {
+            columns = d.iter().map(|(name, _)| name.clone()).collect();
+            details = vec![Vec::new(); columns.len()];
+        }
+        for (column, (_, values)) in details.iter_mut().zip(d) {
+            column.extend(values);
+        }
+    };
     if let Some(dir) = &args.images {
         let items: Vec<(PathBuf, String)> = if reward.reads_prompts {
             let prompts = if args.prompts.is_empty() && args.prompt_file.is_none() {
@@ -283,10 +314,16 @@ fn eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<()> {
                 .collect()
         };
         for (f, prompt) in items {
-            let s = reward
-                .score(load_image::<B>(&f, device)?, &[prompt])
-                .with_context(|| format!("scoring {}", f.display()))?[0];
-            rows.push((f.file_name().unwrap().to_string_lossy().into_owned(), s));
+            let prompts = if reward.reads_prompts {
+                vec![prompt]
+            } else {
+                Vec::new()
+            };
+            let (s, d) = reward
+                .score(load_image::<B>(&f, device)?, &prompts)
+                .with_context(|| format!("scoring {}", f.display()))?;
+            rows.push((f.file_name().unwrap().to_string_lossy().into_owned(), s[0]));
+            add_details(d);
         }
     } else if let Some(model) = &args.model {
         let prompts = crate::sample_cmd::collect_prompts(&args.prompts, args.prompt_file.as_ref())?;
@@ -312,10 +349,11 @@ fn eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<()> {
             ..Default::default()
         };
         let out = sd.sample(&prompts, &opts, &mut |_, _| {})?;
-        let scores = reward
+        let (scores, d) = reward
             .score(out.images, &prompts)
             .context("scoring the generated images")?;
         rows.extend(prompts.iter().cloned().zip(scores));
+        add_details(d);
     }
     let n = rows.len() as f64;
     let mean = rows.iter().map(|r| r.1).sum::<f64>() / n;
@@ -326,9 +364,15 @@ fn eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<()> {
         .max()
         .unwrap_or(4)
         .clamp(4, 60);
-    println!("{:<width$}  {}", "item", args.reward);
-    for (name, s) in &rows {
-        println!("{name:<width$}  {s:.6}");
+    let header: String = columns.iter().map(|c| format!("  {c}")).collect();
+    println!("{:<width$}  {}{header}", "item", args.reward);
+    for (i, (name, s)) in rows.iter().enumerate() {
+        let extra: String = columns
+            .iter()
+            .zip(&details)
+            .map(|(c, v)| format!("  {:>w$}", v[i], w = c.len()))
+            .collect();
+        println!("{name:<width$}  {s:.6}{extra}");
     }
     println!(
         "{:<width$}  {mean:.6} ± {std:.6} (n = {})",
@@ -340,7 +384,13 @@ fn eval<B: Backend>(args: &EvalArgs, device: &B::Device) -> Result<()> {
             "reward": args.reward,
             "mean": mean,
             "std": std,
-            "scores": rows.iter().map(|(k, s)| serde_json::json!({"item": k, "score": s})).collect::<Vec<_>>(),
+            "scores": rows.iter().enumerate().map(|(i, (k, s))| {
+                let mut row = serde_json::json!({"item": k, "score": s});
+                for (c, v) in columns.iter().zip(&details) {
+                    row[c] = serde_json::json!(v[i]);
+                }
+                row
+            }).collect::<Vec<_>>(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("{}: cannot write", path.display()))?;

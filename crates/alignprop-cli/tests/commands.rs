@@ -617,3 +617,56 @@ fn eval_with_prompt_rewards_reads_the_sample_manifest_or_prompts() {
     assert_clean_error(&e, "2 prompts given for 3 images");
     std::fs::remove_dir_all(d).ok();
 }
+
+/// `eval --reward count` (the tiny OWL-ViT fixture): with --object every image of a folder is counted and the table
+/// and JSON carry the hard count at --count-threshold; without it, each image's object and target come from its
+/// prompt ("three cats"), and a prompt without a count is a clean error naming it.
+#[test]
+fn eval_counts_objects_with_owlvit() {
+    let d = tmp("count");
+    let owl = alignprop_testing::prompt_reward::write_count_model(&d.join("owlvit")).unwrap();
+    let imgs = d.join("imgs");
+    ok(sample(&imgs, &[]));
+    let count: Vec<std::ffi::OsString> = vec![
+        "--reward".into(),
+        "count".into(),
+        "--reward-path".into(),
+        owl.into(),
+        "--images".into(),
+        imgs.clone().into(),
+        "--count-threshold".into(),
+        "0.5".into(),
+    ];
+    let eval = |extra: &[&str], name: &str| {
+        let json = d.join(name);
+        let out = ok(run(bin()
+            .args(["eval", "--device", "cpu"])
+            .args(&count)
+            .args(extra)
+            .arg("--json")
+            .arg(&json)));
+        let v: serde_json::Value = serde_json::from_slice(&read(&json)).unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), v)
+    };
+    let (table, v) = eval(&["--object", "a photo of a cat"], "object.json");
+    assert!(table.contains("hard_count@0.5"), "{table}");
+    let rows = v["scores"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "two samples and the grid: {v}");
+    for r in rows {
+        // 4x4 patches in the tiny detector: a soft count in [0, 16], a whole hard count.
+        let (s, h) = (r["score"].as_f64().unwrap(), r["hard_count@0.5"].as_f64().unwrap());
+        assert!((0.0..=16.0).contains(&s) && (0.0..=16.0).contains(&h) && h.fract() == 0.0, "{r}");
+        assert!(r.get("target").is_none(), "{r}");
+    }
+    // Objects and targets from the prompts: one prompt for every image.
+    let (_, v) = eval(&["--prompt", "three cats"], "prompt.json");
+    let with_prompt = v["scores"].as_array().unwrap();
+    assert!(with_prompt.iter().all(|r| r["target"] == 3.0), "{v}");
+    assert_eq!(with_prompt[0]["score"], rows[0]["score"], "the same query: 'a photo of a cat'");
+    // The manifest's prompts ("a cat", "a dog") name no count.
+    let e = run(bin()
+        .args(["eval", "--device", "cpu"])
+        .args(&count));
+    assert_clean_error(&e, "\"a cat\" names no count");
+    std::fs::remove_dir_all(d).ok();
+}

@@ -57,10 +57,14 @@ pub fn sum_all<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 1> {
     sum_last(x.reshape([1, n])).reshape([1])
 }
 
-/// Mean over the last dimension of `x` `[rows, n]` -> `[rows, 1]` ([`sum_last`] divided by `n`).
+/// Mean over the last dimension of `x` `[rows, n]` -> `[rows, 1]` ([`sum_last`] times `1 / n`).
+///
+/// A product with the reciprocal, not a division: burn-autodiff 0.21's `div_scalar` backward rounds the divisor to
+/// f32, which put a ~1e-8 relative error into float64 gradients through every LayerNorm and GroupNorm whose `n` is
+/// not a power of two (measured: OWL-ViT's image gradient 3.3e-9 -> see `count_parity.rs`).
 pub fn mean_last<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     let n = x.dims()[1];
-    sum_last(x) / n as f64
+    sum_last(x) * (1.0 / n as f64)
 }
 
 /// Group normalisation of `x` `[batch, channels, spatial]` with per-channel `gamma`, `beta` `[channels]`.

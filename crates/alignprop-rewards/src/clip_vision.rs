@@ -84,6 +84,16 @@ pub struct CLIPVisionModel<B: Backend> {
 impl<B: Backend> CLIPVisionModel<B> {
     /// Builds from `vb` at the root of a transformers file (`vision_model.*`, `visual_projection.weight`).
     pub fn new(cfg: &CLIPVisionConfig, vb: &VarBuilder<B>) -> Result<Self> {
+        Self::with_pre_norm(cfg, vb, "pre_layrnorm")
+    }
+
+    /// [`Self::new`] with the pre-encoder LayerNorm stored as `vision_model.{pre_norm}` (CLIP spells it
+    /// `pre_layrnorm`, OWL-ViT `pre_layernorm`).
+    pub fn with_pre_norm(
+        cfg: &CLIPVisionConfig,
+        vb: &VarBuilder<B>,
+        pre_norm: &str,
+    ) -> Result<Self> {
         let (h, p) = (cfg.hidden_size, cfg.patch_size);
         if p == 0 || cfg.image_size % p != 0 {
             return Err(WeightError::Config {
@@ -113,7 +123,7 @@ impl<B: Backend> CLIPVisionModel<B> {
                 "weight",
                 Init::Normal(0.02),
             )?),
-            pre_layrnorm: LayerNorm::new(&v.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
+            pre_layrnorm: LayerNorm::new(&v.pp(pre_norm), h, cfg.layer_norm_eps)?,
             encoder: CLIPEncoder::new(&v.pp("encoder"), &cfg.dims())?,
             post_layernorm: LayerNorm::new(&v.pp("post_layernorm"), h, cfg.layer_norm_eps)?,
             visual_projection: param(vb.pp("visual_projection").get(
@@ -135,6 +145,18 @@ impl<B: Backend> CLIPVisionModel<B> {
 
     /// `pixel_values` `[b, 3, image_size, image_size]` (CLIP-normalised) -> projected embeddings `[b, projection]`.
     pub fn forward(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 2> {
+        let x = self.last_hidden_state(pixel_values);
+        let [b, _, h] = x.dims();
+        let pooled = self
+            .post_layernorm
+            .forward(x.narrow(1, 0, 1).reshape([b, h]));
+        alignprop_kernels::linear(pooled, self.visual_projection.val())
+    }
+
+    /// `pixel_values` `[b, 3, image_size, image_size]` (CLIP-normalised) -> the encoder's output
+    /// `[b, 1 + patches, hidden]` (class token first, patches in row-major order; before `post_layernorm`):
+    /// transformers' `last_hidden_state`.
+    pub fn last_hidden_state(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, _, hh, ww] = pixel_values.dims();
         assert_eq!(
             [hh, ww],
@@ -156,10 +178,6 @@ impl<B: Backend> CLIPVisionModel<B> {
             .reshape([1, 1, h])
             .repeat_dim(0, b);
         let x = Tensor::cat(vec![cls, tokens], 1) + self.position_embedding.val().unsqueeze::<3>();
-        let x = self.encoder.forward(self.pre_layrnorm.forward(x), false);
-        let pooled = self
-            .post_layernorm
-            .forward(x.narrow(1, 0, 1).reshape([b, h]));
-        alignprop_kernels::linear(pooled, self.visual_projection.val())
+        self.encoder.forward(self.pre_layrnorm.forward(x), false)
     }
 }

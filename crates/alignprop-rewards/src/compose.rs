@@ -30,6 +30,14 @@ impl<B: Backend> Reward<B> for Targeted<B> {
     fn loss(&self, scores: Tensor<B, 1>) -> Tensor<B, 1> {
         (scores - self.target).abs()
     }
+    #[allow(clippy::type_complexity)]
+    fn score_with_details(
+        &self,
+        images: Tensor<B, 4>,
+        prompts: &[String],
+    ) -> Result<(Tensor<B, 1>, Vec<(String, Vec<f64>)>), RewardError> {
+        self.inner.score_with_details(images, prompts)
+    }
 }
 
 /// One term of a [`WeightedSum`].

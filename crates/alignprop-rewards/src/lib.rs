@@ -8,6 +8,8 @@
 //! - [`hps`]: HPSv2 (OpenCLIP ViT-H/14; cosine of image and prompt features), loss `1 - score`.
 //! - [`pickscore`]: PickScore (transformers CLIP-H; `logit_scale.exp()` times the cosine), loss `-score`.
 //! - [`concept`]: concept removal: the CLIP cosine of an image to a concept prompt, loss `+similarity`.
+//! - [`owlvit`]: the OWL-ViT open-vocabulary detector (transformers `OwlViTForObjectDetection`), class path.
+//! - [`count`]: object count: the sum of OWL-ViT's per-patch probabilities of an object, loss `|count - target|`.
 //! - [`text`]: prompts to token ids for the prompt-conditioned rewards.
 //! - [`compressibility`]: JPEG size (the true metric) and its learned differentiable surrogate.
 //! - [`compose`]: a weighted sum of rewards, and a fixed target (`|score - target|` loss) for any reward.
@@ -21,8 +23,10 @@ pub mod clip_vision;
 pub mod compose;
 pub mod compressibility;
 pub mod concept;
+pub mod count;
 pub mod hps;
 pub mod open_clip;
+pub mod owlvit;
 pub mod pickscore;
 pub mod preprocess;
 pub mod registry;
@@ -152,6 +156,16 @@ pub trait Reward<B: Backend> {
     ) -> std::result::Result<(Tensor<B, 1>, Tensor<B, 1>), RewardError> {
         let s = self.score_with_prompts(images, prompts)?;
         Ok((s.clone(), self.loss(s)))
+    }
+    /// Scores as [`Self::score_with_prompts`], with per-image quantities to show beside them as `(name, one value
+    /// per image)` columns (the object count's thresholded detections); the default has none.
+    #[allow(clippy::type_complexity)]
+    fn score_with_details(
+        &self,
+        images: Tensor<B, 4>,
+        prompts: &[String],
+    ) -> std::result::Result<(Tensor<B, 1>, Vec<(String, Vec<f64>)>), RewardError> {
+        Ok((self.score_with_prompts(images, prompts)?, Vec::new()))
     }
 }
 

@@ -52,7 +52,7 @@ pub struct CLIPConfig {
 }
 
 /// transformers' `CLIPTextConfig()` defaults (a file only lists the values that differ).
-fn text_defaults() -> Value {
+pub fn text_defaults() -> Value {
     json!({
         "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "projection_dim": 512,
         "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
@@ -62,7 +62,7 @@ fn text_defaults() -> Value {
 }
 
 /// transformers' `CLIPVisionConfig()` defaults.
-fn vision_defaults() -> Value {
+pub fn vision_defaults() -> Value {
     json!({
         "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 512, "num_hidden_layers": 12,
         "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
@@ -88,6 +88,16 @@ fn overlay(mut base: Value, layers: &[Option<&Value>]) -> Value {
 impl CLIPConfig {
     /// Reads a `CLIPModel` `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_file_with_defaults(path, text_defaults(), vision_defaults())
+    }
+
+    /// Reads the `config.json` of a model made of a CLIP text and vision tower (`CLIPModel`, OWL-ViT's
+    /// `OwlViTConfig`), with `text_base` / `vision_base` as the defaults of the keys its tower configs leave out.
+    pub fn from_file_with_defaults(
+        path: impl AsRef<Path>,
+        text_base: Value,
+        vision_base: Value,
+    ) -> Result<Self> {
         let path = path.as_ref();
         let err = |msg: String| WeightError::Config {
             path: path.to_path_buf(),
@@ -111,12 +121,9 @@ impl CLIPConfig {
             ));
         }
         let get = |k: &str| root.get(k).or(Some(&empty));
-        let t = overlay(
-            text_defaults(),
-            &[get("text_config"), get("text_config_dict")],
-        );
+        let t = overlay(text_base, &[get("text_config"), get("text_config_dict")]);
         let vis = overlay(
-            vision_defaults(),
+            vision_base,
             &[get("vision_config"), get("vision_config_dict")],
         );
         let text_config: CLIPTextConfig =

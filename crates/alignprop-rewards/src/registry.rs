@@ -14,6 +14,7 @@ use crate::Reward;
 use crate::aesthetic::AestheticScorer;
 use crate::compressibility::CompressibilityScorer;
 use crate::concept::ConceptSimilarity;
+use crate::count::{DEFAULT_THRESHOLD, ObjectCount};
 use crate::hps::HpsScorer;
 use crate::pickscore::PickScorer;
 use crate::text::find_tokenizer;
@@ -62,6 +63,11 @@ pub struct RewardFiles<'a> {
     pub tokenizers: &'a [PathBuf],
     /// `concept`: the text of the concept to move away from (`reward.concept`, `--concept`).
     pub concept: Option<&'a str>,
+    /// `count`: the object to count in every image (`reward.object`, `--object`); else read from each prompt.
+    pub object: Option<&'a str>,
+    /// `count`: the probability above which a patch is a detection for the hard count (`--count-threshold`;
+    /// default [`DEFAULT_THRESHOLD`]).
+    pub count_threshold: Option<f64>,
 }
 
 impl RewardFiles<'_> {
@@ -92,20 +98,40 @@ pub enum Scorer<B: Backend> {
     JpegSize,
 }
 
+/// Whether a kind scores each image with its prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prompts {
+    /// It ignores prompts.
+    Ignored,
+    /// It needs one prompt per image (HPSv2, PickScore).
+    Needed,
+    /// It needs them unless an object is given ([`RewardFiles::object`]): the object count.
+    UnlessObject,
+}
+
 /// One reward kind.
 pub struct RewardKind<B: Backend> {
     /// The name configs and the command line use.
     pub name: &'static str,
     /// The files it cannot do without.
     pub needs: &'static [Need],
-    /// Whether it scores each image with its prompt (and so needs a CLIP tokenizer).
-    pub reads_prompts: bool,
+    /// Whether it scores each image with its prompt (see [`Self::reads_prompts`]).
+    pub prompts: Prompts,
     /// Whether its weights folder may hold its tokenizer (PickScore's does).
     pub tokenizer_in_weights: bool,
     pub scorer: Scorer<B>,
 }
 
 impl<B: Backend> RewardKind<B> {
+    /// Whether it scores each image with its prompt, given `files`.
+    pub fn reads_prompts(&self, files: &RewardFiles<'_>) -> bool {
+        match self.prompts {
+            Prompts::Ignored => false,
+            Prompts::Needed => true,
+            Prompts::UnlessObject => files.object.is_none_or(|o| o.trim().is_empty()),
+        }
+    }
+
     /// Whether the trainer can use it (it is differentiable).
     pub fn trainable(&self) -> bool {
         matches!(self.scorer, Scorer::Reward(_))
@@ -217,7 +243,11 @@ pub fn reward_kinds<B: Backend>() -> Vec<RewardKind<B>> {
             RewardKind {
                 name,
                 needs,
-                reads_prompts,
+                prompts: if reads_prompts {
+                    Prompts::Needed
+                } else {
+                    Prompts::Ignored
+                },
                 tokenizer_in_weights: false,
                 scorer,
             }
@@ -329,6 +359,33 @@ pub fn reward_kinds<B: Backend>() -> Vec<RewardKind<B>> {
                 }),
             )
         },
+        RewardKind {
+            tokenizer_in_weights: true,
+            prompts: Prompts::UnlessObject,
+            ..kind(
+                "count",
+                &[Need {
+                    file: WEIGHTS,
+                    what: "an OWL-ViT folder (transformers OwlViTForObjectDetection, e.g. \
+                           google/owlvit-base-patch32); the object is reward.object / --object or read from each \
+                           prompt (\"three dogs\")",
+                }],
+                true,
+                Scorer::Reward(|f, d, t| {
+                    let tokenizer = find_tokenizer(f.tokenizers)?;
+                    let reward = ObjectCount::load(
+                        f.require(WEIGHTS)?,
+                        f.config,
+                        &tokenizer,
+                        f.object,
+                        f.count_threshold.unwrap_or(DEFAULT_THRESHOLD),
+                        d,
+                        t,
+                    )?;
+                    Ok(Box::new(reward) as Box<dyn Reward<B>>)
+                }),
+            )
+        },
         kind(
             "tiny",
             &[Need {
@@ -377,8 +434,9 @@ pub fn kind_names(trainable_only: bool) -> Vec<&'static str> {
 mod tests {
     use super::*;
 
-    /// Names are unique; only `jpeg` is evaluation-only; the prompt rewards are HPSv2 and PickScore; PickScore and
-    /// concept look for their tokenizer in their weights folder first; concept without its text is an error.
+    /// Names are unique; only `jpeg` is evaluation-only; the prompt rewards are HPSv2, PickScore and the object
+    /// count (unless its object is given); PickScore, concept and count look for their tokenizer in their weights
+    /// folder first; concept without its text is an error.
     #[test]
     fn kinds_are_unique_and_described() {
         let mut names = kind_names(false);
@@ -392,6 +450,7 @@ mod tests {
                 "hps",
                 "pickscore",
                 "concept",
+                "count",
                 "tiny"
             ]
         );
@@ -404,6 +463,7 @@ mod tests {
                 "hps",
                 "pickscore",
                 "concept",
+                "count",
                 "tiny"
             ]
         );
@@ -413,10 +473,16 @@ mod tests {
         assert!(!names.contains(&SUM_KIND));
         let prompts: Vec<_> = reward_kinds::<AnyBackend>()
             .into_iter()
-            .filter(|k| k.reads_prompts)
+            .filter(|k| k.reads_prompts(&RewardFiles::default()))
             .map(|k| k.name)
             .collect();
-        assert_eq!(prompts, ["hps", "pickscore"]);
+        assert_eq!(prompts, ["hps", "pickscore", "count"]);
+        let count = reward_kind::<AnyBackend>("count").unwrap();
+        let with_object = RewardFiles {
+            object: Some("a photo of a dog"),
+            ..Default::default()
+        };
+        assert!(count.tokenizer_in_weights && !count.reads_prompts(&with_object));
         let pick = reward_kind::<AnyBackend>("pickscore").unwrap();
         assert_eq!(
             pick.tokenizer_candidates(None, None, Some(Path::new("sd/tokenizer"))),
@@ -440,7 +506,7 @@ mod tests {
         );
         assert!(trainable_kind::<AnyBackend>("tiny").is_ok());
         let concept = reward_kind::<AnyBackend>("concept").unwrap();
-        assert!(concept.tokenizer_in_weights && !concept.reads_prompts);
+        assert!(concept.tokenizer_in_weights && !concept.reads_prompts(&RewardFiles::default()));
         let files = RewardFiles {
             path: Some(Path::new("clip")),
             ..Default::default()

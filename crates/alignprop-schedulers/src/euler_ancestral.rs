@@ -95,7 +95,8 @@ impl Scheduler for EulerAncestralScheduler {
         let (s, s_to) = (self.sigmas[i], self.sigmas[i + 1]);
         let x0 = match self.prediction {
             PredictionType::VPrediction => {
-                model_output * (-s / (s * s + 1.0).sqrt()) + sample.clone() / (s * s + 1.0)
+                // `* (1 / (s^2 + 1))`, not `/`: burn-autodiff 0.21's `div_scalar` backward rounds the divisor to f32.
+                model_output * (-s / (s * s + 1.0).sqrt()) + sample.clone() * (1.0 / (s * s + 1.0))
             }
             _ => sample.clone() - model_output * s,
         };

@@ -1,5 +1,7 @@
 //! The tiny HPSv2 / PickScore fixture models (`tests/fixtures/tiny-prompt-reward`, made by
-//! `xtask/fixtures/make_prompt_reward_refs.py`) as loadable files, for the tests of this and the other crates.
+//! `xtask/fixtures/make_prompt_reward_refs.py`) and the tiny OWL-ViT detector of the object count
+//! (`tests/fixtures/tiny-count`, made by `xtask/fixtures/make_count_refs.py`) as loadable files, for the tests of
+//! this and the other crates.
 //!
 //! The fixture stores each 49408-row token embedding compactly (`<prefix>token_embedding.rows` `[n, width]` and
 //! `.ids` `[n]`, every other row being zero) to stay small; [`write_prompt_reward_models`] writes the models in their
@@ -98,4 +100,33 @@ pub fn write_prompt_reward_models(out: &Path) -> Result<PromptRewardModels> {
         pickscore,
         tokenizer: crate::tiny_sd().join("tokenizer"),
     })
+}
+
+/// `tests/fixtures/tiny-count`.
+pub fn tiny_count() -> PathBuf {
+    crate::fixtures_root().join("tiny-count")
+}
+
+/// Writes the tiny OWL-ViT detector as a complete `OwlViTForObjectDetection` folder at `out` (created): its
+/// `config.json`, `model.safetensors` with the full token embedding, and a tokenizer (the tiny SD fixture's CLIP BPE
+/// with the fixture's `tokenizer_config.json`: padding with "!", 16 tokens, as OWL-ViT's). Returns `out`.
+pub fn write_count_model(out: &Path) -> Result<PathBuf> {
+    let dir = tiny_count().join("owlvit");
+    let io = |path: &Path, source| WeightError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    expand(&dir.join("model.safetensors"), &out.join("model.safetensors"), 49408)?;
+    let bpe = crate::tiny_sd().join("tokenizer");
+    for (from, name) in [
+        (dir.join("config.json"), "config.json"),
+        (dir.join("tokenizer_config.json"), "tokenizer_config.json"),
+        (bpe.join("tokenizer.json"), "tokenizer.json"),
+        (bpe.join("vocab.json"), "vocab.json"),
+        (bpe.join("merges.txt"), "merges.txt"),
+    ] {
+        std::fs::copy(&from, out.join(name)).map_err(|e| io(&from, e))?;
+    }
+    Ok(out.to_path_buf())
 }

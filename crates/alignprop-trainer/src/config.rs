@@ -53,12 +53,15 @@ pub struct RewardConfig {
     /// `brightness` (mean image brightness, for demos), `aesthetic` (LAION aesthetic predictor: needs
     /// `clip_path` and `path`), `compressibility` (the JPEG-size surrogate: `clip_path` and `path`), `hps` (HPSv2:
     /// `path`, optional `config` and `tokenizer`; loss `1 - score`), `pickscore` (PickScore: `path`, optional
-    /// `tokenizer`; loss `-score`), `tiny` (the fixtures' tiny scorer, needs `path`), or `sum`: a weighted sum of
-    /// the rewards listed as `[[reward.terms]]`.
+    /// `tokenizer`; loss `-score`), `concept` (CLIP similarity to `concept`: `path`; loss `+similarity`), `count`
+    /// (object count from OWL-ViT: `path`, optional `object`; loss `|count - target|` with the target from
+    /// `target` or the prompt), `tiny` (the fixtures' tiny scorer, needs `path`), or `sum`: a weighted sum of the
+    /// rewards listed as `[[reward.terms]]`.
     pub kind: String,
     /// Weights: the aesthetic head (`.pth` as LAION publishes it, or `.safetensors`), the HPSv2 checkpoint
     /// (`HPS_v2_compressed.pt`, `HPS_v2.1_compressed.pt` or a safetensors conversion), the PickScore folder
-    /// (transformers `CLIPModel`: `config.json` + `model.safetensors` or `pytorch_model.bin`), or the `tiny` folder.
+    /// (transformers `CLIPModel`: `config.json` + `model.safetensors` or `pytorch_model.bin`), the OWL-ViT folder
+    /// (`count`: transformers `OwlViTForObjectDetection`), or the `tiny` folder.
     pub path: Option<PathBuf>,
     /// `aesthetic`: a transformers `CLIPVisionModelWithProjection` folder (OpenAI CLIP ViT-L/14).
     pub clip_path: Option<PathBuf>,
@@ -71,6 +74,9 @@ pub struct RewardConfig {
     /// `concept`: the text of the concept to move away from (e.g. "a photo of a dog"); the reward is the CLIP
     /// similarity of each image to it (`path`: a transformers `CLIPModel` folder), the loss `+similarity`.
     pub concept: Option<String>,
+    /// `count`: the object to count in every image, as a detector query (e.g. "a photo of a dog"); unset: read from
+    /// each prompt ("three dogs": object "dog", target 3). `path`: an OWL-ViT folder.
+    pub object: Option<String>,
     /// The loss is `loss_coeff * mean(per-image loss)`; AlignProp uses 0.01 for the aesthetic reward.
     pub loss_coeff: f64,
     /// For `|score - target|` losses (aesthetic: 10); `None` uses the reward's own loss (`-score` for most,
@@ -89,6 +95,7 @@ impl Default for RewardConfig {
             config: None,
             tokenizer: None,
             concept: None,
+            object: None,
             loss_coeff: 1.0,
             target: None,
             terms: Vec::new(),
@@ -108,6 +115,7 @@ pub struct RewardTermConfig {
     pub config: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
     pub concept: Option<String>,
+    pub object: Option<String>,
     pub target: Option<f64>,
 }
 
@@ -121,6 +129,7 @@ impl Default for RewardTermConfig {
             config: None,
             tokenizer: None,
             concept: None,
+            object: None,
             target: None,
         }
     }
@@ -149,6 +158,8 @@ impl RewardTermConfig {
             config: self.config.as_deref(),
             tokenizers,
             concept: self.concept.as_deref(),
+            object: self.object.as_deref(),
+            count_threshold: None,
         }
     }
 
@@ -186,6 +197,7 @@ impl RewardConfig {
                 config: self.config.clone(),
                 tokenizer: self.tokenizer.clone(),
                 concept: self.concept.clone(),
+                object: self.object.clone(),
                 target: self.target,
             }]
         }
