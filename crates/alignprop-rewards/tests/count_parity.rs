@@ -224,3 +224,34 @@ fn prompts_without_a_count_or_object_are_clear_errors() {
         "{e}"
     );
 }
+
+/// The count is a term of a weighted sum like any reward: the sum's loss adds the count's own per-image loss
+/// (`|count - target|`, targets from the prompts) and the other term's, with their weights.
+#[test]
+fn the_count_is_a_term_of_a_weighted_sum() {
+    use alignprop_rewards::Brightness;
+    use alignprop_rewards::compose::{WeightedSum, WeightedTerm};
+    let r = refs();
+    let d = Default::default();
+    let f = folder();
+    let image: Tensor<I, 4> = ref_tensor_on(&r, "image", &d, DType::F64);
+    let count = counter::<I>(&f, None, 0.1, DType::F64);
+    let (c, cl) = count.score_and_loss(image.clone(), &prompts()).unwrap();
+    let (b, bl) = Brightness
+        .score_and_loss(image.clone(), &prompts())
+        .unwrap();
+    let sum = WeightedSum::new(vec![
+        WeightedTerm {
+            weight: 0.5,
+            reward: Box::new(count),
+        },
+        WeightedTerm {
+            weight: 2.0,
+            reward: Box::new(Brightness),
+        },
+    ]);
+    let (s, l) = sum.score_and_loss(image, &prompts()).unwrap();
+    let want_s: Vec<f64> = values(c * 0.5 + b * 2.0);
+    let want_l: Vec<f64> = values(cl * 0.5 + bl * 2.0);
+    assert!(err(&values(s), &want_s) < 1e-14 && err(&values(l), &want_l) < 1e-14);
+}
