@@ -151,18 +151,11 @@ where
 
     // 1. Forward on the inner backend, storing each step's input and guided model output (the detached steps'
     // VJPs read them: a few kilobytes per step).
-    let inner_unet = unet.valid();
-    let mut inputs = Vec::with_capacity(n);
-    let mut outputs = Vec::with_capacity(n);
-    let mut x = x_t;
-    for i in 0..n {
-        inputs.push(x.clone());
-        let t = scheduler.timesteps()[i] as f64;
-        let eps = guided_noise(&inner_unet, x.clone(), t, text, guidance);
-        outputs.push(eps.clone());
-        x = scheduler.step(eps, i, x, noise(i)).prev_sample;
-    }
-    drop(inner_unet);
+    let NoGradRun {
+        inputs,
+        outputs,
+        sample: x,
+    } = forward_no_grad(unet, scheduler, text, guidance, x_t, noises, n);
 
     // 2. Loss and dL/dx_n through the decoder and the reward.
     let x_n = Tensor::<B, 4>::from_inner(x.clone()).require_grad();
@@ -171,12 +164,12 @@ where
     let loss_value = scalar(loss.clone().inner());
     let scores = f64_values(scores.inner());
     let grads = backward_tracked(loss);
-    // The latent gradient is carried in f32 whatever the model dtype: in bf16 its ~3 significant digits would be
-    // lost again at every step it passes through.
+    // The latent gradient is carried in f32, or f64 for an f64 model ([`carry_dtype`]).
+    let carry = carry_dtype(x.dtype());
     let mut g = x_n
         .grad(&grads)
         .ok_or(ChainError::LossIgnoresImages)?
-        .cast(DType::F32);
+        .cast(carry);
     drop(grads);
 
     // 3. Backward through the steps, one recomputed step at a time.
@@ -191,13 +184,13 @@ where
             let next = scheduler
                 .step(eps, i, xi.clone(), noise(i).map(Tensor::from_inner))
                 .prev_sample;
-            let vjp = alignprop_kernels::sum_all(next.cast(DType::F32) * Tensor::from_inner(g));
+            let vjp = alignprop_kernels::sum_all(next.cast(carry) * Tensor::from_inner(g));
             let grads = vjp.backward();
             acc.add(lora_grads_from(unet, &grads));
             g = xi
                 .grad(&grads)
                 .expect("the step depends on its input")
-                .cast(DType::F32);
+                .cast(carry);
         } else {
             g = scheduler.step_sample_vjp(i, g, outputs[i].clone(), inputs[i].clone());
         }
@@ -209,9 +202,61 @@ where
         final_latents: x,
         images: images.inner(),
         grads: acc,
-        latent_grad: carry_to_noise(scheduler, first, g, &outputs, &inputs),
+        latent_grad: carry_to_noise(scheduler, first, g, &outputs, &inputs).cast(DType::F32),
         copy_scores: Vec::new(),
     })
+}
+
+/// The steps `0..upto` of a chain run without gradient ([`forward_no_grad`]).
+pub(crate) struct NoGradRun<B: burn::tensor::backend::Backend> {
+    /// Each step's input latents `[batch, 4, h, w]`.
+    pub inputs: Vec<Tensor<B, 4>>,
+    /// Each step's guided model output `[batch, 4, h, w]`.
+    pub outputs: Vec<Tensor<B, 4>>,
+    /// The sample after step `upto - 1` (`x_t` when `upto` is 0).
+    pub sample: Tensor<B, 4>,
+}
+
+/// Runs the guided steps `0..upto` from `x_t` on the inner backend (no autodiff graph), with step `i`'s noise
+/// `noises[i]`, recording each step's input and guided model output: what the detached steps' VJPs and
+/// [`carry_to_noise`] read (a few kilobytes per step).
+pub(crate) fn forward_no_grad<B: AutodiffBackend>(
+    unet: &UNet2DConditionModel<B>,
+    scheduler: &DdimScheduler,
+    text: &Conditioning<B::InnerBackend>,
+    guidance: f64,
+    x_t: Tensor<B::InnerBackend, 4>,
+    noises: &[Option<Tensor<B::InnerBackend, 4>>],
+    upto: usize,
+) -> NoGradRun<B::InnerBackend> {
+    let inner_unet = unet.valid();
+    let (mut inputs, mut outputs) = (Vec::with_capacity(upto), Vec::with_capacity(upto));
+    let mut x = x_t;
+    for i in 0..upto {
+        inputs.push(x.clone());
+        let t = scheduler.timesteps()[i] as f64;
+        let eps = guided_noise(&inner_unet, x.clone(), t, text, guidance);
+        outputs.push(eps.clone());
+        x = scheduler
+            .step(eps, i, x, noises.get(i).cloned().flatten())
+            .prev_sample;
+    }
+    NoGradRun {
+        inputs,
+        outputs,
+        sample: x,
+    }
+}
+
+/// The dtype the latent gradient `dL/dx_i` is carried in through the steps, for latents of `dtype`: f32, so that
+/// in bf16 / f16 its ~3 significant digits are not lost again at every step it passes through; f64 for f64 models
+/// (rounding it to f32 at every step would put a ~6e-8 relative error into every float64 LoRA gradient).
+pub(crate) fn carry_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
 
 /// The index of the first step that carries gradient (`grad_steps.len()` when none does).
@@ -324,14 +369,14 @@ where
     let g = x_first
         .grad(&grads)
         .ok_or(ChainError::LossIgnoresImages)?
-        .cast(DType::F32);
+        .cast(carry_dtype(final_latents.dtype()));
     Ok(TrajectoryOutput {
         loss: value,
         scores,
         final_latents,
         images,
         grads: lora_grads_from(unet, &grads),
-        latent_grad: carry_to_noise(scheduler, first, g, &outputs, &inputs),
+        latent_grad: carry_to_noise(scheduler, first, g, &outputs, &inputs).cast(DType::F32),
         copy_scores: Vec::new(),
     })
 }

@@ -14,13 +14,12 @@
 use alignprop_pipeline::guided_noise;
 use alignprop_rewards::RewardError;
 use alignprop_schedulers::Scheduler;
-use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor};
 
 use crate::chain::{
-    ChainError, TrajectoryInput, TrajectoryOutput, autodiff_text, backward_tracked, carry_to_noise,
-    check_noise, f64_values, scalar,
+    ChainError, NoGradRun, TrajectoryInput, TrajectoryOutput, autodiff_text, backward_tracked,
+    carry_to_noise, check_noise, f64_values, forward_no_grad, scalar,
 };
 use crate::lora_params::{LoraGrads, lora_grads_from};
 
@@ -52,17 +51,11 @@ where
         return Err(ChainError::StopStep { stop, steps: n });
     }
     let noise = |i: usize| noises.get(i).cloned().flatten();
-    let inner_unet = unet.valid();
-    let (mut inputs, mut outputs) = (Vec::with_capacity(stop), Vec::with_capacity(stop));
-    let mut x = x_t;
-    for i in 0..stop {
-        inputs.push(x.clone());
-        let t = scheduler.timesteps()[i] as f64;
-        let eps = guided_noise(&inner_unet, x.clone(), t, text, guidance);
-        outputs.push(eps.clone());
-        x = scheduler.step(eps, i, x, noise(i)).prev_sample;
-    }
-    drop(inner_unet);
+    let NoGradRun {
+        inputs,
+        outputs,
+        sample: x,
+    } = forward_no_grad(unet, scheduler, text, guidance, x_t, noises, stop);
 
     let xs = Tensor::<B, 4>::from_inner(x).require_grad();
     let t = scheduler.timesteps()[stop] as f64;
@@ -129,14 +122,7 @@ where
     } = input;
     let n = scheduler.timesteps().len();
     let noise = |i: usize| noises.get(i).cloned().flatten();
-    let inner_unet = unet.valid();
-    let mut x = x_t.clone();
-    for i in 0..n {
-        let t = scheduler.timesteps()[i] as f64;
-        let eps = guided_noise(&inner_unet, x.clone(), t, text, guidance);
-        x = scheduler.step(eps, i, x, noise(i)).prev_sample;
-    }
-    drop(inner_unet);
+    let x = forward_no_grad(unet, scheduler, text, guidance, x_t.clone(), noises, n).sample;
 
     let last = n - 1;
     let t = scheduler.timesteps()[last];
