@@ -21,7 +21,7 @@
 //! applies CLIP's mean/std. Here the resize is bilinear without antialiasing (differentiable, as the other
 //! rewards'), so scores of a picture differ slightly from the processor's.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use alignprop_diffusion::clip::{CLIPTextConfig, CLIPTextModel};
 use alignprop_diffusion::nn::{LayerNorm, Linear};
@@ -34,7 +34,9 @@ use serde_json::{Value, json};
 
 use crate::RewardError;
 use crate::clip_vision::CLIPVisionModel;
-use crate::pickscore::{CLIPConfig, clip_model_weights, text_defaults, vision_defaults};
+use crate::pickscore::{
+    CLIPConfig, clip_model_weights, model_config, text_defaults, vision_defaults,
+};
 use crate::preprocess::{CLIP_MEAN, CLIP_STD, normalize, resize_bilinear, to_unit_range};
 use crate::text::{load_tokenizer, reward_prompt_ids};
 
@@ -152,13 +154,8 @@ impl<B: Backend> OwlViTDetector<B> {
         device: &B::Device,
         dtype: DType,
     ) -> Result<Self> {
-        let config: PathBuf = match config {
-            Some(c) => c.to_path_buf(),
-            None if path.is_dir() => path.join("config.json"),
-            None => path.with_file_name("config.json"),
-        };
         let (text, vision) = owlvit_defaults();
-        let cfg = CLIPConfig::from_file_with_defaults(&config, text, vision)?;
+        let cfg = CLIPConfig::from_file_with_defaults(model_config(path, config), text, vision)?;
         let vb = VarBuilder::from_source(clip_model_weights(path)?, device, dtype);
         Self::new(&cfg, &vb, load_tokenizer(tokenizer)?)
     }

@@ -146,6 +146,16 @@ impl CLIPConfig {
     }
 }
 
+/// The `config.json` of a transformers model given as a folder or a weights file: `config` when given, else the
+/// folder's, else the one beside the weights file.
+pub fn model_config(path: &Path, config: Option<&Path>) -> PathBuf {
+    match config {
+        Some(c) => c.to_path_buf(),
+        None if path.is_dir() => path.join("config.json"),
+        None => path.with_file_name("config.json"),
+    }
+}
+
 /// The PickScore model: CLIP towers, projections, logit scale, tokenizer.
 #[derive(Debug)]
 pub struct PickScorer<B: Backend> {
@@ -218,12 +228,7 @@ impl<B: Backend> PickScorer<B> {
         device: &B::Device,
         dtype: DType,
     ) -> Result<Self> {
-        let config: PathBuf = match config {
-            Some(c) => c.to_path_buf(),
-            None if path.is_dir() => path.join("config.json"),
-            None => path.with_file_name("config.json"),
-        };
-        let cfg = CLIPConfig::from_file(&config)?;
+        let cfg = CLIPConfig::from_file(model_config(path, config))?;
         let vb = VarBuilder::from_source(clip_model_weights(path)?, device, dtype);
         Self::new(&cfg, &vb, load_tokenizer(tokenizer)?)
     }
