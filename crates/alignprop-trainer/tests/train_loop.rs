@@ -713,7 +713,8 @@ fn every_method_raises_the_reward_in_ten_steps() {
 #[test]
 fn count_and_concept_rewards_train_in_ten_steps() {
     let dir = std::env::temp_dir().join(format!("alignprop-count-rw-{}", std::process::id()));
-    let m = alignprop_testing::prompt_reward::write_prompt_reward_models(&dir.join("clip")).unwrap();
+    let m =
+        alignprop_testing::prompt_reward::write_prompt_reward_models(&dir.join("clip")).unwrap();
     let owl = alignprop_testing::prompt_reward::write_count_model(&dir.join("owlvit")).unwrap();
     // (name, reward, learning rate): the tiny random CLIP's cosine moves slowly at the demo's 0.003.
     let runs = [
