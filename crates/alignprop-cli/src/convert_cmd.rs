@@ -17,21 +17,27 @@ pub enum ConvertCommand {
         /// The `.safetensors` file to write.
         output: PathBuf,
     },
-    /// A single-file SD1.x checkpoint (`model.diffusion_model.*`, `first_stage_model.*`,
-    /// `cond_stage_model.transformer.*` keys) to a diffusers folder (unet/, vae/, text_encoder/, tokenizer/,
-    /// scheduler/, model_index.json), tensors in their stored dtype.
+    /// A single-file SD1.x or SD2.x checkpoint (`model.diffusion_model.*`, `first_stage_model.*`, and
+    /// `cond_stage_model.transformer.*` (SD1.x) or `cond_stage_model.model.*` (SD2.x, OpenCLIP) keys) to a diffusers
+    /// folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json), tensors in their stored dtype.
+    /// SD2.x files are taken for SD 2.1 (768 px, v-prediction) unless --prediction-type or --configs says otherwise.
     SingleFile {
         /// The `.safetensors` checkpoint (`.ckpt` pickles are refused: convert them to safetensors first).
         input: PathBuf,
         /// The diffusers folder to create.
         output: PathBuf,
-        /// A diffusers folder whose unet/vae/text_encoder config.json describe the checkpoint; default: SD1.5's
-        /// configs adjusted to the tensor shapes.
+        /// A diffusers folder whose unet/vae/text_encoder config.json (and scheduler/, tokenizer/) describe the
+        /// checkpoint; default: SD1.5's configs (SD 2.1's for an SD2.x file) adjusted to the tensor shapes.
         #[arg(long)]
         configs: Option<PathBuf>,
-        /// A tokenizer folder to copy; default: SD1.5's CLIP tokenizer, bundled.
+        /// A tokenizer folder to copy; default: SD1.5's CLIP tokenizer, bundled (padding with "!" for SD2.x).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// What the model predicts, which a single file does not store: epsilon (SD1.x, the 512-px SD2 base
+        /// models), v_prediction (SD 2.0-v / 2.1 at 768 px) or sample; default: --configs' scheduler, else epsilon
+        /// for SD1.x and v_prediction for SD2.x.
+        #[arg(long, value_parser = ["epsilon", "v_prediction", "sample"])]
+        prediction_type: Option<String>,
         /// Write into an existing non-empty folder.
         #[arg(long)]
         overwrite: bool,
@@ -55,6 +61,7 @@ pub fn run(cmd: ConvertCommand) -> Result<()> {
             output,
             configs,
             tokenizer,
+            prediction_type,
             overwrite,
         } => {
             if input
@@ -69,6 +76,7 @@ pub fn run(cmd: ConvertCommand) -> Result<()> {
             let opts = ConvertOptions {
                 configs_from: configs,
                 tokenizer_from: tokenizer,
+                prediction_type,
                 overwrite,
             };
             eprintln!(

@@ -405,6 +405,79 @@ fn convert_single_file_and_merge_lora_give_usable_model_folders() {
     std::fs::remove_dir_all(d).ok();
 }
 
+/// An SD2.x single file (OpenCLIP text tower, v-prediction): converted with the tiny SD2 folder's configs it
+/// samples exactly as that folder; with only the networks' configs (the tiny GroupNorm groups are not SD's) the
+/// scheduler and tokenizer are SD2's defaults (v-prediction, "!" padding), and `--prediction-type epsilon` (an SD2
+/// base model) is written into the scheduler.
+#[test]
+fn convert_sd2_single_file_gives_a_working_folder() {
+    let d = tmp("conv_sd2");
+    std::fs::create_dir_all(&d).unwrap();
+    let sd2 = tiny().join("../tiny-sd2");
+    let file = sd2.join("single_file/tiny-sd21.safetensors");
+    let conv = d.join("converted");
+    ok(run(bin()
+        .args(["convert", "single-file"])
+        .arg(&file)
+        .arg(&conv)
+        .arg("--configs")
+        .arg(&sd2)));
+    ok(sample_from(&sd2, &d.join("s_orig"), &[]));
+    ok(sample_from(&conv, &d.join("s_conv"), &[]));
+    let png = "0000_a_cat_0.png";
+    assert_eq!(
+        read(&d.join("s_orig").join(png)),
+        read(&d.join("s_conv").join(png)),
+        "the converted SD2 model samples differently"
+    );
+
+    let scheduler = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&read(&dir.join("scheduler/scheduler_config.json"))).unwrap()
+    };
+    let configs = d.join("configs");
+    for c in ["unet", "vae", "text_encoder"] {
+        std::fs::create_dir_all(configs.join(c)).unwrap();
+        std::fs::copy(
+            sd2.join(c).join("config.json"),
+            configs.join(c).join("config.json"),
+        )
+        .unwrap();
+    }
+    let inferred = d.join("inferred");
+    ok(run(bin()
+        .args(["convert", "single-file"])
+        .arg(&file)
+        .arg(&inferred)
+        .arg("--configs")
+        .arg(&configs)));
+    assert_eq!(scheduler(&inferred)["prediction_type"], "v_prediction");
+    ok(sample_from(&inferred, &d.join("s_inferred"), &[]));
+    assert_eq!(
+        read(&d.join("s_orig").join(png)),
+        read(&d.join("s_inferred").join(png)),
+        "the SD2 defaults (scheduler, tokenizer) sample differently from the SD2 folder"
+    );
+    let tok: serde_json::Value =
+        serde_json::from_slice(&read(&inferred.join("tokenizer/tokenizer_config.json"))).unwrap();
+    assert_eq!(tok["pad_token"], "!");
+    let base = d.join("base");
+    ok(run(bin()
+        .args(["convert", "single-file", "--prediction-type", "epsilon"])
+        .arg(&file)
+        .arg(&base)
+        .arg("--configs")
+        .arg(&configs)));
+    assert_eq!(scheduler(&base)["prediction_type"], "epsilon");
+    assert_clean_error(
+        &run(bin()
+            .args(["convert", "single-file", "--prediction-type", "x0"])
+            .arg(&file)
+            .arg(d.join("bad"))),
+        "x0",
+    );
+    std::fs::remove_dir_all(d).ok();
+}
+
 #[test]
 fn fit_compressibility_then_eval_with_it_and_with_the_true_jpeg_size() {
     let d = tmp("fit");
@@ -654,19 +727,26 @@ fn eval_counts_objects_with_owlvit() {
     assert_eq!(rows.len(), 3, "two samples and the grid: {v}");
     for r in rows {
         // 4x4 patches in the tiny detector: a soft count in [0, 16], a whole hard count.
-        let (s, h) = (r["score"].as_f64().unwrap(), r["hard_count@0.5"].as_f64().unwrap());
-        assert!((0.0..=16.0).contains(&s) && (0.0..=16.0).contains(&h) && h.fract() == 0.0, "{r}");
+        let (s, h) = (
+            r["score"].as_f64().unwrap(),
+            r["hard_count@0.5"].as_f64().unwrap(),
+        );
+        assert!(
+            (0.0..=16.0).contains(&s) && (0.0..=16.0).contains(&h) && h.fract() == 0.0,
+            "{r}"
+        );
         assert!(r.get("target").is_none(), "{r}");
     }
     // Objects and targets from the prompts: one prompt for every image.
     let (_, v) = eval(&["--prompt", "three cats"], "prompt.json");
     let with_prompt = v["scores"].as_array().unwrap();
     assert!(with_prompt.iter().all(|r| r["target"] == 3.0), "{v}");
-    assert_eq!(with_prompt[0]["score"], rows[0]["score"], "the same query: 'a photo of a cat'");
+    assert_eq!(
+        with_prompt[0]["score"], rows[0]["score"],
+        "the same query: 'a photo of a cat'"
+    );
     // The manifest's prompts ("a cat", "a dog") name no count.
-    let e = run(bin()
-        .args(["eval", "--device", "cpu"])
-        .args(&count));
+    let e = run(bin().args(["eval", "--device", "cpu"]).args(&count));
     assert_clean_error(&e, "\"a cat\" names no count");
     std::fs::remove_dir_all(d).ok();
 }

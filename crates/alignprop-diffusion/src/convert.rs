@@ -1,6 +1,12 @@
-//! Conversion of a single-file SD1.x checkpoint (original CompVis layout) into a diffusers pipeline folder
-//! (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json`), so the checkpoint can be used
-//! by every command that takes a model folder, and by diffusers itself.
+//! Conversion of a single-file SD1.x / SD2.x checkpoint (original CompVis / Stability-AI layout) into a diffusers
+//! pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json`), so the
+//! checkpoint can be used by every command that takes a model folder, and by diffusers itself.
+//!
+//! Which generation a file is comes from its text encoder's keys ([`SdVersion`]). An SD2.x file's OpenCLIP tower
+//! becomes a transformers `CLIPTextModel` of its blocks but the last (exact GELU), its tokenizer pads with `!`, and
+//! its scheduler predicts v, as SD 2.1 (768 px) and diffusers' default for SD2 files; the 512-px SD2 base models
+//! predict epsilon, which the file cannot tell: [`ConvertOptions::prediction_type`] (or a `configs_from` folder)
+//! says so.
 //!
 //! The tensors written are exactly the ones our models read, under their diffusers / transformers names, with their
 //! stored bytes and dtype unchanged (1x1 convolution weights that diffusers keeps as linear matrices are written in
@@ -13,25 +19,31 @@ use std::path::{Path, PathBuf};
 use burn::backend::Flex;
 use burn::tensor::{DType, TensorData};
 
-use crate::clip::{CLIPTextConfig, CLIPTextModel};
+use crate::clip::{CLIPActivation, CLIPTextConfig, CLIPTextModel};
 use crate::tokenizer::SD15_TOKENIZER_FILES;
 use crate::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::vae::{AutoencoderKL, AutoencoderKLConfig};
 use alignprop_io::pipeline_files::read_json;
-use alignprop_io::single_file::SingleFileCheckpoint;
+use alignprop_io::single_file::SdVersion;
+use alignprop_io::single_file::{OPEN_CLIP_PREFIX, SingleFileCheckpoint};
 use alignprop_io::weights::{Result, TensorSource, VarBuilder, WeightError, write_safetensors};
 
 /// How to convert.
 #[derive(Clone, Debug, Default)]
 pub struct ConvertOptions {
     /// A diffusers folder whose `unet/`, `vae/`, `text_encoder/` `config.json` (and `scheduler/`, `tokenizer/`)
-    /// describe the checkpoint. Without it the configs are SD1.5's, adjusted to what the tensor shapes tell
-    /// (channels, levels, attention layout, text-encoder size); values the shapes cannot tell (GroupNorm groups,
-    /// attention heads) stay SD1.5's.
+    /// describe the checkpoint. Without it the configs are SD1.5's (SD 2.1's for an SD2.x file), adjusted to what
+    /// the tensor shapes tell (channels, levels, attention layout, text-encoder size); values the shapes cannot tell
+    /// (GroupNorm groups, attention heads: one per 64 channels for SD2.x) stay SD1.5's / SD 2.1's.
     pub configs_from: Option<PathBuf>,
     /// A tokenizer folder (`vocab.json` + `merges.txt`, or `tokenizer.json`) to copy; default: `configs_from`'s
-    /// `tokenizer/` if it has one, else SD1.5's CLIP tokenizer bundled with this crate.
+    /// `tokenizer/` if it has one, else SD1.5's CLIP tokenizer bundled with this crate (for an SD2.x file with SD2's
+    /// `!` padding).
     pub tokenizer_from: Option<PathBuf>,
+    /// The scheduler's `prediction_type` (`epsilon`, `v_prediction` or `sample`), which a single file does not
+    /// store; default: `configs_from`'s scheduler, else `epsilon` for SD1.x and `v_prediction` for SD2.x (SD 2.1 /
+    /// 2.0-v at 768 px; give `epsilon` for the 512-px SD2 base models, whose default size then is 512).
+    pub prediction_type: Option<String>,
     /// Overwrite an existing non-empty output folder.
     pub overwrite: bool,
 }
@@ -54,8 +66,25 @@ fn write_err(path: &Path, msg: impl std::fmt::Display) -> WeightError {
     }
 }
 
-/// SD1.5's UNet config adjusted to the structure read from the checkpoint.
-pub fn infer_unet_config(ckpt: &SingleFileCheckpoint) -> UNet2DConditionConfig {
+/// The prediction types a diffusers scheduler config may name.
+pub const PREDICTION_TYPES: [&str; 3] = ["epsilon", "v_prediction", "sample"];
+
+/// What the model predicts when nothing says otherwise: epsilon for SD1.x, v for SD2.x (diffusers takes every SD2
+/// single file for SD 2.1, 768-v).
+pub fn default_prediction_type(version: SdVersion) -> &'static str {
+    match version {
+        SdVersion::Sd1 => "epsilon",
+        SdVersion::Sd2 => "v_prediction",
+    }
+}
+
+/// SD1.5's UNet config adjusted to the structure read from the checkpoint; for SD2.x SD 2.1's: one attention head
+/// per 64 channels (`attention_head_dim` [5, 10, 20, 20] at SD size), `upcast_attention`, and latents of 96
+/// (768 px) for v-prediction, 64 (512 px, the base models) otherwise.
+pub fn infer_unet_config(
+    ckpt: &SingleFileCheckpoint,
+    prediction_type: &str,
+) -> UNet2DConditionConfig {
     let info = ckpt.unet_info();
     let mut cfg = UNet2DConditionConfig {
         in_channels: info.in_channels,
@@ -65,6 +94,20 @@ pub fn infer_unet_config(ckpt: &SingleFileCheckpoint) -> UNet2DConditionConfig {
         use_linear_projection: info.use_linear_projection,
         ..Default::default()
     };
+    if ckpt.version() == SdVersion::Sd2 {
+        cfg.attention_head_dim = OneOrMany::Many(
+            info.block_out_channels
+                .iter()
+                .map(|c| (c / 64).max(1))
+                .collect(),
+        );
+        cfg.upcast_attention = true;
+        cfg.sample_size = OneOrMany::One(if prediction_type == "v_prediction" {
+            96
+        } else {
+            64
+        });
+    }
     cfg.down_block_types = info
         .down_block_has_attention
         .iter()
@@ -105,9 +148,11 @@ pub fn infer_vae_config(ckpt: &SingleFileCheckpoint) -> AutoencoderKLConfig {
 }
 
 /// SD1.5's text-encoder config adjusted to the checkpoint (heads: one per 64 channels, as every CLIP text tower).
+/// For SD2.x: exact GELU (OpenCLIP's `nn.GELU`, transformers' `"gelu"`), the tower's blocks but the last, and the
+/// projection width of its `text_projection` `[width, proj]` (unused by the text encoder; SD 2.1: 1024 -> 512).
 pub fn infer_text_config(ckpt: &SingleFileCheckpoint) -> CLIPTextConfig {
     let info = ckpt.text_encoder_info();
-    CLIPTextConfig {
+    let mut cfg = CLIPTextConfig {
         vocab_size: info.vocab_size,
         hidden_size: info.hidden_size,
         intermediate_size: info.intermediate_size,
@@ -116,7 +161,15 @@ pub fn infer_text_config(ckpt: &SingleFileCheckpoint) -> CLIPTextConfig {
         num_attention_heads: (info.hidden_size / 64).max(1),
         projection_dim: info.hidden_size,
         ..Default::default()
+    };
+    if ckpt.version() == SdVersion::Sd2 {
+        cfg.hidden_act = CLIPActivation::Gelu;
+        let projection = format!("{OPEN_CLIP_PREFIX}text_projection");
+        if let Some(&[_, proj]) = ckpt.source().shape(&projection).as_deref() {
+            cfg.projection_dim = proj;
+        }
     }
+    cfg
 }
 
 /// The stored tensors a builder read, under the model's names; in the stored shape, or, where `as_read(key)`, in the
@@ -185,8 +238,9 @@ fn copy_dir_files(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// The scheduler config SD1.5 ships (PNDM in the original; DDIM here, the sampler AlignProp uses, with the same
-/// betas and offsets).
-fn sd15_scheduler_config() -> serde_json::Value {
+/// betas and offsets) with the given `prediction_type`: SD 2.x's is the same DDIM config (SD 2.1 ships DDIM with
+/// these values and `v_prediction`).
+fn ddim_scheduler_config(prediction_type: &str) -> serde_json::Value {
     serde_json::json!({
         "_class_name": "DDIMScheduler",
         "beta_end": 0.012,
@@ -194,12 +248,63 @@ fn sd15_scheduler_config() -> serde_json::Value {
         "beta_start": 0.00085,
         "clip_sample": false,
         "num_train_timesteps": 1000,
-        "prediction_type": "epsilon",
+        "prediction_type": prediction_type,
         "set_alpha_to_one": false,
         "steps_offset": 1,
         "trained_betas": null,
         "timestep_spacing": "leading"
     })
+}
+
+/// The bundled SD1.5 tokenizer files for a checkpoint of `version`: as they are for SD1.x; for SD2.x (the same BPE,
+/// which OpenCLIP shares) `vocab.json` + `merges.txt` with `pad_token` `"!"` in `tokenizer_config.json` and
+/// `special_tokens_map.json`, and no `tokenizer.json` (as SD 2.1's own folder).
+fn bundled_tokenizer_files(version: SdVersion) -> Vec<(&'static str, Vec<u8>)> {
+    SD15_TOKENIZER_FILES
+        .iter()
+        .filter_map(|&(name, bytes)| match version {
+            SdVersion::Sd1 => Some((name, bytes.to_vec())),
+            SdVersion::Sd2 => match name {
+                "tokenizer.json" => None,
+                "tokenizer_config.json" | "special_tokens_map.json" => {
+                    Some((name, with_pad_token(bytes, "!")))
+                }
+                _ => Some((name, bytes.to_vec())),
+            },
+        })
+        .collect()
+}
+
+/// A tokenizer JSON file (`tokenizer_config.json`, `special_tokens_map.json`) with its `pad_token` set to `pad`.
+fn with_pad_token(json: &[u8], pad: &str) -> Vec<u8> {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(json).expect("the bundled tokenizer files are valid JSON");
+    value["pad_token"] = serde_json::Value::String(pad.to_string());
+    let text = serde_json::to_string_pretty(&value).expect("JSON values serialize");
+    (text + "\n").into_bytes()
+}
+
+/// Checks a `prediction_type` name against [`PREDICTION_TYPES`].
+fn check_prediction_type(checkpoint: &Path, p: &str) -> Result<()> {
+    if PREDICTION_TYPES.contains(&p) {
+        Ok(())
+    } else {
+        Err(WeightError::Config {
+            path: checkpoint.to_path_buf(),
+            msg: format!(
+                "prediction type '{p}': expected one of {}",
+                PREDICTION_TYPES.join(", ")
+            ),
+        })
+    }
+}
+
+/// `dir/scheduler_config.json` with its `prediction_type` set to `p`.
+fn set_prediction_type(dir: &Path, p: &str) -> Result<()> {
+    let file = dir.join("scheduler_config.json");
+    let mut value: serde_json::Value = read_json(&file)?;
+    value["prediction_type"] = serde_json::Value::String(p.to_string());
+    write_json(&file, &value)
 }
 
 fn model_index() -> serde_json::Value {
@@ -242,7 +347,15 @@ pub fn single_file_to_diffusers(
             "the output folder exists and is not empty (choose another, or allow overwriting)",
         ));
     }
+    if let Some(p) = &options.prediction_type {
+        check_prediction_type(checkpoint, p)?;
+    }
     let ckpt = SingleFileCheckpoint::open(checkpoint)?;
+    let version = ckpt.version();
+    let prediction_type = options
+        .prediction_type
+        .as_deref()
+        .unwrap_or(default_prediction_type(version));
     let (unet_cfg, vae_cfg, text_cfg, configs) = match &options.configs_from {
         Some(dir) => (
             read_json::<UNet2DConditionConfig>(&dir.join("unet/config.json"))?,
@@ -251,10 +364,16 @@ pub fn single_file_to_diffusers(
             format!("from {}", dir.display()),
         ),
         None => (
-            infer_unet_config(&ckpt),
+            infer_unet_config(&ckpt, prediction_type),
             infer_vae_config(&ckpt),
             infer_text_config(&ckpt),
-            "SD1.5's, adjusted to the checkpoint's tensor shapes".to_string(),
+            match version {
+                SdVersion::Sd1 => "SD1.5's, adjusted to the checkpoint's tensor shapes".to_string(),
+                SdVersion::Sd2 => format!(
+                    "SD 2.1's (an SD2.x checkpoint: OpenCLIP text encoder), adjusted to the checkpoint's tensor \
+                     shapes; prediction type {prediction_type}"
+                ),
+            },
         ),
     };
     let device = Default::default();
@@ -332,7 +451,7 @@ pub fn single_file_to_diffusers(
         Some(from) => copy_dir_files(&from, &tok_dir)?,
         None => {
             std::fs::create_dir_all(&tok_dir).map_err(|e| write_err(&tok_dir, e))?;
-            for (name, bytes) in SD15_TOKENIZER_FILES {
+            for (name, bytes) in bundled_tokenizer_files(version) {
                 let p = tok_dir.join(name);
                 std::fs::write(&p, bytes).map_err(|e| write_err(&p, e))?;
             }
@@ -350,9 +469,12 @@ pub fn single_file_to_diffusers(
             std::fs::create_dir_all(&sched_dir).map_err(|e| write_err(&sched_dir, e))?;
             write_json(
                 &sched_dir.join("scheduler_config.json"),
-                &sd15_scheduler_config(),
+                &ddim_scheduler_config(prediction_type),
             )?;
         }
+    }
+    if let Some(p) = &options.prediction_type {
+        set_prediction_type(&sched_dir, p)?;
     }
     write_json(&out.join("model_index.json"), &model_index())?;
 
@@ -360,7 +482,7 @@ pub fn single_file_to_diffusers(
         .source()
         .keys()
         .into_iter()
-        .filter(|k| !used_stored.contains(k) && !alignprop_io::single_file::is_ignorable_key(k))
+        .filter(|k| !used_stored.contains(k) && !ckpt.is_ignorable(k))
         .collect();
     Ok(report)
 }
@@ -368,7 +490,7 @@ pub fn single_file_to_diffusers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alignprop_testing::tiny_sd;
+    use alignprop_testing::{tiny_sd, tiny_sd2};
 
     /// What the shapes of the tiny single file tell agrees with the tiny model's own configs.
     #[test]
@@ -376,7 +498,7 @@ mod tests {
         let ckpt = SingleFileCheckpoint::open(&tiny_sd().join("single_file/tiny-sd15.safetensors"))
             .unwrap();
         let unet: UNet2DConditionConfig = read_json(&tiny_sd().join("unet/config.json")).unwrap();
-        let got = infer_unet_config(&ckpt);
+        let got = infer_unet_config(&ckpt, "epsilon");
         assert_eq!(got.block_out_channels, unet.block_out_channels);
         assert_eq!(got.down_block_types, unet.down_block_types);
         assert_eq!(got.up_block_types, unet.up_block_types);
@@ -470,5 +592,212 @@ mod tests {
         );
         assert!(again.unwrap_err().to_string().contains("not empty"));
         std::fs::remove_dir_all(&out).ok();
+    }
+
+    fn sd2_file() -> PathBuf {
+        tiny_sd2().join("single_file/tiny-sd21.safetensors")
+    }
+
+    /// Every tensor of the diffusers files of `fixture` is in `out` with the same bytes and shape, and nothing else.
+    fn assert_same_component_files(out: &Path, fixture: &Path, report: &ConvertReport) {
+        for (component, file) in [
+            ("unet", "diffusion_pytorch_model.safetensors"),
+            ("vae", "diffusion_pytorch_model.safetensors"),
+            ("text_encoder", "model.safetensors"),
+        ] {
+            let ours =
+                alignprop_io::weights::SafetensorsSource::open(&[out.join(component).join(file)])
+                    .unwrap();
+            let theirs = alignprop_io::weights::SafetensorsSource::open(&[fixture
+                .join(component)
+                .join(file)])
+            .unwrap();
+            let tk: Vec<String> = theirs
+                .keys()
+                .into_iter()
+                .filter(|k| !k.ends_with("position_ids"))
+                .collect();
+            assert_eq!(ours.keys(), tk, "{component}: key sets differ");
+            assert_eq!(report.tensors[component], tk.len());
+            for k in tk {
+                let (a, b) = (
+                    ours.find(&k).unwrap().unwrap(),
+                    theirs.find(&k).unwrap().unwrap(),
+                );
+                assert_eq!(a.shape, b.shape, "{component} {k}");
+                assert_eq!(a.data.dtype, b.data.dtype, "{component} {k}");
+                assert_eq!(a.data.as_bytes(), b.data.as_bytes(), "{component} {k}");
+            }
+        }
+    }
+
+    /// The SD2 file is told apart by its OpenCLIP tower; what its shapes tell agrees with the tiny SD2 configs
+    /// (the heads, one per 64 channels, are what a real SD2 has, not the tiny model's).
+    #[test]
+    fn sd2_inferred_configs_match_the_tiny_model() {
+        let ckpt = SingleFileCheckpoint::open(sd2_file()).unwrap();
+        assert_eq!(ckpt.version(), SdVersion::Sd2);
+        let unet: UNet2DConditionConfig = read_json(tiny_sd2().join("unet/config.json")).unwrap();
+        let got = infer_unet_config(&ckpt, "v_prediction");
+        assert_eq!(got.block_out_channels, unet.block_out_channels);
+        assert_eq!(got.down_block_types, unet.down_block_types);
+        assert_eq!(got.up_block_types, unet.up_block_types);
+        assert_eq!(got.layers_per_block, unet.layers_per_block);
+        assert_eq!(got.cross_attention_dim, unet.cross_attention_dim);
+        assert!(got.use_linear_projection && got.upcast_attention);
+        assert_eq!(got.attention_head_dim, OneOrMany::Many(vec![1, 1, 1]));
+        assert_eq!(got.sample_size, OneOrMany::One(96));
+        assert_eq!(
+            infer_unet_config(&ckpt, "epsilon").sample_size,
+            OneOrMany::One(64)
+        );
+        let text: CLIPTextConfig = read_json(tiny_sd2().join("text_encoder/config.json")).unwrap();
+        let got = infer_text_config(&ckpt);
+        assert_eq!(
+            (
+                got.hidden_size,
+                got.intermediate_size,
+                got.num_hidden_layers,
+                got.vocab_size,
+                got.max_position_embeddings,
+                got.hidden_act,
+                got.projection_dim,
+            ),
+            (
+                text.hidden_size,
+                text.intermediate_size,
+                text.num_hidden_layers,
+                text.vocab_size,
+                text.max_position_embeddings,
+                CLIPActivation::Gelu,
+                text.projection_dim,
+            )
+        );
+        // SD 2.1's own sizes: 1024 wide -> 16 heads; [320, 640, 1280, 1280] -> [5, 10, 20, 20].
+        let sd21 = [320usize, 640, 1280, 1280].map(|c| (c / 64).max(1));
+        assert_eq!(sd21, [5, 10, 20, 20]);
+        let sd1 = SingleFileCheckpoint::open(tiny_sd().join("single_file/tiny-sd15.safetensors"))
+            .unwrap();
+        assert_eq!(sd1.version(), SdVersion::Sd1);
+        assert_eq!(
+            infer_text_config(&sd1).hidden_act,
+            CLIPActivation::QuickGelu
+        );
+        assert!(!infer_unet_config(&sd1, "epsilon").upcast_attention);
+    }
+
+    /// With the tiny SD2 folder's configs, the conversion writes exactly the diffusers files (the text encoder's
+    /// q/k/v cut out of OpenCLIP's fused in_proj, the last block left out); the file's unused tensors (last block,
+    /// text_projection, logit_scale, DDPM buffers) are no surprise.
+    #[test]
+    fn sd2_conversion_reproduces_the_diffusers_files() {
+        let out =
+            std::env::temp_dir().join(format!("alignprop-convert-sd2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let opts = ConvertOptions {
+            configs_from: Some(tiny_sd2()),
+            ..Default::default()
+        };
+        let report = single_file_to_diffusers(sd2_file(), &out, &opts).unwrap();
+        assert!(report.unused_keys.is_empty(), "{:?}", report.unused_keys);
+        assert_same_component_files(&out, &tiny_sd2(), &report);
+        for f in [
+            "scheduler/scheduler_config.json",
+            "tokenizer/special_tokens_map.json",
+        ] {
+            assert_eq!(
+                std::fs::read(out.join(f)).unwrap(),
+                std::fs::read(tiny_sd2().join(f)).unwrap(),
+                "{f}"
+            );
+        }
+        std::fs::remove_dir_all(&out).ok();
+    }
+
+    /// A configs folder with the three networks' config.json only (the tiny model's GroupNorm groups and heads are
+    /// not SD's, so the shapes alone cannot build it): the scheduler and tokenizer are the SD2 defaults.
+    fn network_configs_only() -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("alignprop-sd2-configs-{}", std::process::id()));
+        for c in ["unet", "vae", "text_encoder"] {
+            std::fs::create_dir_all(dir.join(c)).unwrap();
+            std::fs::copy(
+                tiny_sd2().join(c).join("config.json"),
+                dir.join(c).join("config.json"),
+            )
+            .unwrap();
+        }
+        dir
+    }
+
+    /// SD2 defaults: v-prediction DDIM, SD2's "!" padding (no tokenizer.json); the prediction type can be given
+    /// instead, and a wrong one is refused before anything is written.
+    #[test]
+    fn sd2_conversion_defaults_and_prediction_type() {
+        let out =
+            std::env::temp_dir().join(format!("alignprop-convert-sd2d-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let configs = network_configs_only();
+        let opts = ConvertOptions {
+            configs_from: Some(configs.clone()),
+            ..Default::default()
+        };
+        let report = single_file_to_diffusers(sd2_file(), &out, &opts).unwrap();
+        assert!(report.unused_keys.is_empty(), "{:?}", report.unused_keys);
+        assert_same_component_files(&out, &tiny_sd2(), &report);
+        let sched: serde_json::Value =
+            read_json(out.join("scheduler/scheduler_config.json")).unwrap();
+        assert_eq!(sched["prediction_type"], "v_prediction");
+        assert!(!out.join("tokenizer/tokenizer.json").exists());
+        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let v: serde_json::Value = read_json(out.join("tokenizer").join(f)).unwrap();
+            assert_eq!(v["pad_token"], "!", "{f}");
+        }
+        let tok = crate::tokenizer::CLIPTokenizer::from_folder(out.join("tokenizer")).unwrap();
+        assert_eq!(tok.pad_id(), 0);
+        let text: CLIPTextConfig = read_json(out.join("text_encoder/config.json")).unwrap();
+        assert_eq!(
+            (text.num_hidden_layers, text.hidden_act),
+            (2, CLIPActivation::Gelu)
+        );
+
+        let opts = ConvertOptions {
+            configs_from: Some(configs.clone()),
+            prediction_type: Some("epsilon".into()),
+            overwrite: true,
+            ..Default::default()
+        };
+        single_file_to_diffusers(sd2_file(), &out, &opts).unwrap();
+        let sched: serde_json::Value =
+            read_json(out.join("scheduler/scheduler_config.json")).unwrap();
+        assert_eq!(sched["prediction_type"], "epsilon");
+        let bad = ConvertOptions {
+            prediction_type: Some("x0".into()),
+            overwrite: true,
+            ..Default::default()
+        };
+        let msg = single_file_to_diffusers(sd2_file(), &out, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("tiny-sd21.safetensors")
+                && msg.contains("'x0'")
+                && msg.contains("v_prediction"),
+            "{msg}"
+        );
+        // Without any configs the tiny file cannot be built with SD's 32 GroupNorm groups: one error line.
+        let msg = single_file_to_diffusers(
+            sd2_file(),
+            &out,
+            &ConvertOptions {
+                overwrite: true,
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("norm_num_groups"), "{msg}");
+        std::fs::remove_dir_all(&out).ok();
+        std::fs::remove_dir_all(&configs).ok();
     }
 }

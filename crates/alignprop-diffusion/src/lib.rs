@@ -8,7 +8,7 @@
 //! - [`resnet`]: `ResnetBlock2D`, `Downsample2D`, `Upsample2D`, shared by the UNet and the VAE.
 //! - [`nn`]: the layers they share (linear, convolution, group and layer norm, activations, attention), whose hot
 //!   ops run through the kernels of `alignprop-kernels`.
-//! - [`convert`]: a single-file SD1.x checkpoint into a diffusers folder, through the real loaders.
+//! - [`convert`]: a single-file SD1.x / SD2.x checkpoint into a diffusers folder, through the real loaders.
 //!
 //! Weights are read by `alignprop-io` ([`VarBuilder`], re-exported here): every model is built through it, from
 //! files by their diffusers / transformers tensor names, or randomly initialised (tests and benchmarks of the

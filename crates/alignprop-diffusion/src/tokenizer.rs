@@ -11,8 +11,12 @@
 //! 4. post-processor: `<|startoftext|>` (49406) before and `<|endoftext|>` (49407) after the prompt.
 //!
 //! [`CLIPTokenizer::encode`] then truncates to `bos + 75 tokens + eos` and pads to 77 with the pad id
-//! (`<|endoftext|>` for SD1.5), as `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)` in
-//! diffusers' `StableDiffusionPipeline.encode_prompt`.
+//! (`<|endoftext|>` = 49407 for SD1.5, `!` = 0 for SD2), as `tokenizer(prompt, padding="max_length", max_length=77,
+//! truncation=True)` in diffusers' `StableDiffusionPipeline.encode_prompt`.
+//!
+//! A pad token other than `<|startoftext|>` / `<|endoftext|>` (SD2's `!`) is a special token for transformers, so
+//! the same text inside a prompt also becomes that one token: `"bamboo!"` is `bamboo</w>` then id 0, where CLIP's own
+//! BPE would give `!</w>` (256). [`CLIPTokenizer::from_folder`] does the same, so the ids are transformers'.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -252,7 +256,9 @@ impl CLIPTokenizer {
     }
 
     /// Loads a model folder's `tokenizer/` directory: `tokenizer.json` if present, else `vocab.json` +
-    /// `merges.txt`. The pad token is read from `tokenizer_config.json` when it names one (SD2 pads with `!`).
+    /// `merges.txt`. The pad token (SD2 pads with `!`) is the `pad_token` of `special_tokens_map.json`, else of
+    /// `tokenizer_config.json` (transformers' precedence: the special-tokens map overrides the config), else
+    /// `<|endoftext|>`; see [`Self::with_pad_token`].
     pub fn from_folder(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let fast = dir.join("tokenizer.json");
@@ -266,13 +272,24 @@ impl CLIPTokenizer {
                 path: dir.to_path_buf(),
             });
         };
-        let config = dir.join("tokenizer_config.json");
-        if config.is_file()
-            && let Some(pad) = pad_token(&config)?
-        {
-            tok.pad_id = token_id(&tok.inner, &pad, &config)?;
+        if let Some((pad, file)) = folder_pad_token(dir)? {
+            tok = tok.with_pad_token(&pad, &file)?;
         }
         Ok(tok)
+    }
+
+    /// This tokenizer padding with `token` (which must be in the vocabulary; `path` names the file that asked for
+    /// it in errors). A pad token other than bos / eos becomes a special token, as in transformers: its text inside
+    /// a prompt is then that single token too (SD2's `!`: `"bamboo!"` ends in id 0, not `!</w>`).
+    pub fn with_pad_token(mut self, token: &str, path: &Path) -> Result<Self> {
+        let id = token_id(&self.inner, token, path)?;
+        if id != self.bos_id && id != self.eos_id {
+            self.inner
+                .add_special_tokens([AddedToken::from(token.to_string(), true)])
+                .map_err(|e| load_err(path, format!("cannot add the pad token {token:?}: {e}")))?;
+        }
+        self.pad_id = id;
+        Ok(self)
     }
 
     fn with_tokenizer(inner: Tokenizer, path: &Path) -> Result<Self> {
@@ -400,7 +417,21 @@ fn parse_merges(text: &str) -> std::result::Result<Vec<(String, String)>, String
         .collect()
 }
 
-/// `pad_token` of a `tokenizer_config.json` (a string or `{"content": ...}`), if any.
+/// The pad token a tokenizer folder declares, with the file that declares it: `special_tokens_map.json` first, then
+/// `tokenizer_config.json` (transformers loads the config, then lets the special-tokens map override it).
+fn folder_pad_token(dir: &Path) -> Result<Option<(String, PathBuf)>> {
+    for name in ["special_tokens_map.json", "tokenizer_config.json"] {
+        let file = dir.join(name);
+        if file.is_file()
+            && let Some(pad) = pad_token(&file)?
+        {
+            return Ok(Some((pad, file)));
+        }
+    }
+    Ok(None)
+}
+
+/// `pad_token` of a `tokenizer_config.json` or `special_tokens_map.json` (a string or `{"content": ...}`), if any.
 fn pad_token(config: &Path) -> Result<Option<String>> {
     let value: serde_json::Value = serde_json::from_str(&read_text(config)?)
         .map_err(|e| load_err(config, format!("invalid JSON: {e}")))?;

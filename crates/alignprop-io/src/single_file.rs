@@ -1,5 +1,6 @@
-//! The original single-file Stable Diffusion 1.x checkpoint layout (CompVis / `ldm`, as in
-//! `v1-5-pruned-emaonly.safetensors`), read through the diffusers tensor names the models ask for.
+//! The original single-file Stable Diffusion 1.x / 2.x checkpoint layout (CompVis / Stability-AI `ldm`, as in
+//! `v1-5-pruned-emaonly.safetensors` and `v2-1_768-ema-pruned.safetensors`), read through the diffusers tensor names
+//! the models ask for.
 //!
 //! One file holds all three networks under different prefixes and, for the UNet and the VAE, different module
 //! names than diffusers uses:
@@ -8,12 +9,17 @@
 //! |---|---|---|
 //! | UNet | `model.diffusion_model.` | `input_blocks.N.M`, `middle_block.M`, `output_blocks.N.M`, `time_embed`, `out` |
 //! | VAE | `first_stage_model.` | `encoder.down.i.block.j`, `mid.block_1`, `mid.attn_1.{q,k,v,proj_out}`, `decoder.up.i` (reversed) |
-//! | CLIP text encoder | `cond_stage_model.transformer.` | transformers' `text_model.*` names |
+//! | SD1.x CLIP text encoder | `cond_stage_model.transformer.` | transformers' `text_model.*` names |
+//! | SD2.x OpenCLIP text tower | `cond_stage_model.model.` | open_clip names: `token_embedding`, `positional_embedding`, `transformer.resblocks.i.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final` |
 //!
-//! The pure functions [`unet_key`], [`vae_key`] and [`clip_key`] translate a diffusers / transformers key into the
-//! key under which the same tensor is stored in such a file. [`SingleFileCheckpoint`] opens a file once
-//! (memory-mapped), checks that it is an SD1.x original checkpoint, infers what the tensor shapes tell about the
-//! architecture, and hands out one [`Renamed`] source per network for [`crate::VarBuilder::from_source`]:
+//! The text encoder tells the two generations apart ([`SdVersion`]). SD2 conditions on the OpenCLIP tower's
+//! penultimate block (`FrozenOpenCLIPEmbedder(layer="penultimate")`), so its diffusers text encoder is every block
+//! but the last, and the file's last block is not used (as diffusers' `convert_open_clip_checkpoint`).
+//!
+//! The pure functions [`unet_key`], [`vae_key`], [`clip_key`] and [`open_clip_key`] translate a diffusers /
+//! transformers key into the key under which the same tensor is stored in such a file. [`SingleFileCheckpoint`]
+//! opens a file once (memory-mapped), checks that it is an SD1.x / SD2.x original checkpoint, infers what the tensor
+//! shapes tell about the architecture, and hands out one source per network for [`crate::VarBuilder::from_source`]:
 //!
 //! ```no_run
 //! # use alignprop_io::{single_file::SingleFileCheckpoint, VarBuilder};
@@ -30,13 +36,17 @@
 //!
 //! Weights stored as F16 or BF16 (the common `*-fp16.safetensors` files) are converted by the builder. The VAE's
 //! mid-block attention projections are stored as 1x1 convolutions `[C, C, 1, 1]`; the builder accepts them where a
-//! linear layer expects `[C, C]`.
+//! linear layer expects `[C, C]`. The OpenCLIP tower stores each block's query, key and value projections as one
+//! `attn.in_proj_weight` `[3 w, w]` (rows q, k, v) and `attn.in_proj_bias` `[3 w]`; [`OpenClipText`] hands out the
+//! thirds as transformers' `q_proj` / `k_proj` / `v_proj`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::weights::{Renamed, Result, SafetensorsSource, TensorSource, WeightError};
+use burn::tensor::TensorData;
+
+use crate::weights::{RawTensor, Renamed, Result, SafetensorsSource, TensorSource, WeightError};
 
 /// Prefix of the UNet's tensors in an original checkpoint.
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
@@ -44,6 +54,14 @@ pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 /// Prefix of the CLIP text encoder's tensors in an SD1.x original checkpoint (followed by `text_model.`).
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
+/// Prefix of the OpenCLIP text tower's tensors in an SD2.x original checkpoint.
+pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// The tensor whose presence marks an SD2.x checkpoint's OpenCLIP text tower (`[vocab, width]`).
+const OPEN_CLIP_MARKER: &str = "cond_stage_model.model.token_embedding.weight";
+
+/// Tensors of the OpenCLIP text model that SD2's text encoder does not use (the CLIP projection and temperature; an
+/// attention-mask buffer some exports keep).
+const OPEN_CLIP_UNUSED: &[&str] = &["text_projection", "logit_scale", "attn_mask"];
 
 /// The tensor whose presence marks an SD1.x original checkpoint (the UNet's `conv_in` weight).
 const MARKER_KEY: &str = "model.diffusion_model.input_blocks.0.0.weight";
@@ -67,12 +85,29 @@ pub const SCHEDULE_BUFFERS: &[&str] = &[
 
 /// Whether a tensor of an original checkpoint belongs to none of the three networks' parameters: the DDPM
 /// schedule buffers ([`SCHEDULE_BUFFERS`]), the EMA copy and its counters (`model_ema.*`), the VAE training loss
-/// (`first_stage_model.loss.*`) and the text encoder's constant `position_ids` buffer.
+/// (`first_stage_model.loss.*`), the text encoder's constant `position_ids` buffer and the OpenCLIP tower's
+/// `text_projection` / `logit_scale` (SD2). The last OpenCLIP block, which SD2 does not use either, depends on the
+/// file: [`SingleFileCheckpoint::is_ignorable`].
 pub fn is_ignorable_key(key: &str) -> bool {
     SCHEDULE_BUFFERS.contains(&key)
         || key.starts_with("model_ema.")
         || key.starts_with("first_stage_model.loss.")
         || (key.starts_with(CLIP_PREFIX) && key.ends_with("embeddings.position_ids"))
+        || key
+            .strip_prefix(OPEN_CLIP_PREFIX)
+            .is_some_and(|k| OPEN_CLIP_UNUSED.contains(&k))
+}
+
+/// The Stable Diffusion generation of a single-file checkpoint, told by its text encoder's tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SdVersion {
+    /// SD1.x: OpenAI's CLIP ViT-L/14 text encoder under `cond_stage_model.transformer.` (transformers' names),
+    /// epsilon prediction at 512 px.
+    Sd1,
+    /// SD2.x: the OpenCLIP ViT-H/14 text tower under `cond_stage_model.model.` (open_clip's names), of which SD2 uses
+    /// all blocks but the last. SD2's 768-px models (2.0-v, 2.1) predict v, the 512-px base models epsilon; the file
+    /// does not say which (diffusers takes every SD2 file for 2.1, v-prediction, unless given a config).
+    Sd2,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -329,6 +364,169 @@ pub fn clip_key(key: &str) -> String {
     }
 }
 
+/// Which third of a fused OpenCLIP `attn.in_proj_weight` `[3 w, w]` / `attn.in_proj_bias` `[3 w]` (rows q, k, v,
+/// in that order, as `torch.nn.MultiheadAttention`) a transformers `q_proj` / `k_proj` / `v_proj` tensor is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkvPart {
+    Q = 0,
+    K = 1,
+    V = 2,
+}
+
+impl QkvPart {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Q => "q",
+            Self::K => "k",
+            Self::V => "v",
+        }
+    }
+}
+
+/// Where a transformers CLIP text-encoder tensor is stored in an SD2.x checkpoint's OpenCLIP tower: the stored key
+/// and, for the query / key / value projections, which third of the fused `in_proj` tensor it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenClipKey {
+    pub stored: String,
+    pub part: Option<QkvPart>,
+}
+
+/// A transformers `CLIPEncoderLayer` parameter (`layer_norm1.weight`, `self_attn.q_proj.bias`, ...) in OpenCLIP's
+/// `ResidualAttentionBlock` naming (`ln_1.weight`, `attn.in_proj_bias` + [`QkvPart::Q`], ...).
+fn open_clip_block(rest: &str) -> Option<(String, Option<QkvPart>)> {
+    let (module, tail) = head(rest);
+    let plain = |name: &str| Some((join(name.to_string(), tail), None));
+    match module {
+        "layer_norm1" => plain("ln_1"),
+        "layer_norm2" => plain("ln_2"),
+        "mlp" => match head(tail) {
+            ("fc1", t) => Some((join("mlp.c_fc".into(), t), None)),
+            ("fc2", t) => Some((join("mlp.c_proj".into(), t), None)),
+            _ => None,
+        },
+        "self_attn" => {
+            let (proj, param) = head(tail);
+            let part = match proj {
+                "q_proj" => QkvPart::Q,
+                "k_proj" => QkvPart::K,
+                "v_proj" => QkvPart::V,
+                "out_proj" => return Some((join("attn.out_proj".into(), param), None)),
+                _ => return None,
+            };
+            match param {
+                "weight" | "bias" => Some((format!("attn.in_proj_{param}"), Some(part))),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The key (and fused-projection third) under which the transformers CLIP text-encoder tensor `key` (with or
+/// without `text_model.`) is stored in an SD2.x checkpoint whose text encoder has `layers` blocks:
+/// `embeddings.token_embedding.weight` -> `cond_stage_model.model.token_embedding.weight`,
+/// `embeddings.position_embedding.weight` -> `positional_embedding`, `encoder.layers.i.*` ->
+/// `transformer.resblocks.i.*` (see [`QkvPart`]), `final_layer_norm.*` -> `ln_final.*`, as diffusers'
+/// `convert_open_clip_checkpoint`. A key outside these, or a layer `>= layers` (the file's last block, which SD2
+/// does not use, must not be read as a text-encoder layer), is returned with the prefix only, so a lookup fails
+/// naming it.
+pub fn open_clip_key(layers: usize, key: &str) -> OpenClipKey {
+    let name = key.strip_prefix("text_model.").unwrap_or(key);
+    let mapped = match name {
+        "embeddings.token_embedding.weight" => Some(("token_embedding.weight".to_string(), None)),
+        "embeddings.position_embedding.weight" => Some(("positional_embedding".to_string(), None)),
+        _ => {
+            if let Some(tail) = name.strip_prefix("final_layer_norm.") {
+                Some((format!("ln_final.{tail}"), None))
+            } else {
+                name.strip_prefix("encoder.")
+                    .and_then(|r| indexed(r, "layers"))
+                    .filter(|&(i, _)| i < layers)
+                    .and_then(|(i, rest)| {
+                        open_clip_block(rest)
+                            .map(|(k, part)| (format!("transformer.resblocks.{i}.{k}"), part))
+                    })
+            }
+        }
+    };
+    match mapped {
+        Some((stored, part)) => OpenClipKey {
+            stored: format!("{OPEN_CLIP_PREFIX}{stored}"),
+            part,
+        },
+        None => OpenClipKey {
+            stored: format!("{OPEN_CLIP_PREFIX}{key}"),
+            part: None,
+        },
+    }
+}
+
+/// Rows `part` of a fused `[3 w, ...]` tensor (q, k, v stacked along the first dimension): `[w, ...]`, the same
+/// dtype; its `stored_key` says which rows were taken. A first dimension that is not a multiple of 3 is an error
+/// naming the file and the key.
+pub fn split_qkv(raw: RawTensor, part: QkvPart) -> Result<RawTensor> {
+    let rows = raw.shape.first().copied().unwrap_or(0);
+    if rows == 0 || !rows.is_multiple_of(3) {
+        return Err(WeightError::Config {
+            path: raw.file,
+            msg: format!(
+                "tensor '{}': expected the fused q, k, v projections [3 x width, ...], found shape {:?}",
+                raw.stored_key, raw.shape
+            ),
+        });
+    }
+    let n = rows / 3;
+    let bytes = raw.data.as_bytes();
+    let per_row = bytes.len() / rows;
+    let i = part as usize;
+    let mut shape = raw.shape.clone();
+    shape[0] = n;
+    Ok(RawTensor {
+        data: TensorData::from_bytes_vec(
+            bytes[i * n * per_row..(i + 1) * n * per_row].to_vec(),
+            shape.clone(),
+            raw.data.dtype,
+        ),
+        shape,
+        file: raw.file,
+        stored_key: format!(
+            "{} (rows {}..{}, the {} part)",
+            raw.stored_key,
+            i * n,
+            (i + 1) * n,
+            part.name()
+        ),
+    })
+}
+
+/// An SD2.x checkpoint's OpenCLIP text tower under transformers' CLIP text-encoder names ([`open_clip_key`]), the
+/// query / key / value projections cut out of the fused `in_proj` tensors ([`split_qkv`]). `layers` is the text
+/// encoder's depth: the tower's blocks but the last.
+pub struct OpenClipText<S> {
+    pub inner: S,
+    pub layers: usize,
+}
+
+impl<S: TensorSource> TensorSource for OpenClipText<S> {
+    fn find(&self, key: &str) -> Result<Option<RawTensor>> {
+        let mapped = open_clip_key(self.layers, key);
+        match (self.inner.find(&mapped.stored)?, mapped.part) {
+            (Some(raw), Some(part)) => split_qkv(raw, part).map(Some),
+            (found, _) => Ok(found),
+        }
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn stored_key(&self, key: &str) -> String {
+        self.inner
+            .stored_key(&open_clip_key(self.layers, key).stored)
+    }
+    fn keys(&self) -> Vec<String> {
+        self.inner.keys()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The checkpoint
 // ---------------------------------------------------------------------------------------------------------------
@@ -367,7 +565,8 @@ pub struct InferredVae {
 }
 
 /// What the tensor shapes of an original checkpoint tell about the CLIP text encoder (the number of attention
-/// heads is not visible in the shapes: 12 for SD1.x).
+/// heads is not visible in the shapes: 12 for SD1.x, 16 for SD2.x; one per 64 channels in both). For SD2.x,
+/// `num_hidden_layers` is the OpenCLIP tower's blocks but the last (the layers SD2 uses).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InferredTextEncoder {
     pub vocab_size: usize,
@@ -377,22 +576,32 @@ pub struct InferredTextEncoder {
     pub max_position_embeddings: usize,
 }
 
-/// A single-file SD1.x checkpoint in the original layout, memory-mapped once and shared by the three per-network
-/// sources it hands out.
+/// How the text encoder is stored in a single file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TextTower {
+    /// SD1.x: transformers' names under [`CLIP_PREFIX`]; `without_text_model` when the keys lack transformers'
+    /// `text_model.` level (some early conversions).
+    Clip { without_text_model: bool },
+    /// SD2.x: OpenCLIP's names under [`OPEN_CLIP_PREFIX`]; the text encoder is the first `layers` blocks.
+    OpenClip { layers: usize },
+}
+
+/// A single-file SD1.x / SD2.x checkpoint in the original layout, memory-mapped once and shared by the three
+/// per-network sources it hands out.
 pub struct SingleFileCheckpoint {
     path: PathBuf,
     source: Arc<SafetensorsSource>,
     unet: InferredUnet,
     vae: InferredVae,
     text_encoder: InferredTextEncoder,
-    /// Whether the text encoder's keys lack transformers' `text_model.` level (some early conversions).
-    clip_without_text_model: bool,
+    text_tower: TextTower,
 }
 
 impl std::fmt::Debug for SingleFileCheckpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SingleFileCheckpoint")
             .field("path", &self.path)
+            .field("version", &self.version())
             .field("unet", &self.unet)
             .field("vae", &self.vae)
             .field("text_encoder", &self.text_encoder)
@@ -450,17 +659,18 @@ impl<'a> Shapes<'a> {
     fn err(&self, msg: String) -> WeightError {
         WeightError::Config {
             path: self.path.to_path_buf(),
-            msg: format!("single-file SD1.x checkpoint: {msg}"),
+            msg: format!("single-file SD checkpoint: {msg}"),
         }
     }
 }
 
 impl SingleFileCheckpoint {
-    /// Opens `path` (a `.safetensors` file), checks that it is an SD1.x checkpoint in the original layout and infers
-    /// the networks' structure from its tensor shapes.
+    /// Opens `path` (a `.safetensors` file), checks that it is an SD1.x or SD2.x checkpoint in the original layout
+    /// (which one: [`Self::version`], from the text encoder's keys) and infers the networks' structure from its
+    /// tensor shapes.
     ///
     /// Errors: the file's I/O or format errors, or a [`WeightError::Config`] naming the file and the tensor that was
-    /// expected when it holds something else (a diffusers component file, an SD2.x / SDXL checkpoint, ...).
+    /// expected when it holds something else (a diffusers component file, an SDXL checkpoint, ...).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let source = SafetensorsSource::open(&[&path])?;
@@ -469,43 +679,39 @@ impl SingleFileCheckpoint {
             return Err(WeightError::Config {
                 path: path.clone(),
                 msg: format!(
-                    "not a Stable Diffusion 1.x single-file checkpoint in the original (CompVis/ldm) layout: \
+                    "not a Stable Diffusion 1.x / 2.x single-file checkpoint in the original (CompVis/ldm) layout: \
                      expected the tensor '{MARKER_KEY}' (UNet under 'model.diffusion_model.', VAE under \
-                     'first_stage_model.', CLIP under 'cond_stage_model.transformer.'){}",
+                     'first_stage_model.', text encoder under 'cond_stage_model.transformer.' (SD1.x) or \
+                     'cond_stage_model.model.' (SD2.x)){}",
                     describe_other(&shapes)
                 ),
             });
         }
-        let clip_without_text_model = if shapes.has(&clip_key("embeddings.token_embedding.weight"))
-        {
-            false
-        } else if shapes.has(&format!("{CLIP_PREFIX}embeddings.token_embedding.weight")) {
-            true
-        } else {
-            let other = if shapes.has_prefix("cond_stage_model.model.") {
-                " (found 'cond_stage_model.model.*': an OpenCLIP text encoder, i.e. a Stable Diffusion 2.x \
-                 checkpoint, which is not supported)"
-            } else if shapes.has_prefix("conditioner.embedders.") {
-                " (found 'conditioner.embedders.*': an SDXL checkpoint, which is not supported)"
-            } else {
-                ""
-            };
-            return Err(shapes.err(format!(
-                "expected the CLIP text encoder tensor '{}'{other}",
-                clip_key("text_model.embeddings.token_embedding.weight")
-            )));
+        let text_tower = detect_text_tower(&shapes)?;
+        let text_encoder = match text_tower {
+            TextTower::Clip { without_text_model } => {
+                infer_text_encoder(&shapes, without_text_model)?
+            }
+            TextTower::OpenClip { .. } => infer_open_clip_text(&shapes)?,
         };
         let unet = infer_unet(&shapes)?;
         let vae = infer_vae(&shapes)?;
-        let text_encoder = infer_text_encoder(&shapes, clip_without_text_model)?;
         Ok(Self {
             path,
             source: Arc::new(source),
             unet,
             vae,
             text_encoder,
-            clip_without_text_model,
+            text_tower,
         })
+    }
+
+    /// SD1.x or SD2.x, from the text encoder's tensors.
+    pub fn version(&self) -> SdVersion {
+        match self.text_tower {
+            TextTower::Clip { .. } => SdVersion::Sd1,
+            TextTower::OpenClip { .. } => SdVersion::Sd2,
+        }
     }
 
     /// The checkpoint file.
@@ -553,32 +759,56 @@ impl SingleFileCheckpoint {
         }
     }
 
-    /// The CLIP text encoder's tensors under transformers' names, with or without the `text_model.` prefix.
-    pub fn text_encoder(&self) -> Renamed<Arc<SafetensorsSource>> {
-        let map: Box<dyn Fn(&str) -> String + Send + Sync> = if self.clip_without_text_model {
-            Box::new(|key| {
-                format!(
-                    "{CLIP_PREFIX}{}",
-                    key.strip_prefix("text_model.").unwrap_or(key)
-                )
-            })
-        } else {
-            Box::new(clip_key)
-        };
-        Renamed {
-            inner: self.source.clone(),
-            map,
+    /// The CLIP text encoder's tensors under transformers' names, with or without the `text_model.` prefix: SD1.x's
+    /// renamed, SD2.x's OpenCLIP tower read as a transformers `CLIPTextModel` of its blocks but the last
+    /// ([`OpenClipText`]).
+    pub fn text_encoder(&self) -> Box<dyn TensorSource> {
+        match self.text_tower {
+            TextTower::OpenClip { layers } => Box::new(OpenClipText {
+                inner: self.source.clone(),
+                layers,
+            }),
+            TextTower::Clip {
+                without_text_model: true,
+            } => Box::new(Renamed {
+                inner: self.source.clone(),
+                map: Box::new(|key| {
+                    format!(
+                        "{CLIP_PREFIX}{}",
+                        key.strip_prefix("text_model.").unwrap_or(key)
+                    )
+                }),
+            }),
+            TextTower::Clip {
+                without_text_model: false,
+            } => Box::new(Renamed {
+                inner: self.source.clone(),
+                map: Box::new(clip_key),
+            }),
         }
     }
 
+    /// Whether the file's tensor `key` is one no network reads by design: [`is_ignorable_key`], and for SD2.x the
+    /// OpenCLIP tower's last block (SD2 conditions on the penultimate one).
+    pub fn is_ignorable(&self, key: &str) -> bool {
+        is_ignorable_key(key)
+            || match self.text_tower {
+                TextTower::OpenClip { layers } => key.starts_with(&format!(
+                    "{OPEN_CLIP_PREFIX}transformer.resblocks.{layers}."
+                )),
+                TextTower::Clip { .. } => false,
+            }
+    }
+
     /// Keys of the file that belong to none of the three networks under the layouts above and are not known to be
-    /// ignorable ([`is_ignorable_key`]): normally empty. Handy to warn about an unexpected variant.
+    /// ignorable ([`Self::is_ignorable`]): normally empty. Handy to warn about an unexpected variant.
     pub fn unknown_keys(&self) -> Vec<String> {
         let known = |k: &str| {
             k.starts_with(UNET_PREFIX)
                 || k.starts_with(VAE_PREFIX)
                 || k.starts_with(CLIP_PREFIX)
-                || is_ignorable_key(k)
+                || k.starts_with(OPEN_CLIP_PREFIX)
+                || self.is_ignorable(k)
         };
         self.source
             .keys()
@@ -588,7 +818,40 @@ impl SingleFileCheckpoint {
     }
 }
 
-/// A hint for a file that is not an original SD1.x checkpoint: what it looks like instead.
+/// How the text encoder is stored: SD1.x's CLIP (with or without `text_model.`) or SD2.x's OpenCLIP tower; an
+/// error naming the expected tensors otherwise (an SDXL checkpoint, a file without text encoder).
+fn detect_text_tower(s: &Shapes) -> Result<TextTower> {
+    if s.has(&clip_key("embeddings.token_embedding.weight")) {
+        return Ok(TextTower::Clip {
+            without_text_model: false,
+        });
+    }
+    if s.has(&format!("{CLIP_PREFIX}embeddings.token_embedding.weight")) {
+        return Ok(TextTower::Clip {
+            without_text_model: true,
+        });
+    }
+    if s.has(OPEN_CLIP_MARKER) {
+        let layers = open_clip_blocks(s).saturating_sub(1);
+        return Ok(TextTower::OpenClip { layers });
+    }
+    let other = if s.has_prefix("conditioner.embedders.") {
+        " (found 'conditioner.embedders.*': an SDXL checkpoint, which is not supported)"
+    } else {
+        ""
+    };
+    Err(s.err(format!(
+        "expected the text encoder tensor '{}' (SD1.x) or '{OPEN_CLIP_MARKER}' (SD2.x){other}",
+        clip_key("text_model.embeddings.token_embedding.weight")
+    )))
+}
+
+/// Number of consecutive `transformer.resblocks.i` blocks of the OpenCLIP tower.
+fn open_clip_blocks(s: &Shapes) -> usize {
+    s.count(|i| s.has_prefix(&format!("{OPEN_CLIP_PREFIX}transformer.resblocks.{i}.")))
+}
+
+/// A hint for a file that is not an original SD1.x / SD2.x checkpoint: what it looks like instead.
 fn describe_other(s: &Shapes) -> String {
     if s.has_prefix("down_blocks.") && s.has_prefix("time_embedding.") {
         "; it looks like a diffusers UNet file (diffusers names such as 'down_blocks.*'): load its model folder instead"
@@ -698,6 +961,27 @@ fn infer_text_encoder(s: &Shapes, without_text_model: bool) -> Result<InferredTe
         num_hidden_layers: s
             .count(|i| s.has(&key(&format!("encoder.layers.{i}.layer_norm1.weight")))),
         max_position_embeddings: s.dim(&key("embeddings.position_embedding.weight"), 0)?,
+    })
+}
+
+/// The text encoder of an SD2.x file from its OpenCLIP tower: width and vocabulary from `token_embedding`
+/// `[vocab, width]`, MLP width from `c_fc` `[4 w, w]`, positions from `positional_embedding` `[77, w]`, layers = the
+/// tower's blocks but the last (at least 2 blocks are required).
+fn infer_open_clip_text(s: &Shapes) -> Result<InferredTextEncoder> {
+    let p = OPEN_CLIP_PREFIX;
+    let blocks = open_clip_blocks(s);
+    if blocks < 2 {
+        return Err(s.err(format!(
+            "the OpenCLIP text tower has {blocks} blocks ('{p}transformer.resblocks.N.*'), expected at least 2 \
+             (SD2 uses all but the last)"
+        )));
+    }
+    Ok(InferredTextEncoder {
+        vocab_size: s.dim(OPEN_CLIP_MARKER, 0)?,
+        hidden_size: s.dim(OPEN_CLIP_MARKER, 1)?,
+        intermediate_size: s.dim(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
+        num_hidden_layers: blocks - 1,
+        max_position_embeddings: s.dim(&format!("{p}positional_embedding"), 0)?,
     })
 }
 
@@ -904,5 +1188,96 @@ mod tests {
             ],
         );
         assert_eq!(l, SingleFileUnetLayout::sd15());
+    }
+
+    /// diffusers' `convert_open_clip_checkpoint` correspondences; layers beyond the text encoder are not aliased
+    /// to the tower's unused last block.
+    #[test]
+    fn sd2_open_clip_keys() {
+        use QkvPart::{K, Q, V};
+        let r = "transformer.resblocks";
+        let cases = [
+            (
+                "text_model.embeddings.token_embedding.weight",
+                "token_embedding.weight".to_string(),
+                None,
+            ),
+            (
+                "embeddings.position_embedding.weight",
+                "positional_embedding".into(),
+                None,
+            ),
+            (
+                "text_model.encoder.layers.1.layer_norm1.bias",
+                format!("{r}.1.ln_1.bias"),
+                None,
+            ),
+            (
+                "encoder.layers.0.layer_norm2.weight",
+                format!("{r}.0.ln_2.weight"),
+                None,
+            ),
+            (
+                "text_model.encoder.layers.0.self_attn.q_proj.weight",
+                format!("{r}.0.attn.in_proj_weight"),
+                Some(Q),
+            ),
+            (
+                "text_model.encoder.layers.1.self_attn.k_proj.bias",
+                format!("{r}.1.attn.in_proj_bias"),
+                Some(K),
+            ),
+            (
+                "text_model.encoder.layers.22.self_attn.v_proj.weight",
+                format!("{r}.22.attn.in_proj_weight"),
+                Some(V),
+            ),
+            (
+                "text_model.encoder.layers.3.self_attn.out_proj.bias",
+                format!("{r}.3.attn.out_proj.bias"),
+                None,
+            ),
+            (
+                "text_model.encoder.layers.0.mlp.fc1.weight",
+                format!("{r}.0.mlp.c_fc.weight"),
+                None,
+            ),
+            (
+                "text_model.encoder.layers.0.mlp.fc2.bias",
+                format!("{r}.0.mlp.c_proj.bias"),
+                None,
+            ),
+            (
+                "text_model.final_layer_norm.weight",
+                "ln_final.weight".into(),
+                None,
+            ),
+        ];
+        for (transformers, stored, part) in cases {
+            assert_eq!(
+                open_clip_key(23, transformers),
+                OpenClipKey {
+                    stored: format!("{OPEN_CLIP_PREFIX}{stored}"),
+                    part
+                },
+                "{transformers}"
+            );
+        }
+        for key in [
+            "text_model.encoder.layers.23.layer_norm1.weight",
+            "text_model.encoder.layers.0.self_attn.q_proj.lora_A",
+            "text_model.embeddings.position_ids",
+        ] {
+            assert_eq!(
+                open_clip_key(23, key),
+                OpenClipKey {
+                    stored: format!("{OPEN_CLIP_PREFIX}{key}"),
+                    part: None
+                }
+            );
+        }
+        assert!(is_ignorable_key("cond_stage_model.model.text_projection"));
+        assert!(is_ignorable_key("cond_stage_model.model.logit_scale"));
+        assert!(!is_ignorable_key("cond_stage_model.model.ln_final.weight"));
     }
 }

@@ -429,21 +429,22 @@ fn files_that_are_not_sd1_checkpoints_are_refused_clearly() {
         "its first tensors are",
     );
 
-    // SD2.x / SDXL-like files: the UNet marker is there, the SD1.x CLIP text encoder is not.
+    // SDXL-like files or no text encoder: the UNet marker is there, neither the SD1.x CLIP text encoder nor the
+    // SD2.x OpenCLIP tower is.
     let dir =
         std::env::temp_dir().join(format!("alignprop-single-file-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let zeros = [0u8; 4];
     for (name, other, hint) in [
         (
-            "sd2.safetensors",
-            "cond_stage_model.model.token_embedding.weight",
-            "Stable Diffusion 2.x",
-        ),
-        (
             "sdxl.safetensors",
             "conditioner.embedders.0.transformer.x",
             "SDXL",
+        ),
+        (
+            "no_text.safetensors",
+            "cond_stage_model.something.else",
+            "cond_stage_model.model.token_embedding.weight",
         ),
     ] {
         let path = dir.join(name);
@@ -466,6 +467,26 @@ fn files_that_are_not_sd1_checkpoints_are_refused_clearly() {
         );
         assert!(msg.contains(hint), "'{hint}' in: {msg}");
     }
+    // An SD2.x tower with a single block (SD2 uses all but the last): named, with what was expected.
+    let path = dir.join("sd2_one_block.safetensors");
+    let view =
+        || safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &zeros).unwrap();
+    let tensors = [
+        ("model.diffusion_model.input_blocks.0.0.weight", view()),
+        ("cond_stage_model.model.token_embedding.weight", view()),
+        (
+            "cond_stage_model.model.transformer.resblocks.0.ln_1.weight",
+            view(),
+        ),
+    ];
+    safetensors::serialize_to_file(tensors, None, &path).unwrap();
+    let msg = SingleFileCheckpoint::open(&path).unwrap_err().to_string();
+    eprintln!("{msg}");
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+    assert!(
+        msg.contains("has 1 blocks") && msg.contains("expected at least 2"),
+        "{msg}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 
     let missing = tiny_sd().join("single_file/does-not-exist.safetensors");
@@ -475,4 +496,142 @@ fn files_that_are_not_sd1_checkpoints_are_refused_clearly() {
     let not_safetensors = tiny_sd().join("unet/config.json");
     let err = SingleFileCheckpoint::open(&not_safetensors).unwrap_err();
     assert!(matches!(err, WeightError::Format { .. }), "{err:?}");
+}
+
+// ------------------------------------------------------------------------------------------------ SD2.x
+
+fn sd2_file() -> PathBuf {
+    alignprop_testing::tiny_sd2().join("single_file/tiny-sd21.safetensors")
+}
+
+/// The SD2 file (`tiny-sd2/single_file/tiny-sd21.safetensors`: OpenCLIP text tower with one block more than the
+/// diffusers text encoder) against the tiny SD2 diffusers files: every UNet and VAE tensor under its original name,
+/// every text-encoder tensor under its OpenCLIP name (q, k, v the thirds of the fused in_proj), all with identical
+/// bytes; every tensor of the file is reached but the unused ones (the last block, text_projection, logit_scale,
+/// the DDPM buffers).
+#[test]
+fn sd2_single_file_holds_the_diffusers_tensors() {
+    use alignprop_io::single_file::{OPEN_CLIP_PREFIX, SdVersion, open_clip_key};
+    let sd2 = alignprop_testing::tiny_sd2();
+    let ckpt = SingleFileCheckpoint::open(sd2_file()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ckpt.version(), SdVersion::Sd2);
+    let up: Vec<String> = {
+        let text = std::fs::read_to_string(sd2.join("unet/config.json")).unwrap();
+        let cfg: Value = serde_json::from_str(&text).unwrap();
+        assert!(cfg["use_linear_projection"].as_bool().unwrap());
+        cfg["up_block_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    let layout = SingleFileUnetLayout::from_block_types(2, &up);
+    assert_eq!(ckpt.unet_info().layout, layout);
+    assert!(ckpt.unet_info().use_linear_projection);
+    assert_eq!(ckpt.unet_info().block_out_channels, [8, 16, 24]);
+    assert_eq!(ckpt.unet_info().cross_attention_dim, Some(16));
+    assert_eq!(
+        ckpt.text_encoder_info(),
+        &InferredTextEncoder {
+            vocab_size: 49408,
+            hidden_size: 16,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            max_position_embeddings: 77,
+        }
+    );
+    let n_up = ckpt.vae_info().num_up_blocks;
+    let none = |_: &str| false;
+    let mut reached = check_component(
+        "sd2 unet",
+        &sd2.join("unet/diffusion_pytorch_model.safetensors"),
+        &ckpt.unet(),
+        &|k| unet_key(&layout, k),
+        &none,
+    );
+    reached.extend(check_component(
+        "sd2 vae",
+        &sd2.join("vae/diffusion_pytorch_model.safetensors"),
+        &ckpt.vae(),
+        &|k| vae_key(n_up, k),
+        &none,
+    ));
+
+    // The text encoder: 36 tensors (position_ids aside), q/k/v cut from the fused projections.
+    let te = open(&sd2.join("text_encoder/model.safetensors"));
+    let source = ckpt.text_encoder();
+    let mut n_split = 0;
+    for key in te.keys() {
+        if key.ends_with("position_ids") {
+            continue;
+        }
+        let expected = te.find(&key).unwrap().unwrap();
+        let found = source
+            .find(&key)
+            .unwrap()
+            .unwrap_or_else(|| panic!("text encoder '{key}' not in the single file"));
+        let mapped = open_clip_key(2, &key);
+        assert_eq!(source.stored_key(&key), mapped.stored, "{key}");
+        assert!(mapped.stored.starts_with(OPEN_CLIP_PREFIX));
+        assert_eq!(found.shape, expected.shape, "{key}");
+        assert!(
+            found.data.as_bytes() == expected.data.as_bytes(),
+            "bytes of '{key}' differ from '{}'",
+            found.stored_key
+        );
+        n_split += usize::from(mapped.part.is_some());
+        reached.insert(mapped.stored);
+    }
+    assert_eq!(n_split, 2 * 6, "q/k/v weight and bias of 2 layers");
+    // The block SD2 does not use is not a text-encoder layer.
+    let beyond = "text_model.encoder.layers.2.layer_norm1.weight";
+    assert!(source.find(beyond).unwrap().is_none());
+    let all: BTreeSet<String> = ckpt.source().keys().into_iter().collect();
+    let left: Vec<&String> = all.difference(&reached).collect();
+    for k in &left {
+        assert!(
+            ckpt.is_ignorable(k),
+            "tensor '{k}' is reached by no mapping"
+        );
+    }
+    let tower_left = left
+        .iter()
+        .filter(|k| k.starts_with(OPEN_CLIP_PREFIX))
+        .count();
+    // The last block's 12 tensors, text_projection, logit_scale.
+    assert_eq!(tower_left, 12 + 2, "{left:?}");
+    assert!(ckpt.unknown_keys().is_empty(), "{:?}", ckpt.unknown_keys());
+    eprintln!(
+        "sd2 single file: {} tensors, {} reached, {} left (ignorable)",
+        all.len(),
+        reached.len(),
+        left.len()
+    );
+}
+
+/// A fused projection whose rows are not three equal parts is one clear error naming the file and the key.
+#[test]
+fn sd2_bad_fused_projection_is_named() {
+    use alignprop_io::single_file::{QkvPart, split_qkv};
+    let src = open(&sd2_file());
+    let key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight";
+    let raw = src.find(key).unwrap().unwrap();
+    let v = split_qkv(raw.clone(), QkvPart::V).unwrap();
+    assert_eq!(v.shape, [16, 16]);
+    assert!(
+        v.stored_key.contains("rows 32..48, the v part"),
+        "{}",
+        v.stored_key
+    );
+    let mut bad = raw;
+    bad.shape = vec![47, 16];
+    let Err(err) = split_qkv(bad, QkvPart::Q) else {
+        panic!("47 rows split into q, k, v");
+    };
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    for part in ["tiny-sd21.safetensors", key, "[3 x width, ...]", "[47, 16]"] {
+        assert!(msg.contains(part), "'{part}' missing from: {msg}");
+    }
 }

@@ -3,6 +3,7 @@
 //! | format | key of the down (A) matrix `[rank, in]` | up (B) matrix `[out, rank]` | scale `alpha / rank` |
 //! |---|---|---|---|
 //! | [`LoraFormat::Peft`] (diffusers >= 0.24 `save_lora_weights`) | `unet.<module>.lora_A.weight` | `unet.<module>.lora_B.weight` | `lora_adapter_metadata` (`unet.lora_alpha`, `unet.r`), else 1 |
+//! | [`LoraFormat::Peft`] (peft's own `save_pretrained`: `adapter_model.safetensors`) | `base_model.model.<module>.lora_A.weight` | `base_model.model.<module>.lora_B.weight` | `lora_alpha` of `adapter_config.json` beside it, else 1 |
 //! | [`LoraFormat::Diffusers`] (older diffusers training scripts) | `unet.<module>.lora.down.weight` | `unet.<module>.lora.up.weight` | 1 (or `network_alphas`) |
 //! | [`LoraFormat::Kohya`] (A1111 / ComfyUI) | `lora_unet_<module with _>.lora_down.weight` | `....lora_up.weight` | `....alpha` scalar |
 //!
@@ -123,9 +124,11 @@ impl LoraWeights {
         ranks.all(|r| r == first).then_some(first)
     }
 
-    /// Reads a LoRA file in any of the three formats (detected from its keys).
+    /// Reads a LoRA file in any of the three formats (detected from its keys), or the file in a LoRA folder
+    /// ([`lora_file_in`]: diffusers' `pytorch_lora_weights.safetensors` or peft's `adapter_model.safetensors`).
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+        let path = lora_file_in(path.as_ref())?;
+        let path = path.as_path();
         let src = SafetensorsSource::open(&[path])?;
         let keys = src.keys();
         let err = |msg: String| LoraError::File {
@@ -140,12 +143,21 @@ impl LoraWeights {
                 keys.first().map_or("none", String::as_str)
             ))
         })?;
+        // peft's own files name the wrapped UNet `base_model.model.`, and keep the alpha in adapter_config.json.
+        let peft_model =
+            format == LoraFormat::Peft && keys.iter().any(|k| k.starts_with(PEFT_MODEL_PREFIX));
         let (down_sfx, up_sfx, prefix) = match format {
+            LoraFormat::Peft if peft_model => {
+                (".lora_A.weight", ".lora_B.weight", PEFT_MODEL_PREFIX)
+            }
             LoraFormat::Peft => (".lora_A.weight", ".lora_B.weight", "unet."),
             LoraFormat::Diffusers => (".lora.down.weight", ".lora.up.weight", "unet."),
             LoraFormat::Kohya => (".lora_down.weight", ".lora_up.weight", "lora_unet_"),
         };
-        let peft_alpha = peft_alpha(&src.metadata()).map_err(err)?;
+        let peft_alpha = match peft_alpha(&src.metadata()).map_err(err)? {
+            None if peft_model => adapter_config_alpha(path)?,
+            alpha => alpha,
+        };
         if let Some(key) = keys.iter().find(|k| {
             k.strip_suffix(up_sfx)
                 .is_some_and(|m| src.shape(&format!("{m}{down_sfx}")).is_none())
@@ -449,6 +461,69 @@ fn sorted_header(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
     out.extend_from_slice(&json);
     out.extend_from_slice(&bytes[8 + n..]);
     Ok(out)
+}
+
+/// Key prefix of the UNet in peft's own adapter files (`PeftModel.save_pretrained`).
+const PEFT_MODEL_PREFIX: &str = "base_model.model.";
+
+/// The LoRA file `path` names: the path itself, or in a folder its `pytorch_lora_weights.safetensors` (diffusers'
+/// `save_lora_weights`) or `adapter_model.safetensors` (peft's `save_pretrained`, next to its `adapter_config.json`).
+pub fn lora_file_in(path: &Path) -> Result<PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    [
+        "pytorch_lora_weights.safetensors",
+        "adapter_model.safetensors",
+    ]
+    .iter()
+    .map(|name| path.join(name))
+    .find(|p| p.is_file())
+    .ok_or_else(|| LoraError::File {
+        path: path.to_path_buf(),
+        msg: "a folder without pytorch_lora_weights.safetensors or adapter_model.safetensors"
+            .into(),
+    })
+}
+
+/// `lora_alpha` of the `adapter_config.json` next to a peft adapter file; `None` without that file. Settings that
+/// would change the scale per module or its formula (`alpha_pattern`, `use_rslora`, `use_dora`) are refused, naming
+/// the file (reading the adapters without them would silently change the model).
+fn adapter_config_alpha(file: &Path) -> Result<Option<f64>> {
+    let config = file.with_file_name("adapter_config.json");
+    if !config.is_file() {
+        return Ok(None);
+    }
+    let err = |msg: String| LoraError::File {
+        path: config.clone(),
+        msg,
+    };
+    let text = std::fs::read_to_string(&config).map_err(|e| err(format!("cannot read: {e}")))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+    for flag in ["use_rslora", "use_dora"] {
+        if json.get(flag).and_then(serde_json::Value::as_bool) == Some(true) {
+            return Err(err(format!(
+                "{flag} is true: not supported (plain LoRA only)"
+            )));
+        }
+    }
+    if json
+        .get("alpha_pattern")
+        .and_then(serde_json::Value::as_object)
+        .is_some_and(|m| !m.is_empty())
+    {
+        return Err(err(
+            "alpha_pattern gives some modules their own alpha: not supported (one lora_alpha for all)".into(),
+        ));
+    }
+    match json.get("lora_alpha") {
+        None => Ok(None),
+        Some(a) => match a.as_f64() {
+            Some(a) if a.is_finite() => Ok(Some(a)),
+            _ => Err(err(format!("expected a number for lora_alpha, found {a}"))),
+        },
+    }
 }
 
 /// `lora_alpha` from diffusers' peft metadata (`{"unet.lora_alpha": 4, "unet.r": 4, ...}`); `None` without

@@ -1,6 +1,7 @@
 //! Helpers for parity tests against the PyTorch reference fixtures (`tests/fixtures/tiny-sd`, made by
-//! `xtask/fixtures/make_fixtures.py`): fixture paths, reference tensors, error measures. Used by the tests of
-//! every crate of the workspace (as a dev-dependency); handy for users checking their own ports too.
+//! `xtask/fixtures/make_fixtures.py`; `tests/fixtures/tiny-sd2`, by `make_sd2_fixtures.py`): fixture paths,
+//! reference tensors, error measures. Used by the tests of every crate of the workspace (as a dev-dependency);
+//! handy for users checking their own ports too.
 //! [`alloc`]: a counting allocator for memory tests. [`prompt_reward`]: the tiny HPSv2 / PickScore fixture models (`tests/fixtures/tiny-prompt-reward`).
 
 pub mod alloc;
@@ -33,6 +34,12 @@ pub fn tiny_sd() -> PathBuf {
     fixtures_root().join("tiny-sd")
 }
 
+/// The tiny SD 2.1-topology (768-v, v-prediction) fixture model (`tests/fixtures/tiny-sd2`, made by
+/// `xtask/fixtures/make_sd2_fixtures.py`; its README documents every file).
+pub fn tiny_sd2() -> PathBuf {
+    fixtures_root().join("tiny-sd2")
+}
+
 /// The tiny CLIP vision tower and aesthetic head (`tests/fixtures/tiny-reward`).
 pub fn tiny_reward() -> PathBuf {
     fixtures_root().join("tiny-reward")
@@ -41,6 +48,11 @@ pub fn tiny_reward() -> PathBuf {
 /// A reference file under `tiny-sd/refs/`.
 pub fn refs(name: &str) -> SafetensorsSource {
     SafetensorsSource::open(&[tiny_sd().join("refs").join(name)]).expect("reference file")
+}
+
+/// A reference file under `tiny-sd2/refs/`.
+pub fn refs_sd2(name: &str) -> SafetensorsSource {
+    SafetensorsSource::open(&[tiny_sd2().join("refs").join(name)]).expect("SD2 reference file")
 }
 
 /// A float reference tensor, converted to `dtype`, on `device`.

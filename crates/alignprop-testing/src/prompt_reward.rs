@@ -117,7 +117,11 @@ pub fn write_count_model(out: &Path) -> Result<PathBuf> {
         source,
     };
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
-    expand(&dir.join("model.safetensors"), &out.join("model.safetensors"), 49408)?;
+    expand(
+        &dir.join("model.safetensors"),
+        &out.join("model.safetensors"),
+        49408,
+    )?;
     let bpe = crate::tiny_sd().join("tokenizer");
     for (from, name) in [
         (dir.join("config.json"), "config.json"),
