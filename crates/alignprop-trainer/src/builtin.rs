@@ -28,6 +28,7 @@ pub const CONFIG_FILES: &[(&str, &[u8])] = embed!(
     "configs/hps_k1.toml",
     "configs/draft_lv_hps.toml",
     "configs/refl_aesthetic.toml",
+    "configs/sd21_aesthetic.toml",
     "configs/prompts/animals.txt",
     "configs/prompts/eval_animals.txt",
     "configs/prompts/shapes.txt",
