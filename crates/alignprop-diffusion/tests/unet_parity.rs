@@ -371,3 +371,56 @@ fn full_size_sd15_random_forward() {
     assert_eq!(out.dims(), [1, 4, 64, 64]);
     assert!(values.iter().all(|v| v.is_finite()), "non-finite output");
 }
+
+/// The full-size SD 2.1 (768-v) UNet from its real `unet/config.json` (linear projections, per-block head dims
+/// [5, 10, 20, 20], upcast attention, 1024-wide text states) with random weights: parameter count (diffusers':
+/// 865,910,724) and one forward at a small latent size.
+#[test]
+#[ignore = "full-size SD 2.1 UNet: ~3.5 GB of float32 parameters and a long CPU forward"]
+fn full_size_sd21_random_forward() {
+    let cfg: UNet2DConditionConfig = serde_json::from_str(
+        r#"{
+            "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.10.0.dev0", "act_fn": "silu",
+            "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+            "center_input_sample": false, "cross_attention_dim": 1024,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "downsample_padding": 1, "dual_cross_attention": false, "flip_sin_to_cos": true, "freq_shift": 0,
+            "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+            "norm_num_groups": 32, "num_class_embeds": null, "only_cross_attention": false, "out_channels": 4,
+            "sample_size": 96,
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "use_linear_projection": true, "upcast_attention": true
+        }"#,
+    )
+    .unwrap();
+    let device = Default::default();
+    B::seed(&device, 20261206);
+    let vb = VarBuilder::<B>::random(&device, DType::F32);
+    let start = Instant::now();
+    let model = UNet2DConditionModel::new(&cfg, &vb).unwrap();
+    let n_params = model.num_params();
+    println!(
+        "SD 2.1 UNet: {n_params} parameters, built in {:.2?}",
+        start.elapsed()
+    );
+    assert_eq!(n_params, 865_910_724);
+    let sample = Tensor::<B, 4>::random(
+        [1, 4, 32, 32],
+        Distribution::Normal(0.0, 1.0),
+        (&device, DType::F32),
+    );
+    let enc = Tensor::<B, 3>::random(
+        [1, 77, 1024],
+        Distribution::Normal(0.0, 1.0),
+        (&device, DType::F32),
+    );
+    let start = Instant::now();
+    let out = model.forward_with_timestep(sample, 981.0, enc);
+    let values: Vec<f32> = out.clone().into_data().convert::<f32>().to_vec().unwrap();
+    println!(
+        "forward 1x4x32x32, 77x1024 text states: {:.2?}",
+        start.elapsed()
+    );
+    assert_eq!(out.dims(), [1, 4, 32, 32]);
+    assert!(values.iter().all(|v| v.is_finite()), "non-finite output");
+}
