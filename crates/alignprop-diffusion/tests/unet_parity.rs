@@ -335,29 +335,34 @@ fn config_variants_build() {
     assert_eq!(out.dims(), [1, 4, 13, 7]);
 }
 
-/// The full-size SD1.5 UNet with random weights: architecture, parameter count and one forward pass.
-#[test]
-#[ignore = "full-size SD1.5 UNet: ~3.4 GB of float32 parameters and a long CPU forward"]
-fn full_size_sd15_random_forward() {
+/// Builds a full-size UNet from `cfg` with random weights, checks its parameter count against `params`, and runs one
+/// forward on a `[1, 4, latent, latent]` sample with `[1, 77, text]` text states (finite output of the same shape);
+/// prints the build and forward times.
+fn full_size_random_forward(
+    name: &str,
+    cfg: &UNet2DConditionConfig,
+    params: usize,
+    latent: usize,
+    text: usize,
+) {
     let device = Default::default();
     B::seed(&device, 20261122);
     let vb = VarBuilder::<B>::random(&device, DType::F32);
     let start = Instant::now();
-    let model = UNet2DConditionModel::new(&UNet2DConditionConfig::default(), &vb).unwrap();
+    let model = UNet2DConditionModel::new(cfg, &vb).unwrap();
     let n_params = model.num_params();
     println!(
-        "SD1.5 UNet: {n_params} parameters, built in {:.2?}",
+        "{name} UNet: {n_params} parameters, built in {:.2?}",
         start.elapsed()
     );
-    assert_eq!(n_params, 859_520_964);
-
+    assert_eq!(n_params, params);
     let sample = Tensor::<B, 4>::random(
-        [1, 4, 64, 64],
+        [1, 4, latent, latent],
         Distribution::Normal(0.0, 1.0),
         (&device, DType::F32),
     );
     let enc = Tensor::<B, 3>::random(
-        [1, 77, 768],
+        [1, 77, text],
         Distribution::Normal(0.0, 1.0),
         (&device, DType::F32),
     );
@@ -365,11 +370,24 @@ fn full_size_sd15_random_forward() {
     let out = model.forward_with_timestep(sample, 981.0, enc);
     let values: Vec<f32> = out.clone().into_data().convert::<f32>().to_vec().unwrap();
     println!(
-        "forward 1x4x64x64, 77x768 text states: {:.2?}",
+        "forward 1x4x{latent}x{latent}, 77x{text} text states: {:.2?}",
         start.elapsed()
     );
-    assert_eq!(out.dims(), [1, 4, 64, 64]);
+    assert_eq!(out.dims(), [1, 4, latent, latent]);
     assert!(values.iter().all(|v| v.is_finite()), "non-finite output");
+}
+
+/// The full-size SD1.5 UNet with random weights: architecture, parameter count and one forward pass.
+#[test]
+#[ignore = "full-size SD1.5 UNet: ~3.4 GB of float32 parameters and a long CPU forward"]
+fn full_size_sd15_random_forward() {
+    full_size_random_forward(
+        "SD1.5",
+        &UNet2DConditionConfig::default(),
+        859_520_964,
+        64,
+        768,
+    );
 }
 
 /// The full-size SD 2.1 (768-v) UNet from its real `unet/config.json` (linear projections, per-block head dims
@@ -393,34 +411,5 @@ fn full_size_sd21_random_forward() {
         }"#,
     )
     .unwrap();
-    let device = Default::default();
-    B::seed(&device, 20261206);
-    let vb = VarBuilder::<B>::random(&device, DType::F32);
-    let start = Instant::now();
-    let model = UNet2DConditionModel::new(&cfg, &vb).unwrap();
-    let n_params = model.num_params();
-    println!(
-        "SD 2.1 UNet: {n_params} parameters, built in {:.2?}",
-        start.elapsed()
-    );
-    assert_eq!(n_params, 865_910_724);
-    let sample = Tensor::<B, 4>::random(
-        [1, 4, 32, 32],
-        Distribution::Normal(0.0, 1.0),
-        (&device, DType::F32),
-    );
-    let enc = Tensor::<B, 3>::random(
-        [1, 77, 1024],
-        Distribution::Normal(0.0, 1.0),
-        (&device, DType::F32),
-    );
-    let start = Instant::now();
-    let out = model.forward_with_timestep(sample, 981.0, enc);
-    let values: Vec<f32> = out.clone().into_data().convert::<f32>().to_vec().unwrap();
-    println!(
-        "forward 1x4x32x32, 77x1024 text states: {:.2?}",
-        start.elapsed()
-    );
-    assert_eq!(out.dims(), [1, 4, 32, 32]);
-    assert!(values.iter().all(|v| v.is_finite()), "non-finite output");
+    full_size_random_forward("SD 2.1", &cfg, 865_910_724, 32, 1024);
 }
