@@ -554,36 +554,7 @@ mod tests {
         )
         .unwrap();
         assert!(report.unused_keys.is_empty(), "{:?}", report.unused_keys);
-        for (component, file) in [
-            ("unet", "diffusion_pytorch_model.safetensors"),
-            ("vae", "diffusion_pytorch_model.safetensors"),
-            ("text_encoder", "model.safetensors"),
-        ] {
-            let ours =
-                alignprop_io::weights::SafetensorsSource::open(&[out.join(component).join(file)])
-                    .unwrap();
-            let theirs = alignprop_io::weights::SafetensorsSource::open(&[tiny_sd()
-                .join(component)
-                .join(file)])
-            .unwrap();
-            let (ok, tk) = (ours.keys(), theirs.keys());
-            // transformers may store position_ids buffers that no model reads.
-            let tk: Vec<String> = tk
-                .into_iter()
-                .filter(|k| !k.ends_with("position_ids"))
-                .collect();
-            assert_eq!(ok, tk, "{component}: key sets differ");
-            assert_eq!(report.tensors[component], ok.len());
-            for k in ok {
-                let (a, b) = (
-                    ours.find(&k).unwrap().unwrap(),
-                    theirs.find(&k).unwrap().unwrap(),
-                );
-                assert_eq!(a.shape, b.shape, "{component} {k}");
-                assert_eq!(a.data.dtype, b.data.dtype, "{component} {k}");
-                assert_eq!(a.data.as_bytes(), b.data.as_bytes(), "{component} {k}");
-            }
-        }
+        assert_same_component_files(&out, &tiny_sd(), &report);
         // A second run into the same folder is refused unless overwriting.
         let again = single_file_to_diffusers(
             &tiny_sd().join("single_file/tiny-sd15.safetensors"),
