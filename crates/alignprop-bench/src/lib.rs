@@ -440,10 +440,10 @@ fn alignprop_step<A: AutodiffBackend>(d: &A::Device, spec: &StepSpec) -> Result<
         DdimScheduler::new(&SchedulerConfig::default(), n).map_err(|e| e.to_string())?;
     let mut rng = NoiseRng::new(7);
     let cross = first(&spec.unet.cross_attention_dim);
-    let text = Conditioning {
-        uncond: rng.normal_tensor([1, 77, cross], d, dtype),
-        cond: rng.normal_tensor([1, 77, cross], d, dtype),
-    };
+    let text = Conditioning::new(
+        rng.normal_tensor([1, 77, cross], d, dtype),
+        rng.normal_tensor([1, 77, cross], d, dtype),
+    );
     let x_t: Tensor<A::InnerBackend, 4> = rng.normal_tensor([1, 4, s, s], d, dtype);
     let steps = Truncation::Fixed { k }.grad_steps(n, &mut rng);
     let mut opt = AdamW::new(AdamWConfig::default());

@@ -1,4 +1,5 @@
-//! The CLIP text encoder of Stable Diffusion (transformers `CLIPTextModel`).
+//! The CLIP text encoders of Stable Diffusion (transformers `CLIPTextModel`, and `CLIPTextModelWithProjection`,
+//! SDXL's second encoder).
 //!
 //! ```text
 //! input_ids [batch, tokens]
@@ -419,6 +420,22 @@ impl<B: Backend> CLIPTextModel<B> {
         }
     }
 
+    /// What SDXL takes from each of its encoders in one run: the output of the penultimate layer
+    /// (`hidden_states[-2]`, WITHOUT `final_layer_norm`) `[batch, tokens, hidden]`, and `pooler_output`
+    /// `[batch, hidden]` (the end-of-text row after all layers and `final_layer_norm`).
+    pub fn encode_penultimate(&self, input_ids: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        let n = self.encoder.layers.len();
+        assert!(n >= 1, "the text encoder has no layers");
+        let eos = self.eos_positions(input_ids.clone());
+        let x = self.embeddings.forward(input_ids);
+        let penultimate = self.encoder.forward_layers(x, true, n - 1, None);
+        let last = self.encoder.layers[n - 1].forward(penultimate.clone(), true);
+        let last = self.final_layer_norm.forward(last);
+        let [b, _, h] = last.dims();
+        let index = eos.reshape([b, 1, 1]).repeat_dim(2, h);
+        (penultimate, last.gather(1, index).reshape([b, h]))
+    }
+
     /// diffusers' `encode_prompt(..., clip_skip)`: the output of layer `num_hidden_layers - clip_skip`, passed
     /// through `final_layer_norm`. `clip_skip = 0` is `last_hidden_state`; `1` uses the penultimate layer.
     /// Only the layers needed are run. `input_ids`: `[batch, tokens]` -> `[batch, tokens, hidden]`.
@@ -452,5 +469,53 @@ impl<B: Backend> CLIPTextModel<B> {
             input_ids.zeros_like().mask_fill(is_eos, n as i64)
         };
         (score + tie_break).argmax(1).reshape([b])
+    }
+}
+
+/// transformers' `CLIPTextModelWithProjection`: a [`CLIPTextModel`] whose pooled output is projected by a bias-free
+/// `text_projection` to `projection_dim` (`text_embeds`). SDXL's second text encoder (OpenCLIP ViT-bigG/14's text
+/// tower in the transformers layout: `text_model.*` and `text_projection.weight` `[projection_dim, hidden]`).
+#[derive(Module, Debug)]
+pub struct CLIPTextModelWithProjection<B: Backend> {
+    pub text_model: CLIPTextModel<B>,
+    /// `[projection_dim, hidden]`, no bias.
+    pub text_projection: Linear<B>,
+}
+
+impl<B: Backend> CLIPTextModelWithProjection<B> {
+    /// Builds the model under `vb` (`text_model.*` with or without that prefix, `text_projection.weight`).
+    pub fn new(cfg: &CLIPTextConfig, vb: &VarBuilder<B>) -> Result<Self> {
+        Ok(Self {
+            text_model: CLIPTextModel::new(cfg, vb)?,
+            text_projection: Linear::new(
+                &vb.pp("text_projection"),
+                cfg.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?,
+        })
+    }
+
+    /// Loads `folder/config.json` and the safetensors weights of a `text_encoder_2` folder.
+    pub fn load(folder: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+        let folder = folder.as_ref();
+        let cfg: CLIPTextConfig = read_json(&folder.join("config.json"))?;
+        let files = component_weights(folder)?;
+        let vb = VarBuilder::from_safetensors(&files, device, dtype)?;
+        Self::new(&cfg, &vb)
+    }
+
+    /// The encoder's output with `text_embeds = text_projection(pooler_output)` `[batch, projection_dim]`.
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> (CLIPTextOutput<B>, Tensor<B, 2>) {
+        let out = self.text_model.forward(input_ids);
+        let text_embeds = self.text_projection.forward(out.pooler_output.clone());
+        (out, text_embeds)
+    }
+
+    /// SDXL's use: the penultimate layer's output `[batch, tokens, hidden]` (no final norm) and `text_embeds`
+    /// `[batch, projection_dim]`.
+    pub fn encode_penultimate(&self, input_ids: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        let (penultimate, pooled) = self.text_model.encode_penultimate(input_ids);
+        (penultimate, self.text_projection.forward(pooled))
     }
 }

@@ -107,9 +107,18 @@ pub struct UNet2DConditionConfig {
     /// Transformer `proj_in` / `proj_out` are `Linear` (true, SD2) or 1x1 convolutions (false, SD1).
     pub use_linear_projection: bool,
     pub class_embed_type: Option<String>,
+    /// `"text_time"` (SDXL): the time embedding gains the projection of `[pooled text, sinusoid(time ids)]`
+    /// ([`TextTimeEmbedding`]); `None` (SD 1.x / 2.x) adds nothing.
     pub addition_embed_type: Option<String>,
+    /// Width of each time id's sinusoid in the `text_time` embedding (256 for SDXL).
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of the `text_time` embedding: pooled text width + 6 x `addition_time_embed_dim` (2816 for SDXL).
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    /// Ignored (only used by `addition_embed_type = "text"`, which is rejected).
+    pub addition_embed_type_num_heads: Option<usize>,
     pub num_class_embeds: Option<usize>,
-    /// Attention scores in float32 for half-precision models (SD2.1).
+    /// Attention scores in float32 for half-precision models (SD2.1). SDXL's config says `null` (= false).
+    #[serde(deserialize_with = "null_as_default")]
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
     /// When true the resnets take the time embedding without the activation.
@@ -172,6 +181,9 @@ impl Default for UNet2DConditionConfig {
             use_linear_projection: false,
             class_embed_type: None,
             addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
+            addition_embed_type_num_heads: None,
             num_class_embeds: None,
             upcast_attention: false,
             resnet_time_scale_shift: "default".into(),
@@ -190,6 +202,15 @@ impl Default for UNet2DConditionConfig {
     }
 }
 
+/// Reads a JSON `null` as the type's default (diffusers writes `null` for some boolean settings).
+fn null_as_default<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 /// The per-block values of a config, resolved and checked.
 #[derive(Clone, Debug)]
 struct Plan {
@@ -202,6 +223,8 @@ struct Plan {
     up_cross: Vec<bool>,
     mid: bool,
     time_embed_dim: usize,
+    /// `text_time`: (`addition_time_embed_dim`, `projection_class_embeddings_input_dim`).
+    text_time: Option<(usize, usize)>,
 }
 
 impl UNet2DConditionConfig {
@@ -224,7 +247,7 @@ impl UNet2DConditionConfig {
         }
         let unsupported = |field: &str, value: &dyn std::fmt::Debug| {
             Err(format!(
-                "unsupported `{field}` = {value:?} (this port implements SD 1.x / 2.x UNets only)"
+                "unsupported `{field}` = {value:?} (this port implements SD 1.x / 2.x / SDXL UNets only)"
             ))
         };
         let down_cross = self
@@ -278,9 +301,33 @@ impl UNet2DConditionConfig {
         if self.class_embed_type.is_some() || self.num_class_embeds.is_some() {
             return unsupported("class_embed_type", &self.class_embed_type);
         }
-        if self.addition_embed_type.is_some() {
-            return unsupported("addition_embed_type", &self.addition_embed_type);
-        }
+        let text_time = match self.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let (Some(time_dim), Some(input_dim)) = (
+                    self.addition_time_embed_dim,
+                    self.projection_class_embeddings_input_dim,
+                ) else {
+                    return Err(
+                        "`addition_embed_type` \"text_time\" needs `addition_time_embed_dim` and \
+                         `projection_class_embeddings_input_dim`"
+                            .into(),
+                    );
+                };
+                if time_dim == 0 || input_dim <= TIME_IDS * time_dim {
+                    return Err(format!(
+                        "`projection_class_embeddings_input_dim` = {input_dim} must exceed {TIME_IDS} x \
+                         `addition_time_embed_dim` ({time_dim}): it is the pooled text width plus the time ids' width"
+                    ));
+                }
+                Some((time_dim, input_dim))
+            }
+            Some(other) => {
+                return Err(format!(
+                    "unsupported `addition_embed_type` '{other}' (supported: \"text_time\" (SDXL), null)"
+                ));
+            }
+        };
         if self.encoder_hid_dim.is_some() || self.encoder_hid_dim_type.is_some() {
             return unsupported("encoder_hid_dim_type", &self.encoder_hid_dim_type);
         }
@@ -348,6 +395,7 @@ impl UNet2DConditionConfig {
             time_embed_dim: self
                 .time_embedding_dim
                 .unwrap_or(4 * self.block_out_channels[0]),
+            text_time,
         })
     }
 }
@@ -438,6 +486,102 @@ impl<B: Backend> TimestepEmbedding<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.linear_2
             .forward(self.act.forward(self.linear_1.forward(x)))
+    }
+}
+
+/// Number of SDXL time ids: original height and width, crop top and left, target height and width.
+pub const TIME_IDS: usize = 6;
+
+/// SDXL's extra conditioning (diffusers' `added_cond_kwargs` for `addition_embed_type = "text_time"`).
+#[derive(Clone, Debug)]
+pub struct TextTimeCond<B: Backend> {
+    /// `[batch, pooled_width]`: the projected pooled output of the second text encoder (`text_embeds`).
+    pub text_embeds: Tensor<B, 2>,
+    /// `[batch, 6]`: `(original_h, original_w, crop_top, crop_left, target_h, target_w)` in pixels (`time_ids`).
+    pub time_ids: Tensor<B, 2>,
+}
+
+impl<B: Backend> TextTimeCond<B> {
+    /// The time ids of one image size for a batch: `[batch, 6]` in `dtype`, from `[original_h, original_w,
+    /// crop_top, crop_left, target_h, target_w]` (what diffusers' `_get_add_time_ids` builds).
+    pub fn time_ids(
+        ids: [f64; TIME_IDS],
+        batch: usize,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Tensor<B, 2> {
+        let row: Vec<f64> = ids.to_vec();
+        let data: Vec<f64> = (0..batch).flat_map(|_| row.iter().copied()).collect();
+        Tensor::<B, 2>::from_data(
+            TensorData::new(data, [batch, TIME_IDS]),
+            (device, DType::F64),
+        )
+        .cast(dtype)
+    }
+
+    /// The rows of `self` followed by the rows of `other` (classifier-free guidance batches `[uncond; cond]`).
+    pub fn cat(&self, other: &Self) -> Self {
+        Self {
+            text_embeds: Tensor::cat(vec![self.text_embeds.clone(), other.text_embeds.clone()], 0),
+            time_ids: Tensor::cat(vec![self.time_ids.clone(), other.time_ids.clone()], 0),
+        }
+    }
+
+    /// Rows repeated to `batch` when this holds a single one (or `batch` already).
+    fn for_batch(&self, batch: usize) -> Self {
+        let n = self.text_embeds.dims()[0];
+        assert_eq!(
+            self.time_ids.dims(),
+            [n, TIME_IDS],
+            "time_ids must be [batch, {TIME_IDS}] with the batch of text_embeds ({n})"
+        );
+        if n == batch {
+            return self.clone();
+        }
+        assert!(
+            n == 1,
+            "text_embeds has {n} rows for a batch of {batch} (give one per sample or a single one)"
+        );
+        Self {
+            text_embeds: self.text_embeds.clone().repeat_dim(0, batch),
+            time_ids: self.time_ids.clone().repeat_dim(0, batch),
+        }
+    }
+}
+
+/// diffusers' `text_time` addition embedding (SDXL): `add_embedding(cat[text_embeds, add_time_proj(time_ids)])`,
+/// added to the time embedding before the resnets see it.
+///
+/// `add_time_proj` is a [`Timesteps`] sinusoid of width `addition_time_embed_dim` applied to each of the 6 time ids
+/// (in float32, as diffusers), `add_embedding` a [`TimestepEmbedding`] (always SiLU, whatever the UNet's `act_fn`)
+/// from `projection_class_embeddings_input_dim` to the time-embedding width.
+#[derive(Module, Debug)]
+pub struct TextTimeEmbedding<B: Backend> {
+    pub add_time_proj: Timesteps,
+    pub add_embedding: TimestepEmbedding<B>,
+}
+
+impl<B: Backend> TextTimeEmbedding<B> {
+    /// `text_embeds` `[b, pooled]`, `time_ids` `[b, 6]` -> `[b, time_embed_dim]` in the dtype of `text_embeds`.
+    pub fn forward(&self, cond: &TextTimeCond<B>) -> Tensor<B, 2> {
+        let [b, pooled] = cond.text_embeds.dims();
+        let dtype = cond.text_embeds.dtype();
+        let width = self.add_time_proj.num_channels;
+        let expected = self.add_embedding.linear_1.weight.dims()[1];
+        assert_eq!(
+            pooled + TIME_IDS * width,
+            expected,
+            "text_embeds has {pooled} channels: the UNet's add_embedding takes {expected} = pooled width + \
+             {TIME_IDS} x {width}"
+        );
+        let ids = cond.time_ids.clone().reshape([b * TIME_IDS]);
+        let time = self
+            .add_time_proj
+            .forward(ids)
+            .reshape([b, TIME_IDS * width])
+            .cast(dtype);
+        self.add_embedding
+            .forward(Tensor::cat(vec![cond.text_embeds.clone(), time], 1))
     }
 }
 
@@ -979,6 +1123,8 @@ pub struct UNet2DConditionModel<B: Backend> {
     pub conv_in: Conv2d<B>,
     pub time_proj: Timesteps,
     pub time_embedding: TimestepEmbedding<B>,
+    /// SDXL's `text_time` addition embedding (`add_time_proj`, `add_embedding`); `None` for SD 1.x / 2.x.
+    pub add_embedding: Option<TextTimeEmbedding<B>>,
     pub down_blocks: Vec<DownBlock<B>>,
     pub mid_block: Option<UNetMidBlock2DCrossAttn<B>>,
     pub up_blocks: Vec<UpBlock<B>>,
@@ -996,8 +1142,10 @@ pub struct UNet2DConditionModel<B: Backend> {
 pub struct UNetTrace<B: Backend> {
     /// `[batch, block_out_channels[0]]`, float32.
     pub time_proj: Tensor<B, 2>,
-    /// `[batch, time_embed_dim]`, before the activation.
+    /// `[batch, time_embed_dim]`, before the activation (without the addition embedding).
     pub time_embedding: Tensor<B, 2>,
+    /// `[batch, time_embed_dim]`: the `text_time` addition embedding (`add_embedding`'s output), SDXL only.
+    pub add_embedding: Option<Tensor<B, 2>>,
     pub conv_in: Tensor<B, 4>,
     /// The hidden state after each down block (including its downsampler).
     pub down_blocks: Vec<Tensor<B, 4>>,
@@ -1042,6 +1190,23 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let conv_in = Conv2d::new(&vb.pp("conv_in"), cfg.in_channels, c0, k_in, 1, k_in / 2)?;
         let time_embedding =
             TimestepEmbedding::new(&vb.pp("time_embedding"), c0, plan.time_embed_dim, plan.act)?;
+        let add_embedding = match plan.text_time {
+            Some((time_dim, input_dim)) => Some(TextTimeEmbedding {
+                add_time_proj: Timesteps {
+                    num_channels: time_dim,
+                    flip_sin_to_cos: cfg.flip_sin_to_cos,
+                    downscale_freq_shift: cfg.freq_shift,
+                    max_period: 10000.0,
+                },
+                add_embedding: TimestepEmbedding::new(
+                    &vb.pp("add_embedding"),
+                    input_dim,
+                    plan.time_embed_dim,
+                    Activation::Silu,
+                )?,
+            }),
+            None => None,
+        };
 
         let down_vb = vb.pp("down_blocks");
         let mut down_blocks = Vec::with_capacity(n);
@@ -1116,6 +1281,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 max_period: 10000.0,
             },
             time_embedding,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -1162,7 +1328,24 @@ impl<B: Backend> UNet2DConditionModel<B> {
         timesteps: Tensor<B, 1>,
         encoder_hidden_states: Tensor<B, 3>,
     ) -> Tensor<B, 4> {
-        self.run(sample, timesteps, encoder_hidden_states, None)
+        self.run(sample, timesteps, encoder_hidden_states, None, None)
+    }
+
+    /// [`Self::forward`] with SDXL's `text_time` conditioning (`added`, one row per sample or a single row), which
+    /// an SDXL UNet requires and an SD 1.x / 2.x UNet must not be given.
+    pub fn forward_added(
+        &self,
+        sample: Tensor<B, 4>,
+        timesteps: Tensor<B, 1>,
+        encoder_hidden_states: Tensor<B, 3>,
+        added: Option<&TextTimeCond<B>>,
+    ) -> Tensor<B, 4> {
+        self.run(sample, timesteps, encoder_hidden_states, added, None)
+    }
+
+    /// Whether the model takes SDXL's `text_time` conditioning ([`Self::forward_added`]).
+    pub fn needs_text_time(&self) -> bool {
+        self.add_embedding.is_some()
     }
 
     /// [`Self::forward`] with one timestep for the whole batch.
@@ -1172,11 +1355,22 @@ impl<B: Backend> UNet2DConditionModel<B> {
         timestep: f64,
         encoder_hidden_states: Tensor<B, 3>,
     ) -> Tensor<B, 4> {
+        self.forward_added_with_timestep(sample, timestep, encoder_hidden_states, None)
+    }
+
+    /// [`Self::forward_added`] with one timestep for the whole batch.
+    pub fn forward_added_with_timestep(
+        &self,
+        sample: Tensor<B, 4>,
+        timestep: f64,
+        encoder_hidden_states: Tensor<B, 3>,
+        added: Option<&TextTimeCond<B>>,
+    ) -> Tensor<B, 4> {
         let t = Tensor::from_data(
             TensorData::new(vec![timestep as f32], [1]),
             (&sample.device(), DType::F32),
         );
-        self.forward(sample, t, encoder_hidden_states)
+        self.forward_added(sample, t, encoder_hidden_states, added)
     }
 
     /// [`Self::forward`] that also returns the intermediate results.
@@ -1185,13 +1379,21 @@ impl<B: Backend> UNet2DConditionModel<B> {
         sample: Tensor<B, 4>,
         timesteps: Tensor<B, 1>,
         encoder_hidden_states: Tensor<B, 3>,
+        added: Option<&TextTimeCond<B>>,
     ) -> (Tensor<B, 4>, UNetTrace<B>) {
         let mut trace = Vec::new();
-        let out = self.run(sample, timesteps, encoder_hidden_states, Some(&mut trace));
+        let out = self.run(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            added,
+            Some(&mut trace),
+        );
         let mut it = trace.into_iter();
         let mut next = || it.next().expect("traced value");
         let time_proj = next().into_2d();
         let time_embedding = next().into_2d();
+        let add_embedding = self.add_embedding.as_ref().map(|_| next().into_2d());
         let conv_in = next().into_4d();
         let down_blocks = (0..self.down_blocks.len())
             .map(|_| next().into_4d())
@@ -1205,6 +1407,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let trace = UNetTrace {
             time_proj,
             time_embedding,
+            add_embedding,
             conv_in,
             down_blocks,
             mid_block,
@@ -1220,6 +1423,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         sample: Tensor<B, 4>,
         timesteps: Tensor<B, 1>,
         context: Tensor<B, 3>,
+        added: Option<&TextTimeCond<B>>,
         mut trace: Option<&mut Vec<Traced<B>>>,
     ) -> Tensor<B, 4> {
         let [batch, _, _, _] = sample.dims();
@@ -1240,6 +1444,21 @@ impl<B: Backend> UNet2DConditionModel<B> {
         note(&mut trace, || Traced::D2(t_proj.clone()));
         let emb = self.time_embedding.forward(t_proj.cast(dtype));
         note(&mut trace, || Traced::D2(emb.clone()));
+        let emb = match (&self.add_embedding, added) {
+            (Some(add), Some(cond)) => {
+                let aug = add.forward(&cond.for_batch(batch));
+                note(&mut trace, || Traced::D2(aug.clone()));
+                emb + aug
+            }
+            (Some(_), None) => panic!(
+                "this UNet has a `text_time` addition embedding (SDXL): give the pooled text embeddings and time \
+                 ids (forward_added)"
+            ),
+            (None, Some(_)) => panic!(
+                "text_embeds / time_ids given to a UNet without an addition embedding (SD 1.x / 2.x): use forward"
+            ),
+            (None, None) => emb,
+        };
         let temb = if self.skip_time_act {
             emb
         } else {

@@ -235,7 +235,7 @@ fn unet_inputs(
 fn check_unet(model: &UNet2DConditionModel<B>, dtype: DType) -> Tensor<B, 4> {
     let r = refs_sd2("unet.safetensors");
     let (sample, t, enc) = unet_inputs(&r, dtype);
-    let (out, trace) = model.forward_traced(sample, t, enc);
+    let (out, trace) = model.forward_traced(sample, t, enc, None);
     let d = |key: &str, dt: DType| ref_tensor::<4>(&r, &format!("debug.{key}"), dt);
     assert_close(
         "time_proj",

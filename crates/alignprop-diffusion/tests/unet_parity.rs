@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Instant;
 
-use alignprop_diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use alignprop_diffusion::unet::{TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel};
 use alignprop_io::WeightError;
 use alignprop_io::weights::{SafetensorsSource, VarBuilder};
 use burn::module::Module;
@@ -35,7 +35,7 @@ fn check_trace(
     tol: f64,
 ) -> Tensor<B, 4> {
     let (sample, t, enc) = inputs(src, dtype);
-    let (out, trace) = model.forward_traced(sample, t, enc);
+    let (out, trace) = model.forward_traced(sample, t, enc, None);
     let r = |key: &str| format!("debug.{key}");
     // The sinusoid is float32 in every model dtype (as in diffusers).
     assert_eq!(trace.time_proj.dtype(), DType::F32);
@@ -337,13 +337,15 @@ fn config_variants_build() {
 
 /// Builds a full-size UNet from `cfg` with random weights, checks its parameter count against `params`, and runs one
 /// forward on a `[1, 4, latent, latent]` sample with `[1, 77, text]` text states (finite output of the same shape);
-/// prints the build and forward times.
+/// prints the build and forward times. `pooled`: the width of SDXL's pooled text embeddings (the `text_time`
+/// conditioning gets random ones and the time ids of a `8 * latent` square image).
 fn full_size_random_forward(
     name: &str,
     cfg: &UNet2DConditionConfig,
     params: usize,
     latent: usize,
     text: usize,
+    pooled: Option<usize>,
 ) {
     let device = Default::default();
     B::seed(&device, 20261122);
@@ -366,8 +368,24 @@ fn full_size_random_forward(
         Distribution::Normal(0.0, 1.0),
         (&device, DType::F32),
     );
+    let added = pooled.map(|p| {
+        let side = (8 * latent) as f64;
+        TextTimeCond {
+            text_embeds: Tensor::<B, 2>::random(
+                [1, p],
+                Distribution::Normal(0.0, 1.0),
+                (&device, DType::F32),
+            ),
+            time_ids: TextTimeCond::<B>::time_ids(
+                [side, side, 0.0, 0.0, side, side],
+                1,
+                &device,
+                DType::F32,
+            ),
+        }
+    });
     let start = Instant::now();
-    let out = model.forward_with_timestep(sample, 981.0, enc);
+    let out = model.forward_added_with_timestep(sample, 981.0, enc, added.as_ref());
     let values: Vec<f32> = out.clone().into_data().convert::<f32>().to_vec().unwrap();
     println!(
         "forward 1x4x{latent}x{latent}, 77x{text} text states: {:.2?}",
@@ -387,6 +405,7 @@ fn full_size_sd15_random_forward() {
         859_520_964,
         64,
         768,
+        None,
     );
 }
 
@@ -411,5 +430,38 @@ fn full_size_sd21_random_forward() {
         }"#,
     )
     .unwrap();
-    full_size_random_forward("SD 2.1", &cfg, 865_910_724, 32, 1024);
+    full_size_random_forward("SD 2.1", &cfg, 865_910_724, 32, 1024, None);
+}
+
+/// The full-size SDXL base 1.0 UNet from its real `unet/config.json` (`text_time` addition embedding, transformer
+/// depths [1, 2, 10], 2048-wide text states, `upcast_attention: null`) with random weights: parameter count
+/// (diffusers': 2,567,463,684) and one forward at a small latent size with pooled embeddings and time ids.
+#[test]
+#[ignore = "full-size SDXL UNet: ~10.3 GB of float32 parameters and a long CPU forward"]
+fn full_size_sdxl_random_forward() {
+    let cfg: UNet2DConditionConfig = serde_json::from_str(
+        r#"{
+            "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
+            "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+            "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+            "block_out_channels": [320, 640, 1280], "center_input_sample": false, "class_embed_type": null,
+            "class_embeddings_concat": false, "conv_in_kernel": 3, "conv_out_kernel": 3,
+            "cross_attention_dim": 2048, "cross_attention_norm": null,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "downsample_padding": 1, "dual_cross_attention": false, "encoder_hid_dim": null,
+            "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+            "layers_per_block": 2, "mid_block_only_cross_attention": null, "mid_block_scale_factor": 1,
+            "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+            "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false,
+            "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
+            "resnet_skip_time_act": false, "resnet_time_scale_shift": "default", "sample_size": 128,
+            "time_cond_proj_dim": null, "time_embedding_act_fn": null, "time_embedding_dim": null,
+            "time_embedding_type": "positional", "timestep_post_act": null,
+            "transformer_layers_per_block": [1, 2, 10],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "upcast_attention": null, "use_linear_projection": true
+        }"#,
+    )
+    .unwrap();
+    full_size_random_forward("SDXL", &cfg, 2_567_463_684, 32, 2048, Some(1280));
 }

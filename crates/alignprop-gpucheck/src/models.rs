@@ -393,10 +393,10 @@ fn alignprop_gradient<A: AutodiffBackend>(
         .map_err(err)?
         .with_eta(1.0)
         .map_err(err)?;
-    let text = Conditioning {
-        uncond: ref_tensor_on(&r, "uncond_embeds", d, dtype),
-        cond: ref_tensor_on(&r, "cond_embeds", d, dtype),
-    };
+    let text = Conditioning::new(
+        ref_tensor_on(&r, "uncond_embeds", d, dtype),
+        ref_tensor_on(&r, "cond_embeds", d, dtype),
+    );
     let noises: Vec<_> = (0..4)
         .map(|i| Some(ref_tensor_on(&r, &format!("variance_noise.{i}"), d, dtype)))
         .collect();

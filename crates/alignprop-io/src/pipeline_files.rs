@@ -92,7 +92,7 @@ fn sharded(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// The pipeline classes whose folders load here: Stable Diffusion 1.x (and 2.x, the same pipeline class).
-pub const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline"];
+pub const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline", "StableDiffusionXLPipeline"];
 
 /// Checks a diffusers folder's `model_index.json` (`_class_name`) and `unet/config.json` (`in_channels`) before
 /// anything is loaded, so a model family that is not supported is one clear error naming what was found, not a
@@ -107,7 +107,6 @@ pub fn check_pipeline_family(folder: &Path) -> Result<()> {
             .unwrap_or("");
         if !class.is_empty() && !SUPPORTED_PIPELINES.contains(&class) {
             let what = match class {
-                "StableDiffusionXLPipeline" => "SDXL base (not supported yet)",
                 "StableDiffusionXLImg2ImgPipeline" => "the SDXL refiner / img2img (not supported)",
                 "StableDiffusionInpaintPipeline" | "StableDiffusionXLInpaintPipeline" => {
                     "an inpainting model (not supported)"
@@ -123,7 +122,7 @@ pub fn check_pipeline_family(folder: &Path) -> Result<()> {
             return Err(WeightError::Config {
                 path: index,
                 msg: format!(
-                    "_class_name is '{class}': {what}; supported: {} (Stable Diffusion 1.x / 2.x text-to-image)",
+                    "_class_name is '{class}': {what}; supported: {} (Stable Diffusion 1.x / 2.x / SDXL text-to-image)",
                     SUPPORTED_PIPELINES.join(", ")
                 ),
             });
@@ -177,10 +176,15 @@ mod family_tests {
             Some(r#"{"in_channels": 4}"#),
         );
         assert!(check_pipeline_family(&ok).is_ok());
+        let xl = folder(
+            "sdxl",
+            Some(r#"{"_class_name": "StableDiffusionXLPipeline"}"#),
+            Some(r#"{"in_channels": 4}"#),
+        );
+        assert!(check_pipeline_family(&xl).is_ok());
         let bare = folder("bare", None, None);
         assert!(check_pipeline_family(&bare).is_ok());
         for (class, says) in [
-            ("StableDiffusionXLPipeline", "SDXL base"),
             ("StableDiffusionXLImg2ImgPipeline", "refiner"),
             ("StableDiffusion3Pipeline", "Stable Diffusion 3"),
             ("FluxPipeline", "FLUX"),
@@ -214,7 +218,7 @@ mod family_tests {
                 && e.contains("inpainting"),
             "{e}"
         );
-        for d in [ok, bare, inpaint] {
+        for d in [ok, xl, bare, inpaint] {
             std::fs::remove_dir_all(&d).ok();
         }
     }

@@ -1,7 +1,7 @@
 //! Stable Diffusion text-to-image sampling with classifier-free guidance ([`sd`]), seeded noise that is identical
 //! on every backend ([`noise`]), and image I/O ([`images`]). The sampling loop is differentiable end to end.
 //!
-//! Takes a diffusers Stable Diffusion folder and prompts; gives latents `[batch, 4, h/8, w/8]`, decoded images
+//! Takes a diffusers Stable Diffusion folder (SD 1.x, 2.x or SDXL, told apart by its files) and prompts; gives latents `[batch, 4, h/8, w/8]`, decoded images
 //! `[batch, 3, h, w]` in `[-1, 1]` and 8-bit pictures / PNG files.
 
 pub mod images;
@@ -10,8 +10,8 @@ pub mod sd;
 
 pub use noise::NoiseRng;
 pub use sd::{
-    Conditioning, PipelineError, SampleOptions, SampleOutput, StableDiffusion, denoise,
-    guided_noise,
+    AddedConditioning, Conditioning, PipelineError, SampleOptions, SampleOutput, SecondEncoder,
+    StableDiffusion, denoise, guided_noise,
 };
 /// This crate's error ([`PipelineError`]): every error of the crates below converts into it with `?`.
 pub use sd::{PipelineError as Error, Result};

@@ -5,13 +5,15 @@
 
 use std::path::Path;
 
-use alignprop_diffusion::clip::CLIPTextModel;
+use alignprop_diffusion::clip::{CLIPTextModel, CLIPTextModelWithProjection};
 use alignprop_diffusion::tokenizer::CLIPTokenizer;
-use alignprop_diffusion::unet::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
+use alignprop_diffusion::unet::{
+    OneOrMany, TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel,
+};
 use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_io::pipeline_files::read_json;
 use alignprop_schedulers::{AnyScheduler, Scheduler, SchedulerConfig};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::noise::NoiseRng;
@@ -42,10 +44,12 @@ impl From<alignprop_diffusion::Error> for PipelineError {
     }
 }
 
-/// The four parts of a Stable Diffusion model plus its scheduler configuration.
+/// The parts of a Stable Diffusion model (SD 1.x, 2.x or SDXL) plus its scheduler configuration.
 pub struct StableDiffusion<B: Backend> {
     pub tokenizer: CLIPTokenizer,
     pub text_encoder: CLIPTextModel<B>,
+    /// SDXL's second text encoder (OpenCLIP bigG with projection) and its tokenizer; `None` for SD 1.x / 2.x.
+    pub text_encoder_2: Option<SecondEncoder<B>>,
     pub unet: UNet2DConditionModel<B>,
     pub vae: AutoencoderKL<B>,
     pub scheduler_config: SchedulerConfig,
@@ -58,6 +62,15 @@ pub struct StableDiffusion<B: Backend> {
     pub tokenizer_note: Option<String>,
 }
 
+/// SDXL's second text encoder with its tokenizer, and the pipeline setting that goes with the pair.
+pub struct SecondEncoder<B: Backend> {
+    pub tokenizer: CLIPTokenizer,
+    pub text_encoder: CLIPTextModelWithProjection<B>,
+    /// `force_zeros_for_empty_prompt` of `model_index.json` (true for SDXL base): an empty negative prompt is
+    /// all-zero states and pooled embeddings instead of the encoded "" (diffusers' default, `negative_prompt=None`).
+    pub force_zeros_for_empty_prompt: bool,
+}
+
 /// Text conditioning for a batch of `b` prompts, each `[b, tokens, hidden]`.
 #[derive(Clone, Debug)]
 pub struct Conditioning<B: Backend> {
@@ -65,12 +78,73 @@ pub struct Conditioning<B: Backend> {
     pub uncond: Tensor<B, 3>,
     /// The prompts' states.
     pub cond: Tensor<B, 3>,
+    /// SDXL only: the pooled text embeddings and time ids of the negative and of the positive prompts.
+    pub added: Option<AddedConditioning<B>>,
+}
+
+/// SDXL's `text_time` conditioning for the negative (`uncond`) and positive (`cond`) prompts, `[b, ..]` each.
+#[derive(Clone, Debug)]
+pub struct AddedConditioning<B: Backend> {
+    pub uncond: TextTimeCond<B>,
+    pub cond: TextTimeCond<B>,
 }
 
 impl<B: Backend> Conditioning<B> {
+    /// SD 1.x / 2.x conditioning: text states only.
+    pub fn new(uncond: Tensor<B, 3>, cond: Tensor<B, 3>) -> Self {
+        Self {
+            uncond,
+            cond,
+            added: None,
+        }
+    }
+
     /// `[uncond; cond]`: `[2b, tokens, hidden]`, the order diffusers batches them in.
     pub fn stacked(&self) -> Tensor<B, 3> {
         Tensor::cat(vec![self.uncond.clone(), self.cond.clone()], 0)
+    }
+
+    /// This conditioning on the inner backend of an autodiff backend (no graph).
+    pub fn inner(&self) -> Conditioning<B::InnerBackend>
+    where
+        B: AutodiffBackend,
+    {
+        let tt = |c: &TextTimeCond<B>| TextTimeCond {
+            text_embeds: c.text_embeds.clone().inner(),
+            time_ids: c.time_ids.clone().inner(),
+        };
+        Conditioning {
+            uncond: self.uncond.clone().inner(),
+            cond: self.cond.clone().inner(),
+            added: self.added.as_ref().map(|a| AddedConditioning {
+                uncond: tt(&a.uncond),
+                cond: tt(&a.cond),
+            }),
+        }
+    }
+
+    /// A constant (no gradient) copy of inner-backend conditioning on the autodiff backend `B`.
+    pub fn from_inner(c: &Conditioning<B::InnerBackend>) -> Self
+    where
+        B: AutodiffBackend,
+    {
+        let tt = |c: &TextTimeCond<B::InnerBackend>| TextTimeCond {
+            text_embeds: Tensor::from_inner(c.text_embeds.clone()),
+            time_ids: Tensor::from_inner(c.time_ids.clone()),
+        };
+        Conditioning {
+            uncond: Tensor::from_inner(c.uncond.clone()),
+            cond: Tensor::from_inner(c.cond.clone()),
+            added: c.added.as_ref().map(|a| AddedConditioning {
+                uncond: tt(&a.uncond),
+                cond: tt(&a.cond),
+            }),
+        }
+    }
+
+    /// The added conditioning batched as [`Self::stacked`].
+    pub fn stacked_added(&self) -> Option<TextTimeCond<B>> {
+        self.added.as_ref().map(|a| a.uncond.cat(&a.cond))
     }
 
     pub fn batch(&self) -> usize {
@@ -89,9 +163,15 @@ pub fn guided_noise<B: Backend>(
     guidance: f64,
 ) -> Tensor<B, 4> {
     if guidance == 1.0 {
-        return unet.forward_with_timestep(x, t, text.cond.clone());
+        let added = text.added.as_ref().map(|a| &a.cond);
+        return unet.forward_added_with_timestep(x, t, text.cond.clone(), added);
     }
-    let both = unet.forward_with_timestep(Tensor::cat(vec![x.clone(), x], 0), t, text.stacked());
+    let both = unet.forward_added_with_timestep(
+        Tensor::cat(vec![x.clone(), x], 0),
+        t,
+        text.stacked(),
+        text.stacked_added().as_ref(),
+    );
     let [eps_u, eps_c] = both.chunk(2, 0).try_into().expect("two halves");
     eps_u.clone() + (eps_c - eps_u) * guidance
 }
@@ -172,12 +252,60 @@ impl<B: Backend> StableDiffusion<B> {
             eprintln!("note: {note}");
             (CLIPTokenizer::sd15(), Some(note))
         };
+        let unet = UNet2DConditionModel::load(&folder.join("unet"), device, dtype)?;
+        let text_encoder_2 = if folder.join("text_encoder_2").is_dir() {
+            let force_zeros = folder.join("model_index.json");
+            let force_zeros = if force_zeros.is_file() {
+                read_json::<serde_json::Value>(&force_zeros)?
+                    .get("force_zeros_for_empty_prompt")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(true)
+            } else {
+                true
+            };
+            let tok_dir = folder.join("tokenizer_2");
+            if !tok_dir.is_dir() {
+                return Err(PipelineError::Invalid(format!(
+                    "{}: an SDXL folder (it has text_encoder_2/) needs tokenizer_2/ beside it",
+                    folder.display()
+                )));
+            }
+            Some(SecondEncoder {
+                tokenizer: CLIPTokenizer::from_folder(&tok_dir)?,
+                text_encoder: CLIPTextModelWithProjection::load(
+                    &folder.join("text_encoder_2"),
+                    device,
+                    dtype,
+                )?,
+                force_zeros_for_empty_prompt: force_zeros,
+            })
+        } else {
+            None
+        };
+        match (unet.needs_text_time(), text_encoder_2.is_some()) {
+            (true, false) => {
+                return Err(PipelineError::Invalid(format!(
+                    "{}: the UNet takes SDXL's text_time conditioning (addition_embed_type) but the folder has no \
+                     text_encoder_2/",
+                    folder.display()
+                )));
+            }
+            (false, true) => {
+                return Err(PipelineError::Invalid(format!(
+                    "{}: the folder has text_encoder_2/ (SDXL) but unet/config.json has no addition_embed_type \
+                     \"text_time\"",
+                    folder.display()
+                )));
+            }
+            _ => {}
+        }
         Ok(Self {
             sample_size,
             tokenizer,
             tokenizer_note,
             text_encoder: CLIPTextModel::load(&folder.join("text_encoder"), device, dtype)?,
-            unet: UNet2DConditionModel::load(&folder.join("unet"), device, dtype)?,
+            text_encoder_2,
+            unet,
             vae: AutoencoderKL::load(&folder.join("vae"), device, dtype)?,
             scheduler_config,
             device: device.clone(),
@@ -185,23 +313,87 @@ impl<B: Backend> StableDiffusion<B> {
         })
     }
 
-    /// Text-encoder states of `prompts`: `[n, 77, hidden]` (one encoder call for the batch).
+    /// Text-encoder states of `prompts`: `[n, 77, hidden]` (one encoder call for the batch). For SDXL, the
+    /// penultimate states of both encoders concatenated on the channel axis, `[n, 77, hidden_1 + hidden_2]`
+    /// (see [`Self::encode_prompts_sdxl`] for the pooled embeddings too).
     pub fn encode_prompts<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Tensor<B, 3>> {
+        if self.text_encoder_2.is_some() {
+            return Ok(self.encode_prompts_sdxl(prompts)?.0);
+        }
         let ids = self.tokenizer.input_ids::<B, S>(prompts, &self.device)?;
         Ok(self.text_encoder.forward(ids).last_hidden_state)
     }
 
+    /// SDXL's `encode_prompt` for one list of prompts (the same text for both encoders): `(prompt_embeds
+    /// [n, 77, hidden_1 + hidden_2], pooled_prompt_embeds [n, projection_dim])`, the first the two encoders'
+    /// penultimate hidden states (no final norm) side by side, the second the second encoder's `text_embeds`.
+    pub fn encode_prompts_sdxl<S: AsRef<str>>(
+        &self,
+        prompts: &[S],
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 2>)> {
+        let second = self.text_encoder_2.as_ref().ok_or_else(|| {
+            PipelineError::Invalid(
+                "encode_prompts_sdxl: this model has no second text encoder (not SDXL)".into(),
+            )
+        })?;
+        let ids_1 = self.tokenizer.input_ids::<B, S>(prompts, &self.device)?;
+        let ids_2 = second.tokenizer.input_ids::<B, S>(prompts, &self.device)?;
+        let (states_1, _) = self.text_encoder.encode_penultimate(ids_1);
+        let (states_2, pooled) = second.text_encoder.encode_penultimate(ids_2);
+        Ok((Tensor::cat(vec![states_1, states_2], 2), pooled))
+    }
+
     /// Conditional and unconditional states for classifier-free guidance (two encoder calls, as diffusers'
-    /// `encode_prompt`).
+    /// `encode_prompt`), for images of the model's default size ([`Self::conditioning_sized`]).
     pub fn conditioning<S: AsRef<str>>(
         &self,
         prompts: &[S],
         negative_prompt: &str,
     ) -> Result<Conditioning<B>> {
+        let side = self.default_image_size();
+        self.conditioning_sized(prompts, negative_prompt, [side, side])
+    }
+
+    /// [`Self::conditioning`] for images of `[height, width]` pixels. SD 1.x / 2.x ignore the size; SDXL adds the
+    /// pooled embeddings and the time ids `(h, w, 0, 0, h, w)` (original size = target size, no crop: diffusers'
+    /// defaults), and, when `force_zeros_for_empty_prompt` is set, an empty negative prompt is all zeros.
+    pub fn conditioning_sized<S: AsRef<str>>(
+        &self,
+        prompts: &[S],
+        negative_prompt: &str,
+        [height, width]: [usize; 2],
+    ) -> Result<Conditioning<B>> {
         let negatives = vec![negative_prompt; prompts.len()];
+        let Some(second) = &self.text_encoder_2 else {
+            return Ok(Conditioning::new(
+                self.encode_prompts(&negatives)?,
+                self.encode_prompts(prompts)?,
+            ));
+        };
+        let (cond, pooled) = self.encode_prompts_sdxl(prompts)?;
+        let (uncond, pooled_uncond) =
+            if negative_prompt.is_empty() && second.force_zeros_for_empty_prompt {
+                (cond.zeros_like(), pooled.zeros_like())
+            } else {
+                self.encode_prompts_sdxl(&negatives)?
+            };
+        let (h, w) = (height as f64, width as f64);
+        let ids =
+            |n| TextTimeCond::<B>::time_ids([h, w, 0.0, 0.0, h, w], n, &self.device, self.dtype);
+        let n = prompts.len();
         Ok(Conditioning {
-            uncond: self.encode_prompts(&negatives)?,
-            cond: self.encode_prompts(prompts)?,
+            uncond,
+            cond,
+            added: Some(AddedConditioning {
+                uncond: TextTimeCond {
+                    text_embeds: pooled_uncond,
+                    time_ids: ids(n),
+                },
+                cond: TextTimeCond {
+                    text_embeds: pooled,
+                    time_ids: ids(n),
+                },
+            }),
         })
     }
 
@@ -258,7 +450,8 @@ impl<B: Backend> StableDiffusion<B> {
                     .then(|| rng.normal_tensor(shape, &self.device, self.dtype))
             })
             .collect();
-        let text = self.conditioning(prompts, &opts.negative_prompt)?;
+        let text =
+            self.conditioning_sized(prompts, &opts.negative_prompt, [opts.height, opts.width])?;
         let latents = denoise(
             &self.unet,
             &scheduler,

@@ -51,10 +51,7 @@ fn prompts_encode_to_the_reference_conditioning() {
 #[test]
 fn ddim_cfg_loop_matches_diffusers_step_by_step() {
     let sd = StableDiffusion::<B>::load(&tiny_sd(), &Default::default(), DType::F32).unwrap();
-    let text = Conditioning {
-        uncond: t("uncond_embeds", DType::F32),
-        cond: t("cond_embeds", DType::F32),
-    };
+    let text = Conditioning::new(t("uncond_embeds", DType::F32), t("cond_embeds", DType::F32));
     let sched = DdimScheduler::new(&sd.scheduler_config, 4)
         .unwrap()
         .with_eta(1.0)
@@ -146,10 +143,7 @@ fn ddim_cfg_loop_matches_diffusers_step_by_step() {
 #[test]
 fn eta0_loop_through_denoise_matches() {
     let sd = StableDiffusion::<B>::load(&tiny_sd(), &Default::default(), DType::F32).unwrap();
-    let text = Conditioning {
-        uncond: t("uncond_embeds", DType::F32),
-        cond: t("cond_embeds", DType::F32),
-    };
+    let text = Conditioning::new(t("uncond_embeds", DType::F32), t("cond_embeds", DType::F32));
     let sched = DdimScheduler::new(&sd.scheduler_config, 4).unwrap();
     let x = alignprop_pipeline::denoise(
         &sd.unet,

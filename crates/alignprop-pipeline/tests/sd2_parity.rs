@@ -30,10 +30,7 @@ fn load() -> StableDiffusion<B> {
 }
 
 fn reference_text() -> Conditioning<B> {
-    Conditioning {
-        uncond: t("uncond_embeds"),
-        cond: t("cond_embeds"),
-    }
+    Conditioning::new(t("uncond_embeds"), t("cond_embeds"))
 }
 
 #[test]

@@ -40,6 +40,12 @@ pub fn tiny_sd2() -> PathBuf {
     fixtures_root().join("tiny-sd2")
 }
 
+/// The tiny SDXL-base-topology fixture model (`tests/fixtures/tiny-sdxl`, made by
+/// `xtask/fixtures/make_sdxl_fixtures.py`; its README documents every file).
+pub fn tiny_sdxl() -> PathBuf {
+    fixtures_root().join("tiny-sdxl")
+}
+
 /// The tiny CLIP vision tower and aesthetic head (`tests/fixtures/tiny-reward`).
 pub fn tiny_reward() -> PathBuf {
     fixtures_root().join("tiny-reward")
@@ -53,6 +59,11 @@ pub fn refs(name: &str) -> SafetensorsSource {
 /// A reference file under `tiny-sd2/refs/`.
 pub fn refs_sd2(name: &str) -> SafetensorsSource {
     SafetensorsSource::open(&[tiny_sd2().join("refs").join(name)]).expect("SD2 reference file")
+}
+
+/// A reference file under `tiny-sdxl/refs/`.
+pub fn refs_sdxl(name: &str) -> SafetensorsSource {
+    SafetensorsSource::open(&[tiny_sdxl().join("refs").join(name)]).expect("SDXL reference file")
 }
 
 /// A float reference tensor, converted to `dtype`, on `device`.

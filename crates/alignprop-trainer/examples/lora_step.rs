@@ -32,10 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut sd = StableDiffusion::<A>::load(Path::new(folder), &device, DType::F32)?;
     let params = alignprop_lora::inject(&mut sd.unet, &alignprop_lora::LoraConfig::default())?;
     let text = sd.conditioning(&[prompt.as_str()], "")?;
-    let text = alignprop_pipeline::Conditioning::<I> {
-        uncond: text.uncond.inner(),
-        cond: text.cond.inner(),
-    };
+    let text: alignprop_pipeline::Conditioning<I> = text.inner();
 
     let steps = 10;
     let scheduler = DdimScheduler::new(&sd.scheduler_config, steps)?;

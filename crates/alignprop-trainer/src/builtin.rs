@@ -29,6 +29,8 @@ pub const CONFIG_FILES: &[(&str, &[u8])] = embed!(
     "configs/draft_lv_hps.toml",
     "configs/refl_aesthetic.toml",
     "configs/sd21_aesthetic.toml",
+    "configs/sdxl_aesthetic.toml",
+    "configs/sdxl_hps_k1.toml",
     "configs/prompts/animals.txt",
     "configs/prompts/eval_animals.txt",
     "configs/prompts/shapes.txt",
@@ -174,6 +176,21 @@ mod tests {
             assert_eq!(std::fs::read(root.join(rel)).unwrap(), *bytes, "{rel}");
         }
         assert!(preset_names().contains(&"tiny_demo") && preset_names().contains(&"aesthetic"));
+    }
+
+    /// Every preset parses as a training config and passes its checks (their files need not exist for that).
+    #[test]
+    fn every_preset_parses_and_validates() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        for name in preset_names() {
+            let path = root.join("configs").join(format!("{name}.toml"));
+            let cfg = crate::config::TrainConfig::from_file(&path)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            cfg.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        assert!(
+            preset_names().contains(&"sdxl_aesthetic") && preset_names().contains(&"sdxl_hps_k1")
+        );
     }
 
     /// Written once, rewritten where a copy was changed, never left half-written.

@@ -293,10 +293,7 @@ pub(crate) fn backward_tracked<B: AutodiffBackend>(loss: Tensor<B, 1>) -> B::Gra
 pub(crate) fn autodiff_text<B: AutodiffBackend>(
     text: &Conditioning<B::InnerBackend>,
 ) -> Conditioning<B> {
-    Conditioning {
-        uncond: Tensor::from_inner(text.uncond.clone()),
-        cond: Tensor::from_inner(text.cond.clone()),
-    }
+    Conditioning::from_inner(text)
 }
 
 pub(crate) fn scalar<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> f64 {

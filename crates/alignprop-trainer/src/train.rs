@@ -354,13 +354,13 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     fn text(&self, prompts: &[String]) -> Result<Conditioning<B::InnerBackend>, TrainError> {
-        let c = self
-            .sd
-            .conditioning(prompts, &self.config.sampling.negative_prompt)?;
-        Ok(Conditioning {
-            uncond: c.uncond.inner(),
-            cond: c.cond.inner(),
-        })
+        let side = self.resolution();
+        let c = self.sd.conditioning_sized(
+            prompts,
+            &self.config.sampling.negative_prompt,
+            [side, side],
+        )?;
+        Ok(c.inner())
     }
 
     /// The generator of global sample `index` of optimiser step `step` (0-based): its prompt, initial latents and

@@ -42,10 +42,10 @@ fn setup(dtype: DType) -> Setup {
         unet,
         vae: AutoencoderKL::load(&tiny_sd().join("vae"), &d, dtype).unwrap(),
         reward: TinyReward::load(&tiny_sd().join("reward"), &d, dtype).unwrap(),
-        text: Conditioning {
-            uncond: ref_tensor_on(&r, "uncond_embeds", &d, dtype),
-            cond: ref_tensor_on(&r, "cond_embeds", &d, dtype),
-        },
+        text: Conditioning::new(
+            ref_tensor_on(&r, "uncond_embeds", &d, dtype),
+            ref_tensor_on(&r, "cond_embeds", &d, dtype),
+        ),
         x_t: ref_tensor_on(&r, "x_T", &d, dtype),
         noises: (0..4)
             .map(|i| Some(ref_tensor_on(&r, &format!("variance_noise.{i}"), &d, dtype)))

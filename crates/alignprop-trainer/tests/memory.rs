@@ -29,10 +29,10 @@ fn checkpointed_memory_is_flat_in_k_full_graph_is_not() {
     let n = 8;
     let scheduler = DdimScheduler::new(&SchedulerConfig::default(), n).unwrap();
     let mut rng = NoiseRng::new(3);
-    let text = Conditioning::<I> {
-        uncond: rng.normal_tensor([1, 77, 32], &d, DType::F32),
-        cond: rng.normal_tensor([1, 77, 32], &d, DType::F32),
-    };
+    let text = Conditioning::<I>::new(
+        rng.normal_tensor([1, 77, 32], &d, DType::F32),
+        rng.normal_tensor([1, 77, 32], &d, DType::F32),
+    );
     let x_t: Tensor<I, 4> = rng.normal_tensor([1, 4, 16, 16], &d, DType::F32);
     let loss = |img: Tensor<A, 4>| {
         let s = brightness(img);

@@ -17,26 +17,17 @@
 //! (no parameter is upstream of a detached step), and the references hold no `dL/dx_T`: it is checked against the
 //! full-graph autodiff chain (`trajectory_full_graph`) for K = 1 and K = 2.
 
-use alignprop_diffusion::unet::UNet2DConditionModel;
-use alignprop_diffusion::vae::AutoencoderKL;
-use alignprop_lora::LoraWeights;
+mod common;
+
 use alignprop_pipeline::Conditioning;
 use alignprop_pipeline::guided_noise;
-use alignprop_rewards::tiny::TinyReward;
 use alignprop_schedulers::{DdimScheduler, SchedulerConfig};
-use alignprop_testing::{
-    ref_tensor_on, ref_values, refs_sd2, rel_err_values, tiny_sd, tiny_sd2, values,
-};
+use alignprop_testing::{ref_tensor_on, refs_sd2, rel_err_values, tiny_sd2, values};
 use alignprop_trainer::lora_params::lora_grads_from;
-use alignprop_trainer::{
-    TrajectoryInput, TrajectoryOutput, Truncation, trajectory, trajectory_full_graph,
-};
-use burn::backend::Autodiff;
+use alignprop_trainer::{Truncation, trajectory_full_graph};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
-
-type I = burn::backend::Flex;
-type A = Autodiff<I>;
+use common::{A, Setup};
 
 /// float64, the trainer's checkpointed chain against autodiff over the whole graph (measured 1.6e-14).
 const TOL_F64: f64 = 1e-8;
@@ -46,122 +37,25 @@ const TOL_F64_DIRECT: f64 = 2e-8;
 /// float32 against the `_f32` references (measured up to 1.3e-5).
 const TOL_F32: f64 = 1e-4;
 
-struct Setup {
-    unet: UNet2DConditionModel<A>,
-    vae: AutoencoderKL<A>,
-    reward: TinyReward<A>,
-    text: Conditioning<I>,
-    x_t: Tensor<I, 4>,
-    noises: Vec<Option<Tensor<I, 4>>>,
-    scheduler: DdimScheduler,
-}
-
 fn setup(dtype: DType) -> Setup {
-    let d = Default::default();
     let r = refs_sd2("alignprop_grad.safetensors");
-    let mut unet = UNet2DConditionModel::<A>::load(tiny_sd2().join("unet"), &d, dtype).unwrap();
-    let lora = LoraWeights::read(tiny_sd2().join("lora/pytorch_lora_weights.safetensors")).unwrap();
-    alignprop_lora::apply(&mut unet, &lora, 1.0, true).unwrap();
+    let s = common::setup(&tiny_sd2(), &r, dtype, 7.5, |r, dtype| {
+        let d = Default::default();
+        Conditioning::new(
+            ref_tensor_on(r, "uncond_embeds", &d, dtype),
+            ref_tensor_on(r, "cond_embeds", &d, dtype),
+        )
+    });
     let cfg =
         SchedulerConfig::from_file(&tiny_sd2().join("scheduler/scheduler_config.json")).unwrap();
     assert_eq!(cfg.prediction_type, "v_prediction");
-    let scheduler = DdimScheduler::new(&cfg, 4).unwrap().with_eta(1.0).unwrap();
-    let ts: Vec<f64> = scheduler.timesteps().iter().map(|&t| t as f64).collect();
-    assert_eq!(ts, ref_values(&r, "timesteps"));
-    Setup {
-        unet,
-        vae: AutoencoderKL::load(tiny_sd2().join("vae"), &d, dtype).unwrap(),
-        reward: TinyReward::load(&tiny_sd().join("reward"), &d, dtype).unwrap(),
-        text: Conditioning {
-            uncond: ref_tensor_on(&r, "uncond_embeds", &d, dtype),
-            cond: ref_tensor_on(&r, "cond_embeds", &d, dtype),
-        },
-        x_t: ref_tensor_on(&r, "x_T", &d, dtype),
-        noises: (0..4)
-            .map(|i| Some(ref_tensor_on(&r, &format!("variance_noise.{i}"), &d, dtype)))
-            .collect(),
-        scheduler,
-    }
+    s
 }
 
-/// Our checkpointed chain with the steps `truncation` keeps.
-fn run(s: &Setup, truncation: Truncation) -> TrajectoryOutput<A> {
-    let mut rng = alignprop_pipeline::NoiseRng::new(0);
-    let grad_steps = truncation.grad_steps(4, &mut rng);
-    trajectory(TrajectoryInput {
-        unet: &s.unet,
-        vae: &s.vae,
-        scheduler: &s.scheduler,
-        text: &s.text,
-        guidance: 7.5,
-        x_t: s.x_t.clone(),
-        noises: &s.noises,
-        grad_steps: &grad_steps,
-        loss_fn: |img| {
-            let scores = s.reward.score(img);
-            Ok((scores.clone().mean(), scores))
-        },
-    })
-    .expect("every step's noise is given")
-}
-
-/// Runs the chain in `dtype` and compares the forward values (`_f64` / `_f32`) and the gradient under
-/// `grad_{which}_{f64,f32}` with relative L2 bound `tol`, for the whole vector and for each tensor (relative to its
-/// own norm, with a floor of `tol` times the whole gradient's norm). Returns the measured relative error.
+/// Runs the chain in `dtype` against `grad_{which}_{f64,f32}` (176 LoRA tensors) with bound `tol`.
 fn check(dtype: DType, truncation: Truncation, which: &str, tol: f64) -> f64 {
-    let suffix = if dtype == DType::F64 { "f64" } else { "f32" };
-    let prefix = format!("grad_{which}_{suffix}");
-    let out = run(&setup(dtype), truncation);
     let r = refs_sd2("alignprop_grad.safetensors");
-    let (e_lat, _) = rel_err_values(
-        &values(out.final_latents.clone()),
-        &ref_values(&r, &format!("final_latents_{suffix}")),
-    );
-    let (e_r, _) = rel_err_values(&out.scores, &ref_values(&r, &format!("reward_{suffix}")));
-    let j = ref_values(&r, &format!("J_{suffix}"))[0];
-    let e_j = ((out.loss - j) / j).abs();
-    eprintln!(
-        "{prefix}: final latents rel {e_lat:.2e}, rewards rel {e_r:.2e}, J {} vs {j} (rel {e_j:.2e})",
-        out.loss
-    );
-    assert!(
-        e_lat < tol && e_r < tol && e_j < tol,
-        "{prefix}: forward values"
-    );
-
-    assert_eq!(out.grads.tensors.len(), 176, "one gradient per LoRA tensor");
-    let (mut ours, mut theirs, mut per_tensor) = (Vec::new(), Vec::new(), Vec::new());
-    for (key, g) in &out.grads.tensors {
-        let a = values(g.clone());
-        let b = ref_values(&r, &format!("{prefix}.unet.{key}"));
-        per_tensor.push((key.clone(), a.clone(), b.clone()));
-        ours.extend(a);
-        theirs.extend(b);
-    }
-    let (rel, max_abs) = rel_err_values(&ours, &theirs);
-    let norm = theirs.iter().map(|x| x * x).sum::<f64>().sqrt();
-    eprintln!("{prefix}: gradient rel L2 {rel:.3e} (max abs {max_abs:.2e}, |g| {norm:.3e})");
-    assert!(
-        rel <= tol,
-        "{prefix}: gradient relative error {rel:.3e} > {tol:e}"
-    );
-    let mut worst = 0f64;
-    for (key, a, b) in per_tensor {
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y) * (x - y))
-            .sum::<f64>()
-            .sqrt();
-        let scale = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-        worst = worst.max(diff / (scale + norm));
-        assert!(
-            diff <= tol * (scale + norm),
-            "{prefix}.{key}: |diff| {diff:.3e} vs |g| {scale:.3e}"
-        );
-    }
-    eprintln!("{prefix}: worst tensor |diff| / (|g_tensor| + |g|) {worst:.3e}");
-    rel
+    common::check(&setup(dtype), &r, dtype, truncation, which, 176, tol)
 }
 
 /// The trainer's float64 chain against the float64 references, full / K = 1 / K = 2.
@@ -172,22 +66,14 @@ fn full_k1_k2_f64() {
         Truncation::Fixed { k: 2 }.grad_steps(4, &mut rng),
         [false, false, true, true]
     );
-    for (truncation, which) in [
-        (Truncation::Full, "full"),
-        (Truncation::Fixed { k: 1 }, "k1"),
-        (Truncation::Fixed { k: 2 }, "k2"),
-    ] {
+    for (truncation, which) in common::truncations() {
         check(DType::F64, truncation, which, TOL_F64_DIRECT);
     }
 }
 
 #[test]
 fn full_k1_k2_f32() {
-    for (truncation, which) in [
-        (Truncation::Full, "full"),
-        (Truncation::Fixed { k: 1 }, "k1"),
-        (Truncation::Fixed { k: 2 }, "k2"),
-    ] {
+    for (truncation, which) in common::truncations() {
         check(DType::F32, truncation, which, TOL_F32);
     }
 }
@@ -237,14 +123,11 @@ type Grads = Vec<(String, Vec<f64>)>;
 /// the UNet outputs of the steps before the last `k` detached; returns the final latents, J and the LoRA
 /// gradients (keyed `<module>.lora_{A,B}.weight`).
 fn full_graph_chain(s: &Setup, k: Option<usize>) -> (Vec<f64>, f64, Grads) {
-    let text = Conditioning {
-        uncond: Tensor::<A, 3>::from_inner(s.text.uncond.clone()),
-        cond: Tensor::<A, 3>::from_inner(s.text.cond.clone()),
-    };
+    let text = Conditioning::<A>::from_inner(&s.text);
     let mut x = Tensor::<A, 4>::from_inner(s.x_t.clone());
     let ts = s.scheduler.timesteps().to_vec();
     for (i, &t) in ts.iter().enumerate() {
-        let mut v = guided_noise(&s.unet, x.clone(), t as f64, &text, 7.5);
+        let mut v = guided_noise(&s.unet, x.clone(), t as f64, &text, s.guidance);
         if k.is_some_and(|k| i < ts.len() - k) {
             v = v.detach();
         }
@@ -293,7 +176,7 @@ fn f64_checkpointed_chain_equals_the_full_graph() {
         let (lat, j, g) = full_graph_chain(&s, k);
         let mut rng = alignprop_pipeline::NoiseRng::new(0);
         let grad_steps = truncation.grad_steps(4, &mut rng);
-        let out = run(&s, truncation);
+        let out = s.run(truncation);
         let ours: Grads = out
             .grads
             .tensors
@@ -303,21 +186,7 @@ fn f64_checkpointed_chain_equals_the_full_graph() {
         let (e_lat, _) = rel_err_values(&values(out.final_latents.clone()), &lat);
         let e_j = ((out.loss - j) / j).abs();
         let e_g = grad_err(&ours, &g);
-        let full = trajectory_full_graph(TrajectoryInput {
-            unet: &s.unet,
-            vae: &s.vae,
-            scheduler: &s.scheduler,
-            text: &s.text,
-            guidance: 7.5,
-            x_t: s.x_t.clone(),
-            noises: &s.noises,
-            grad_steps: &grad_steps,
-            loss_fn: |img| {
-                let scores = s.reward.score(img);
-                Ok((scores.clone().mean(), scores))
-            },
-        })
-        .unwrap();
+        let full = trajectory_full_graph(s.input(&grad_steps)).unwrap();
         let (e_x, _) = rel_err_values(&values(out.latent_grad), &values(full.latent_grad));
         eprintln!(
             "{which} f64, checkpointed vs full graph: final latents {e_lat:.2e}, J {e_j:.2e}, LoRA gradient \
