@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use alignprop_lora::{LoraFormat, LoraWeights, MixMode};
+use std::path::Path;
+
+use alignprop_lora::{LoraFormat, LoraWeights, MixMode, UnetNames};
 use anyhow::{Result, bail};
 use clap::Subcommand;
 
@@ -11,12 +13,17 @@ pub enum LoraCommand {
     /// Print the adapted modules, rank, alpha and parameter count of a LoRA file.
     Inspect { file: PathBuf },
     /// Rewrite a LoRA file in another key format (peft: diffusers' current format; diffusers: the older
-    /// lora.down/lora.up keys; kohya: A1111/ComfyUI).
+    /// lora.down/lora.up keys; kohya: A1111/ComfyUI). For SDXL give --model.
     Convert {
         input: PathBuf,
         output: PathBuf,
         #[arg(long, default_value = "peft")]
         format: LoraFormat,
+        /// The model the LoRA is for (a diffusers folder or its unet/; config and tensor names only are read): kohya
+        /// output then names the modules as kohya's tools do for that model (the original UNet's `input_blocks_*`
+        /// names for SDXL), and a kohya SDXL input's names are translated for peft / diffusers output.
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Scale a LoRA's effect: c * L (0 = base model, 1 = unchanged).
     Scale {
@@ -26,6 +33,11 @@ pub enum LoraCommand {
         c: f64,
         #[arg(long, default_value = "peft")]
         format: LoraFormat,
+        /// The model the LoRA is for (a diffusers folder or its unet/; config and tensor names only are read): kohya
+        /// output then names the modules as kohya's tools do for that model (the original UNet's `input_blocks_*`
+        /// names for SDXL), and a kohya SDXL input's names are translated for peft / diffusers output.
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Mix two LoRAs: c * L1 + (1 - c) * L2 (reward interpolation).
     Mix {
@@ -39,6 +51,11 @@ pub enum LoraCommand {
         mode: MixMode,
         #[arg(long, default_value = "peft")]
         format: LoraFormat,
+        /// The model the LoRA is for (a diffusers folder or its unet/; config and tensor names only are read): kohya
+        /// output then names the modules as kohya's tools do for that model (the original UNet's `input_blocks_*`
+        /// names for SDXL), and a kohya SDXL input's names are translated for peft / diffusers output.
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Merge a LoRA into a diffusers model folder's UNet and write a complete merged model folder (usable by
     /// tools without LoRA support). Weights keep their stored dtype.
@@ -79,13 +96,25 @@ pub fn run(cmd: LoraCommand) -> Result<()> {
                 scales.into_iter().collect::<Vec<_>>().join(", ")
             );
             println!("targets:     {}", l.target_modules().join(", "));
+            if l.has_sgm_names() {
+                println!(
+                    "names:       original (sgm) UNet's, as kohya's SDXL files (input_blocks.*, ...)"
+                );
+            }
         }
         LoraCommand::Convert {
             input,
             output,
             format,
+            model,
         } => {
-            LoraWeights::read(&input)?.write(&output, format)?;
+            let names = unet_names(model.as_deref())?;
+            write(
+                &read(&input, names.as_ref())?,
+                &output,
+                format,
+                names.as_ref(),
+            )?;
             eprintln!("wrote {} ({format:?})", output.display());
         }
         LoraCommand::Scale {
@@ -93,8 +122,11 @@ pub fn run(cmd: LoraCommand) -> Result<()> {
             output,
             c,
             format,
+            model,
         } => {
-            alignprop_lora::scale(&LoraWeights::read(&input)?, c).write(&output, format)?;
+            let names = unet_names(model.as_deref())?;
+            let l = alignprop_lora::scale(&read(&input, names.as_ref())?, c);
+            write(&l, &output, format, names.as_ref())?;
             eprintln!("wrote {}", output.display());
         }
         LoraCommand::Mix {
@@ -104,17 +136,24 @@ pub fn run(cmd: LoraCommand) -> Result<()> {
             c,
             mode,
             format,
+            model,
         } => {
             if !(0.0..=1.0).contains(&c) {
                 bail!("--c must be in [0, 1], got {c}");
             }
-            let m = alignprop_lora::mix(
-                &LoraWeights::read(&first)?,
-                &LoraWeights::read(&second)?,
-                c,
-                mode,
-            )?;
-            m.write(&output, format)?;
+            let names = unet_names(model.as_deref())?;
+            let (l1, l2) = (
+                read(&first, names.as_ref())?,
+                read(&second, names.as_ref())?,
+            );
+            if l1.has_sgm_names() != l2.has_sgm_names() {
+                bail!(
+                    "one LoRA names the original (sgm) UNet's modules (a kohya SDXL file), the other the diffusers \
+                     modules: give --model to translate the names"
+                );
+            }
+            let m = alignprop_lora::mix(&l1, &l2, c, mode)?;
+            write(&m, &output, format, names.as_ref())?;
             eprintln!("wrote {}", output.display());
         }
         LoraCommand::Merge {
@@ -133,6 +172,34 @@ pub fn run(cmd: LoraCommand) -> Result<()> {
                 out.display()
             );
         }
+    }
+    Ok(())
+}
+
+/// The module names of `--model`'s UNet, when given.
+fn unet_names(model: Option<&Path>) -> Result<Option<UnetNames>> {
+    Ok(model.map(UnetNames::from_folder).transpose()?)
+}
+
+/// A LoRA file, with kohya's original (sgm) UNet names translated for the model when one is given.
+fn read(path: &Path, names: Option<&UnetNames>) -> Result<LoraWeights> {
+    let l = LoraWeights::read(path)?;
+    Ok(match names {
+        Some(n) => l.resolve_names(n)?,
+        None => l,
+    })
+}
+
+/// Writes `l` in `format`: for the model's UNet when one is given (kohya keys as kohya's tools spell them for it).
+fn write(
+    l: &LoraWeights,
+    output: &Path,
+    format: LoraFormat,
+    names: Option<&UnetNames>,
+) -> Result<()> {
+    match names {
+        Some(n) => l.write_for(output, format, n)?,
+        None => l.write(output, format)?,
     }
     Ok(())
 }

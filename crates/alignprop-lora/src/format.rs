@@ -7,7 +7,14 @@
 //! | [`LoraFormat::Diffusers`] (older diffusers training scripts) | `unet.<module>.lora.down.weight` | `unet.<module>.lora.up.weight` | 1 (or `network_alphas`) |
 //! | [`LoraFormat::Kohya`] (A1111 / ComfyUI) | `lora_unet_<module with _>.lora_down.weight` | `....lora_up.weight` | `....alpha` scalar |
 //!
-//! `<module>` is the diffusers module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
+//! `<module>` is the diffusers module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`,
+//! except in kohya's SDXL files, which name the original (sgm / LDM) UNet's modules:
+//! `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q` (kohya's SD 1.x / 2.x files use the diffusers names).
+//! Reading keeps such a module under its original path (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`,
+//! [`LoraWeights::has_sgm_names`]); [`LoraWeights::resolve_names`] translates it for a given UNet ([`UnetNames`]), and
+//! [`crate::apply`] and [`crate::merge_files`] do so by themselves. Writing: [`LoraWeights::write_for`] spells a
+//! kohya file the way kohya's tools do for that UNet (the original names for SDXL); [`LoraWeights::write`] uses the
+//! diffusers names.
 //!
 //! Reading checks each adapter whole, with errors naming the file, the key and what was expected and found: both
 //! halves present (a down without its up, or an up without its down, is an error), float matrices whose ranks agree
@@ -20,6 +27,8 @@ use std::path::{Path, PathBuf};
 use alignprop_io::weights::{SafetensorsSource, TensorSource};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
+
+use crate::names::{UnetNames, is_sgm_name};
 
 /// Errors reading or writing LoRA files; messages name the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -212,10 +221,85 @@ impl LoraWeights {
         Ok(Self { modules })
     }
 
-    /// Writes the adapters as safetensors in `format` (float32). Peft files carry diffusers'
-    /// `lora_adapter_metadata`, so `pipe.load_lora_weights(dir)` restores rank and alpha.
+    /// Whether some modules are named after the original (sgm / LDM) UNet (`input_blocks.4.1...`, as kohya's SDXL
+    /// files name them): they need [`Self::resolve_names`] before peft / diffusers output or [`crate::extract`]-style
+    /// comparisons (installing them with [`crate::apply`] resolves them by itself).
+    pub fn has_sgm_names(&self) -> bool {
+        self.modules.keys().any(|m| is_sgm_name(m))
+    }
+
+    /// The same adapters with every module named after the original UNet (`input_blocks.4.1...`) renamed to its
+    /// diffusers path in `unet` (`down_blocks.1.attentions.0...`); diffusers-named modules are kept. An error names
+    /// a module that is in none of the UNet's transformers, or two names for the same module.
+    pub fn resolve_names(&self, unet: &UnetNames) -> Result<Self> {
+        if !self.has_sgm_names() {
+            return Ok(self.clone());
+        }
+        let mut modules = BTreeMap::new();
+        for (name, pair) in &self.modules {
+            let new = if is_sgm_name(name) {
+                unet.to_diffusers(name)?
+            } else {
+                name.clone()
+            };
+            if modules.insert(new.clone(), pair.clone()).is_some() {
+                return Err(LoraError::Invalid(format!(
+                    "LoRA module '{new}' is given twice (once under its original UNet name '{}')",
+                    unet.to_sgm(&new).unwrap_or_default()
+                )));
+            }
+        }
+        Ok(Self { modules })
+    }
+
+    /// The same adapters with every module named after the original UNet (`down_blocks.1.attentions.0...` ->
+    /// `input_blocks.4.1...`), as kohya's SDXL files name them.
+    pub fn to_sgm_names(&self, unet: &UnetNames) -> Result<Self> {
+        let mut modules = BTreeMap::new();
+        for (name, pair) in &self.modules {
+            let new = unet.to_sgm(name)?;
+            if modules.insert(new.clone(), pair.clone()).is_some() {
+                return Err(LoraError::Invalid(format!(
+                    "LoRA module '{new}' is given twice (once under its diffusers name)"
+                )));
+            }
+        }
+        Ok(Self { modules })
+    }
+
+    /// [`Self::write`] for the UNet `unet`: a kohya file names the modules the way kohya's tools (and A1111,
+    /// ComfyUI) name them for that UNet — the original UNet's names for SDXL (`lora_unet_input_blocks_4_1_...`), the
+    /// diffusers names otherwise; peft and diffusers files use the diffusers names (original names are resolved).
+    pub fn write_for(
+        &self,
+        path: impl AsRef<Path>,
+        format: LoraFormat,
+        unet: &UnetNames,
+    ) -> Result<()> {
+        match format {
+            LoraFormat::Kohya if unet.sgm_kohya => self.to_sgm_names(unet)?.write(path, format),
+            _ => self.resolve_names(unet)?.write(path, format),
+        }
+    }
+
+    /// Writes the adapters as safetensors in `format` (float32), under the modules' names as they are (kohya: the
+    /// diffusers names with `_`, kohya's SD 1.x / 2.x spelling; see [`Self::write_for`] for SDXL). Peft files carry
+    /// diffusers' `lora_adapter_metadata`, so `pipe.load_lora_weights(dir)` restores rank and alpha. Modules named
+    /// after the original UNet ([`Self::has_sgm_names`]) are written in the kohya format only.
     pub fn write(&self, path: impl AsRef<Path>, format: LoraFormat) -> Result<()> {
         let path = path.as_ref();
+        if format != LoraFormat::Kohya
+            && let Some(m) = self.modules.keys().find(|m| is_sgm_name(m))
+        {
+            return Err(LoraError::File {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "cannot write {format:?} keys: module '{m}' is named after the original (sgm) UNet, as in \
+                     kohya's SDXL files; translate the names for the model first (LoraWeights::resolve_names / \
+                     write_for; the CLI's --model)"
+                ),
+            });
+        }
         let rank = self
             .rank()
             .ok_or_else(|| LoraError::Invalid("cannot save: adapters have mixed ranks".into()))?;
@@ -340,9 +424,14 @@ fn detect(keys: &[String]) -> Option<LoraFormat> {
 
 /// `down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0` ->
 /// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0`: every `_` becomes `.` except inside the
-/// multi-word names of the diffusers UNet.
+/// multi-word names of the diffusers UNet and of the original UNet's top-level blocks (kohya's SDXL
+/// `input_blocks_4_1_transformer_blocks_0_attn1_to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q`, still
+/// in the original naming: [`LoraWeights::resolve_names`]).
 pub fn kohya_to_diffusers(name: &str) -> String {
     const COMPOUNDS: &[&str] = &[
+        "input_blocks",
+        "middle_block",
+        "output_blocks",
         "down_blocks",
         "up_blocks",
         "mid_block",

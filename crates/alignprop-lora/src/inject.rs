@@ -11,6 +11,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::format::{LoraError, LoraPair, LoraWeights, Matrix, Result};
+use crate::names::UnetNames;
 
 /// The projections of every attention that LoRA adapts, by their name inside the attention (peft's
 /// `target_modules` names), in the order [`projections`] lists them: query, key, value, output.
@@ -154,12 +155,21 @@ pub fn inject_seeded<B: Backend>(
 
 /// Installs the adapters of a LoRA file (every module of the file must exist in the UNet with matching shapes),
 /// at strength `multiplier` (1 = as trained). `trainable` makes them require gradients (resuming training).
+/// Modules named after the original UNet (kohya's SDXL files: `input_blocks.4.1...`) are translated for this UNet
+/// first ([`LoraWeights::resolve_names`]).
 pub fn apply<B: Backend>(
     unet: &mut UNet2DConditionModel<B>,
     lora: &LoraWeights,
     multiplier: f64,
     trainable: bool,
 ) -> Result<()> {
+    let resolved;
+    let lora = if lora.has_sgm_names() {
+        resolved = lora.resolve_names(&UnetNames::of(unet))?;
+        &resolved
+    } else {
+        lora
+    };
     let mut remaining: std::collections::BTreeSet<&String> = lora.modules.keys().collect();
     for (name, linear) in projections_mut(unet) {
         let Some(pair) = lora.modules.get(&name) else {

@@ -8,12 +8,14 @@
 //! - [`inject`]: add trainable adapters to the UNet's attention projections (`to_q`, `to_k`, `to_v`, `to_out.0`),
 //!   install a file's adapters, read them back, merge them into the base weights.
 //! - [`merge_files`]: merge a LoRA into a diffusers model folder's UNet weights (a standalone merged model).
+//! - [`names`]: diffusers vs original (sgm) UNet module names (kohya's SDXL files), for a given UNet.
 //! - [`mix`]: scale a LoRA toward the base model, mix two LoRAs (reward interpolation).
 
 pub mod format;
 pub mod inject;
 pub mod merge_files;
 pub mod mix;
+pub mod names;
 
 /// This crate's error ([`LoraError`]; weight-file errors convert into it with `?`).
 pub use format::LoraError as Error;
@@ -23,3 +25,4 @@ pub use inject::{
     projections, projections_mut, set_multiplier,
 };
 pub use mix::{MixMode, mix, scale};
+pub use names::UnetNames;

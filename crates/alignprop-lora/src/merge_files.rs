@@ -3,6 +3,7 @@
 //!
 //! This works on the stored tensors (no model is built): each adapted weight is read in float32, updated, and
 //! written back in its stored dtype (fp16 / bf16 files stay fp16 / bf16); every other tensor is copied byte for byte.
+//! A LoRA named after the original UNet (kohya's SDXL files) is translated with the folder's UNet config.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::format::{LoraError, LoraWeights, Result};
+use crate::names::UnetNames;
 
 /// What a merge changed.
 #[derive(Clone, Debug)]
@@ -76,6 +78,14 @@ pub fn merge_into_model_folder(
     let unet_dir = model.join("unet");
     let unet_files = component_weights(&unet_dir)?;
     let source = SafetensorsSource::open(&unet_files)?;
+    // Kohya's SDXL files name the original UNet's modules: translate them for this UNet.
+    let resolved;
+    let lora = if lora.has_sgm_names() {
+        resolved = lora.resolve_names(&UnetNames::from_folder(&unet_dir)?)?;
+        &resolved
+    } else {
+        lora
+    };
 
     // Check every adapter before writing anything.
     let mut updates: BTreeMap<String, TensorData> = BTreeMap::new();
