@@ -4,7 +4,7 @@
 //! |---|---|---|---|
 //! | [`LoraFormat::Peft`] (diffusers >= 0.24 `save_lora_weights`) | `unet.<module>.lora_A.weight` | `unet.<module>.lora_B.weight` | `lora_adapter_metadata` (`unet.lora_alpha`, `unet.r`), else 1 |
 //! | [`LoraFormat::Peft`] (peft's own `save_pretrained`: `adapter_model.safetensors`) | `base_model.model.<module>.lora_A.weight` | `base_model.model.<module>.lora_B.weight` | `lora_alpha` of `adapter_config.json` beside it, else 1 |
-//! | [`LoraFormat::Diffusers`] (older diffusers training scripts) | `unet.<module>.lora.down.weight` | `unet.<module>.lora.up.weight` | 1 (or `network_alphas`) |
+//! | [`LoraFormat::Diffusers`] (older diffusers training scripts) | `unet.<module>.lora.down.weight` | `unet.<module>.lora.up.weight` | 1 (or `network_alphas`); written with `alpha / rank` folded into `up` |
 //! | [`LoraFormat::Kohya`] (A1111 / ComfyUI) | `lora_unet_<module with _>.lora_down.weight` | `....lora_up.weight` | `....alpha` scalar |
 //!
 //! `<module>` is the diffusers module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`,
@@ -336,12 +336,19 @@ impl LoraWeights {
                 pair.down.shape.to_vec(),
                 pair.down.to_le_bytes(),
             ));
-            tensors.push((
-                uk,
-                Dtype::F32,
-                pair.up.shape.to_vec(),
-                pair.up.to_le_bytes(),
-            ));
+            // The classic diffusers layout stores no alpha (its readers apply scale 1): fold `alpha / rank` into
+            // the up matrix so the adapter's effect is kept.
+            let up = match format {
+                LoraFormat::Diffusers if pair.scale() != 1.0 => {
+                    let scale = pair.scale() as f32;
+                    Matrix::new(
+                        pair.up.shape,
+                        pair.up.values.iter().map(|v| v * scale).collect(),
+                    )
+                }
+                _ => pair.up.clone(),
+            };
+            tensors.push((uk, Dtype::F32, up.shape.to_vec(), up.to_le_bytes()));
             alphas.insert(pair.alpha.map(|a| a.to_bits()), ());
         }
         let mut metadata = HashMap::from([("format".to_string(), "pt".to_string())]);

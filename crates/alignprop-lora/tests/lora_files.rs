@@ -57,6 +57,41 @@ fn write_read_round_trip_in_every_format() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The classic diffusers layout has no alpha: an adapter whose scale is not 1 (tiny-sdxl's peft LoRA: alpha 4 on
+/// rank 2) is written with the scale folded into `up`, so its weight delta survives the conversion.
+#[test]
+fn diffusers_format_keeps_the_scale_of_adapters_without_alpha() {
+    let p = LoraWeights::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/tiny-sdxl/lora_peft/adapter_model.safetensors"),
+    )
+    .unwrap();
+    let q = p.modules.values().next().unwrap();
+    assert_eq!(q.scale(), 2.0);
+    let path = std::env::temp_dir().join(format!(
+        "alignprop-lora-diffusers-scale-{}.safetensors",
+        std::process::id()
+    ));
+    p.write(&path, LoraFormat::Diffusers).unwrap();
+    let back = LoraWeights::read(&path).unwrap();
+    for (k, a) in &p.modules {
+        let b = &back.modules[k];
+        assert_eq!(b.scale(), 1.0, "{k}");
+        let (da, db) = (delta(a), delta(b));
+        let err = da
+            .iter()
+            .zip(&db)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        let size = da.iter().map(|x| x.abs()).fold(0.0, f64::max);
+        assert!(
+            err <= 1e-6 * size,
+            "{k}: delta changed by {err:e} (max {size:e})"
+        );
+    }
+    std::fs::remove_file(&path).ok();
+}
+
 #[test]
 fn non_lora_file_is_a_clear_error() {
     let path = fixture("vae/diffusion_pytorch_model.safetensors");

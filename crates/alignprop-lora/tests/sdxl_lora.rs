@@ -228,11 +228,13 @@ fn round_trips_between_the_formats() {
         assert_eq!(back.has_sgm_names(), format == LoraFormat::Kohya);
         let back = back.resolve_names(&names).unwrap();
         if format == LoraFormat::Diffusers {
-            // The classic diffusers layout stores no alpha (read as scale 1): the matrices only.
+            // The classic diffusers layout stores no alpha (read as scale 1): alpha / rank = 2 is folded into up.
             for (k, a) in &p.modules {
+                let b = &back.modules[k];
+                let up: Vec<f32> = a.up.values.iter().map(|v| v * 2.0).collect();
                 assert_eq!(
-                    (&a.down, &a.up),
-                    (&back.modules[k].down, &back.modules[k].up),
+                    (&a.down, &up, 1.0),
+                    (&b.down, &b.up.values, b.scale()),
                     "{k}"
                 );
             }
