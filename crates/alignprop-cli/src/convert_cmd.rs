@@ -1,5 +1,5 @@
-//! `alignprop convert ...`: weight-file conversions (a reward's `.pth` to safetensors; a single-file SD checkpoint
-//! to a diffusers folder).
+//! `alignprop convert ...`: weight-file conversions (a reward's `.pth` to safetensors; a single-file SD1.x / SD2.x /
+//! SDXL checkpoint to a diffusers folder).
 
 use std::path::PathBuf;
 
@@ -17,25 +17,32 @@ pub enum ConvertCommand {
         /// The `.safetensors` file to write.
         output: PathBuf,
     },
-    /// A single-file SD1.x or SD2.x checkpoint (`model.diffusion_model.*`, `first_stage_model.*`, and
-    /// `cond_stage_model.transformer.*` (SD1.x) or `cond_stage_model.model.*` (SD2.x, OpenCLIP) keys) to a diffusers
-    /// folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json), tensors in their stored dtype.
-    /// SD2.x files are taken for SD 2.1 (768 px, v-prediction) unless --prediction-type or --configs says otherwise.
+    /// A single-file SD1.x, SD2.x or SDXL checkpoint (`model.diffusion_model.*`, `first_stage_model.*`, and
+    /// `cond_stage_model.transformer.*` (SD1.x), `cond_stage_model.model.*` (SD2.x, OpenCLIP) or
+    /// `conditioner.embedders.{0,1}.*` (SDXL base: CLIP ViT-L + OpenCLIP bigG) keys) to a diffusers folder (unet/,
+    /// vae/, text_encoder/, tokenizer/, scheduler/, model_index.json; SDXL: also text_encoder_2/ and tokenizer_2/),
+    /// tensors in their stored dtype. SD2.x files are taken for SD 2.1 (768 px, v-prediction) unless
+    /// --prediction-type or --configs says otherwise; SDXL files for SDXL base 1.0 (1024 px, epsilon, Euler
+    /// scheduler config, VAE scaling factor 0.13025, force_zeros_for_empty_prompt).
     SingleFile {
         /// The `.safetensors` checkpoint (`.ckpt` pickles are refused: convert them to safetensors first).
         input: PathBuf,
         /// The diffusers folder to create.
         output: PathBuf,
-        /// A diffusers folder whose unet/vae/text_encoder config.json (and scheduler/, tokenizer/) describe the
-        /// checkpoint; default: SD1.5's configs (SD 2.1's for an SD2.x file) adjusted to the tensor shapes.
+        /// A diffusers folder whose unet/vae/text_encoder (SDXL: and text_encoder_2) config.json (and scheduler/,
+        /// tokenizer/, tokenizer_2/) describe the checkpoint; default: SD1.5's configs (SD 2.1's for an SD2.x file,
+        /// SDXL base 1.0's for an SDXL file) adjusted to the tensor shapes.
         #[arg(long)]
         configs: Option<PathBuf>,
         /// A tokenizer folder to copy; default: SD1.5's CLIP tokenizer, bundled (padding with "!" for SD2.x).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// SDXL: the folder to copy as tokenizer_2/; default: the bundled CLIP tokenizer padding with "!".
+        #[arg(long)]
+        tokenizer_2: Option<PathBuf>,
         /// What the model predicts, which a single file does not store: epsilon (SD1.x, the 512-px SD2 base
-        /// models), v_prediction (SD 2.0-v / 2.1 at 768 px) or sample; default: --configs' scheduler, else epsilon
-        /// for SD1.x and v_prediction for SD2.x.
+        /// models, SDXL), v_prediction (SD 2.0-v / 2.1 at 768 px) or sample; default: --configs' scheduler, else
+        /// epsilon for SD1.x and SDXL and v_prediction for SD2.x.
         #[arg(long, value_parser = ["epsilon", "v_prediction", "sample"])]
         prediction_type: Option<String>,
         /// Write into an existing non-empty folder.
@@ -61,6 +68,7 @@ pub fn run(cmd: ConvertCommand) -> Result<()> {
             output,
             configs,
             tokenizer,
+            tokenizer_2,
             prediction_type,
             overwrite,
         } => {
@@ -76,6 +84,7 @@ pub fn run(cmd: ConvertCommand) -> Result<()> {
             let opts = ConvertOptions {
                 configs_from: configs,
                 tokenizer_from: tokenizer,
+                tokenizer_2_from: tokenizer_2,
                 prediction_type,
                 overwrite,
             };

@@ -1,25 +1,32 @@
-//! The original single-file Stable Diffusion 1.x / 2.x checkpoint layout (CompVis / Stability-AI `ldm`, as in
-//! `v1-5-pruned-emaonly.safetensors` and `v2-1_768-ema-pruned.safetensors`), read through the diffusers tensor names
-//! the models ask for.
+//! The original single-file Stable Diffusion checkpoint layouts (CompVis / Stability-AI `ldm` for SD 1.x / 2.x, as
+//! in `v1-5-pruned-emaonly.safetensors` and `v2-1_768-ema-pruned.safetensors`; Stability-AI generative-models `sgm`
+//! for SDXL, as in `sd_xl_base_1.0.safetensors`), read through the diffusers tensor names the models ask for.
 //!
-//! One file holds all three networks under different prefixes and, for the UNet and the VAE, different module
-//! names than diffusers uses:
+//! One file holds all networks under different prefixes and, for the UNet, the VAE and the OpenCLIP towers,
+//! different module names than diffusers / transformers use:
 //!
 //! | network | prefix | naming |
 //! |---|---|---|
-//! | UNet | `model.diffusion_model.` | `input_blocks.N.M`, `middle_block.M`, `output_blocks.N.M`, `time_embed`, `out` |
+//! | UNet | `model.diffusion_model.` | `input_blocks.N.M`, `middle_block.M`, `output_blocks.N.M`, `time_embed`, `out`; SDXL: `label_emb.0.{0,2}` (diffusers' `add_embedding.linear_{1,2}`), several `transformer_blocks.i` per block |
 //! | VAE | `first_stage_model.` | `encoder.down.i.block.j`, `mid.block_1`, `mid.attn_1.{q,k,v,proj_out}`, `decoder.up.i` (reversed) |
 //! | SD1.x CLIP text encoder | `cond_stage_model.transformer.` | transformers' `text_model.*` names |
 //! | SD2.x OpenCLIP text tower | `cond_stage_model.model.` | open_clip names: `token_embedding`, `positional_embedding`, `transformer.resblocks.i.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_final` |
+//! | SDXL CLIP text encoder (`text_encoder`) | `conditioner.embedders.0.transformer.` | transformers' `text_model.*` names |
+//! | SDXL OpenCLIP bigG text tower (`text_encoder_2`) | `conditioner.embedders.1.model.` | open_clip names as SD2.x, plus `text_projection` `[width, proj]` (the transpose of transformers' `text_projection.weight`) |
 //!
-//! The text encoder tells the two generations apart ([`SdVersion`]). SD2 conditions on the OpenCLIP tower's
+//! The text encoders tell the generations apart ([`SdVersion`]). SD2 conditions on the OpenCLIP tower's
 //! penultimate block (`FrozenOpenCLIPEmbedder(layer="penultimate")`), so its diffusers text encoder is every block
-//! but the last, and the file's last block is not used (as diffusers' `convert_open_clip_checkpoint`).
+//! but the last, and the file's last block is not used (as diffusers' `convert_open_clip_checkpoint`). SDXL uses
+//! every block of its bigG tower (the penultimate output for the context, the last one, `ln_final` and
+//! `text_projection` for the pooled embedding), so its `text_encoder_2` (a transformers
+//! `CLIPTextModelWithProjection`) keeps them all, as diffusers does for the `conditioner.embedders.1.model.` prefix.
+//! The SDXL refiner (`conditioner.embedders.0.model.` only) is refused.
 //!
-//! The pure functions [`unet_key`], [`vae_key`], [`clip_key`] and [`open_clip_key`] translate a diffusers /
-//! transformers key into the key under which the same tensor is stored in such a file. [`SingleFileCheckpoint`]
-//! opens a file once (memory-mapped), checks that it is an SD1.x / SD2.x original checkpoint, infers what the tensor
-//! shapes tell about the architecture, and hands out one source per network for [`crate::VarBuilder::from_source`]:
+//! The pure functions [`unet_key`], [`vae_key`], [`clip_key`], [`open_clip_key`] and [`sdxl_open_clip_key`]
+//! translate a diffusers / transformers key into the key under which the same tensor is stored in such a file.
+//! [`SingleFileCheckpoint`] opens a file once (memory-mapped), checks that it is an SD1.x / SD2.x / SDXL original
+//! checkpoint, infers what the tensor shapes tell about the architecture, and hands out one source per network for
+//! [`crate::VarBuilder::from_source`]:
 //!
 //! ```no_run
 //! # use alignprop_io::{single_file::SingleFileCheckpoint, VarBuilder};
@@ -31,14 +38,18 @@
 //! let unet_vb = VarBuilder::<B>::from_source(ckpt.unet(), &device, DType::F32);
 //! let vae_vb = VarBuilder::<B>::from_source(ckpt.vae(), &device, DType::F32);
 //! let text_vb = VarBuilder::<B>::from_source(ckpt.text_encoder(), &device, DType::F32);
+//! // SDXL files only: the second text encoder.
+//! if let Some(text_2) = ckpt.text_encoder_2() {
+//!     let text_2_vb = VarBuilder::<B>::from_source(text_2, &device, DType::F32);
+//! }
 //! # Ok(()) }
 //! ```
 //!
 //! Weights stored as F16 or BF16 (the common `*-fp16.safetensors` files) are converted by the builder. The VAE's
 //! mid-block attention projections are stored as 1x1 convolutions `[C, C, 1, 1]`; the builder accepts them where a
-//! linear layer expects `[C, C]`. The OpenCLIP tower stores each block's query, key and value projections as one
+//! linear layer expects `[C, C]`. The OpenCLIP towers store each block's query, key and value projections as one
 //! `attn.in_proj_weight` `[3 w, w]` (rows q, k, v) and `attn.in_proj_bias` `[3 w]`; [`OpenClipText`] hands out the
-//! thirds as transformers' `q_proj` / `k_proj` / `v_proj`.
+//! thirds as transformers' `q_proj` / `k_proj` / `v_proj`, and SDXL's `text_projection` transposed.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -59,9 +70,20 @@ pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
 /// The tensor whose presence marks an SD2.x checkpoint's OpenCLIP text tower (`[vocab, width]`).
 const OPEN_CLIP_MARKER: &str = "cond_stage_model.model.token_embedding.weight";
 
+/// Prefix of SDXL's first text encoder (OpenAI CLIP ViT-L, transformers' names, followed by `text_model.`).
+pub const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// Prefix of SDXL's second text encoder, the OpenCLIP ViT-bigG text tower (open_clip's names).
+pub const SDXL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
+/// The tensor whose presence marks an SDXL checkpoint's OpenCLIP tower (`[vocab, width]`).
+const SDXL_OPEN_CLIP_MARKER: &str = "conditioner.embedders.1.model.token_embedding.weight";
+/// The prefix of the SDXL refiner's only text encoder (OpenCLIP bigG as embedder 0), which is not supported.
+const SDXL_REFINER_PREFIX: &str = "conditioner.embedders.0.model.";
+
 /// Tensors of the OpenCLIP text model that SD2's text encoder does not use (the CLIP projection and temperature; an
 /// attention-mask buffer some exports keep).
 const OPEN_CLIP_UNUSED: &[&str] = &["text_projection", "logit_scale", "attn_mask"];
+/// Tensors of the OpenCLIP bigG tower that SDXL's `text_encoder_2` does not use (it keeps `text_projection`).
+const SDXL_OPEN_CLIP_UNUSED: &[&str] = &["logit_scale", "attn_mask"];
 
 /// The tensor whose presence marks an SD1.x original checkpoint (the UNet's `conv_in` weight).
 const MARKER_KEY: &str = "model.diffusion_model.input_blocks.0.0.weight";
@@ -83,19 +105,25 @@ pub const SCHEDULE_BUFFERS: &[&str] = &[
     "posterior_mean_coef2",
 ];
 
-/// Whether a tensor of an original checkpoint belongs to none of the three networks' parameters: the DDPM
-/// schedule buffers ([`SCHEDULE_BUFFERS`]), the EMA copy and its counters (`model_ema.*`), the VAE training loss
-/// (`first_stage_model.loss.*`), the text encoder's constant `position_ids` buffer and the OpenCLIP tower's
-/// `text_projection` / `logit_scale` (SD2). The last OpenCLIP block, which SD2 does not use either, depends on the
+/// Whether a tensor of an original checkpoint belongs to none of the networks' parameters: the DDPM schedule
+/// buffers ([`SCHEDULE_BUFFERS`]; sgm's `denoiser.*` sigma buffers in SDXL files), the EMA copy and its counters
+/// (`model_ema.*`), the VAE training loss (`first_stage_model.loss.*`), the CLIP text encoders' constant
+/// `position_ids` buffer, the OpenCLIP tower's `text_projection` / `logit_scale` (SD2) and bigG's `logit_scale`
+/// (SDXL, whose `text_projection` is used). The last OpenCLIP block, which SD2 does not use either, depends on the
 /// file: [`SingleFileCheckpoint::is_ignorable`].
 pub fn is_ignorable_key(key: &str) -> bool {
     SCHEDULE_BUFFERS.contains(&key)
         || key.starts_with("model_ema.")
+        || key.starts_with("denoiser.")
         || key.starts_with("first_stage_model.loss.")
-        || (key.starts_with(CLIP_PREFIX) && key.ends_with("embeddings.position_ids"))
+        || ((key.starts_with(CLIP_PREFIX) || key.starts_with(SDXL_CLIP_PREFIX))
+            && key.ends_with("embeddings.position_ids"))
         || key
             .strip_prefix(OPEN_CLIP_PREFIX)
             .is_some_and(|k| OPEN_CLIP_UNUSED.contains(&k))
+        || key
+            .strip_prefix(SDXL_OPEN_CLIP_PREFIX)
+            .is_some_and(|k| SDXL_OPEN_CLIP_UNUSED.contains(&k))
 }
 
 /// The Stable Diffusion generation of a single-file checkpoint, told by its text encoder's tensors.
@@ -108,6 +136,10 @@ pub enum SdVersion {
     /// all blocks but the last. SD2's 768-px models (2.0-v, 2.1) predict v, the 512-px base models epsilon; the file
     /// does not say which (diffusers takes every SD2 file for 2.1, v-prediction, unless given a config).
     Sd2,
+    /// SDXL (base): CLIP ViT-L under `conditioner.embedders.0.transformer.` (transformers' names) and the OpenCLIP
+    /// ViT-bigG tower under `conditioner.embedders.1.model.` (open_clip's names, every block used), a UNet with
+    /// the `text_time` addition embedding (`label_emb`); epsilon prediction at 1024 px.
+    Xl,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -193,8 +225,9 @@ fn unet_resnet(rest: &str) -> String {
 /// The key under which the diffusers UNet tensor `key` (e.g. `down_blocks.1.resnets.0.conv1.weight`) is stored in
 /// an original checkpoint (`model.diffusion_model.input_blocks.4.0.in_layers.2.weight`).
 ///
-/// Transformer blocks (`attentions.*`) keep their inner names (`proj_in`, `transformer_blocks.0.attn1.to_q`, ...),
-/// which the original `SpatialTransformer` shares with diffusers. A key outside the known modules, or with a resnet
+/// Transformer blocks (`attentions.*`) keep their inner names (`proj_in`, `transformer_blocks.0.attn1.to_q`, ...,
+/// `transformer_blocks.i` for each of SDXL's several layers), which the original `SpatialTransformer` shares with
+/// diffusers. SDXL's `add_embedding.linear_{1,2}` is `label_emb.0.{0,2}`. A key outside the known modules, or with a resnet
 /// or attention index beyond the layout (which would otherwise alias the next block), is returned with the prefix
 /// only, so a lookup fails naming it.
 pub fn unet_key(cfg: &SingleFileUnetLayout, key: &str) -> String {
@@ -207,6 +240,15 @@ pub fn unet_key(cfg: &SingleFileUnetLayout, key: &str) -> String {
             match layer {
                 "linear_1" => join("time_embed.0".into(), tail),
                 "linear_2" => join("time_embed.2".into(), tail),
+                _ => key.to_string(),
+            }
+        }
+        "add_embedding" => {
+            // SDXL's `text_time` MLP, sgm's `label_emb.0` (a Sequential: Linear, SiLU, Linear).
+            let (layer, tail) = head(rest);
+            match layer {
+                "linear_1" => join("label_emb.0.0".into(), tail),
+                "linear_2" => join("label_emb.0.2".into(), tail),
                 _ => key.to_string(),
             }
         }
@@ -357,10 +399,19 @@ pub fn vae_key(num_up_blocks: usize, key: &str) -> String {
 /// `cond_stage_model.transformer.` + the transformers name. The names inside are transformers' own; a key given
 /// without the `text_model.` prefix (transformers ≥ 5 naming) gets it added.
 pub fn clip_key(key: &str) -> String {
+    clip_key_in(CLIP_PREFIX, key)
+}
+
+/// [`clip_key`] for SDXL's first text encoder: `conditioner.embedders.0.transformer.` + the transformers name.
+pub fn sdxl_clip_key(key: &str) -> String {
+    clip_key_in(SDXL_CLIP_PREFIX, key)
+}
+
+fn clip_key_in(prefix: &str, key: &str) -> String {
     if key.starts_with("text_model.") {
-        format!("{CLIP_PREFIX}{key}")
+        format!("{prefix}{key}")
     } else {
-        format!("{CLIP_PREFIX}text_model.{key}")
+        format!("{prefix}text_model.{key}")
     }
 }
 
@@ -383,12 +434,14 @@ impl QkvPart {
     }
 }
 
-/// Where a transformers CLIP text-encoder tensor is stored in an SD2.x checkpoint's OpenCLIP tower: the stored key
-/// and, for the query / key / value projections, which third of the fused `in_proj` tensor it is.
+/// Where a transformers CLIP text-encoder tensor is stored in an OpenCLIP tower: the stored key and, for the query
+/// / key / value projections, which third of the fused `in_proj` tensor it is; `transposed` for SDXL's
+/// `text_projection.weight` `[proj, width]`, stored as OpenCLIP's `text_projection` `[width, proj]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenClipKey {
     pub stored: String,
     pub part: Option<QkvPart>,
+    pub transposed: bool,
 }
 
 /// A transformers `CLIPEncoderLayer` parameter (`layer_norm1.weight`, `self_attn.q_proj.bias`, ...) in OpenCLIP's
@@ -431,6 +484,24 @@ fn open_clip_block(rest: &str) -> Option<(String, Option<QkvPart>)> {
 /// does not use, must not be read as a text-encoder layer), is returned with the prefix only, so a lookup fails
 /// naming it.
 pub fn open_clip_key(layers: usize, key: &str) -> OpenClipKey {
+    open_clip_key_in(OPEN_CLIP_PREFIX, layers, false, key)
+}
+
+/// [`open_clip_key`] for SDXL's `text_encoder_2` (a transformers `CLIPTextModelWithProjection` of all `layers`
+/// blocks of the bigG tower) under `conditioner.embedders.1.model.`, plus `text_projection.weight` ->
+/// `text_projection`, transposed.
+pub fn sdxl_open_clip_key(layers: usize, key: &str) -> OpenClipKey {
+    open_clip_key_in(SDXL_OPEN_CLIP_PREFIX, layers, true, key)
+}
+
+fn open_clip_key_in(prefix: &str, layers: usize, projection: bool, key: &str) -> OpenClipKey {
+    if projection && key == "text_projection.weight" {
+        return OpenClipKey {
+            stored: format!("{prefix}text_projection"),
+            part: None,
+            transposed: true,
+        };
+    }
     let name = key.strip_prefix("text_model.").unwrap_or(key);
     let mapped = match name {
         "embeddings.token_embedding.weight" => Some(("token_embedding.weight".to_string(), None)),
@@ -451,12 +522,14 @@ pub fn open_clip_key(layers: usize, key: &str) -> OpenClipKey {
     };
     match mapped {
         Some((stored, part)) => OpenClipKey {
-            stored: format!("{OPEN_CLIP_PREFIX}{stored}"),
+            stored: format!("{prefix}{stored}"),
             part,
+            transposed: false,
         },
         None => OpenClipKey {
-            stored: format!("{OPEN_CLIP_PREFIX}{key}"),
+            stored: format!("{prefix}{key}"),
             part: None,
+            transposed: false,
         },
     }
 }
@@ -499,19 +572,82 @@ pub fn split_qkv(raw: RawTensor, part: QkvPart) -> Result<RawTensor> {
     })
 }
 
-/// An SD2.x checkpoint's OpenCLIP text tower under transformers' CLIP text-encoder names ([`open_clip_key`]), the
-/// query / key / value projections cut out of the fused `in_proj` tensors ([`split_qkv`]). `layers` is the text
-/// encoder's depth: the tower's blocks but the last.
+/// The transpose of a 2-D tensor `[r, c]` -> `[c, r]`, the same dtype and values; its `stored_key` says it was
+/// transposed. Another rank is an error naming the file and the key.
+pub fn transpose_2d(raw: RawTensor) -> Result<RawTensor> {
+    let &[rows, cols] = raw.shape.as_slice() else {
+        return Err(WeightError::Config {
+            path: raw.file,
+            msg: format!(
+                "tensor '{}': expected a matrix [width, projection], found shape {:?}",
+                raw.stored_key, raw.shape
+            ),
+        });
+    };
+    let bytes = raw.data.as_bytes();
+    let size = bytes.len().checked_div(rows * cols).unwrap_or(0);
+    let mut out = vec![0u8; bytes.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            let (from, to) = ((r * cols + c) * size, (c * rows + r) * size);
+            out[to..to + size].copy_from_slice(&bytes[from..from + size]);
+        }
+    }
+    let shape = vec![cols, rows];
+    Ok(RawTensor {
+        data: TensorData::from_bytes_vec(out, shape.clone(), raw.data.dtype),
+        shape,
+        file: raw.file,
+        stored_key: format!("{} (transposed)", raw.stored_key),
+    })
+}
+
+/// An OpenCLIP text tower under transformers' CLIP text-encoder names, the query / key / value projections cut out
+/// of the fused `in_proj` tensors ([`split_qkv`]): SD2.x's ([`Self::sd2`], [`open_clip_key`]; `layers` is the text
+/// encoder's depth, the tower's blocks but the last) or SDXL's bigG ([`Self::sdxl`], [`sdxl_open_clip_key`]: every
+/// block, and `text_projection.weight` transposed from the stored `text_projection`).
 pub struct OpenClipText<S> {
     pub inner: S,
     pub layers: usize,
+    /// SDXL's `text_encoder_2` (prefix `conditioner.embedders.1.model.`, with the projection) instead of SD2's.
+    pub sdxl: bool,
+}
+
+impl<S> OpenClipText<S> {
+    /// SD2.x's text encoder: the first `layers` blocks of the tower under `cond_stage_model.model.`.
+    pub fn sd2(inner: S, layers: usize) -> Self {
+        Self {
+            inner,
+            layers,
+            sdxl: false,
+        }
+    }
+
+    /// SDXL's `text_encoder_2`: the `layers` blocks of the tower under `conditioner.embedders.1.model.` and its
+    /// projection.
+    pub fn sdxl(inner: S, layers: usize) -> Self {
+        Self {
+            inner,
+            layers,
+            sdxl: true,
+        }
+    }
+
+    fn key(&self, key: &str) -> OpenClipKey {
+        if self.sdxl {
+            sdxl_open_clip_key(self.layers, key)
+        } else {
+            open_clip_key(self.layers, key)
+        }
+    }
 }
 
 impl<S: TensorSource> TensorSource for OpenClipText<S> {
     fn find(&self, key: &str) -> Result<Option<RawTensor>> {
-        let mapped = open_clip_key(self.layers, key);
+        let mapped = self.key(key);
         match (self.inner.find(&mapped.stored)?, mapped.part) {
             (Some(raw), Some(part)) => split_qkv(raw, part).map(Some),
+            (Some(raw), None) if mapped.transposed => transpose_2d(raw).map(Some),
             (found, _) => Ok(found),
         }
     }
@@ -519,8 +655,7 @@ impl<S: TensorSource> TensorSource for OpenClipText<S> {
         self.inner.describe()
     }
     fn stored_key(&self, key: &str) -> String {
-        self.inner
-            .stored_key(&open_clip_key(self.layers, key).stored)
+        self.inner.stored_key(&self.key(key).stored)
     }
     fn keys(&self) -> Vec<String> {
         self.inner.keys()
@@ -545,8 +680,26 @@ pub struct InferredUnet {
     pub down_block_has_attention: Vec<bool>,
     /// Width of the text-encoder states the cross-attentions read (`cross_attention_dim`), if there are any.
     pub cross_attention_dim: Option<usize>,
-    /// Whether the transformer blocks' `proj_in` / `proj_out` are linear layers (SD2.x) instead of 1x1 convs.
+    /// Whether the transformer blocks' `proj_in` / `proj_out` are linear layers (SD2.x, SDXL) instead of 1x1 convs.
     pub use_linear_projection: bool,
+    /// Transformer layers per down level (`transformer_layers_per_block`, the up levels in reverse), counted in the
+    /// level's first attention (`transformer_blocks.i`); 1 for a level without attention, except that the last
+    /// level takes the mid block's depth (diffusers builds the mid block with the last entry). SD1.x / 2.x: all 1;
+    /// SDXL: `[1, 2, 10]`.
+    pub transformer_layers_per_block: Vec<usize>,
+    /// SDXL's `text_time` addition embedding (`label_emb.0`), `None` without one.
+    pub text_time: Option<InferredTextTime>,
+}
+
+/// What the shapes tell about SDXL's `text_time` addition embedding: `label_emb.0.0.weight` is
+/// `[time_embed_dim, projection_class_embeddings_input_dim]`, the input being the pooled text embedding of the second
+/// text encoder (`text_projection`'s width) followed by the 6 time ids' sinusoids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InferredTextTime {
+    /// `projection_class_embeddings_input_dim` (SDXL: 2816).
+    pub projection_class_embeddings_input_dim: usize,
+    /// `addition_time_embed_dim`: (input width - pooled width) / 6 (SDXL: (2816 - 1280) / 6 = 256).
+    pub addition_time_embed_dim: usize,
 }
 
 /// What the tensor shapes of an original checkpoint tell about the VAE.
@@ -576,6 +729,15 @@ pub struct InferredTextEncoder {
     pub max_position_embeddings: usize,
 }
 
+/// What the tensor shapes of an SDXL checkpoint tell about its second text encoder (a transformers
+/// `CLIPTextModelWithProjection`): the encoder (every block of the bigG tower; 20 heads of 64 for bigG, not visible
+/// in the shapes) and the width of its projection (`text_projection` `[width, proj]`, SDXL: 1280).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InferredTextEncoder2 {
+    pub text: InferredTextEncoder,
+    pub projection_dim: usize,
+}
+
 /// How the text encoder is stored in a single file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TextTower {
@@ -584,9 +746,15 @@ enum TextTower {
     Clip { without_text_model: bool },
     /// SD2.x: OpenCLIP's names under [`OPEN_CLIP_PREFIX`]; the text encoder is the first `layers` blocks.
     OpenClip { layers: usize },
+    /// SDXL: CLIP ViT-L with transformers' names under [`SDXL_CLIP_PREFIX`] (`without_text_model` as for SD1.x) and
+    /// the bigG tower under [`SDXL_OPEN_CLIP_PREFIX`], all `layers_2` blocks used.
+    Xl {
+        without_text_model: bool,
+        layers_2: usize,
+    },
 }
 
-/// A single-file SD1.x / SD2.x checkpoint in the original layout, memory-mapped once and shared by the three
+/// A single-file SD1.x / SD2.x / SDXL checkpoint in the original layout, memory-mapped once and shared by the
 /// per-network sources it hands out.
 pub struct SingleFileCheckpoint {
     path: PathBuf,
@@ -594,6 +762,7 @@ pub struct SingleFileCheckpoint {
     unet: InferredUnet,
     vae: InferredVae,
     text_encoder: InferredTextEncoder,
+    text_encoder_2: Option<InferredTextEncoder2>,
     text_tower: TextTower,
 }
 
@@ -605,6 +774,7 @@ impl std::fmt::Debug for SingleFileCheckpoint {
             .field("unet", &self.unet)
             .field("vae", &self.vae)
             .field("text_encoder", &self.text_encoder)
+            .field("text_encoder_2", &self.text_encoder_2)
             .finish()
     }
 }
@@ -665,12 +835,12 @@ impl<'a> Shapes<'a> {
 }
 
 impl SingleFileCheckpoint {
-    /// Opens `path` (a `.safetensors` file), checks that it is an SD1.x or SD2.x checkpoint in the original layout
-    /// (which one: [`Self::version`], from the text encoder's keys) and infers the networks' structure from its
-    /// tensor shapes.
+    /// Opens `path` (a `.safetensors` file), checks that it is an SD1.x, SD2.x or SDXL checkpoint in the original
+    /// layout (which one: [`Self::version`], from the text encoders' keys) and infers the networks' structure from
+    /// its tensor shapes.
     ///
     /// Errors: the file's I/O or format errors, or a [`WeightError::Config`] naming the file and the tensor that was
-    /// expected when it holds something else (a diffusers component file, an SDXL checkpoint, ...).
+    /// expected when it holds something else (a diffusers component file, an SDXL refiner, ...).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let source = SafetensorsSource::open(&[&path])?;
@@ -679,22 +849,30 @@ impl SingleFileCheckpoint {
             return Err(WeightError::Config {
                 path: path.clone(),
                 msg: format!(
-                    "not a Stable Diffusion 1.x / 2.x single-file checkpoint in the original (CompVis/ldm) layout: \
-                     expected the tensor '{MARKER_KEY}' (UNet under 'model.diffusion_model.', VAE under \
-                     'first_stage_model.', text encoder under 'cond_stage_model.transformer.' (SD1.x) or \
-                     'cond_stage_model.model.' (SD2.x)){}",
+                    "not a Stable Diffusion 1.x / 2.x / XL single-file checkpoint in the original (CompVis/ldm, \
+                     Stability sgm) layout: expected the tensor '{MARKER_KEY}' (UNet under 'model.diffusion_model.', \
+                     VAE under 'first_stage_model.', text encoder under 'cond_stage_model.transformer.' (SD1.x), \
+                     'cond_stage_model.model.' (SD2.x) or 'conditioner.embedders.' (SDXL)){}",
                     describe_other(&shapes)
                 ),
             });
         }
         let text_tower = detect_text_tower(&shapes)?;
-        let text_encoder = match text_tower {
-            TextTower::Clip { without_text_model } => {
-                infer_text_encoder(&shapes, without_text_model)?
-            }
-            TextTower::OpenClip { .. } => infer_open_clip_text(&shapes)?,
+        let (text_encoder, text_encoder_2) = match text_tower {
+            TextTower::Clip { without_text_model } => (
+                infer_text_encoder(&shapes, CLIP_PREFIX, without_text_model)?,
+                None,
+            ),
+            TextTower::OpenClip { .. } => (infer_open_clip_text(&shapes, OPEN_CLIP_PREFIX)?, None),
+            TextTower::Xl {
+                without_text_model, ..
+            } => (
+                infer_text_encoder(&shapes, SDXL_CLIP_PREFIX, without_text_model)?,
+                Some(infer_sdxl_open_clip_text(&shapes)?),
+            ),
         };
-        let unet = infer_unet(&shapes)?;
+        let mut unet = infer_unet(&shapes)?;
+        unet.text_time = infer_text_time(&shapes, text_encoder_2.as_ref())?;
         let vae = infer_vae(&shapes)?;
         Ok(Self {
             path,
@@ -702,15 +880,17 @@ impl SingleFileCheckpoint {
             unet,
             vae,
             text_encoder,
+            text_encoder_2,
             text_tower,
         })
     }
 
-    /// SD1.x or SD2.x, from the text encoder's tensors.
+    /// SD1.x, SD2.x or SDXL, from the text encoders' tensors.
     pub fn version(&self) -> SdVersion {
         match self.text_tower {
             TextTower::Clip { .. } => SdVersion::Sd1,
             TextTower::OpenClip { .. } => SdVersion::Sd2,
+            TextTower::Xl { .. } => SdVersion::Xl,
         }
     }
 
@@ -734,9 +914,14 @@ impl SingleFileCheckpoint {
         &self.vae
     }
 
-    /// The text-encoder structure read from the tensor shapes.
+    /// The text-encoder structure read from the tensor shapes (SDXL: the first text encoder, CLIP ViT-L).
     pub fn text_encoder_info(&self) -> &InferredTextEncoder {
         &self.text_encoder
+    }
+
+    /// SDXL's second text encoder as read from the tensor shapes; `None` for SD1.x / SD2.x.
+    pub fn text_encoder_2_info(&self) -> Option<&InferredTextEncoder2> {
+        self.text_encoder_2.as_ref()
     }
 
     /// The UNet's tensors under their diffusers names (`conv_in.weight`, `down_blocks.0.resnets.0.norm1.weight`,
@@ -760,31 +945,41 @@ impl SingleFileCheckpoint {
     }
 
     /// The CLIP text encoder's tensors under transformers' names, with or without the `text_model.` prefix: SD1.x's
-    /// renamed, SD2.x's OpenCLIP tower read as a transformers `CLIPTextModel` of its blocks but the last
-    /// ([`OpenClipText`]).
+    /// (and SDXL's first encoder) renamed, SD2.x's OpenCLIP tower read as a transformers `CLIPTextModel` of its
+    /// blocks but the last ([`OpenClipText`]).
     pub fn text_encoder(&self) -> Box<dyn TensorSource> {
-        match self.text_tower {
-            TextTower::OpenClip { layers } => Box::new(OpenClipText {
+        let clip = |prefix: &'static str, without_text_model: bool| -> Box<dyn TensorSource> {
+            Box::new(Renamed {
                 inner: self.source.clone(),
-                layers,
-            }),
-            TextTower::Clip {
-                without_text_model: true,
-            } => Box::new(Renamed {
-                inner: self.source.clone(),
-                map: Box::new(|key| {
-                    format!(
-                        "{CLIP_PREFIX}{}",
-                        key.strip_prefix("text_model.").unwrap_or(key)
-                    )
+                map: Box::new(move |key| {
+                    if without_text_model {
+                        format!("{prefix}{}", key.strip_prefix("text_model.").unwrap_or(key))
+                    } else {
+                        clip_key_in(prefix, key)
+                    }
                 }),
-            }),
-            TextTower::Clip {
-                without_text_model: false,
-            } => Box::new(Renamed {
-                inner: self.source.clone(),
-                map: Box::new(clip_key),
-            }),
+            })
+        };
+        match self.text_tower {
+            TextTower::OpenClip { layers } => {
+                Box::new(OpenClipText::sd2(self.source.clone(), layers))
+            }
+            TextTower::Clip { without_text_model } => clip(CLIP_PREFIX, without_text_model),
+            TextTower::Xl {
+                without_text_model, ..
+            } => clip(SDXL_CLIP_PREFIX, without_text_model),
+        }
+    }
+
+    /// SDXL's second text encoder under transformers' `CLIPTextModelWithProjection` names (`text_model.*`, with or
+    /// without that prefix, and `text_projection.weight`): the bigG tower, every block ([`OpenClipText::sdxl`]).
+    /// `None` for SD1.x / SD2.x files.
+    pub fn text_encoder_2(&self) -> Option<OpenClipText<Arc<SafetensorsSource>>> {
+        match self.text_tower {
+            TextTower::Xl { layers_2, .. } => {
+                Some(OpenClipText::sdxl(self.source.clone(), layers_2))
+            }
+            _ => None,
         }
     }
 
@@ -796,11 +991,11 @@ impl SingleFileCheckpoint {
                 TextTower::OpenClip { layers } => key.starts_with(&format!(
                     "{OPEN_CLIP_PREFIX}transformer.resblocks.{layers}."
                 )),
-                TextTower::Clip { .. } => false,
+                TextTower::Clip { .. } | TextTower::Xl { .. } => false,
             }
     }
 
-    /// Keys of the file that belong to none of the three networks under the layouts above and are not known to be
+    /// Keys of the file that belong to none of the networks under the layouts above and are not known to be
     /// ignorable ([`Self::is_ignorable`]): normally empty. Handy to warn about an unexpected variant.
     pub fn unknown_keys(&self) -> Vec<String> {
         let known = |k: &str| {
@@ -808,6 +1003,8 @@ impl SingleFileCheckpoint {
                 || k.starts_with(VAE_PREFIX)
                 || k.starts_with(CLIP_PREFIX)
                 || k.starts_with(OPEN_CLIP_PREFIX)
+                || k.starts_with(SDXL_CLIP_PREFIX)
+                || k.starts_with(SDXL_OPEN_CLIP_PREFIX)
                 || self.is_ignorable(k)
         };
         self.source
@@ -818,8 +1015,8 @@ impl SingleFileCheckpoint {
     }
 }
 
-/// How the text encoder is stored: SD1.x's CLIP (with or without `text_model.`) or SD2.x's OpenCLIP tower; an
-/// error naming the expected tensors otherwise (an SDXL checkpoint, a file without text encoder).
+/// How the text encoder is stored: SD1.x's CLIP (with or without `text_model.`), SD2.x's OpenCLIP tower or SDXL's
+/// pair; an error naming the expected tensors otherwise (an SDXL refiner, a file without text encoder).
 fn detect_text_tower(s: &Shapes) -> Result<TextTower> {
     if s.has(&clip_key("embeddings.token_embedding.weight")) {
         return Ok(TextTower::Clip {
@@ -832,23 +1029,46 @@ fn detect_text_tower(s: &Shapes) -> Result<TextTower> {
         });
     }
     if s.has(OPEN_CLIP_MARKER) {
-        let layers = open_clip_blocks(s).saturating_sub(1);
+        let layers = open_clip_blocks(s, OPEN_CLIP_PREFIX).saturating_sub(1);
         return Ok(TextTower::OpenClip { layers });
     }
-    let other = if s.has_prefix("conditioner.embedders.") {
-        " (found 'conditioner.embedders.*': an SDXL checkpoint, which is not supported)"
+    let xl_clip = sdxl_clip_key("embeddings.token_embedding.weight");
+    let xl_clip_bare = format!("{SDXL_CLIP_PREFIX}embeddings.token_embedding.weight");
+    let xl_clip_found = s.has(&xl_clip) || s.has(&xl_clip_bare);
+    if xl_clip_found && s.has(SDXL_OPEN_CLIP_MARKER) {
+        return Ok(TextTower::Xl {
+            without_text_model: !s.has(&xl_clip),
+            layers_2: open_clip_blocks(s, SDXL_OPEN_CLIP_PREFIX),
+        });
+    }
+    let other = if s.has_prefix(SDXL_REFINER_PREFIX) && !xl_clip_found {
+        format!(
+            " (found '{SDXL_REFINER_PREFIX}*' without a CLIP ViT-L encoder: an SDXL refiner, which is not supported)"
+        )
+    } else if s.has_prefix("conditioner.embedders.") {
+        format!(
+            " (found 'conditioner.embedders.*', an SDXL checkpoint, without both of its text encoders: \
+             '{xl_clip}' ({}) and '{SDXL_OPEN_CLIP_MARKER}' ({}))",
+            if xl_clip_found { "present" } else { "missing" },
+            if s.has(SDXL_OPEN_CLIP_MARKER) {
+                "present"
+            } else {
+                "missing"
+            },
+        )
     } else {
-        ""
+        String::new()
     };
     Err(s.err(format!(
-        "expected the text encoder tensor '{}' (SD1.x) or '{OPEN_CLIP_MARKER}' (SD2.x){other}",
+        "expected the text encoder tensor '{}' (SD1.x), '{OPEN_CLIP_MARKER}' (SD2.x), or '{xl_clip}' and \
+         '{SDXL_OPEN_CLIP_MARKER}' (SDXL){other}",
         clip_key("text_model.embeddings.token_embedding.weight")
     )))
 }
 
-/// Number of consecutive `transformer.resblocks.i` blocks of the OpenCLIP tower.
-fn open_clip_blocks(s: &Shapes) -> usize {
-    s.count(|i| s.has_prefix(&format!("{OPEN_CLIP_PREFIX}transformer.resblocks.{i}.")))
+/// Number of consecutive `transformer.resblocks.i` blocks of the OpenCLIP tower under `prefix`.
+fn open_clip_blocks(s: &Shapes, prefix: &str) -> usize {
+    s.count(|i| s.has_prefix(&format!("{prefix}transformer.resblocks.{i}.")))
 }
 
 /// A hint for a file that is not an original SD1.x / SD2.x checkpoint: what it looks like instead.
@@ -892,7 +1112,7 @@ fn infer_unet(s: &Shapes) -> Result<InferredUnet> {
             )
         })
         .collect::<Result<Vec<_>>>()?;
-    let down_block_has_attention = (0..levels)
+    let down_block_has_attention: Vec<bool> = (0..levels)
         .map(|l| {
             s.has(&format!(
                 "{p}input_blocks.{}.1.norm.weight",
@@ -908,6 +1128,26 @@ fn infer_unet(s: &Shapes) -> Result<InferredUnet> {
     let use_linear_projection = s
         .get(&format!("{p}middle_block.1.proj_in.weight"))
         .is_some_and(|sh| sh.len() == 2);
+    // Transformer depth: the `transformer_blocks.i` of each level's first attention; the mid block's must be the
+    // last level's (diffusers builds it with the last entry), which a level without attention takes.
+    let depth =
+        |block: &str| s.count(|i| s.has_prefix(&format!("{p}{block}.1.transformer_blocks.{i}.")));
+    let mut transformer_layers_per_block: Vec<usize> = (0..levels)
+        .map(|l| depth(&format!("input_blocks.{}", first_resnet(l))).max(1))
+        .collect();
+    let mid_depth = depth("middle_block");
+    if mid_depth > 0 {
+        let last = levels - 1;
+        if !down_block_has_attention[last] {
+            transformer_layers_per_block[last] = mid_depth;
+        } else if transformer_layers_per_block[last] != mid_depth {
+            return Err(s.err(format!(
+                "the mid block has {mid_depth} transformer layers ('{p}middle_block.1.transformer_blocks.N'), the \
+                 last level {} (diffusers builds both with the same depth)",
+                transformer_layers_per_block[last]
+            )));
+        }
+    }
     Ok(InferredUnet {
         layout: SingleFileUnetLayout {
             layers_per_block,
@@ -919,7 +1159,44 @@ fn infer_unet(s: &Shapes) -> Result<InferredUnet> {
         down_block_has_attention,
         cross_attention_dim,
         use_linear_projection,
+        transformer_layers_per_block,
+        text_time: None,
     })
+}
+
+/// SDXL's `text_time` embedding from `label_emb.0.0.weight` `[time_embed_dim, input]` and the pooled width of the
+/// second text encoder; `None` for SD1.x / SD2.x files. An SDXL file without `label_emb`, or with an input width
+/// that is not the pooled width plus 6 equal sinusoids, is an error naming the tensor.
+fn infer_text_time(
+    s: &Shapes,
+    text_2: Option<&InferredTextEncoder2>,
+) -> Result<Option<InferredTextTime>> {
+    let key = format!("{UNET_PREFIX}label_emb.0.0.weight");
+    if !s.has(&key) {
+        if text_2.is_some() {
+            return Err(s.err(format!(
+                "an SDXL checkpoint (two text encoders) without the UNet's addition embedding: expected '{key}'"
+            )));
+        }
+        return Ok(None);
+    }
+    // An SD1.x / SD2.x file with a class embedding (unCLIP and the like): not read (left as an unused key).
+    let Some(text_2) = text_2 else {
+        return Ok(None);
+    };
+    let input = s.dim(&key, 1)?;
+    let pooled = text_2.projection_dim;
+    let ids = input.saturating_sub(pooled);
+    if ids == 0 || !ids.is_multiple_of(6) {
+        return Err(s.err(format!(
+            "tensor '{key}' takes {input} inputs: expected the pooled text width {pooled} ('{SDXL_OPEN_CLIP_PREFIX}\
+             text_projection') plus 6 equal time-id sinusoids"
+        )));
+    }
+    Ok(Some(InferredTextTime {
+        projection_class_embeddings_input_dim: input,
+        addition_time_embed_dim: ids / 6,
+    }))
 }
 
 fn infer_vae(s: &Shapes) -> Result<InferredVae> {
@@ -945,12 +1222,16 @@ fn infer_vae(s: &Shapes) -> Result<InferredVae> {
     })
 }
 
-fn infer_text_encoder(s: &Shapes, without_text_model: bool) -> Result<InferredTextEncoder> {
+fn infer_text_encoder(
+    s: &Shapes,
+    prefix: &str,
+    without_text_model: bool,
+) -> Result<InferredTextEncoder> {
     let key = |k: &str| {
         if without_text_model {
-            format!("{CLIP_PREFIX}{k}")
+            format!("{prefix}{k}")
         } else {
-            clip_key(k)
+            clip_key_in(prefix, k)
         }
     };
     let token = key("embeddings.token_embedding.weight");
@@ -964,25 +1245,53 @@ fn infer_text_encoder(s: &Shapes, without_text_model: bool) -> Result<InferredTe
     })
 }
 
-/// The text encoder of an SD2.x file from its OpenCLIP tower: width and vocabulary from `token_embedding`
-/// `[vocab, width]`, MLP width from `c_fc` `[4 w, w]`, positions from `positional_embedding` `[77, w]`, layers = the
-/// tower's blocks but the last (at least 2 blocks are required).
-fn infer_open_clip_text(s: &Shapes) -> Result<InferredTextEncoder> {
-    let p = OPEN_CLIP_PREFIX;
-    let blocks = open_clip_blocks(s);
+/// The text encoder of an OpenCLIP tower under `p`: width and vocabulary from `token_embedding` `[vocab, width]`,
+/// MLP width from `c_fc` `[4 w, w]`, positions from `positional_embedding` `[77, w]`, layers = the tower's blocks
+/// but the last for SD2.x ([`OPEN_CLIP_PREFIX`]), all of them for SDXL (at least 2 blocks are required: both use the
+/// penultimate one).
+fn infer_open_clip_text(s: &Shapes, p: &str) -> Result<InferredTextEncoder> {
+    let blocks = open_clip_blocks(s, p);
+    let sd2 = p == OPEN_CLIP_PREFIX;
     if blocks < 2 {
         return Err(s.err(format!(
             "the OpenCLIP text tower has {blocks} blocks ('{p}transformer.resblocks.N.*'), expected at least 2 \
-             (SD2 uses all but the last)"
+             ({})",
+            if sd2 {
+                "SD2 uses all but the last"
+            } else {
+                "SDXL uses the penultimate one"
+            }
         )));
     }
+    let token = format!("{p}token_embedding.weight");
     Ok(InferredTextEncoder {
-        vocab_size: s.dim(OPEN_CLIP_MARKER, 0)?,
-        hidden_size: s.dim(OPEN_CLIP_MARKER, 1)?,
+        vocab_size: s.dim(&token, 0)?,
+        hidden_size: s.dim(&token, 1)?,
         intermediate_size: s.dim(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
-        num_hidden_layers: blocks - 1,
+        num_hidden_layers: if sd2 { blocks - 1 } else { blocks },
         max_position_embeddings: s.dim(&format!("{p}positional_embedding"), 0)?,
     })
+}
+
+/// SDXL's second text encoder: the bigG tower ([`infer_open_clip_text`], every block) and the projection width of
+/// `text_projection` `[width, proj]`.
+fn infer_sdxl_open_clip_text(s: &Shapes) -> Result<InferredTextEncoder2> {
+    let p = SDXL_OPEN_CLIP_PREFIX;
+    let text = infer_open_clip_text(s, p)?;
+    let key = format!("{p}text_projection");
+    match s.get(&key).as_deref() {
+        Some(&[w, proj]) if w == text.hidden_size => Ok(InferredTextEncoder2 {
+            text,
+            projection_dim: proj,
+        }),
+        Some(shape) => Err(s.err(format!(
+            "tensor '{key}' has shape {shape:?}, expected [{}, projection_dim] (the tower's width first)",
+            text.hidden_size
+        ))),
+        None => Err(s.err(format!(
+            "expected tensor '{key}' is missing (SDXL's pooled text embedding is projected by it)"
+        ))),
+    }
 }
 
 /// The set of original-layout keys that the three mappings produce for the given diffusers key lists; a helper
@@ -1258,7 +1567,8 @@ mod tests {
                 open_clip_key(23, transformers),
                 OpenClipKey {
                     stored: format!("{OPEN_CLIP_PREFIX}{stored}"),
-                    part
+                    part,
+                    transposed: false,
                 },
                 "{transformers}"
             );
@@ -1272,12 +1582,130 @@ mod tests {
                 open_clip_key(23, key),
                 OpenClipKey {
                     stored: format!("{OPEN_CLIP_PREFIX}{key}"),
-                    part: None
+                    part: None,
+                    transposed: false,
                 }
             );
         }
+        // SD2's text encoder is a CLIPTextModel: no projection.
+        assert!(!open_clip_key(23, "text_projection.weight").transposed);
         assert!(is_ignorable_key("cond_stage_model.model.text_projection"));
         assert!(is_ignorable_key("cond_stage_model.model.logit_scale"));
         assert!(!is_ignorable_key("cond_stage_model.model.ln_final.weight"));
+    }
+
+    /// SDXL: `label_emb` is diffusers' `add_embedding`; the second encoder keeps every block of the bigG tower and
+    /// reads `text_projection.weight` transposed; the first is transformers' names under its own prefix.
+    #[test]
+    fn sdxl_keys() {
+        let l = SingleFileUnetLayout::from_block_types(
+            2,
+            &["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        );
+        for (diffusers, original) in [
+            ("add_embedding.linear_1.weight", "label_emb.0.0.weight"),
+            ("add_embedding.linear_2.bias", "label_emb.0.2.bias"),
+            (
+                "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k.weight",
+                "input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight",
+            ),
+            (
+                "mid_block.attentions.0.transformer_blocks.9.ff.net.2.bias",
+                "middle_block.1.transformer_blocks.9.ff.net.2.bias",
+            ),
+            (
+                "up_blocks.0.attentions.2.proj_out.weight",
+                "output_blocks.2.1.proj_out.weight",
+            ),
+            (
+                "up_blocks.1.upsamplers.0.conv.weight",
+                "output_blocks.5.2.conv.weight",
+            ),
+            (
+                "up_blocks.2.resnets.2.conv2.bias",
+                "output_blocks.8.0.out_layers.3.bias",
+            ),
+            (
+                "down_blocks.0.downsamplers.0.conv.weight",
+                "input_blocks.3.0.op.weight",
+            ),
+        ] {
+            assert_eq!(
+                unet_key(&l, diffusers),
+                format!("{UNET_PREFIX}{original}"),
+                "{diffusers}"
+            );
+        }
+        assert_eq!(
+            unet_key(&l, "add_embedding.linear_3.weight"),
+            format!("{UNET_PREFIX}add_embedding.linear_3.weight")
+        );
+        assert_eq!(
+            sdxl_clip_key("encoder.layers.11.mlp.fc2.bias"),
+            "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.bias"
+        );
+        let p = SDXL_OPEN_CLIP_PREFIX;
+        assert_eq!(
+            sdxl_open_clip_key(32, "text_model.encoder.layers.31.self_attn.v_proj.bias"),
+            OpenClipKey {
+                stored: format!("{p}transformer.resblocks.31.attn.in_proj_bias"),
+                part: Some(QkvPart::V),
+                transposed: false,
+            }
+        );
+        assert_eq!(
+            sdxl_open_clip_key(32, "text_projection.weight"),
+            OpenClipKey {
+                stored: format!("{p}text_projection"),
+                part: None,
+                transposed: true,
+            }
+        );
+        assert_eq!(
+            sdxl_open_clip_key(32, "text_model.final_layer_norm.bias").stored,
+            format!("{p}ln_final.bias")
+        );
+        assert_eq!(
+            sdxl_open_clip_key(32, "text_model.encoder.layers.32.layer_norm1.weight").stored,
+            format!("{p}text_model.encoder.layers.32.layer_norm1.weight")
+        );
+        assert!(is_ignorable_key(
+            "conditioner.embedders.1.model.logit_scale"
+        ));
+        assert!(!is_ignorable_key(
+            "conditioner.embedders.1.model.text_projection"
+        ));
+        assert!(is_ignorable_key(
+            "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+        ));
+        assert!(is_ignorable_key("denoiser.sigmas"));
+    }
+
+    #[test]
+    fn transpose_2d_swaps_rows_and_columns() {
+        let raw = RawTensor {
+            data: TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3]),
+            shape: vec![2, 3],
+            file: PathBuf::from("f.safetensors"),
+            stored_key: "p".into(),
+        };
+        let t = transpose_2d(raw.clone()).unwrap();
+        assert_eq!(t.shape, [3, 2]);
+        assert_eq!(
+            t.data.to_vec::<f32>().unwrap(),
+            [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
+        );
+        assert_eq!(t.stored_key, "p (transposed)");
+        let mut bad = raw;
+        bad.shape = vec![6];
+        bad.data = TensorData::new(vec![0.0f32; 6], [6]);
+        let Err(err) = transpose_2d(bad) else {
+            panic!("a vector was transposed");
+        };
+        let msg = err.to_string();
+        assert!(
+            msg.contains("f.safetensors") && msg.contains("[6]"),
+            "{msg}"
+        );
     }
 }
