@@ -114,7 +114,7 @@ pub struct UNet2DConditionConfig {
     pub addition_time_embed_dim: Option<usize>,
     /// Input width of the `text_time` embedding: pooled text width + 6 x `addition_time_embed_dim` (2816 for SDXL).
     pub projection_class_embeddings_input_dim: Option<usize>,
-    /// Ignored (only used by `addition_embed_type = "text"`, which is rejected).
+    /// Ignored (only used by `addition_embed_type = "text"`, which is rejected); diffusers' default 64.
     pub addition_embed_type_num_heads: Option<usize>,
     pub num_class_embeds: Option<usize>,
     /// Attention scores in float32 for half-precision models (SD2.1). SDXL's config says `null` (= false).
@@ -183,7 +183,7 @@ impl Default for UNet2DConditionConfig {
             addition_embed_type: None,
             addition_time_embed_dim: None,
             projection_class_embeddings_input_dim: None,
-            addition_embed_type_num_heads: None,
+            addition_embed_type_num_heads: Some(64),
             num_class_embeds: None,
             upcast_attention: false,
             resnet_time_scale_shift: "default".into(),
