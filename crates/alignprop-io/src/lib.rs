@@ -6,9 +6,9 @@
 //!   [`write_safetensors`].
 //! - [`pth`]: PyTorch `.pth` state dicts read without executing their pickle (burn-store's reader), and their
 //!   conversion to safetensors.
-//! - [`single_file`]: the original single-file SD1.x / SD2.x checkpoint layout (`model.diffusion_model.*`,
-//!   `first_stage_model.*`, `cond_stage_model.*`: SD2's OpenCLIP text tower with its fused q/k/v split) renamed to
-//!   the diffusers names, one source per network.
+//! - [`single_file`]: the original single-file SD1.x / SD2.x / SDXL checkpoint layouts (`model.diffusion_model.*`,
+//!   `first_stage_model.*`, `cond_stage_model.*` / SDXL's `conditioner.embedders.{0,1}.*`: the OpenCLIP text towers
+//!   with their fused q/k/v split) renamed to the diffusers names, one source per network.
 //! - [`pipeline_files`]: the files of a diffusers model folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, ...)
 //!   and `config.json` reading.
 //!
