@@ -2,11 +2,12 @@
 //! fixtures (`tests/fixtures/*/refs*`), float32 throughout: the same comparisons as the CPU parity tests.
 
 use alignprop_diffusion::clip::CLIPTextModel;
+use alignprop_diffusion::unet::TextTimeCond;
 use alignprop_diffusion::unet::UNet2DConditionModel;
 use alignprop_diffusion::vae::AutoencoderKL;
 use alignprop_io::weights::SafetensorsSource;
 use alignprop_lora::LoraWeights;
-use alignprop_pipeline::{Conditioning, StableDiffusion, guided_noise};
+use alignprop_pipeline::{AddedConditioning, Conditioning, StableDiffusion, guided_noise};
 use alignprop_rewards::aesthetic::AestheticScorer;
 use alignprop_rewards::hps::HpsScorer;
 use alignprop_rewards::pickscore::PickScorer;
@@ -15,7 +16,9 @@ use alignprop_rewards::tiny::TinyReward;
 use alignprop_rewards::{Reward, RewardError};
 use alignprop_schedulers::{DdimScheduler, Scheduler, SchedulerConfig};
 use alignprop_testing::prompt_reward::write_prompt_reward_models;
-use alignprop_testing::{ref_int_on, ref_tensor_on, ref_values, refs, tiny_reward, tiny_sd};
+use alignprop_testing::{
+    ref_int_on, ref_tensor_on, ref_values, refs, refs_sdxl, tiny_reward, tiny_sd, tiny_sdxl,
+};
 use alignprop_trainer::{TrajectoryInput, Truncation, trajectory};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor};
@@ -78,6 +81,14 @@ pub fn checks<A: AutodiffBackend>() -> Vec<Check<A>> {
         Check {
             name: "gradient/k1",
             run: |d| alignprop_gradient::<A>(d, Truncation::Fixed { k: 1 }, "grad_k1_f32"),
+        },
+        Check {
+            name: "models/sdxl",
+            run: |d| sdxl::<A::InnerBackend>(d),
+        },
+        Check {
+            name: "gradient/sdxl_k1",
+            run: |d| sdxl_gradient::<A>(d, Truncation::Fixed { k: 1 }, "grad_k1_f32"),
         },
     ]
 }
@@ -378,27 +389,54 @@ fn alignprop_gradient<A: AutodiffBackend>(
     truncation: Truncation,
     prefix: &str,
 ) -> CheckResult {
-    let dtype = DType::F32;
     let r = refs("alignprop_grad.safetensors");
-    let mut unet =
-        UNet2DConditionModel::<A>::load(&tiny_sd().join("unet"), d, dtype).map_err(err)?;
-    let lora = LoraWeights::read(tiny_sd().join("lora_peft/pytorch_lora_weights.safetensors"))
-        .map_err(err)?;
+    let text = Conditioning::new(
+        ref_tensor_on(&r, "uncond_embeds", d, DType::F32),
+        ref_tensor_on(&r, "cond_embeds", d, DType::F32),
+    );
+    let fixture = GradFixture {
+        root: tiny_sd(),
+        lora: "lora_peft/pytorch_lora_weights.safetensors",
+        guidance: 7.5,
+        n_tensors: 256,
+    };
+    fixture_gradient::<A>(d, &fixture, &r, text, truncation, prefix)
+}
+
+/// A fixture's AlignProp gradient setup (README (f) of each fixture): its UNet with the LoRA file `lora`, its VAE
+/// and scheduler (DDIM 4 steps, eta 1 with the stored noise), tiny-sd's reward, CFG `guidance`.
+struct GradFixture {
+    root: std::path::PathBuf,
+    lora: &'static str,
+    guidance: f64,
+    /// The number of LoRA tensors (one gradient each).
+    n_tensors: usize,
+}
+
+/// The trainer's checkpointed chain on the backend under test against the float32 references `r` (`x_T`,
+/// `variance_noise.*`, `final_latents_f32`, `J_f32`, `<prefix>.unet.<key>`).
+fn fixture_gradient<A: AutodiffBackend>(
+    d: &A::Device,
+    f: &GradFixture,
+    r: &SafetensorsSource,
+    text: Conditioning<A::InnerBackend>,
+    truncation: Truncation,
+    prefix: &str,
+) -> CheckResult {
+    let dtype = DType::F32;
+    let mut unet = UNet2DConditionModel::<A>::load(&f.root.join("unet"), d, dtype).map_err(err)?;
+    let lora = LoraWeights::read(f.root.join(f.lora)).map_err(err)?;
     alignprop_lora::apply(&mut unet, &lora, 1.0, true).map_err(err)?;
-    let vae = AutoencoderKL::<A>::load(&tiny_sd().join("vae"), d, dtype).map_err(err)?;
+    let vae = AutoencoderKL::<A>::load(&f.root.join("vae"), d, dtype).map_err(err)?;
     let reward = TinyReward::<A>::load(&tiny_sd().join("reward"), d, dtype).map_err(err)?;
-    let cfg = SchedulerConfig::from_file(&tiny_sd().join("scheduler/scheduler_config.json"))
-        .map_err(err)?;
+    let cfg =
+        SchedulerConfig::from_file(&f.root.join("scheduler/scheduler_config.json")).map_err(err)?;
     let scheduler = DdimScheduler::new(&cfg, 4)
         .map_err(err)?
         .with_eta(1.0)
         .map_err(err)?;
-    let text = Conditioning::new(
-        ref_tensor_on(&r, "uncond_embeds", d, dtype),
-        ref_tensor_on(&r, "cond_embeds", d, dtype),
-    );
     let noises: Vec<_> = (0..4)
-        .map(|i| Some(ref_tensor_on(&r, &format!("variance_noise.{i}"), d, dtype)))
+        .map(|i| Some(ref_tensor_on(r, &format!("variance_noise.{i}"), d, dtype)))
         .collect();
     let mut rng = alignprop_pipeline::NoiseRng::new(0);
     let grad_steps = truncation.grad_steps(4, &mut rng);
@@ -407,8 +445,8 @@ fn alignprop_gradient<A: AutodiffBackend>(
         vae: &vae,
         scheduler: &scheduler,
         text: &text,
-        guidance: 7.5,
-        x_t: ref_tensor_on(&r, "x_T", d, dtype),
+        guidance: f.guidance,
+        x_t: ref_tensor_on(r, "x_T", d, dtype),
         noises: &noises,
         grad_steps: &grad_steps,
         loss_fn: |img| {
@@ -421,21 +459,100 @@ fn alignprop_gradient<A: AutodiffBackend>(
     rep.compare_values(
         "final latents",
         &values(out.final_latents.clone()),
-        &ref_values(&r, "final_latents_f32"),
+        &ref_values(r, "final_latents_f32"),
         TOL,
     );
-    rep.compare_values("J", &[out.loss], &ref_values(&r, "J_f32"), TOL);
-    if out.grads.tensors.len() != 256 {
+    rep.compare_values("J", &[out.loss], &ref_values(r, "J_f32"), TOL);
+    if out.grads.tensors.len() != f.n_tensors {
         rep.fail(format!(
-            "{} LoRA gradients, expected 256",
-            out.grads.tensors.len()
+            "{} LoRA gradients, expected {}",
+            out.grads.tensors.len(),
+            f.n_tensors
         ));
     }
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for (key, g) in &out.grads.tensors {
         ours.extend(values(g.clone()));
-        theirs.extend(ref_values(&r, &format!("{prefix}.unet.{key}")));
+        theirs.extend(ref_values(r, &format!("{prefix}.unet.{key}")));
     }
     rep.compare_values("LoRA gradient", &ours, &theirs, 1e-3);
     rep.finish()
+}
+
+/// SDXL on the backend under test (tiny-sdxl, its README (a), (b), (d)): both text encoders and the pooled
+/// projection through `conditioning_sized`, and the UNet with the `text_time` embedding (pooled text + time ids).
+/// The sampling loop runs in `gradient/sdxl_k1` (same loop as SD1.5's `models/sample_cfg`, one wgpu minute less).
+fn sdxl<B: Backend>(d: &B::Device) -> CheckResult {
+    let sd = StableDiffusion::<B>::load(&tiny_sdxl(), d, DType::F32).map_err(err)?;
+    let r = refs_sdxl("sample.safetensors");
+    let mut rep = Report::new();
+    let text = sd
+        .conditioning_sized(&["cat", "a photo of a golden retriever"], "", [64, 64])
+        .map_err(err)?;
+    rep.compare(
+        "prompt_embeds",
+        text.cond.clone(),
+        ref_tensor_on::<B, 3>(&r, "prompt_embeds", d, DType::F32),
+        TOL,
+    );
+    let added = text
+        .added
+        .clone()
+        .ok_or("SDXL conditioning without pooled embeddings")?;
+    rep.compare(
+        "pooled_prompt_embeds",
+        added.cond.text_embeds,
+        ref_tensor_on::<B, 2>(&r, "pooled_prompt_embeds", d, DType::F32),
+        TOL,
+    );
+    let u = refs_sdxl("unet.safetensors");
+    let out = sd.unet.forward_added(
+        ref_tensor_on(&u, "sample", d, DType::F32),
+        ref_int_on::<B, 1>(&u, "timesteps", d).float(),
+        ref_tensor_on(&u, "encoder_hidden_states", d, DType::F32),
+        Some(&TextTimeCond {
+            text_embeds: ref_tensor_on(&u, "text_embeds", d, DType::F32),
+            time_ids: ref_tensor_on(&u, "time_ids", d, DType::F32),
+        }),
+    );
+    rep.compare(
+        "unet out",
+        out,
+        ref_tensor_on::<B, 4>(&u, "out", d, DType::F32),
+        TOL,
+    );
+    rep.finish()
+}
+
+/// The AlignProp LoRA gradient of tiny-sdxl's 4-step chain (README (f): 272 LoRA tensors, CFG 5, pooled text and
+/// time ids, zeros for the negative prompt) on the backend under test.
+fn sdxl_gradient<A: AutodiffBackend>(
+    d: &A::Device,
+    truncation: Truncation,
+    prefix: &str,
+) -> CheckResult {
+    let r = refs_sdxl("alignprop_grad.safetensors");
+    let t2 = |k: &str| ref_tensor_on::<A::InnerBackend, 2>(&r, k, d, DType::F32);
+    let t3 = |k: &str| ref_tensor_on::<A::InnerBackend, 3>(&r, k, d, DType::F32);
+    let text = Conditioning {
+        uncond: t3("negative_prompt_embeds"),
+        cond: t3("prompt_embeds"),
+        added: Some(AddedConditioning {
+            uncond: TextTimeCond {
+                text_embeds: t2("negative_pooled_prompt_embeds"),
+                time_ids: t2("add_time_ids"),
+            },
+            cond: TextTimeCond {
+                text_embeds: t2("pooled_prompt_embeds"),
+                time_ids: t2("add_time_ids"),
+            },
+        }),
+    };
+    let fixture = GradFixture {
+        root: tiny_sdxl(),
+        lora: "lora/pytorch_lora_weights.safetensors",
+        guidance: 5.0,
+        n_tensors: 272,
+    };
+    fixture_gradient::<A>(d, &fixture, &r, text, truncation, prefix)
 }
