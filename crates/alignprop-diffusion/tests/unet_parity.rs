@@ -415,21 +415,8 @@ fn full_size_sd15_random_forward() {
 #[test]
 #[ignore = "full-size SD 2.1 UNet: ~3.5 GB of float32 parameters and a long CPU forward"]
 fn full_size_sd21_random_forward() {
-    let cfg: UNet2DConditionConfig = serde_json::from_str(
-        r#"{
-            "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.10.0.dev0", "act_fn": "silu",
-            "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
-            "center_input_sample": false, "cross_attention_dim": 1024,
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            "downsample_padding": 1, "dual_cross_attention": false, "flip_sin_to_cos": true, "freq_shift": 0,
-            "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
-            "norm_num_groups": 32, "num_class_embeds": null, "only_cross_attention": false, "out_channels": 4,
-            "sample_size": 96,
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            "use_linear_projection": true, "upcast_attention": true
-        }"#,
-    )
-    .unwrap();
+    let cfg: UNet2DConditionConfig =
+        serde_json::from_str(alignprop_testing::SD21_UNET_CONFIG).unwrap();
     full_size_random_forward("SD 2.1", &cfg, 865_910_724, 32, 1024, None);
 }
 
@@ -439,29 +426,7 @@ fn full_size_sd21_random_forward() {
 #[test]
 #[ignore = "full-size SDXL UNet: ~10.3 GB of float32 parameters and a long CPU forward"]
 fn full_size_sdxl_random_forward() {
-    let cfg: UNet2DConditionConfig = serde_json::from_str(
-        r#"{
-            "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
-            "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
-            "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
-            "block_out_channels": [320, 640, 1280], "center_input_sample": false, "class_embed_type": null,
-            "class_embeddings_concat": false, "conv_in_kernel": 3, "conv_out_kernel": 3,
-            "cross_attention_dim": 2048, "cross_attention_norm": null,
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-            "downsample_padding": 1, "dual_cross_attention": false, "encoder_hid_dim": null,
-            "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
-            "layers_per_block": 2, "mid_block_only_cross_attention": null, "mid_block_scale_factor": 1,
-            "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
-            "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false,
-            "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
-            "resnet_skip_time_act": false, "resnet_time_scale_shift": "default", "sample_size": 128,
-            "time_cond_proj_dim": null, "time_embedding_act_fn": null, "time_embedding_dim": null,
-            "time_embedding_type": "positional", "timestep_post_act": null,
-            "transformer_layers_per_block": [1, 2, 10],
-            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-            "upcast_attention": null, "use_linear_projection": true
-        }"#,
-    )
-    .unwrap();
+    let cfg: UNet2DConditionConfig =
+        serde_json::from_str(alignprop_testing::SDXL_UNET_CONFIG).unwrap();
     full_size_random_forward("SDXL", &cfg, 2_567_463_684, 32, 2048, Some(1280));
 }

@@ -46,6 +46,45 @@ pub fn tiny_sdxl() -> PathBuf {
     fixtures_root().join("tiny-sdxl")
 }
 
+/// SD 2.1 (768-v)'s real `unet/config.json` (linear projections, per-block head dims [5, 10, 20, 20], upcast
+/// attention, 1024-wide text states), for the full-size tests with random weights.
+pub const SD21_UNET_CONFIG: &str = r#"{
+            "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.10.0.dev0", "act_fn": "silu",
+            "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+            "center_input_sample": false, "cross_attention_dim": 1024,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "downsample_padding": 1, "dual_cross_attention": false, "flip_sin_to_cos": true, "freq_shift": 0,
+            "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+            "norm_num_groups": 32, "num_class_embeds": null, "only_cross_attention": false, "out_channels": 4,
+            "sample_size": 96,
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "use_linear_projection": true, "upcast_attention": true
+        }"#;
+
+/// SDXL base 1.0's real `unet/config.json` (`text_time` addition embedding, transformer depths [1, 2, 10],
+/// 2048-wide text states, `upcast_attention: null`), for the full-size tests with random weights.
+pub const SDXL_UNET_CONFIG: &str = r#"{
+            "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
+            "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+            "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+            "block_out_channels": [320, 640, 1280], "center_input_sample": false, "class_embed_type": null,
+            "class_embeddings_concat": false, "conv_in_kernel": 3, "conv_out_kernel": 3,
+            "cross_attention_dim": 2048, "cross_attention_norm": null,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "downsample_padding": 1, "dual_cross_attention": false, "encoder_hid_dim": null,
+            "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+            "layers_per_block": 2, "mid_block_only_cross_attention": null, "mid_block_scale_factor": 1,
+            "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+            "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false,
+            "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
+            "resnet_skip_time_act": false, "resnet_time_scale_shift": "default", "sample_size": 128,
+            "time_cond_proj_dim": null, "time_embedding_act_fn": null, "time_embedding_dim": null,
+            "time_embedding_type": "positional", "timestep_post_act": null,
+            "transformer_layers_per_block": [1, 2, 10],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "upcast_attention": null, "use_linear_projection": true
+        }"#;
+
 /// The tiny CLIP vision tower and aesthetic head (`tests/fixtures/tiny-reward`).
 pub fn tiny_reward() -> PathBuf {
     fixtures_root().join("tiny-reward")
