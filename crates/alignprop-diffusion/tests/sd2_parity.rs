@@ -17,7 +17,7 @@ use alignprop_io::single_file::{SdVersion, SingleFileCheckpoint};
 use alignprop_io::weights::{SafetensorsSource, VarBuilder, WeightError};
 use alignprop_testing::{refs_sd2, tiny_sd2};
 use burn::tensor::{DType, Int, Tensor};
-use common::{B, assert_close, ref_int, ref_tensor, rel_err};
+use common::{B, assert_close, assert_trace, ref_int, ref_tensor, rel_err};
 
 /// f32 against the float32 references (as the SD1.5 parity tests).
 const TOL_F32: f64 = 1e-4;
@@ -236,41 +236,7 @@ fn check_unet(model: &UNet2DConditionModel<B>, dtype: DType) -> Tensor<B, 4> {
     let r = refs_sd2("unet.safetensors");
     let (sample, t, enc) = unet_inputs(&r, dtype);
     let (out, trace) = model.forward_traced(sample, t, enc, None);
-    let d = |key: &str, dt: DType| ref_tensor::<4>(&r, &format!("debug.{key}"), dt);
-    assert_close(
-        "time_proj",
-        trace.time_proj,
-        ref_tensor(&r, "debug.time_proj", DType::F32),
-        1e-6,
-    );
-    assert_close(
-        "time_embedding",
-        trace.time_embedding,
-        ref_tensor(&r, "debug.time_embedding", dtype),
-        TOL_F32,
-    );
-    assert_close("conv_in", trace.conv_in, d("conv_in", dtype), TOL_F32);
-    for (i, h) in trace.down_blocks.into_iter().enumerate() {
-        let key = format!("down_blocks.{i}");
-        assert_close(&key, h, d(&key, dtype), TOL_F32);
-    }
-    assert_close(
-        "mid_block",
-        trace.mid_block.expect("mid block"),
-        d("mid_block", dtype),
-        TOL_F32,
-    );
-    for (i, h) in trace.up_blocks.into_iter().enumerate() {
-        let key = format!("up_blocks.{i}");
-        assert_close(&key, h, d(&key, dtype), TOL_F32);
-    }
-    assert_close(
-        "conv_norm_out",
-        trace.conv_norm_out,
-        d("conv_norm_out", dtype),
-        TOL_F32,
-    );
-    assert_close("conv_out", trace.conv_out, d("conv_out", dtype), TOL_F32);
+    assert_trace(trace, &r, dtype, TOL_F32);
     out
 }
 

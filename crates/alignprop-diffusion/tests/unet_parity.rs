@@ -12,7 +12,7 @@ use alignprop_io::weights::{SafetensorsSource, VarBuilder};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
-use common::{B, assert_close, ref_int, ref_tensor, refs, tiny_sd};
+use common::{B, assert_close, assert_trace, ref_int, ref_tensor, refs, tiny_sd};
 
 fn load(dir: &Path, dtype: DType) -> UNet2DConditionModel<B> {
     UNet2DConditionModel::load(dir, &Default::default(), dtype).expect("load unet")
@@ -36,53 +36,7 @@ fn check_trace(
 ) -> Tensor<B, 4> {
     let (sample, t, enc) = inputs(src, dtype);
     let (out, trace) = model.forward_traced(sample, t, enc, None);
-    let r = |key: &str| format!("debug.{key}");
-    // The sinusoid is float32 in every model dtype (as in diffusers).
-    assert_eq!(trace.time_proj.dtype(), DType::F32);
-    assert_close(
-        "time_proj",
-        trace.time_proj,
-        ref_tensor(src, &r("time_proj"), DType::F32),
-        1e-6,
-    );
-    assert_close(
-        "time_embedding",
-        trace.time_embedding,
-        ref_tensor(src, &r("time_embedding"), dtype),
-        tol,
-    );
-    assert_close(
-        "conv_in",
-        trace.conv_in,
-        ref_tensor(src, &r("conv_in"), dtype),
-        tol,
-    );
-    for (i, h) in trace.down_blocks.into_iter().enumerate() {
-        let key = format!("down_blocks.{i}");
-        assert_close(&key, h, ref_tensor(src, &r(&key), dtype), tol);
-    }
-    assert_close(
-        "mid_block",
-        trace.mid_block.expect("mid block"),
-        ref_tensor(src, &r("mid_block"), dtype),
-        tol,
-    );
-    for (i, h) in trace.up_blocks.into_iter().enumerate() {
-        let key = format!("up_blocks.{i}");
-        assert_close(&key, h, ref_tensor(src, &r(&key), dtype), tol);
-    }
-    assert_close(
-        "conv_norm_out",
-        trace.conv_norm_out,
-        ref_tensor(src, &r("conv_norm_out"), dtype),
-        tol,
-    );
-    assert_close(
-        "conv_out",
-        trace.conv_out,
-        ref_tensor(src, &r("conv_out"), dtype),
-        tol,
-    );
+    assert_trace(trace, src, dtype, tol);
     out
 }
 
