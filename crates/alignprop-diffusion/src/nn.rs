@@ -261,7 +261,7 @@ impl Activation {
     /// Applies the activation element-wise.
     pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
-            Self::Silu => activation::silu(x),
+            Self::Silu => alignprop_kernels::silu(x),
             Self::Gelu => activation::gelu(x),
             Self::Relu => activation::relu(x),
             Self::Mish => activation::mish(x),
@@ -269,9 +269,9 @@ impl Activation {
     }
 }
 
-/// `x * sigmoid(x)`.
+/// `x * sigmoid(x)` (the fused kernel on the CPU backend).
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    activation::silu(x)
+    alignprop_kernels::silu(x)
 }
 
 /// Exact (erf) GELU, as `torch.nn.functional.gelu`.

@@ -417,6 +417,82 @@ impl Backward<Flex, 1> for SoftmaxBackward {
     }
 }
 
+/// SiLU `x * sigmoid(x)` (SD's ResNet, time-embedding and VAE activation), fused and vectorised: one pass with
+/// the polynomial `exp`, in parallel over chunks; its backward (for `Autodiff<Flex>`)
+/// `dx = dy * s * (1 + x (1 - s))`, `s = sigmoid(x)`, from the saved input. burn's `silu` is a sigmoid (a scalar
+/// libm `exp` per element) and a multiply: two passes and a temporary.
+///
+/// Returns the input back unless the backend is `Flex` or `Autodiff<Flex>` and `x` is f32.
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if x.dtype() != DType::F32 {
+        return Err(x);
+    }
+    let wrap =
+        |p: B::FloatTensorPrimitive| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(p));
+    if TypeId::of::<B>() == TypeId::of::<Flex>() {
+        let x: FlexTensor = cast(x.into_primitive().tensor());
+        // In place when the input's buffer is its own (the usual GroupNorm output).
+        let shape = x.layout().shape().to_vec();
+        let mut y = owned_f32(x);
+        y.par_chunks_mut(ELEMENTS_PER_TASK)
+            .for_each(simd::silu_in_place);
+        return Ok(wrap(cast(flex_tensor(y, shape))));
+    }
+    if TypeId::of::<B>() == TypeId::of::<AdFlex>() {
+        let x: AdPrimitive = cast(x.into_primitive().tensor());
+        let shape = x.primitive.layout().shape().to_vec();
+        let xs = f32_values(&x.primitive);
+        let mut y = Vec::with_capacity(xs.len());
+        // SAFETY: every element is written by `silu_row` below before the vector is read.
+        #[allow(clippy::uninit_vec)]
+        unsafe {
+            y.set_len(xs.len())
+        };
+        y.par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(xs.par_chunks(ELEMENTS_PER_TASK))
+            .for_each(|(y, x)| simd::silu_row(x, y));
+        drop(xs);
+        let y = flex_tensor(y, shape);
+        let out = match SiluBackward
+            .prepare::<NoCheckpointing>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(x.primitive.clone(), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        return Ok(wrap(cast(out)));
+    }
+    Err(x)
+}
+
+/// Elements handed to one rayon task by the element-wise kernels.
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+#[derive(Debug)]
+struct SiluBackward;
+
+impl Backward<Flex, 1> for SiluBackward {
+    /// The forward's input `x`.
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy: FlexTensor = grads.consume::<Flex>(&ops.node);
+        let x = ops.state;
+        let shape = x.layout().shape().to_vec();
+        let xs = f32_values(&x);
+        // The gradient buffer becomes dx in place.
+        let mut g = owned_f32(dy);
+        g.par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(xs.par_chunks(ELEMENTS_PER_TASK))
+            .for_each(|(g, x)| simd::silu_row_backward(x, g));
+        let [px] = ops.parents;
+        if let Some(node) = px {
+            grads.register::<Flex>(node.id, flex_tensor(g, shape));
+        }
+    }
+}
+
 /// GEGLU's gate, fused: `h` `[rows, 2 * inner]` -> `h[:, :inner] * gelu(h[:, inner:])` `[rows, inner]` with the
 /// exact (erf) GELU, vectorised, in parallel over rows; its backward (for `Autodiff<Flex>`) writes both halves of
 /// the input gradient in one pass. With tensor ops this was a strided `narrow`, a scalar `erf` per element and a
@@ -669,6 +745,41 @@ pub(crate) mod simd {
         }
     }
 
+    /// Below this SiLU and its derivative are 0 to f32 precision (`|silu(x)| < 6e-37`), and `exp(-x)` would
+    /// saturate.
+    const SILU_ZERO_BELOW: f32 = -88.0;
+
+    /// `x / (1 + exp(-x))`: x far above 0 (where `exp(-x)` is 0), 0 below [`SILU_ZERO_BELOW`].
+    #[inline(always)]
+    fn silu<const FMA: bool>(x: f32) -> f32 {
+        let y = x / (1.0 + exp::<FMA>(-x));
+        if x < SILU_ZERO_BELOW { 0.0 } else { y }
+    }
+
+    #[inline(always)]
+    fn silu_impl<const FMA: bool>(x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = silu::<FMA>(x);
+        }
+    }
+
+    #[inline(always)]
+    fn silu_in_place_impl<const FMA: bool>(y: &mut [f32]) {
+        for y in y.iter_mut() {
+            *y = silu::<FMA>(*y);
+        }
+    }
+
+    /// `g <- g * s * (1 + x (1 - s))` with `s = sigmoid(x)`.
+    #[inline(always)]
+    fn silu_backward_impl<const FMA: bool>(x: &[f32], g: &mut [f32]) {
+        for (g, &x) in g.iter_mut().zip(x) {
+            let s = 1.0 / (1.0 + exp::<FMA>(-x));
+            let d = s * madd::<FMA>(x, 1.0 - s, 1.0);
+            *g *= if x < SILU_ZERO_BELOW { 0.0 } else { d };
+        }
+    }
+
     /// `out = a * gelu(b)` with the exact (erf) GELU.
     #[inline(always)]
     fn geglu_impl<const FMA: bool>(a: &[f32], b: &[f32], out: &mut [f32]) {
@@ -821,6 +932,18 @@ pub(crate) mod simd {
         exp_shifted_row => exp_shifted_impl(s: &mut [f32], shift: f32)
     );
     multiversion!(
+        /// `y = silu(x)`.
+        silu_row => silu_impl(x: &[f32], y: &mut [f32])
+    );
+    multiversion!(
+        /// `y <- silu(y)`.
+        silu_in_place => silu_in_place_impl(y: &mut [f32])
+    );
+    multiversion!(
+        /// The SiLU backward: `g <- g * silu'(x)`.
+        silu_row_backward => silu_backward_impl(x: &[f32], g: &mut [f32])
+    );
+    multiversion!(
         /// `out = a * gelu(b)` (exact GELU).
         geglu_row => geglu_impl(a: &[f32], b: &[f32], out: &mut [f32])
     );
@@ -937,6 +1060,54 @@ mod tests {
         assert_eq!(y[1], 0.0);
         assert!((y[0] + y[2] - 1.0).abs() < 1e-6);
         assert!(softmax_last(x.cast(DType::F64)).is_err());
+    }
+
+    #[test]
+    fn fused_silu_matches_tensor_ops_forward_and_backward() {
+        type A = AdFlex;
+        let d = Default::default();
+        // 3 x 7 x 1601 values: more than one task, not a multiple of the lane width; N(0, 6) reaches the
+        // saturated ends of `exp`.
+        let x = Tensor::<A, 3>::random([3, 7, 1601], Distribution::Normal(0.0, 6.0), &d);
+        let dy = Tensor::<A, 3>::random([3, 7, 1601], Distribution::Normal(0.0, 1.0), &d);
+        let run = |fused: bool| {
+            let x = x.clone().require_grad();
+            let y = if fused {
+                silu(x.clone()).unwrap()
+            } else {
+                burn::tensor::activation::silu(x.clone())
+            };
+            let grads = (y.clone() * dy.clone()).sum().backward();
+            (y.inner(), x.grad(&grads).unwrap())
+        };
+        let (y1, dx1) = run(true);
+        let (y0, dx0) = run(false);
+        assert!(rel_max_diff(y1, y0) < 1e-6);
+        assert!(rel_max_diff(dx1, dx0) < 2e-6);
+        // Inference: in place on the input's buffer, same values.
+        let inner = x.inner();
+        let y2 = silu(inner.clone()).unwrap();
+        assert!(rel_max_diff(y2, burn::tensor::activation::silu(inner.clone())) < 1e-6);
+        // Extremes: exactly x far above 0, exactly 0 far below, NaN stays NaN.
+        let ends = [100.0, -100.0, -1e30, 1e30, f32::NAN];
+        let v = silu(Tensor::<Flex, 1>::from_floats(ends, &d))
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert_eq!(&v[..4], &[100.0, 0.0, 0.0, 1e30]);
+        assert!(v[4].is_nan());
+        // ... and the derivative: 1 far above 0, 0 far below.
+        let xe = Tensor::<A, 1>::from_floats(ends, &d).require_grad();
+        let grads = silu(xe.clone()).unwrap().sum().backward();
+        let dv = xe
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert_eq!(&dv[..4], &[1.0, 0.0, 0.0, 1.0]);
+        assert!(silu(inner.cast(DType::F64)).is_err());
     }
 
     #[test]

@@ -2,19 +2,22 @@
 //! tensor-op version beside it for every backend no kernel covers.
 //!
 //! The networks (`alignprop-diffusion`, `alignprop-rewards`) call the free functions of this crate: [`group_norm`],
-//! [`layer_norm`], [`softmax`], [`multi_head_attention`] / [`scaled_dot_product_attention`], [`geglu`] and [`conv2d`]. Each asks the
+//! [`layer_norm`], [`softmax`], [`multi_head_attention`] / [`scaled_dot_product_attention`], [`geglu`], [`silu`] and
+//! [`conv2d`]. Each asks the
 //! kernel set for a fused kernel ([`Kernels`], one method per op: it gives its inputs back in `Err` when it does not
 //! apply to the backend, dtype or shape) and otherwise runs the tensor-op version of [`tensor_ops`]. Dispatch is by
 //! backend type at run time, so model code stays generic over `B: Backend` with no extra trait bound on users' code.
 //!
 //! - [`FlexKernels`] (feature `flex`, on by default): burn's pure-Rust CPU backend `Flex` and `Autodiff<Flex>` in
-//!   f32 — vectorised GroupNorm, softmax and GEGLU ([`flex`]), FlashAttention-style attention that never stores the
-//!   score matrix ([`flex_attention`]), the shifted-GEMM backward of stride-1 convolutions ([`flex_conv`]).
+//!   f32 — vectorised GroupNorm, softmax, GEGLU and SiLU ([`flex`]), FlashAttention-style attention that never stores the
+//!   score matrix ([`flex_attention`]), stride-1 convolutions forward and backward as GEMMs on the zero-padded grid
+//!   ([`flex_conv`]).
 //! - [`AutodiffKernels`]: memory-efficient attention under autodiff ([`blockwise_attention`]: query blocks, only
 //!   the output and each row's log-sum-exp kept, probabilities recomputed in the backward) for `Autodiff<Flex>` in
 //!   other dtypes, `Autodiff<Cuda>` (feature `cuda`) and `Autodiff<Wgpu>` (feature `wgpu`).
 //! - [`CubeKernels`] (feature `cuda`): attention without autodiff on CUDA through burn's own `module::attention`
 //!   (flash-attention kernels on matrix cores), in query blocks of bounded score memory.
+//! - [`flops`]: counts the floating-point operations of the products these functions run (benchmarks' GFLOP/s).
 //! - [`tensor_ops`]: the same ops in burn tensor ops, run and differentiated by every backend (CUDA, wgpu, f64,
 //!   half precision); long reductions in two levels ([`sum_last`], [`mean_last`], [`sum_all`]: burn 0.21's cube
 //!   backend sums axes of 65,536+ values wrongly). [`linear`] is the one matrix product of every linear layer.
@@ -29,6 +32,7 @@ pub mod flex;
 pub mod flex_attention;
 #[cfg(feature = "flex")]
 pub mod flex_conv;
+pub mod flops;
 pub mod linear_op;
 pub mod tensor_ops;
 
@@ -131,6 +135,11 @@ pub trait Kernels {
         Err(h)
     }
 
+    /// SiLU `x * sigmoid(x)`, element-wise.
+    fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+        Err(x)
+    }
+
     /// A `k x k` convolution with stride 1 and "same" padding `(k - 1) / 2`: `x` `[batch, c_in, h, w]`, `weight`
     /// `[c_out, c_in, k, k]`, `bias` `[c_out]` -> `[batch, c_out, h, w]`.
     fn conv2d_same<B: Backend>(
@@ -177,6 +186,9 @@ impl Kernels for FlexKernels {
     fn geglu<B: Backend>(h: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
         flex::geglu(h)
     }
+    fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+        flex::silu(x)
+    }
     fn conv2d_same<B: Backend>(
         x: Tensor<B, 4>,
         weight: Tensor<B, 4>,
@@ -218,6 +230,9 @@ impl<K1: Kernels, K2: Kernels> Kernels for (K1, K2) {
     }
     fn geglu<B: Backend>(h: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
         K1::geglu(h).or_else(K2::geglu)
+    }
+    fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+        K1::silu(x).or_else(K2::silu)
     }
     fn conv2d_same<B: Backend>(
         x: Tensor<B, 4>,
@@ -425,6 +440,14 @@ pub fn multi_head_attention<B: Backend>(
 ) -> Tensor<B, 3> {
     let d = q.dims()[2] / heads.max(1);
     let scale = 1.0 / (d as f32).sqrt();
+    if flops::counting() {
+        let ([b, n_q, _], n_kv) = (q.dims(), k.dims()[1]);
+        let backward = [&q, &k, &v].iter().any(|t| flops::tracked(*t));
+        flops::add(
+            flops::attention(b * heads, n_q, n_kv, d),
+            2 * backward as u64,
+        );
+    }
     Active::attention(q, k, v, heads, scale, causal)
         .unwrap_or_else(|(q, k, v)| tensor_ops::multi_head_attention(q, k, v, heads, causal))
 }
@@ -440,6 +463,11 @@ pub fn scaled_dot_product_attention<B: Backend>(
     causal: bool,
 ) -> Tensor<B, 3> {
     let scale = 1.0 / (q.dims()[2] as f64).sqrt();
+    if flops::counting() {
+        let ([bh, n_q, d], n_kv) = (q.dims(), k.dims()[1]);
+        let backward = [&q, &k, &v].iter().any(|t| flops::tracked(*t));
+        flops::add(flops::attention(bh, n_q, n_kv, d), 2 * backward as u64);
+    }
     // Each of the `batch * heads` rows is one head: the kernel's token layout with one head.
     Active::attention(q, k, v, 1, scale as f32, causal)
         .unwrap_or_else(|(q, k, v)| tensor_ops::attention_head_major(q, k, v, scale, causal))
@@ -448,6 +476,11 @@ pub fn scaled_dot_product_attention<B: Backend>(
 /// GEGLU of `h` `[rows, 2 * inner]`: `h[:, :inner] * gelu(h[:, inner:])` -> `[rows, inner]`.
 pub fn geglu<B: Backend>(h: Tensor<B, 2>) -> Tensor<B, 2> {
     Active::geglu(h).unwrap_or_else(tensor_ops::geglu)
+}
+
+/// SiLU `x * sigmoid(x)` (`swish`), element-wise, any shape.
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    Active::silu(x).unwrap_or_else(burn::tensor::activation::silu)
 }
 
 /// `conv2d(x, weight, bias)` with square `stride` and `padding`, dilation 1, one group.
@@ -465,9 +498,16 @@ pub fn conv2d<B: Backend>(
     stride: usize,
     padding: usize,
 ) -> Tensor<B, 4> {
-    let [_, _, kh, kw] = weight.dims();
+    let [c_out, _, kh, kw] = weight.dims();
     if kh == 1 && kw == 1 && stride == 1 && padding == 0 && is_cube_backend::<B>() {
-        return conv1x1_as_linear(x, weight, bias);
+        return conv1x1_as_linear(x, weight, bias); // counted by `linear`
+    }
+    if flops::counting() {
+        let [b, c_in, h, w] = x.dims();
+        let out = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) / stride.max(1) + 1;
+        let backward = flops::tracked(&x) as u64 + flops::tracked(&weight) as u64;
+        let f = flops::conv2d(b, c_in, c_out, [kh, kw], [out(h, kh), out(w, kw)]);
+        flops::add(f, backward);
     }
     Active::conv2d_same(x, weight, bias, stride, padding)
         .unwrap_or_else(|(x, w, b)| tensor_ops::conv2d(x, w, b, stride, padding))
@@ -545,6 +585,10 @@ pub const SMALL_LINEAR_SIDE: usize = 64;
 /// `alignprop-gpucheck`'s `ops/matmul` sweep checks both at the models' shapes on every CI run.
 pub fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     let [out, inp] = w.dims();
+    if flops::counting() {
+        let backward = flops::tracked(&x) as u64 + flops::tracked(&w) as u64;
+        flops::add(flops::matmul(x.dims()[0], out, inp), backward);
+    }
     if out.min(inp) > SMALL_LINEAR_SIDE || !is_cube_backend::<B>() {
         return x.matmul(w.transpose());
     }
