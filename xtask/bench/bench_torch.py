@@ -7,7 +7,8 @@
 Runs one workload in this process and prints exactly one JSON line on stdout:
     {"workload": ..., "side": "torch", "median_ms": ..., "min_ms": ..., "max_ms": ..., "iters": ...,
      "peak_rss_mib": ..., "warmup": ..., "threads": ..., "torch": ..., "diffusers": ...,
-     "baseline_rss_mib": ...}
+     "baseline_rss_mib": ..., "flops": ...}
+flops: the FLOPs of one iteration by torch.utils.flop_counter.FlopCounterMode over the first warm-up run.
 Everything else (library warnings, progress) goes to stderr. peak_rss_mib is VmHWM of this process, read
 at the end (so it includes model construction and the libraries' own footprint); baseline_rss_mib is VmRSS
 right after importing the libraries, before anything is built.
@@ -462,14 +463,23 @@ def main():
 
         bench = globals()["build_" + builder](args, **kwargs)
         ctx = torch.inference_mode if bench.grad_mode == "inference" else torch.enable_grad
+        from torch.utils.flop_counter import FlopCounterMode
+
         times = []
         with ctx():
-            for i in range(warmup + iters):
+            # The first warm-up iteration (or one extra, untimed) counts the FLOPs of one iteration with torch's
+            # own counter (matrix products, convolutions, SDPA; backward and checkpoint recomputation included).
+            counter = FlopCounterMode(display=False)
+            bench.reset()
+            with counter:
+                bench.run()
+            flops = counter.get_total_flops()
+            for i in range(max(warmup - 1, 0) + iters):
                 bench.reset()
                 t0 = time.perf_counter()
                 bench.run()
                 dt = (time.perf_counter() - t0) * 1000.0
-                if i >= warmup:
+                if i >= max(warmup - 1, 0):
                     times.append(dt)
         bench.reset()
 
@@ -477,6 +487,7 @@ def main():
             "workload": args.workload, "side": "torch",
             "median_ms": round(statistics.median(times), 4), "min_ms": round(min(times), 4),
             "max_ms": round(max(times), 4), "iters": iters, "warmup": warmup, "threads": args.threads,
+            "flops": int(flops),
             "torch": version("torch"), "diffusers": version("diffusers"),
             "peak_rss_mib": round(proc_status_mib("VmHWM"), 1), "baseline_rss_mib": round(baseline_rss, 1),
         }

@@ -10,7 +10,10 @@
 //!   memory is that workload's own. With `--torch`, the same workload runs in PyTorch (`xtask/bench/bench_torch.py`
 //!   in the `.venv-fixtures` virtual environment, created from PyPI when missing) right after ours: the two sides
 //!   are interleaved workload by workload on the same machine, with the same thread count.
-//! - Prints one table (ours, torch, time ratio ours/torch, peak memory of each side and their ratio), writes the
+//! - Measures the machine's float32 peak first (`alignprop-bench --peak`: an FMA loop on `--threads` threads).
+//! - Prints one table (ours, torch, time ratio ours/torch, peak memory of each side and their ratio, the FLOPs of
+//!   one iteration as our code and torch's `FlopCounterMode` count them, GFLOP/s of both sides from our count and
+//!   their share of the peak, the peak itself), writes the
 //!   raw results as JSON under `xtask/bench/results/`, draws the scaling curves (step time and peak memory
 //!   against K, checkpointed and not, and against the latent size) as a PNG there, and appends the table with the
 //!   date, machine, versions and the exact command to `BENCHMARKS.md` (unless `--no-append`).
@@ -48,8 +51,9 @@ struct Options {
 /// `cargo xtask bench --help`.
 const HELP: &str = "\
 cargo xtask bench [OPTIONS]: our benchmark workloads (xtask/bench/WORKLOADS.md) beside PyTorch's, one process per
-workload and side; prints a table, writes raw JSON and the scaling plot under xtask/bench/results/, appends the table
-with machine and versions to BENCHMARKS.md.
+workload and side; prints a table (times, peak memory, each side's FLOP count, GFLOP/s and share of the machine's
+float32 peak, measured first with an FMA loop), writes raw JSON and the scaling plot under xtask/bench/results/,
+appends the table with machine and versions to BENCHMARKS.md.
 
 Options:
   --torch              also run each workload in PyTorch (xtask/bench/bench_torch.py, in .venv-fixtures, made
@@ -270,6 +274,16 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         None
     };
 
+    // The machine's float32 peak with the benchmarks' thread count (an FMA loop; the last column of the table).
+    let peak = json_line(
+        Command::new(&runner)
+            .arg("--peak")
+            .env("RAYON_NUM_THREADS", o.threads.to_string()),
+    )
+    .map_err(|e| eprintln!("no peak measurement: {e}"))
+    .ok();
+    let peak_gflops = peak.as_ref().and_then(|p| f(p, "peak_gflops"));
+
     let results_dir = root().join("xtask/bench/results");
     std::fs::create_dir_all(&results_dir).map_err(|e| format!("{}: {e}", results_dir.display()))?;
     // One stamp names every file of this run (partial results, JSON, plot).
@@ -338,12 +352,27 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         // Only data-parallel workloads: their own table below.
     } else if o.torch {
         table.push_str(
-            "| workload | ours ms | torch ms | time ratio (ours/torch) | ours peak MiB | torch peak MiB | memory ratio |\n\
-             |---|---:|---:|---:|---:|---:|---:|\n",
+            "| workload | ours ms | torch ms | time ratio (ours/torch) | ours peak MiB | torch peak MiB | memory ratio \
+             | GFLOP (ours / torch's count) | ours GFLOP/s | torch GFLOP/s | ours % of peak | torch % of peak \
+             | peak GFLOP/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
     } else {
-        table.push_str("| workload | ours ms (median) | min | max | iters | ours peak MiB |\n|---|---:|---:|---:|---:|---:|\n");
+        table.push_str(
+            "| workload | ours ms (median) | min | max | iters | ours peak MiB | GFLOP | ours GFLOP/s | ours % of peak \
+             | peak GFLOP/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
     }
+    // GFLOP/s of a side from our count of the workload's operations (the same work for both sides).
+    let gflops = |flops: Option<f64>, ms: Option<f64>| {
+        flops
+            .filter(|&n| n > 0.0)
+            .zip(ms)
+            .map(|(n, ms)| n / (ms * 1e6))
+    };
+    let percent = |g: Option<f64>| match (g, peak_gflops) {
+        (Some(g), Some(p)) => format!("{:.0}%", 100.0 * g / p),
+        _ => "-".into(),
+    };
     let cell = |v: Option<f64>, digits: usize| match v {
         Some(x) => format!("{x:.digits$}"),
         None => "-".into(),
@@ -370,26 +399,45 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             );
             let ratio = am.zip(bm).map(|(x, y)| x / y);
             let mratio = ap.zip(bp).map(|(x, y)| x / y);
+            let (af, bf) = (a.and_then(|a| f(a, "flops")), b.and_then(|b| f(b, "flops")));
+            let count = match (af.filter(|&n| n > 0.0), bf.filter(|&n| n > 0.0)) {
+                (Some(x), Some(y)) => format!("{:.2} / {:.2}", x / 1e9, y / 1e9),
+                (Some(x), None) => format!("{:.2} / -", x / 1e9),
+                (None, Some(y)) => format!("- / {:.2}", y / 1e9),
+                (None, None) => "-".into(),
+            };
+            let (ag, bg) = (gflops(af, am), gflops(af, bm));
             let _ = writeln!(
                 table,
-                "| {w} | {} | {} | {} | {} | {} | {} |",
+                "| {w} | {} | {} | {} | {} | {} | {} | {count} | {} | {} | {} | {} | {} |",
                 cell(am, 2),
                 cell(bm, 2),
                 ratio.map_or("-".into(), |r| format!("{r:.2}x")),
                 cell(ap, 0),
                 cell(bp, 0),
                 mratio.map_or("-".into(), |r| format!("{r:.2}x")),
+                cell(ag, 1),
+                cell(bg, 1),
+                percent(ag),
+                percent(bg),
+                cell(peak_gflops, 0),
             );
         } else {
+            let af = a.and_then(|a| f(a, "flops")).filter(|&n| n > 0.0);
+            let ag = gflops(af, am);
             let _ = writeln!(
                 table,
-                "| {w} | {} | {} | {} | {} | {} |",
+                "| {w} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 cell(am, 2),
                 cell(a.and_then(|a| f(a, "min_ms")), 2),
                 cell(a.and_then(|a| f(a, "max_ms")), 2),
                 a.and_then(|a| a.get("iters").and_then(Value::as_u64))
                     .map_or("-".into(), |n| n.to_string()),
                 cell(ap, 0),
+                cell(af.map(|n| n / 1e9), 2),
+                cell(ag, 1),
+                percent(ag),
+                cell(peak_gflops, 0),
             );
         }
     }
@@ -444,6 +492,20 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     let rustc = shell("rustc", &["-V"]);
     let command = format!("cargo xtask bench {}", args.join(" "));
     let machine = machine();
+    let peak_line = match &peak {
+        Some(p) => format!(
+            " Float32 peak ({} threads, measured FMA loop): {:.0} GFLOP/s = {} threads x {} lanes ({}) x 2 x {} FMA \
+             per cycle x {} GHz (`cpu MHz` of /proc/cpuinfo).",
+            o.threads,
+            peak_gflops.unwrap_or(0.0),
+            p.get("threads").and_then(Value::as_u64).unwrap_or(0),
+            p.get("lanes").and_then(Value::as_u64).unwrap_or(0),
+            p.get("isa").and_then(Value::as_str).unwrap_or("?"),
+            cell(f(p, "fma_per_cycle"), 2),
+            cell(f(p, "mhz").map(|m| m / 1e3), 2),
+        ),
+        None => String::new(),
+    };
     let versions = if o.torch {
         format!(
             "ours: burn 0.21.0 (Flex CPU backend, f32), {rustc}, release profile; PyTorch: torch {torch_version} \
@@ -457,7 +519,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         )
     };
 
-    println!("\n{table}");
+    println!("{peak_line}\n\n{table}");
     for e in &failures {
         println!("FAILED: {e}");
     }
@@ -477,7 +539,8 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         })
         .collect();
     let doc = serde_json::json!({
-        "date": date, "machine": machine, "versions": versions, "command": command, "results": raw,
+        "date": date, "machine": machine, "versions": versions, "command": command, "peak": peak,
+        "results": raw,
     });
     std::fs::write(&json_path, serde_json::to_string_pretty(&doc).unwrap())
         .map_err(|e| format!("{}: {e}", json_path.display()))?;
@@ -511,7 +574,9 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             md,
             "\n## {date}: `{command}`\n\nMachine: {machine}. Versions: {versions}. Each workload ran in its own \
              process, ours then PyTorch's, workload by workload; times are medians; peak memory is the process's \
-             VmHWM. Raw: `{}`.\n{plot_line}\n{table}",
+             VmHWM.{peak_line} GFLOP: one iteration's matrix products and convolutions (2 per multiply-add, \
+             backward and recomputation included) counted by our code (`alignprop_kernels::flops`) / by torch's \
+             `FlopCounterMode`; GFLOP/s of both sides from our count. Raw: `{}`.\n{plot_line}\n{table}",
             relative(&json_path).display()
         );
         for e in &failures {

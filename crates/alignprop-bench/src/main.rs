@@ -4,7 +4,11 @@
 //! alignprop-bench --list
 //! alignprop-bench --workload unet/mid_fwd [--iters N] [--warmup W] [--device cpu|cuda[:N]] [--no-malloc-tuning]
 //! alignprop-bench --plot-scaling RESULTS.json OUT.png     # the scaling curves of a `cargo xtask bench` run
+//! alignprop-bench --peak [THREADS]                          # the machine's float32 FMA peak, one JSON line
 //! ```
+//!
+//! A workload's line carries `flops`: the floating-point operations of one iteration, counted by
+//! `alignprop_kernels::flops` over the first warm-up run.
 //!
 //! Threads: the CPU backend uses rayon's global pool; set `RAYON_NUM_THREADS` to pin its size (`cargo xtask
 //! bench` sets it to the `--threads` it gives PyTorch).
@@ -14,6 +18,7 @@ use std::process::ExitCode;
 use alignprop_bench::parallel::{ParallelTiming, parse_parallel};
 use alignprop_bench::{default_iters, measure, names, peak_rss_mib, prepare};
 use alignprop_device::{self as device, CpuAutodiff, CudaAutodiff, DeviceChoice, WgpuAutodiff};
+use alignprop_kernels::flops;
 
 struct Args {
     workload: Option<String>,
@@ -21,6 +26,8 @@ struct Args {
     warmup: Option<usize>,
     device: DeviceChoice,
     list: bool,
+    /// `--peak`: the thread count to measure the FMA peak with.
+    peak: Option<usize>,
     malloc_tuning: bool,
     plot: Option<(String, String)>,
 }
@@ -32,6 +39,7 @@ fn parse_args() -> Result<Args, String> {
         warmup: None,
         device: DeviceChoice::Cpu,
         list: false,
+        peak: None,
         malloc_tuning: true,
         plot: None,
     };
@@ -40,6 +48,15 @@ fn parse_args() -> Result<Args, String> {
         let mut value = |what: &str| it.next().ok_or(format!("{what} needs a value"));
         match arg.as_str() {
             "--list" => a.list = true,
+            "--peak" => {
+                let threads = std::env::var("RAYON_NUM_THREADS")
+                    .ok()
+                    .and_then(|v| v.parse().ok());
+                a.peak =
+                    Some(threads.unwrap_or_else(|| {
+                        std::thread::available_parallelism().map_or(1, |n| n.get())
+                    }))
+            }
             "--workload" => a.workload = Some(value("--workload")?),
             "--iters" => {
                 a.iters = Some(
@@ -63,8 +80,9 @@ fn parse_args() -> Result<Args, String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "alignprop-bench --list | --workload NAME [--iters N] [--warmup W] [--device cpu|cuda[:N]] \
-                     [--no-malloc-tuning]"
+                    "alignprop-bench --list | --peak | --workload NAME [--iters N] [--warmup W] \
+                     [--device cpu|cuda[:N]|wgpu[:N]] [--no-malloc-tuning]\n\
+                     --peak: the float32 FMA peak of RAYON_NUM_THREADS threads (default: every CPU), one JSON line"
                 );
                 std::process::exit(0);
             }
@@ -79,12 +97,20 @@ fn run<A: burn::tensor::backend::AutodiffBackend>(
     device: &A::Device,
     warmup: usize,
     iters: usize,
-) -> Result<alignprop_bench::Timing, String> {
+) -> Result<(alignprop_bench::Timing, u64), String> {
     let mut w = prepare::<A>(name, device)?;
     let sync = || {
         let _ = A::sync(device);
     };
-    Ok(measure(&mut w, &sync, warmup, iters))
+    // The first warm-up run (or one extra run) counts the floating-point operations of one iteration.
+    flops::start();
+    w();
+    sync();
+    let flops = flops::stop();
+    Ok((
+        measure(&mut w, &sync, warmup.saturating_sub(1), iters),
+        flops,
+    ))
 }
 
 /// A `parallel/*_wN` workload: `N` workers on the CPU device (sharing its cores) or on `cuda:0..N` / `wgpu:0..N`.
@@ -133,6 +159,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Some(threads) = args.peak {
+        let p = alignprop_bench::peak::measure(threads);
+        println!(
+            "{}",
+            serde_json::json!({
+                "peak_gflops": p.gflops,
+                "threads": p.threads,
+                "lanes": p.lanes,
+                "isa": p.isa,
+                "mhz": p.mhz,
+                "fma_per_cycle": p.fma_per_cycle,
+                "cpu": p.cpu,
+            })
+        );
+        return ExitCode::SUCCESS;
     }
     if args.list {
         for n in names() {
@@ -189,10 +231,11 @@ fn main() -> ExitCode {
         },
     };
     match result {
-        Ok(t) => {
+        Ok((t, flops)) => {
             let line = serde_json::json!({
                 "workload": name,
                 "side": "burn",
+                "flops": flops,
                 "median_ms": t.median_ms,
                 "min_ms": t.min_ms,
                 "max_ms": t.max_ms,
