@@ -474,12 +474,13 @@ def main():
             with counter:
                 bench.run()
             flops = counter.get_total_flops()
-            for i in range(max(warmup - 1, 0) + iters):
+            untimed = max(warmup - 1, 0)  # the counting run was the first warm-up
+            for i in range(untimed + iters):
                 bench.reset()
                 t0 = time.perf_counter()
                 bench.run()
                 dt = (time.perf_counter() - t0) * 1000.0
-                if i >= max(warmup - 1, 0):
+                if i >= untimed:
                     times.append(dt)
         bench.reset()
 

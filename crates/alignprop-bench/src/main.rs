@@ -171,7 +171,6 @@ fn main() -> ExitCode {
                 "isa": p.isa,
                 "mhz": p.mhz,
                 "fma_per_cycle": p.fma_per_cycle,
-                "cpu": p.cpu,
             })
         );
         return ExitCode::SUCCESS;

@@ -22,86 +22,105 @@ pub struct Peak {
     pub mhz: Option<f64>,
     /// FMA instructions per cycle and thread at that clock: `gflops / (threads * lanes * 2 * GHz)`.
     pub fma_per_cycle: Option<f64>,
-    /// The CPU's model name.
-    pub cpu: String,
 }
 
 /// Measures the float32 FMA peak of `threads` threads.
 pub fn measure(threads: usize) -> Peak {
-    let (isa, lanes) = isa();
+    let (isa, threads) = (Isa::detect(), threads.max(1));
     let iters: u64 = 20_000_000;
     let best = (0..3)
         .map(|_| {
             let t0 = Instant::now();
             std::thread::scope(|s| {
-                for _ in 0..threads.max(1) {
-                    s.spawn(|| std::hint::black_box(fma_loop(std::hint::black_box(iters))));
+                for _ in 0..threads {
+                    s.spawn(|| std::hint::black_box(isa.fma_loop(std::hint::black_box(iters))));
                 }
             });
             t0.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min);
     // Each iteration: CHAINS FMAs of `lanes` lanes, 2 operations per lane.
-    let flops = threads.max(1) as f64 * iters as f64 * (CHAINS * lanes * 2) as f64;
-    let gflops = flops / best / 1e9;
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |key: &str| {
-        cpuinfo
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split(':').nth(1))
-            .map(|v| v.trim().to_string())
-    };
-    let mhz = field("cpu MHz").and_then(|v| v.parse::<f64>().ok());
+    let lanes = isa.lanes();
+    let gflops = threads as f64 * iters as f64 * (CHAINS * lanes * 2) as f64 / best / 1e9;
+    let mhz = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse::<f64>().ok());
     Peak {
         gflops,
-        threads: threads.max(1),
+        threads,
         lanes,
-        isa,
+        isa: isa.name(),
         mhz,
-        fma_per_cycle: mhz.map(|m| gflops / (threads.max(1) as f64 * lanes as f64 * 2.0 * m / 1e3)),
-        cpu: field("model name").unwrap_or_else(|| "unknown CPU".into()),
+        fma_per_cycle: mhz.map(|m| gflops / (threads as f64 * lanes as f64 * 2.0 * m / 1e3)),
     }
 }
 
 /// Independent FMA chains per iteration: 2 FMA units x 4-5 cycles of latency need 8-10 in flight.
 const CHAINS: usize = 12;
 
-fn isa() -> (&'static str, usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return ("avx512f", 16);
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return ("avx2+fma", 8);
-        }
-    }
-    ("scalar", 1)
+/// The widest float32 FMA vectors of this CPU.
+#[derive(Clone, Copy)]
+enum Isa {
+    Avx512,
+    Avx2Fma,
+    Scalar,
 }
 
-/// `iters` iterations of [`CHAINS`] FMAs on the widest vectors; returns a value that depends on all of them.
-fn fma_loop(iters: u64) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512 F is present (checked above).
-            return unsafe { x86::fma512(iters) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+impl Isa {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: AVX2 and FMA are present (checked above).
-            return unsafe { x86::fma256(iters) };
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Self::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Self::Avx2Fma;
+            }
+        }
+        Self::Scalar
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Avx512 => "avx512f",
+            Self::Avx2Fma => "avx2+fma",
+            Self::Scalar => "scalar",
         }
     }
-    let mut acc = [1f32; CHAINS];
-    for _ in 0..iters {
-        for a in &mut acc {
-            *a = a.mul_add(0.999_999, 1e-7);
+
+    fn lanes(self) -> usize {
+        match self {
+            Self::Avx512 => 16,
+            Self::Avx2Fma => 8,
+            Self::Scalar => 1,
         }
     }
-    acc.iter().sum()
+
+    /// `iters` iterations of [`CHAINS`] FMAs on these vectors; returns a value that depends on all of them.
+    fn fma_loop(self, iters: u64) -> f32 {
+        match self {
+            // SAFETY: `detect` found AVX-512 F.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => unsafe { x86::fma512(iters) },
+            // SAFETY: `detect` found AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2Fma => unsafe { x86::fma256(iters) },
+            _ => {
+                let mut acc = [1f32; CHAINS];
+                for _ in 0..iters {
+                    for a in &mut acc {
+                        *a = a.mul_add(0.999_999, 1e-7);
+                    }
+                }
+                acc.iter().sum()
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

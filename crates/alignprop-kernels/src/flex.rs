@@ -41,6 +41,31 @@ pub(crate) fn flex_tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
+/// A vector of `len` values that the caller writes completely before reading one (no zeroing pass).
+pub(crate) fn filled_later(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns, and every caller overwrites all `len` values before it reads one.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(len)
+    };
+    v
+}
+
+/// A raw pointer that may cross threads: parallel tasks write disjoint regions of one output buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub(crate) *mut f32);
+// SAFETY: every task that holds a copy writes a region no other task touches (see the callers).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper, not its field).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// A strided matrix view for [`mm`]: element `(i, j)` at `ptr + i * rs + j * cs`.
 #[derive(Clone, Copy)]
 pub(crate) struct View {
@@ -442,12 +467,7 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>,
         let x: AdPrimitive = cast(x.into_primitive().tensor());
         let shape = x.primitive.layout().shape().to_vec();
         let xs = f32_values(&x.primitive);
-        let mut y = Vec::with_capacity(xs.len());
-        // SAFETY: every element is written by `silu_row` below before the vector is read.
-        #[allow(clippy::uninit_vec)]
-        unsafe {
-            y.set_len(xs.len())
-        };
+        let mut y = filled_later(xs.len());
         y.par_chunks_mut(ELEMENTS_PER_TASK)
             .zip(xs.par_chunks(ELEMENTS_PER_TASK))
             .for_each(|(y, x)| simd::silu_row(x, y));

@@ -25,7 +25,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use crate::flex::{AdFlex, AdPrimitive, View, cast, f32_values, flex_tensor, mm, simd};
+use crate::flex::{AdFlex, AdPrimitive, SharedMut, View, cast, f32_values, flex_tensor, mm, simd};
 
 /// Queries per block: a block's scores (`64 x n_kv` floats: 256 KiB at 1024 keys) stay in the core's cache.
 const BLOCK: usize = 64;
@@ -141,20 +141,6 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         }
         f(&mut s[..len])
     })
-}
-
-/// A raw pointer that may cross threads: tasks write disjoint regions of one output buffer.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: every task that holds a copy writes a region no other task touches (see the callers).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so that closures capture the whole `Send` wrapper, not its field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Forward: the output `[b, n_q, heads * d]` and each query's log-sum-exp of its scaled scores

@@ -32,7 +32,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use crate::flex::{AdFlex, AdPrimitive, View, cast, f32_values, flex_tensor, mm_strided};
+use crate::flex::{
+    AdFlex, AdPrimitive, SharedMut, View, cast, f32_values, filled_later, flex_tensor, mm_strided,
+};
 
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
@@ -155,31 +157,6 @@ pub fn conv2d_same<B: Backend>(
         },
     };
     Ok(wrap(cast(out)))
-}
-
-/// A raw pointer that may cross threads: tasks write disjoint columns of one output buffer.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: every task that holds a copy writes a region no other task touches (see `forward`).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so that closures capture the whole `Send` wrapper, not its field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// A vector of `len` values that the caller writes completely before reading (no zeroing pass).
-fn filled_later(len: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(len);
-    // SAFETY: f32 has no invalid bit patterns, and every caller overwrites all `len` values before it reads one.
-    #[allow(clippy::uninit_vec)]
-    unsafe {
-        v.set_len(len)
-    };
-    v
 }
 
 /// Grid positions per forward task: the im2col block (`c_in * k * k` rows of this many values) stays within

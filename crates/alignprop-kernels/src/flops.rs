@@ -50,6 +50,59 @@ pub fn add(forward: u64, backward_passes: u64) {
     });
 }
 
+/// Counts a convolution `x` `[batch, c_in, h, w]` by `weight` `[c_out, c_in, kh, kw]` with square `stride` and
+/// `padding` (when counting): its forward, and one backward product for each of `x` and `weight` that is tracked.
+pub(crate) fn count_conv2d<B: Backend>(
+    x: &Tensor<B, 4>,
+    weight: &Tensor<B, 4>,
+    stride: usize,
+    padding: usize,
+) {
+    if !counting() {
+        return;
+    }
+    let ([b, c_in, h, w], [c_out, _, kh, kw]) = (x.dims(), weight.dims());
+    let out = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) / stride.max(1) + 1;
+    let backward = tracked(x) as u64 + tracked(weight) as u64;
+    add(
+        conv2d(b, c_in, c_out, [kh, kw], [out(h, kh), out(w, kw)]),
+        backward,
+    );
+}
+
+/// Counts `x wᵀ`, `x` `[rows, in]`, `w` `[out, in]` (when counting): its forward, and one backward product for
+/// each of `x` and `w` that is tracked.
+pub(crate) fn count_linear<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) {
+    if !counting() {
+        return;
+    }
+    let ([rows, _], [out, inp]) = (x.dims(), w.dims());
+    add(
+        matmul(rows, out, inp),
+        tracked(x) as u64 + tracked(w) as u64,
+    );
+}
+
+/// Counts attention over `q` `[batch, n_q, heads * d]`, `k`, `v` `[batch, n_kv, heads * d]` (head-major
+/// `[batch * heads, n, d]` with `heads = 1`) when counting: its two products, and twice that for the backward when
+/// any input is tracked.
+pub(crate) fn count_attention<B: Backend>(
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 3>,
+    v: &Tensor<B, 3>,
+    heads: usize,
+) {
+    if !counting() {
+        return;
+    }
+    let ([b, n_q, c], n_kv, heads) = (q.dims(), k.dims()[1], heads.max(1));
+    let backward = tracked(q) || tracked(k) || tracked(v);
+    add(
+        attention(b * heads, n_q, n_kv, c / heads),
+        2 * backward as u64,
+    );
+}
+
 /// Whether `t` is tracked by autodiff (a parameter that requires its gradient, or computed from one): whether the
 /// backward will differentiate through it. Intermediate tensors are seen as tracked on `Autodiff<Flex>` only (the
 /// backend the CPU benchmarks run); elsewhere only tensors that require their gradient.

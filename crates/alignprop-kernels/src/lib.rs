@@ -440,14 +440,7 @@ pub fn multi_head_attention<B: Backend>(
 ) -> Tensor<B, 3> {
     let d = q.dims()[2] / heads.max(1);
     let scale = 1.0 / (d as f32).sqrt();
-    if flops::counting() {
-        let ([b, n_q, _], n_kv) = (q.dims(), k.dims()[1]);
-        let backward = [&q, &k, &v].iter().any(|t| flops::tracked(*t));
-        flops::add(
-            flops::attention(b * heads, n_q, n_kv, d),
-            2 * backward as u64,
-        );
-    }
+    flops::count_attention(&q, &k, &v, heads);
     Active::attention(q, k, v, heads, scale, causal)
         .unwrap_or_else(|(q, k, v)| tensor_ops::multi_head_attention(q, k, v, heads, causal))
 }
@@ -463,11 +456,7 @@ pub fn scaled_dot_product_attention<B: Backend>(
     causal: bool,
 ) -> Tensor<B, 3> {
     let scale = 1.0 / (q.dims()[2] as f64).sqrt();
-    if flops::counting() {
-        let ([bh, n_q, d], n_kv) = (q.dims(), k.dims()[1]);
-        let backward = [&q, &k, &v].iter().any(|t| flops::tracked(*t));
-        flops::add(flops::attention(bh, n_q, n_kv, d), 2 * backward as u64);
-    }
+    flops::count_attention(&q, &k, &v, 1);
     // Each of the `batch * heads` rows is one head: the kernel's token layout with one head.
     Active::attention(q, k, v, 1, scale as f32, causal)
         .unwrap_or_else(|(q, k, v)| tensor_ops::attention_head_major(q, k, v, scale, causal))
@@ -498,17 +487,11 @@ pub fn conv2d<B: Backend>(
     stride: usize,
     padding: usize,
 ) -> Tensor<B, 4> {
-    let [c_out, _, kh, kw] = weight.dims();
+    let [_, _, kh, kw] = weight.dims();
     if kh == 1 && kw == 1 && stride == 1 && padding == 0 && is_cube_backend::<B>() {
         return conv1x1_as_linear(x, weight, bias); // counted by `linear`
     }
-    if flops::counting() {
-        let [b, c_in, h, w] = x.dims();
-        let out = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) / stride.max(1) + 1;
-        let backward = flops::tracked(&x) as u64 + flops::tracked(&weight) as u64;
-        let f = flops::conv2d(b, c_in, c_out, [kh, kw], [out(h, kh), out(w, kw)]);
-        flops::add(f, backward);
-    }
+    flops::count_conv2d(&x, &weight, stride, padding);
     Active::conv2d_same(x, weight, bias, stride, padding)
         .unwrap_or_else(|(x, w, b)| tensor_ops::conv2d(x, w, b, stride, padding))
 }
@@ -585,10 +568,7 @@ pub const SMALL_LINEAR_SIDE: usize = 64;
 /// `alignprop-gpucheck`'s `ops/matmul` sweep checks both at the models' shapes on every CI run.
 pub fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     let [out, inp] = w.dims();
-    if flops::counting() {
-        let backward = flops::tracked(&x) as u64 + flops::tracked(&w) as u64;
-        flops::add(flops::matmul(x.dims()[0], out, inp), backward);
-    }
+    flops::count_linear(&x, &w);
     if out.min(inp) > SMALL_LINEAR_SIDE || !is_cube_backend::<B>() {
         return x.matmul(w.transpose());
     }
