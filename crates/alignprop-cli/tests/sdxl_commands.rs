@@ -20,8 +20,9 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_alignprop"))
 }
 
+/// The tiny SDXL fixture.
 fn sdxl() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sdxl")
+    alignprop_testing::tiny_sdxl()
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -245,14 +246,7 @@ fn convert_sdxl_single_file_gives_a_working_folder() {
 
     // With only the networks' configs: SDXL's scheduler, tokenizers and model index.
     let configs = d.join("configs");
-    for c in ["unet", "vae", "text_encoder", "text_encoder_2"] {
-        std::fs::create_dir_all(configs.join(c)).unwrap();
-        std::fs::copy(
-            sdxl().join(c).join("config.json"),
-            configs.join(c).join("config.json"),
-        )
-        .unwrap();
-    }
+    alignprop_testing::copy_sdxl_network_configs(&sdxl(), &configs);
     let inferred = d.join("inferred");
     ok(convert(&inferred, &configs));
     let json = |p: PathBuf| -> serde_json::Value { serde_json::from_slice(&read(&p)).unwrap() };

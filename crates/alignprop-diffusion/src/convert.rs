@@ -724,7 +724,7 @@ fn check_unet_family(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alignprop_testing::{tiny_sd, tiny_sd2};
+    use alignprop_testing::{tiny_sd, tiny_sd2, tiny_sdxl};
 
     /// What the shapes of the tiny single file tell agrees with the tiny model's own configs.
     #[test]
@@ -1019,10 +1019,6 @@ mod tests {
 
     // ------------------------------------------------------------------------------------------------------ SDXL
 
-    fn tiny_sdxl() -> PathBuf {
-        alignprop_testing::fixtures_root().join("tiny-sdxl")
-    }
-
     fn sdxl_file() -> PathBuf {
         tiny_sdxl().join("single_file/tiny-sdxl.safetensors")
     }
@@ -1183,14 +1179,7 @@ mod tests {
     fn sdxl_conversion_defaults() {
         let out = scratch("convert-sdxl-defaults");
         let configs = scratch("sdxl-configs");
-        for c in ["unet", "vae", "text_encoder", "text_encoder_2"] {
-            std::fs::create_dir_all(configs.join(c)).unwrap();
-            std::fs::copy(
-                tiny_sdxl().join(c).join("config.json"),
-                configs.join(c).join("config.json"),
-            )
-            .unwrap();
-        }
+        alignprop_testing::copy_sdxl_network_configs(&tiny_sdxl(), &configs);
         let opts = ConvertOptions {
             configs_from: Some(configs.clone()),
             ..Default::default()

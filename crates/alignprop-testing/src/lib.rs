@@ -7,7 +7,7 @@
 pub mod alloc;
 pub mod prompt_reward;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
@@ -44,6 +44,19 @@ pub fn tiny_sd2() -> PathBuf {
 /// `xtask/fixtures/make_sdxl_fixtures.py`; its README documents every file).
 pub fn tiny_sdxl() -> PathBuf {
     fixtures_root().join("tiny-sdxl")
+}
+
+/// Copies the networks' `config.json` files of the SDXL folder `model` (UNet, VAE, both text encoders) into
+/// `to/<component>/config.json`: a `--configs` folder for single-file conversion.
+pub fn copy_sdxl_network_configs(model: &Path, to: &Path) {
+    for c in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        std::fs::create_dir_all(to.join(c)).unwrap();
+        std::fs::copy(
+            model.join(c).join("config.json"),
+            to.join(c).join("config.json"),
+        )
+        .unwrap();
+    }
 }
 
 /// SD 2.1 (768-v)'s real `unet/config.json` (linear projections, per-block head dims [5, 10, 20, 20], upcast
