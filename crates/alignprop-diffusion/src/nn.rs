@@ -102,10 +102,11 @@ impl<B: Backend> Linear<B> {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let x2: Tensor<B, 2> = x.reshape([rows, dims[D - 1]]);
-        let mut y = alignprop_kernels::linear(x2.clone(), self.weight.val());
-        if let Some(b) = &self.bias {
-            y = y + b.val().unsqueeze::<2>();
-        }
+        let mut y = alignprop_kernels::linear_with_bias(
+            x2.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
         if let Some(l) = &self.lora {
             // Mixed precision: adapters may be f32 on a half-precision base; the low-rank path runs in the
             // adapter's dtype and is cast back.
@@ -262,7 +263,7 @@ impl Activation {
     pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::Silu => alignprop_kernels::silu(x),
-            Self::Gelu => activation::gelu(x),
+            Self::Gelu => gelu(x),
             Self::Relu => activation::relu(x),
             Self::Mish => activation::mish(x),
         }
@@ -274,14 +275,14 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     alignprop_kernels::silu(x)
 }
 
-/// Exact (erf) GELU, as `torch.nn.functional.gelu`.
+/// Exact (erf) GELU, as `torch.nn.functional.gelu` (the fused kernel on the CPU backend).
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    activation::gelu(x)
+    alignprop_kernels::gelu(x)
 }
 
-/// CLIP's `quick_gelu`: `x * sigmoid(1.702 x)`.
+/// CLIP's `quick_gelu`: `x * sigmoid(1.702 x)` (the fused kernel on the CPU backend).
 pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.clone() * activation::sigmoid(x * 1.702)
+    alignprop_kernels::quick_gelu(x)
 }
 
 pub use alignprop_kernels::{multi_head_attention, scaled_dot_product_attention, softmax};

@@ -14,6 +14,7 @@
 //! generic over `B: Backend` with no extra trait bound on users' code, and every backend keeps working unchanged.
 
 use std::any::TypeId;
+use std::cell::RefCell;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -28,6 +29,7 @@ use rayon::prelude::*;
 pub(crate) type AdFlex = Autodiff<Flex, NoCheckpointing>;
 pub(crate) type AdPrimitive = <AdFlex as BackendTypes>::FloatTensorPrimitive;
 
+use crate::Activation;
 pub(crate) use crate::cast;
 
 pub(crate) fn f32_values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
@@ -52,6 +54,23 @@ pub(crate) fn filled_later(len: usize) -> Vec<f32> {
     v
 }
 
+thread_local! {
+    /// Per-thread scratch (attention's score blocks, convolution's im2col blocks), reused across calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a per-thread scratch buffer of at least `len` floats (contents unspecified). `f` must not start
+/// rayon work (a stolen task on this thread would find the buffer borrowed).
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
+
 /// A raw pointer that may cross threads: parallel tasks write disjoint regions of one output buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub(crate) *mut f32);
@@ -73,6 +92,11 @@ pub(crate) struct View {
     pub rs: isize,
     pub cs: isize,
 }
+
+// SAFETY: a view is an address and strides; tasks that share one read through it, and a view used as a GEMM's
+// destination addresses a region only its task writes (see the callers).
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
 
 impl View {
     /// Row-major rows of `rs` elements starting at `s[offset]`.
@@ -166,6 +190,65 @@ pub(crate) unsafe fn mm_strided(
     }
 }
 
+/// Products below this many multiply-adds run as one GEMM on the calling thread (no task overhead).
+const SERIAL_MACS: usize = 1 << 18;
+
+/// `dst (m x n, row-major, row stride n) = [dst +] a (m x k) b (k x n)` across rayon's threads: the longer of `m`
+/// and `n` is cut in one part per thread (the other operand, packed by every part, is then the smaller one), each
+/// part one single-threaded GEMM.
+pub(crate) fn par_mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: View,
+    b: View,
+) {
+    debug_assert_eq!(dst.len(), m * n);
+    let threads = rayon::current_num_threads();
+    let parts = if m * n * k < SERIAL_MACS {
+        1
+    } else {
+        threads.min(m.max(n).div_ceil(16)).max(1)
+    };
+    let dst = SharedMut(dst.as_mut_ptr());
+    let split_rows = m >= n;
+    let len = if split_rows { m } else { n };
+    // Parts of whole 16-element blocks (the GEMM's register tiles), the last one shorter.
+    let step = len.div_ceil(parts).div_ceil(16) * 16;
+    (0..len.div_ceil(step)).into_par_iter().for_each(|part| {
+        let (s, e) = (part * step, ((part + 1) * step).min(len));
+        // SAFETY: part `part` writes rows (or columns) `s .. e` of `dst`, which no other part touches; `a` and `b`
+        // address `m x k` and `k x n` values (callers' views over their own buffers); `dst` is `m x n`.
+        unsafe {
+            if split_rows {
+                let a = View {
+                    ptr: a.ptr.offset(s as isize * a.rs),
+                    ..a
+                };
+                let d = View {
+                    ptr: dst.get().add(s * n),
+                    rs: n as isize,
+                    cs: 1,
+                };
+                mm_strided(e - s, n, k, d, accumulate, a, b, 1.0, false);
+            } else {
+                let b = View {
+                    ptr: b.ptr.offset(s as isize * b.cs),
+                    ..b
+                };
+                let d = View {
+                    ptr: dst.get().add(s),
+                    rs: n as isize,
+                    cs: 1,
+                };
+                mm_strided(m, e - s, k, d, accumulate, a, b, 1.0, false);
+            }
+        }
+    });
+}
+
 /// Group normalisation of `x` `[batch, channels, spatial]` with per-channel `gamma`, `beta` `[channels]`, fused.
 ///
 /// Returns `None` (and gives the inputs back) unless the backend is `Flex` or `Autodiff<Flex>` and every tensor
@@ -233,7 +316,7 @@ fn forward(
     let n = cpg * s;
     let xs = f32_values(x);
     let (gs, bs) = (f32_values(gamma), f32_values(beta));
-    let mut y = vec![0f32; b * c * s];
+    let mut y = filled_later(b * c * s);
     let mut stats = vec![(0f32, 0f32); b * groups];
     y.par_chunks_mut(n)
         .zip(xs.par_chunks(n))
@@ -301,7 +384,7 @@ fn backward(dy: &FlexTensor, st: &GroupNormState) -> (FlexTensor, FlexTensor, Fl
     let xs = f32_values(&st.x);
     let dys = f32_values(dy);
     let gs = f32_values(&st.gamma);
-    let mut dx = vec![0f32; b * c * s];
+    let mut dx = filled_later(b * c * s);
     // Per (batch, channel): sum dy * xhat and sum dy, reduced over the batch afterwards.
     let mut partial = vec![(0f64, 0f64); b * c];
     dx.par_chunks_mut(n)
@@ -442,13 +525,17 @@ impl Backward<Flex, 1> for SoftmaxBackward {
     }
 }
 
-/// SiLU `x * sigmoid(x)` (SD's ResNet, time-embedding and VAE activation), fused and vectorised: one pass with
-/// the polynomial `exp`, in parallel over chunks; its backward (for `Autodiff<Flex>`)
-/// `dx = dy * s * (1 + x (1 - s))`, `s = sigmoid(x)`, from the saved input. burn's `silu` is a sigmoid (a scalar
-/// libm `exp` per element) and a multiply: two passes and a temporary.
+/// An element-wise [`Activation`], fused and vectorised: one pass with the polynomial `exp` / `erf`, in parallel
+/// over chunks, in place at inference when the input's buffer is its own; its backward (for `Autodiff<Flex>`) from
+/// the saved input: swish `dx = dy * s * (1 + beta x (1 - s))`, `s = sigmoid(beta x)`; GELU
+/// `dx = dy * (Phi(x) + x phi(x))`. burn's `silu` / `sigmoid` / `gelu` are a scalar libm `exp` / `erf` per element
+/// and a multiply: two passes and a temporary.
 ///
 /// Returns the input back unless the backend is `Flex` or `Autodiff<Flex>` and `x` is f32.
-pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+pub fn activation<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    act: Activation,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
     if x.dtype() != DType::F32 {
         return Err(x);
     }
@@ -460,7 +547,7 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>,
         let shape = x.layout().shape().to_vec();
         let mut y = owned_f32(x);
         y.par_chunks_mut(ELEMENTS_PER_TASK)
-            .for_each(simd::silu_in_place);
+            .for_each(|y| act_in_place(act, y));
         return Ok(wrap(cast(flex_tensor(y, shape))));
     }
     if TypeId::of::<B>() == TypeId::of::<AdFlex>() {
@@ -470,10 +557,13 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>,
         let mut y = filled_later(xs.len());
         y.par_chunks_mut(ELEMENTS_PER_TASK)
             .zip(xs.par_chunks(ELEMENTS_PER_TASK))
-            .for_each(|(y, x)| simd::silu_row(x, y));
+            .for_each(|(y, x)| {
+                y.copy_from_slice(x);
+                act_in_place(act, y)
+            });
         drop(xs);
         let y = flex_tensor(y, shape);
-        let out = match SiluBackward
+        let out = match ActivationBackward(act)
             .prepare::<NoCheckpointing>([x.node.clone()])
             .compute_bound()
             .stateful()
@@ -486,13 +576,25 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>,
     Err(x)
 }
 
+/// SiLU `x * sigmoid(x)`: [`activation`] with [`Activation::Swish`]`(1.0)`.
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    activation(x, Activation::Swish(1.0))
+}
+
+fn act_in_place(act: Activation, y: &mut [f32]) {
+    match act {
+        Activation::Swish(beta) => simd::swish_in_place(y, beta as f32),
+        Activation::Gelu => simd::gelu_in_place(y),
+    }
+}
+
 /// Elements handed to one rayon task by the element-wise kernels.
 const ELEMENTS_PER_TASK: usize = 1 << 14;
 
 #[derive(Debug)]
-struct SiluBackward;
+struct ActivationBackward(Activation);
 
-impl Backward<Flex, 1> for SiluBackward {
+impl Backward<Flex, 1> for ActivationBackward {
     /// The forward's input `x`.
     type State = FlexTensor;
 
@@ -505,7 +607,10 @@ impl Backward<Flex, 1> for SiluBackward {
         let mut g = owned_f32(dy);
         g.par_chunks_mut(ELEMENTS_PER_TASK)
             .zip(xs.par_chunks(ELEMENTS_PER_TASK))
-            .for_each(|(g, x)| simd::silu_row_backward(x, g));
+            .for_each(|(g, x)| match self.0 {
+                Activation::Swish(beta) => simd::swish_row_backward(x, g, beta as f32),
+                Activation::Gelu => simd::gelu_row_backward(x, g),
+            });
         let [px] = ops.parents;
         if let Some(node) = px {
             grads.register::<Flex>(node.id, flex_tensor(g, shape));
@@ -765,47 +870,66 @@ pub(crate) mod simd {
         }
     }
 
-    /// Below this SiLU and its derivative are 0 to f32 precision (`|silu(x)| < 6e-37`), and `exp(-x)` would
-    /// saturate.
-    const SILU_ZERO_BELOW: f32 = -88.0;
+    /// Below this (in `beta * x`) swish and its derivative are 0 to f32 precision (`|silu(x)| < 6e-37`), and
+    /// `exp(-beta x)` would saturate.
+    const SWISH_ZERO_BELOW: f32 = -88.0;
 
-    /// `x / (1 + exp(-x))`: x far above 0 (where `exp(-x)` is 0), 0 below [`SILU_ZERO_BELOW`].
+    /// `x / (1 + exp(-beta x))`: x far above 0 (where the `exp` is 0), 0 below [`SWISH_ZERO_BELOW`].
     #[inline(always)]
-    fn silu<const FMA: bool>(x: f32) -> f32 {
-        let y = x / (1.0 + exp::<FMA>(-x));
-        if x < SILU_ZERO_BELOW { 0.0 } else { y }
+    fn swish<const FMA: bool>(x: f32, beta: f32) -> f32 {
+        let bx = beta * x;
+        let y = x / (1.0 + exp::<FMA>(-bx));
+        if bx < SWISH_ZERO_BELOW { 0.0 } else { y }
     }
 
     #[inline(always)]
-    fn silu_impl<const FMA: bool>(x: &[f32], y: &mut [f32]) {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = silu::<FMA>(x);
-        }
-    }
-
-    #[inline(always)]
-    fn silu_in_place_impl<const FMA: bool>(y: &mut [f32]) {
+    fn swish_in_place_impl<const FMA: bool>(y: &mut [f32], beta: f32) {
         for y in y.iter_mut() {
-            *y = silu::<FMA>(*y);
+            *y = swish::<FMA>(*y, beta);
         }
     }
 
-    /// `g <- g * s * (1 + x (1 - s))` with `s = sigmoid(x)`.
+    /// `g <- g * s * (1 + beta x (1 - s))` with `s = sigmoid(beta x)`.
     #[inline(always)]
-    fn silu_backward_impl<const FMA: bool>(x: &[f32], g: &mut [f32]) {
+    fn swish_backward_impl<const FMA: bool>(x: &[f32], g: &mut [f32], beta: f32) {
         for (g, &x) in g.iter_mut().zip(x) {
-            let s = 1.0 / (1.0 + exp::<FMA>(-x));
-            let d = s * madd::<FMA>(x, 1.0 - s, 1.0);
-            *g *= if x < SILU_ZERO_BELOW { 0.0 } else { d };
+            let bx = beta * x;
+            let s = 1.0 / (1.0 + exp::<FMA>(-bx));
+            let d = s * madd::<FMA>(bx, 1.0 - s, 1.0);
+            *g *= if bx < SWISH_ZERO_BELOW { 0.0 } else { d };
         }
     }
+
+    /// `Phi(x)`, the standard normal CDF.
+    #[inline(always)]
+    fn normal_cdf<const FMA: bool>(x: f32) -> f32 {
+        madd::<FMA>(0.5, erf::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2), 0.5)
+    }
+
+    #[inline(always)]
+    fn gelu_in_place_impl<const FMA: bool>(y: &mut [f32]) {
+        for y in y.iter_mut() {
+            *y *= normal_cdf::<FMA>(*y);
+        }
+    }
+
+    /// `g <- g * (Phi(x) + x phi(x))`.
+    #[inline(always)]
+    fn gelu_backward_impl<const FMA: bool>(x: &[f32], g: &mut [f32]) {
+        for (g, &x) in g.iter_mut().zip(x) {
+            let pdf = INV_SQRT_2PI * exp::<FMA>(-0.5 * x * x);
+            *g *= madd::<FMA>(x, pdf, normal_cdf::<FMA>(x));
+        }
+    }
+
+    /// `1 / sqrt(2 pi)`.
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
 
     /// `out = a * gelu(b)` with the exact (erf) GELU.
     #[inline(always)]
     fn geglu_impl<const FMA: bool>(a: &[f32], b: &[f32], out: &mut [f32]) {
         for ((o, &x), &g) in out.iter_mut().zip(a).zip(b) {
-            let cdf = 0.5 + 0.5 * erf::<FMA>(g * std::f32::consts::FRAC_1_SQRT_2);
-            *o = x * g * cdf;
+            *o = x * g * normal_cdf::<FMA>(g);
         }
     }
 
@@ -819,10 +943,8 @@ pub(crate) mod simd {
         da: &mut [f32],
         db: &mut [f32],
     ) {
-        // 1 / sqrt(2 pi)
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
         for ((((da, db), &x), &g), &d) in da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(dout) {
-            let cdf = 0.5 + 0.5 * erf::<FMA>(g * std::f32::consts::FRAC_1_SQRT_2);
+            let cdf = normal_cdf::<FMA>(g);
             let pdf = INV_SQRT_2PI * exp::<FMA>(-0.5 * g * g);
             *da = d * g * cdf;
             *db = d * x * madd::<FMA>(g, pdf, cdf);
@@ -906,6 +1028,112 @@ pub(crate) mod simd {
         }
     }
 
+    /// LayerNorm of one row: `y = (x - mean) * rstd * gamma + beta`.
+    #[inline(always)]
+    fn layer_norm_row_impl<const FMA: bool>(
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        mean: f32,
+        rstd: f32,
+        y: &mut [f32],
+    ) {
+        for (((o, &v), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+            *o = madd::<FMA>((v - mean) * rstd, g, b);
+        }
+    }
+
+    /// LayerNorm backward sums of one row: `(sum dy * gamma, sum dy * gamma * xhat)`, `xhat = (x - mean) * rstd`.
+    #[inline(always)]
+    fn layer_norm_grad_sums_impl<const FMA: bool>(
+        x: &[f32],
+        dy: &[f32],
+        gamma: &[f32],
+        mean: f32,
+        rstd: f32,
+    ) -> (f32, f32) {
+        let split = x.len() - x.len() % LANES;
+        let (mut s1, mut s2) = ([0f32; LANES], [0f32; LANES]);
+        for ((xc, dc), gc) in x[..split]
+            .chunks_exact(LANES)
+            .zip(dy[..split].chunks_exact(LANES))
+            .zip(gamma[..split].chunks_exact(LANES))
+        {
+            for i in 0..LANES {
+                let gd = dc[i] * gc[i];
+                s1[i] += gd;
+                s2[i] = madd::<FMA>(gd, (xc[i] - mean) * rstd, s2[i]);
+            }
+        }
+        let (mut a, mut b) = (s1.iter().sum::<f32>(), s2.iter().sum::<f32>());
+        for ((&v, &d), &g) in x[split..].iter().zip(&dy[split..]).zip(&gamma[split..]) {
+            a += d * g;
+            b += d * g * (v - mean) * rstd;
+        }
+        (a, b)
+    }
+
+    /// LayerNorm input gradient of one row, `dx = rstd * (dy * gamma - a - xhat * b)` with `p = [mean, rstd, a, b]`,
+    /// and the row's share of the parameter gradients: `dgamma += dy * xhat`, `dbeta += dy`.
+    #[inline(always)]
+    fn layer_norm_dx_impl<const FMA: bool>(
+        x: &[f32],
+        dy: &[f32],
+        gamma: &[f32],
+        p: [f32; 4],
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) {
+        let [mean, rstd, a, b] = p;
+        for (((((o, &v), &d), &g), dg), db) in dx
+            .iter_mut()
+            .zip(x)
+            .zip(dy)
+            .zip(gamma)
+            .zip(dgamma.iter_mut())
+            .zip(dbeta.iter_mut())
+        {
+            let xhat = (v - mean) * rstd;
+            *o = rstd * (madd::<FMA>(d, g, -a) - xhat * b);
+            *dg = madd::<FMA>(d, xhat, *dg);
+            *db += d;
+        }
+    }
+
+    multiversion!(
+        /// LayerNorm of one row.
+        layer_norm_row => layer_norm_row_impl(
+            x: &[f32],
+            gamma: &[f32],
+            beta: &[f32],
+            mean: f32,
+            rstd: f32,
+            y: &mut [f32]
+        )
+    );
+    multiversion!(
+        /// `(sum dy * gamma, sum dy * gamma * xhat)` over one row.
+        layer_norm_grad_sums => layer_norm_grad_sums_impl(
+            x: &[f32],
+            dy: &[f32],
+            gamma: &[f32],
+            mean: f32,
+            rstd: f32
+        ) -> (f32, f32)
+    );
+    multiversion!(
+        /// LayerNorm `dx` of one row and its share of `dgamma`, `dbeta`.
+        layer_norm_dx => layer_norm_dx_impl(
+            x: &[f32],
+            dy: &[f32],
+            gamma: &[f32],
+            p: [f32; 4],
+            dx: &mut [f32],
+            dgamma: &mut [f32],
+            dbeta: &mut [f32]
+        )
+    );
     multiversion!(
         /// `sum(x)` (16 partial sums).
         sum => sum_impl(x: &[f32]) -> f32
@@ -952,16 +1180,20 @@ pub(crate) mod simd {
         exp_shifted_row => exp_shifted_impl(s: &mut [f32], shift: f32)
     );
     multiversion!(
-        /// `y = silu(x)`.
-        silu_row => silu_impl(x: &[f32], y: &mut [f32])
+        /// `y <- x * sigmoid(beta * x)`, in place.
+        swish_in_place => swish_in_place_impl(y: &mut [f32], beta: f32)
     );
     multiversion!(
-        /// `y <- silu(y)`.
-        silu_in_place => silu_in_place_impl(y: &mut [f32])
+        /// The swish backward: `g <- g * swish'(x)`.
+        swish_row_backward => swish_backward_impl(x: &[f32], g: &mut [f32], beta: f32)
     );
     multiversion!(
-        /// The SiLU backward: `g <- g * silu'(x)`.
-        silu_row_backward => silu_backward_impl(x: &[f32], g: &mut [f32])
+        /// `y <- gelu(y)` (exact), in place.
+        gelu_in_place => gelu_in_place_impl(y: &mut [f32])
+    );
+    multiversion!(
+        /// The GELU backward: `g <- g * gelu'(x)`.
+        gelu_row_backward => gelu_backward_impl(x: &[f32], g: &mut [f32])
     );
     multiversion!(
         /// `out = a * gelu(b)` (exact GELU).
@@ -1128,6 +1360,38 @@ mod tests {
             .unwrap();
         assert_eq!(&dv[..4], &[1.0, 0.0, 0.0, 1.0]);
         assert!(silu(inner.cast(DType::F64)).is_err());
+    }
+
+    /// quick_gelu (swish with beta 1.702) and the exact GELU against burn's tensor ops, value and gradient, at
+    /// inference (in place) and under autodiff.
+    #[test]
+    fn fused_quick_gelu_and_gelu_match_tensor_ops_forward_and_backward() {
+        type A = AdFlex;
+        let d = Default::default();
+        let x = Tensor::<A, 2>::random([5, 6421], Distribution::Normal(0.0, 4.0), &d);
+        let dy = Tensor::<A, 2>::random([5, 6421], Distribution::Normal(0.0, 1.0), &d);
+        for act in [Activation::Swish(1.702), Activation::Gelu] {
+            let reference = |x: Tensor<A, 2>| match act {
+                Activation::Swish(b) => x.clone() * burn::tensor::activation::sigmoid(x * b),
+                Activation::Gelu => burn::tensor::activation::gelu(x),
+            };
+            let run = |fused: bool| {
+                let x = x.clone().require_grad();
+                let y = if fused {
+                    activation(x.clone(), act).unwrap()
+                } else {
+                    reference(x.clone())
+                };
+                let grads = (y.clone() * dy.clone()).sum().backward();
+                (y.inner(), x.grad(&grads).unwrap())
+            };
+            let (y1, dx1) = run(true);
+            let (y0, dx0) = run(false);
+            assert!(rel_max_diff(y1.clone(), y0.clone()) < 1e-6, "{act:?}");
+            assert!(rel_max_diff(dx1, dx0) < 2e-6, "{act:?}");
+            let y2 = activation(x.clone().inner(), act).unwrap();
+            assert!(rel_max_diff(y2, y0) < 1e-6, "{act:?} inference");
+        }
     }
 
     #[test]

@@ -13,7 +13,6 @@
 //! `Autodiff<Flex>` with f32 tensors take this path, everything else the tensor-op path.
 
 use std::any::TypeId;
-use std::cell::RefCell;
 
 use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -25,7 +24,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use crate::flex::{AdFlex, AdPrimitive, SharedMut, View, cast, f32_values, flex_tensor, mm, simd};
+use crate::flex::{
+    AdFlex, AdPrimitive, SharedMut, View, cast, f32_values, filled_later, flex_tensor, mm, simd,
+    with_scratch,
+};
 
 /// Queries per block: a block's scores (`64 x n_kv` floats: 256 KiB at 1024 keys) stay in the core's cache.
 const BLOCK: usize = 64;
@@ -126,31 +128,15 @@ impl Dims {
     }
 }
 
-thread_local! {
-    /// Per-thread scratch for score blocks, reused across calls.
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with a per-thread scratch buffer of at least `len` floats (contents unspecified). `f` must not start
-/// rayon work (a stolen task on this thread would find the buffer borrowed).
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < len {
-            s.resize(len, 0.0);
-        }
-        f(&mut s[..len])
-    })
-}
-
 /// Forward: the output `[b, n_q, heads * d]` and each query's log-sum-exp of its scaled scores
 /// `[b, heads, n_q]`.
 fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dm: &Dims) -> (FlexTensor, Vec<f32>) {
     let (qs, ks, vs) = (f32_values(q), f32_values(k), f32_values(v));
     let (qs, ks, vs) = (&*qs, &*ks, &*vs);
     let row = dm.row();
-    let mut out = vec![0f32; dm.b * dm.n_q * row];
-    let mut lse = vec![0f32; dm.b * dm.heads * dm.n_q];
+    // Every output row of every head and every log-sum-exp is written by exactly one task below.
+    let mut out = filled_later(dm.b * dm.n_q * row);
+    let mut lse = filled_later(dm.b * dm.heads * dm.n_q);
     let out_ptr = SharedMut(out.as_mut_ptr());
     // One task per (batch, head, query block); each writes its own rows of its head's columns of `out` and its
     // own slice of `lse`.

@@ -2,16 +2,17 @@
 //! tensor-op version beside it for every backend no kernel covers.
 //!
 //! The networks (`alignprop-diffusion`, `alignprop-rewards`) call the free functions of this crate: [`group_norm`],
-//! [`layer_norm`], [`softmax`], [`multi_head_attention`] / [`scaled_dot_product_attention`], [`geglu`], [`silu`] and
-//! [`conv2d`]. Each asks the
+//! [`layer_norm`], [`softmax`], [`multi_head_attention`] / [`scaled_dot_product_attention`], [`geglu`], the
+//! activations ([`silu`], [`quick_gelu`], [`gelu`]), [`conv2d`] and [`linear`] / [`linear_with_bias`]. Each asks the
 //! kernel set for a fused kernel ([`Kernels`], one method per op: it gives its inputs back in `Err` when it does not
 //! apply to the backend, dtype or shape) and otherwise runs the tensor-op version of [`tensor_ops`]. Dispatch is by
 //! backend type at run time, so model code stays generic over `B: Backend` with no extra trait bound on users' code.
 //!
 //! - [`FlexKernels`] (feature `flex`, on by default): burn's pure-Rust CPU backend `Flex` and `Autodiff<Flex>` in
-//!   f32 — vectorised GroupNorm, softmax, GEGLU and SiLU ([`flex`]), FlashAttention-style attention that never stores the
-//!   score matrix ([`flex_attention`]), stride-1 convolutions forward and backward as GEMMs on the zero-padded grid
-//!   ([`flex_conv`]).
+//!   f32 — vectorised GroupNorm, softmax, GEGLU and the activations ([`flex`]), LayerNorm ([`flex_layer_norm`]),
+//!   FlashAttention-style attention that never stores the score matrix ([`flex_attention`]), stride-1 3x3 and 1x1
+//!   convolutions forward and backward as GEMMs on the zero-padded grid ([`flex_conv`]), linear layers with the
+//!   bias as the GEMM's starting value ([`flex_linear`]).
 //! - [`AutodiffKernels`]: memory-efficient attention under autodiff ([`blockwise_attention`]: query blocks, only
 //!   the output and each row's log-sum-exp kept, probabilities recomputed in the backward) for `Autodiff<Flex>` in
 //!   other dtypes, `Autodiff<Cuda>` (feature `cuda`) and `Autodiff<Wgpu>` (feature `wgpu`).
@@ -32,6 +33,10 @@ pub mod flex;
 pub mod flex_attention;
 #[cfg(feature = "flex")]
 pub mod flex_conv;
+#[cfg(feature = "flex")]
+pub mod flex_layer_norm;
+#[cfg(feature = "flex")]
+pub mod flex_linear;
 pub mod flops;
 pub mod linear_op;
 pub mod tensor_ops;
@@ -95,6 +100,10 @@ pub(crate) fn attention_applies<B: Backend>(
 
 /// The inputs of [`Kernels::conv2d_same`], given back when the kernel does not apply.
 pub type ConvInputs<B> = (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 1>>);
+/// The inputs of [`Kernels::layer_norm`], given back when the kernel does not apply.
+pub type LayerNormInputs<B> = (Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 1>);
+/// The inputs of [`Kernels::linear`], given back when the kernel does not apply.
+pub type LinearInputs<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>);
 
 /// A set of fused kernels. Each method computes its op when it applies to the backend `B`, the dtypes and the
 /// shapes, and gives its inputs back in `Err` otherwise (the default: a set covers only some ops).
@@ -108,6 +117,16 @@ pub trait Kernels {
         _eps: f64,
     ) -> Result<Tensor<B, 3>, GroupNormInputs<B>> {
         Err((x, gamma, beta))
+    }
+
+    /// LayerNorm of `x` `[rows, features]` over the features, `weight`, `bias` `[features]`.
+    fn layer_norm<B: Backend>(
+        x: Tensor<B, 2>,
+        weight: Tensor<B, 1>,
+        bias: Tensor<B, 1>,
+        _eps: f64,
+    ) -> Result<Tensor<B, 2>, LayerNormInputs<B>> {
+        Err((x, weight, bias))
     }
 
     /// Softmax over the last dimension.
@@ -135,8 +154,11 @@ pub trait Kernels {
         Err(h)
     }
 
-    /// SiLU `x * sigmoid(x)`, element-wise.
-    fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    /// An element-wise [`Activation`].
+    fn activation<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        _act: Activation,
+    ) -> Result<Tensor<B, D>, Tensor<B, D>> {
         Err(x)
     }
 
@@ -150,6 +172,15 @@ pub trait Kernels {
         _padding: usize,
     ) -> Result<Tensor<B, 4>, ConvInputs<B>> {
         Err((x, weight, bias))
+    }
+
+    /// A linear layer `x wᵀ + bias`: `x` `[rows, in]`, `w` `[out, in]`, `bias` `[out]` -> `[rows, out]`.
+    fn linear<B: Backend>(
+        x: Tensor<B, 2>,
+        w: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Result<Tensor<B, 2>, LinearInputs<B>> {
+        Err((x, w, bias))
     }
 }
 
@@ -167,6 +198,14 @@ impl Kernels for FlexKernels {
         eps: f64,
     ) -> Result<Tensor<B, 3>, GroupNormInputs<B>> {
         flex::group_norm(x, gamma, beta, groups, eps)
+    }
+    fn layer_norm<B: Backend>(
+        x: Tensor<B, 2>,
+        weight: Tensor<B, 1>,
+        bias: Tensor<B, 1>,
+        eps: f64,
+    ) -> Result<Tensor<B, 2>, LayerNormInputs<B>> {
+        flex_layer_norm::layer_norm(x, weight, bias, eps)
     }
     fn softmax_last<B: Backend, const D: usize>(
         x: Tensor<B, D>,
@@ -186,8 +225,11 @@ impl Kernels for FlexKernels {
     fn geglu<B: Backend>(h: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
         flex::geglu(h)
     }
-    fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
-        flex::silu(x)
+    fn activation<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        act: Activation,
+    ) -> Result<Tensor<B, D>, Tensor<B, D>> {
+        flex::activation(x, act)
     }
     fn conv2d_same<B: Backend>(
         x: Tensor<B, 4>,
@@ -197,6 +239,13 @@ impl Kernels for FlexKernels {
         padding: usize,
     ) -> Result<Tensor<B, 4>, ConvInputs<B>> {
         flex_conv::conv2d_same(x, weight, bias, stride, padding)
+    }
+    fn linear<B: Backend>(
+        x: Tensor<B, 2>,
+        w: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Result<Tensor<B, 2>, LinearInputs<B>> {
+        flex_linear::linear(x, w, bias)
     }
 }
 
@@ -211,6 +260,14 @@ impl<K1: Kernels, K2: Kernels> Kernels for (K1, K2) {
     ) -> Result<Tensor<B, 3>, GroupNormInputs<B>> {
         K1::group_norm(x, gamma, beta, groups, eps)
             .or_else(|(x, g, b)| K2::group_norm(x, g, b, groups, eps))
+    }
+    fn layer_norm<B: Backend>(
+        x: Tensor<B, 2>,
+        weight: Tensor<B, 1>,
+        bias: Tensor<B, 1>,
+        eps: f64,
+    ) -> Result<Tensor<B, 2>, LayerNormInputs<B>> {
+        K1::layer_norm(x, weight, bias, eps).or_else(|(x, w, b)| K2::layer_norm(x, w, b, eps))
     }
     fn softmax_last<B: Backend, const D: usize>(
         x: Tensor<B, D>,
@@ -231,8 +288,11 @@ impl<K1: Kernels, K2: Kernels> Kernels for (K1, K2) {
     fn geglu<B: Backend>(h: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
         K1::geglu(h).or_else(K2::geglu)
     }
-    fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
-        K1::silu(x).or_else(K2::silu)
+    fn activation<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        act: Activation,
+    ) -> Result<Tensor<B, D>, Tensor<B, D>> {
+        K1::activation(x, act).or_else(|x| K2::activation(x, act))
     }
     fn conv2d_same<B: Backend>(
         x: Tensor<B, 4>,
@@ -243,6 +303,13 @@ impl<K1: Kernels, K2: Kernels> Kernels for (K1, K2) {
     ) -> Result<Tensor<B, 4>, ConvInputs<B>> {
         K1::conv2d_same(x, weight, bias, stride, padding)
             .or_else(|(x, w, b)| K2::conv2d_same(x, w, b, stride, padding))
+    }
+    fn linear<B: Backend>(
+        x: Tensor<B, 2>,
+        w: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Result<Tensor<B, 2>, LinearInputs<B>> {
+        K1::linear(x, w, bias).or_else(|(x, w, b)| K2::linear(x, w, b))
     }
 }
 
@@ -419,7 +486,8 @@ pub fn layer_norm<B: Backend>(
     bias: Tensor<B, 1>,
     eps: f64,
 ) -> Tensor<B, 2> {
-    tensor_ops::layer_norm(x, weight, bias, eps)
+    Active::layer_norm(x, weight, bias, eps)
+        .unwrap_or_else(|(x, w, b)| tensor_ops::layer_norm(x, w, b, eps))
 }
 
 /// Softmax over the last dimension.
@@ -467,9 +535,38 @@ pub fn geglu<B: Backend>(h: Tensor<B, 2>) -> Tensor<B, 2> {
     Active::geglu(h).unwrap_or_else(tensor_ops::geglu)
 }
 
+/// An element-wise activation of the networks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// `x * sigmoid(beta * x)`: SiLU with `beta = 1` (SD's ResNet, time-embedding and VAE activation), CLIP's
+    /// `quick_gelu` with `beta = 1.702`.
+    Swish(f64),
+    /// The exact (erf) GELU `x * Phi(x)`, as `torch.nn.functional.gelu` (OpenCLIP's MLPs).
+    Gelu,
+}
+
+/// `act(x)` element-wise, any shape: the fused kernel where it applies, else burn's tensor ops.
+pub fn activation<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activation) -> Tensor<B, D> {
+    Active::activation(x, act).unwrap_or_else(|x| match act {
+        Activation::Swish(beta) if beta == 1.0 => burn::tensor::activation::silu(x),
+        Activation::Swish(beta) => x.clone() * burn::tensor::activation::sigmoid(x * beta),
+        Activation::Gelu => burn::tensor::activation::gelu(x),
+    })
+}
+
 /// SiLU `x * sigmoid(x)` (`swish`), element-wise, any shape.
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    Active::silu(x).unwrap_or_else(burn::tensor::activation::silu)
+    activation(x, Activation::Swish(1.0))
+}
+
+/// CLIP's `quick_gelu` `x * sigmoid(1.702 x)`, element-wise, any shape.
+pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    activation(x, Activation::Swish(1.702))
+}
+
+/// The exact (erf) GELU, element-wise, any shape.
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    activation(x, Activation::Gelu)
 }
 
 /// `conv2d(x, weight, bias)` with square `stride` and `padding`, dilation 1, one group.
@@ -567,8 +664,34 @@ pub const SMALL_LINEAR_SIDE: usize = 64;
 /// the view (a copy of every SD1.5 weight per call would cost more than it is worth where the fault was not seen);
 /// `alignprop-gpucheck`'s `ops/matmul` sweep checks both at the models' shapes on every CI run.
 pub fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
-    let [out, inp] = w.dims();
+    linear_with_bias(x, w, None)
+}
+
+/// `x wᵀ + bias` for a linear layer: `x` `[rows, in]`, `w` `[out, in]`, `bias` `[out]` -> `[rows, out]`.
+///
+/// On the CPU backend in f32 one kernel ([`flex_linear`]: the bias as the GEMM's starting value, one GEMM per
+/// thread, the backward's products on strided views); elsewhere the product of [`linear`] and a broadcast add.
+pub fn linear_with_bias<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 2> {
     flops::count_linear(&x, &w);
+    match Active::linear(x, w, bias) {
+        Ok(y) => y,
+        Err((x, w, bias)) => {
+            let y = product(x, w);
+            match bias {
+                Some(b) => y + b.unsqueeze_dim(0),
+                None => y,
+            }
+        }
+    }
+}
+
+/// `x wᵀ` with burn's matmul, the cube backends' workaround of [`linear`] included.
+fn product<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [out, inp] = w.dims();
     if out.min(inp) > SMALL_LINEAR_SIDE || !is_cube_backend::<B>() {
         return x.matmul(w.transpose());
     }
