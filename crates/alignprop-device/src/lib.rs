@@ -223,9 +223,11 @@ pub fn wgpu_device(index: usize) -> Result<burn::backend::wgpu::WgpuDevice, Stri
 /// Tensor programs free and re-allocate the same large buffers (activations of every layer, every step). With
 /// glibc's defaults, blocks above the dynamic mmap threshold are `mmap`ed and `munmap`ed each time, so every
 /// allocation pays fresh page faults and zeroing of its pages, and freed heap tops are trimmed back to the OS. This
-/// raises the mmap threshold to its maximum (32 MiB on 64-bit) and turns trimming off. Peak resident memory is
-/// unchanged; memory freed after the peak stays mapped for reuse. Call it once at start, before the first
-/// allocation of tensors. Returns whether the settings were applied (glibc only; elsewhere a no-op).
+/// raises the mmap threshold to its maximum (32 MiB on 64-bit), serves the blocks above it from the heap too (no
+/// `mmap` for the main thread's allocations: SD's 64 MiB attention scores and VAE activations were a fresh
+/// `mmap`, 16,384 page faults and a `munmap` per call) and turns trimming off. Memory freed after the peak stays
+/// mapped for reuse. Call it once at start, before the first allocation of tensors. Returns whether the settings
+/// were applied (glibc only; elsewhere a no-op).
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -233,7 +235,8 @@ pub fn keep_freed_memory() -> bool {
         unsafe {
             let a = libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             let b = libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-            a == 1 && b == 1
+            let c = libc::mallopt(libc::M_MMAP_MAX, 0);
+            a == 1 && b == 1 && c == 1
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
