@@ -43,6 +43,41 @@ pub(crate) fn flex_tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
+/// Records `y` on the autodiff graph as the output of a custom op whose parents are `x`, `w` and, when the layer has
+/// one, `bias`: `op2` (two parents) or `op3` (three), keeping `state` for the backward when a parent is tracked.
+pub(crate) fn finish_with_bias<S, O2, O3>(
+    (op2, op3): (O2, O3),
+    x: &AdPrimitive,
+    w: &AdPrimitive,
+    bias: Option<&AdPrimitive>,
+    state: S,
+    y: FlexTensor,
+) -> AdPrimitive
+where
+    S: Clone + Send + std::fmt::Debug + 'static,
+    O2: Backward<Flex, 2, State = S>,
+    O3: Backward<Flex, 3, State = S>,
+{
+    match bias {
+        Some(bias) => match op3
+            .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), bias.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(state, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        },
+        None => match op2
+            .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(state, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        },
+    }
+}
+
 /// A vector of `len` values that the caller writes completely before reading one (no zeroing pass).
 pub(crate) fn filled_later(len: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(len);

@@ -30,17 +30,16 @@ use std::any::TypeId;
 
 use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
 use crate::flex::{
-    AdFlex, AdPrimitive, SharedMut, View, cast, f32_values, filled_later, flex_tensor, mm_strided,
-    par_mm, with_scratch,
+    AdFlex, AdPrimitive, SharedMut, View, cast, f32_values, filled_later, finish_with_bias,
+    flex_tensor, mm_strided, par_mm, with_scratch,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -146,24 +145,14 @@ pub fn conv2d_same<B: Backend>(
         weight: wt.primitive.clone(),
         g,
     };
-    let out = match bias {
-        Some(bias) => match ConvBackward::<3>
-            .prepare::<NoCheckpointing>([x.node.clone(), wt.node.clone(), bias.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(state, y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        },
-        None => match ConvBackward::<2>
-            .prepare::<NoCheckpointing>([x.node.clone(), wt.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(state, y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        },
-    };
+    let out = finish_with_bias(
+        (ConvBackward::<2>, ConvBackward::<3>),
+        &x,
+        &wt,
+        bias.as_ref(),
+        state,
+        y,
+    );
     Ok(wrap(cast(out)))
 }
 

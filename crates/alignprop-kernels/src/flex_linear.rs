@@ -19,15 +19,17 @@ use std::any::TypeId;
 
 use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use rayon::prelude::*;
 
-use crate::flex::{AdFlex, AdPrimitive, View, cast, f32_values, filled_later, flex_tensor, par_mm};
+use crate::flex::{
+    AdFlex, AdPrimitive, View, cast, f32_values, filled_later, finish_with_bias, flex_tensor,
+    par_mm,
+};
 
 /// The inputs of [`linear`], given back when the kernel does not apply.
 pub type LinearInputs<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>);
@@ -79,24 +81,14 @@ pub fn linear<B: Backend>(
         w: w.primitive.clone(),
         dims,
     };
-    let y = match bias {
-        Some(bias) => match LinearBackward::<3>
-            .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), bias.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(state, y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        },
-        None => match LinearBackward::<2>
-            .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(state, y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        },
-    };
+    let y = finish_with_bias(
+        (LinearBackward::<2>, LinearBackward::<3>),
+        &x,
+        &w,
+        bias.as_ref(),
+        state,
+        y,
+    );
     Ok(wrap(cast(y)))
 }
 
