@@ -43,22 +43,44 @@ pub(crate) fn flex_tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
-/// Records `y` on the autodiff graph as the output of a custom op whose parents are `x`, `w` and, when the layer has
-/// one, `bias`: `op2` (two parents) or `op3` (three), keeping `state` for the backward when a parent is tracked.
-pub(crate) fn finish_with_bias<S, O2, O3>(
+/// A layer with a weight `w` and, optionally, a bias on `Flex` or `Autodiff<Flex>` (the caller has checked that `B`
+/// is one of them and that every tensor is f32): `run` computes the output from the values of `x`, `w` and the
+/// bias; under autodiff the output is recorded as the custom op `op2` (parents `x`, `w`) or `op3` (and the bias),
+/// keeping `state(x, w)` for the backward when a parent is tracked.
+pub(crate) fn layer_with_bias<B, const D: usize, S, O2, O3>(
+    (x, w, bias): (Tensor<B, D>, Tensor<B, D>, Option<Tensor<B, 1>>),
+    run: impl Fn(&[f32], &[f32], Option<&[f32]>) -> FlexTensor,
+    state: impl FnOnce(FlexTensor, FlexTensor) -> S,
     (op2, op3): (O2, O3),
-    x: &AdPrimitive,
-    w: &AdPrimitive,
-    bias: Option<&AdPrimitive>,
-    state: S,
-    y: FlexTensor,
-) -> AdPrimitive
+) -> Tensor<B, D>
 where
+    B: Backend,
     S: Clone + Send + std::fmt::Debug + 'static,
     O2: Backward<Flex, 2, State = S>,
     O3: Backward<Flex, 3, State = S>,
 {
-    match bias {
+    let prim = |t: Tensor<B, D>| t.into_primitive().tensor();
+    let prim1 = |t: Tensor<B, 1>| t.into_primitive().tensor();
+    let wrap =
+        |p: B::FloatTensorPrimitive| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(p));
+    let values = |x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>| {
+        let bias = bias.map(f32_values);
+        run(&f32_values(x), &f32_values(w), bias.as_deref())
+    };
+    if TypeId::of::<B>() == TypeId::of::<Flex>() {
+        let (x, w): (FlexTensor, FlexTensor) = (cast(prim(x)), cast(prim(w)));
+        let bias: Option<FlexTensor> = bias.map(|t| cast(prim1(t)));
+        return wrap(cast(values(&x, &w, bias.as_ref())));
+    }
+    let (x, w): (AdPrimitive, AdPrimitive) = (cast(prim(x)), cast(prim(w)));
+    let bias: Option<AdPrimitive> = bias.map(|t| cast(prim1(t)));
+    let y = values(
+        &x.primitive,
+        &w.primitive,
+        bias.as_ref().map(|t| &t.primitive),
+    );
+    let state = state(x.primitive.clone(), w.primitive.clone());
+    let out = match bias {
         Some(bias) => match op3
             .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), bias.node.clone()])
             .compute_bound()
@@ -75,7 +97,8 @@ where
             OpsKind::Tracked(prep) => prep.finish(state, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         },
-    }
+    };
+    wrap(cast(out))
 }
 
 /// A vector of `len` values that the caller writes completely before reading one (no zeroing pass).

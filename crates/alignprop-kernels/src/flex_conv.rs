@@ -34,12 +34,12 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::flex::{
-    AdFlex, AdPrimitive, SharedMut, View, cast, f32_values, filled_later, finish_with_bias,
-    flex_tensor, mm_strided, par_mm, with_scratch,
+    AdFlex, SharedMut, View, f32_values, filled_later, flex_tensor, layer_with_bias, mm_strided,
+    par_mm, with_scratch,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -114,46 +114,21 @@ pub fn conv2d_same<B: Backend>(
         k: kh,
         p: padding,
     };
-    let prim4 = |t: Tensor<B, 4>| t.into_primitive().tensor();
-    let prim1 = |t: Tensor<B, 1>| t.into_primitive().tensor();
-    let wrap =
-        |p: B::FloatTensorPrimitive| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
-    let run = |x: &FlexTensor, wt: &FlexTensor, bias: Option<&FlexTensor>| {
-        let bias = bias.map(f32_values);
-        let (xs, ws) = (f32_values(x), f32_values(wt));
+    let run = |xs: &[f32], ws: &[f32], bias: Option<&[f32]>| {
         let y = if g.k == 1 {
-            forward_1x1(&xs, &ws, bias.as_deref(), &g)
+            forward_1x1(xs, ws, bias, &g)
         } else {
-            forward(&xs, &ws, bias.as_deref(), &g)
+            forward(xs, ws, bias, &g)
         };
         flex_tensor(y, vec![b, c_out, h, w])
     };
-    if is_flex {
-        let (x, wt): (FlexTensor, FlexTensor) = (cast(prim4(x)), cast(prim4(weight)));
-        let bias: Option<FlexTensor> = bias.map(|t| cast(prim1(t)));
-        return Ok(wrap(cast(run(&x, &wt, bias.as_ref()))));
-    }
-    let (x, wt): (AdPrimitive, AdPrimitive) = (cast(prim4(x)), cast(prim4(weight)));
-    let bias: Option<AdPrimitive> = bias.map(|t| cast(prim1(t)));
-    let y = run(
-        &x.primitive,
-        &wt.primitive,
-        bias.as_ref().map(|t| &t.primitive),
-    );
-    let state = ConvState {
-        x: x.primitive.clone(),
-        weight: wt.primitive.clone(),
-        g,
-    };
-    let out = finish_with_bias(
-        (ConvBackward::<2>, ConvBackward::<3>),
-        &x,
-        &wt,
-        bias.as_ref(),
+    let state = |x, weight| ConvState { x, weight, g };
+    Ok(layer_with_bias(
+        (x, weight, bias),
+        run,
         state,
-        y,
-    );
-    Ok(wrap(cast(out)))
+        (ConvBackward::<2>, ConvBackward::<3>),
+    ))
 }
 
 /// Grid positions per forward task: the im2col block (`c_in * k * k` rows of this many values) stays within
@@ -397,7 +372,7 @@ fn backward_1x1(
 ///
 /// One task per (tap, block of output channels), each a single-threaded GEMM per image (`K` = the positions)
 /// accumulating into its own `[c_out block, c_in]` slice of a tap-major buffer, reordered to `[c_out, c_in, k, k]`
-/// at the end. Tasks are at least four per thread (taps times channel blocks), so the threads stay balanced;
+/// at the end. Tasks are at least eight per thread (taps times channel blocks), so the threads stay balanced;
 /// gemm's own rayon split of each thin `c_out x c_in` product measured 70-110 GFLOP/s against 140-200 for this
 /// (AMD EPYC, 2 threads).
 fn weight_gradient(dys: &[f32], xs: &[f32], g: &Geometry) -> Vec<f32> {
@@ -415,35 +390,12 @@ fn weight_gradient(dys: &[f32], xs: &[f32], g: &Geometry) -> Vec<f32> {
     let xpad: Vec<Vec<f32>> = (0..g.b).map(|bi| pad_image(xs, bi, g.c_in, g)).collect();
     // Tap-major: `[taps, c_out, c_in]`.
     let mut by_tap = filled_later(taps * g.c_out * g.c_in);
-    if n < SMALL_GRID {
-        for tap in 0..taps {
-            let d = View {
-                ptr: by_tap[tap * g.c_out * g.c_in..].as_mut_ptr(),
-                rs: g.c_in as isize,
-                cs: 1,
-            };
-            for (bi, xp) in xpad.iter().enumerate() {
-                let dyv = View::rows(&grid, bi * g.c_out * n, n);
-                let xt = View::rows(xp, g.shift(tap), len).t();
-                // SAFETY: `d` is tap `tap`'s `c_out x c_in` block of `by_tap`; `dyv` is image `bi`'s `c_out x n`
-                // grid; the shifted input rows lie within `len` (see `Geometry::len`).
-                unsafe { mm_strided(g.c_out, g.c_in, n, d, bi > 0, dyv, xt, 1.0, true) };
-            }
-        }
-        return tap_major_to_weight(&by_tap, g);
-    }
-    let threads = rayon::current_num_threads();
-    let parts = (8 * threads).div_ceil(taps).clamp(1, g.c_out.div_ceil(16));
-    let step = g.c_out.div_ceil(parts);
     let dst = SharedMut(by_tap.as_mut_ptr());
-    (0..taps * parts).into_par_iter().for_each(|task| {
-        let (tap, o0) = (task / parts, (task % parts) * step);
-        let rows = step.min(g.c_out.saturating_sub(o0));
-        if rows == 0 {
-            return;
-        }
+    // Rows `o0 .. o0 + rows` of tap `tap`'s `c_out x c_in` block, summed over the images; `threaded`: gemm's
+    // threads inside each product.
+    let block = |tap: usize, o0: usize, rows: usize, threaded: bool| {
         let d = View {
-            // SAFETY (of the offset): rows `o0 .. o0 + rows` of tap `tap`'s `c_out x c_in` block.
+            // SAFETY (of the offset): rows `o0 .. o0 + rows` of tap `tap`'s block lie within `by_tap`.
             ptr: unsafe { dst.get().add((tap * g.c_out + o0) * g.c_in) },
             rs: g.c_in as isize,
             cs: 1,
@@ -451,11 +403,26 @@ fn weight_gradient(dys: &[f32], xs: &[f32], g: &Geometry) -> Vec<f32> {
         for (bi, xp) in xpad.iter().enumerate() {
             let dyv = View::rows(&grid, (bi * g.c_out + o0) * n, n);
             let xt = View::rows(xp, g.shift(tap), len).t();
-            // SAFETY: `d` is written by this task only (its tap and channel block); `dyv` is `rows x n` within
-            // image `bi`'s grid; the shifted input rows lie within `len` (see `Geometry::len`).
-            unsafe { mm_strided(rows, g.c_in, n, d, bi > 0, dyv, xt, 1.0, false) };
+            // SAFETY: `d` is written by this call only (the callers give each call its own tap and channel
+            // block); `dyv` is `rows x n` within image `bi`'s grid; the shifted input rows lie within `len` (see
+            // `Geometry::len`).
+            unsafe { mm_strided(rows, g.c_in, n, d, bi > 0, dyv, xt, 1.0, threaded) };
         }
-    });
+    };
+    if n < SMALL_GRID {
+        (0..taps).for_each(|tap| block(tap, 0, g.c_out, true));
+    } else {
+        let threads = rayon::current_num_threads();
+        let parts = (8 * threads).div_ceil(taps).clamp(1, g.c_out.div_ceil(16));
+        let step = g.c_out.div_ceil(parts);
+        (0..taps * parts).into_par_iter().for_each(|task| {
+            let (tap, o0) = (task / parts, (task % parts) * step);
+            let rows = step.min(g.c_out.saturating_sub(o0));
+            if rows > 0 {
+                block(tap, o0, rows, false);
+            }
+        });
+    }
     tap_major_to_weight(&by_tap, g)
 }
 

@@ -23,13 +23,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::flex::{
-    AdFlex, AdPrimitive, View, cast, f32_values, filled_later, finish_with_bias, flex_tensor,
-    par_mm,
-};
+use crate::flex::{AdFlex, View, f32_values, filled_later, flex_tensor, layer_with_bias, par_mm};
 
 /// The inputs of [`linear`], given back when the kernel does not apply.
 pub type LinearInputs<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>);
@@ -55,41 +52,16 @@ pub fn linear<B: Backend>(
         return Err((x, w, bias));
     }
     let dims = Dims { rows, inp, out };
-    let prim2 = |t: Tensor<B, 2>| t.into_primitive().tensor();
-    let prim1 = |t: Tensor<B, 1>| t.into_primitive().tensor();
-    let wrap =
-        |p: B::FloatTensorPrimitive| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(p));
-    let run = |x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>| {
-        let bias = bias.map(f32_values);
-        let y = forward(&f32_values(x), &f32_values(w), bias.as_deref(), dims);
-        flex_tensor(y, vec![rows, out])
+    let run = |xs: &[f32], ws: &[f32], bias: Option<&[f32]>| {
+        flex_tensor(forward(xs, ws, bias, dims), vec![rows, out])
     };
-    if is_flex {
-        let (x, w): (FlexTensor, FlexTensor) = (cast(prim2(x)), cast(prim2(w)));
-        let bias: Option<FlexTensor> = bias.map(|t| cast(prim1(t)));
-        return Ok(wrap(cast(run(&x, &w, bias.as_ref()))));
-    }
-    let (x, w): (AdPrimitive, AdPrimitive) = (cast(prim2(x)), cast(prim2(w)));
-    let bias: Option<AdPrimitive> = bias.map(|t| cast(prim1(t)));
-    let y = run(
-        &x.primitive,
-        &w.primitive,
-        bias.as_ref().map(|t| &t.primitive),
-    );
-    let state = LinearState {
-        x: x.primitive.clone(),
-        w: w.primitive.clone(),
-        dims,
-    };
-    let y = finish_with_bias(
-        (LinearBackward::<2>, LinearBackward::<3>),
-        &x,
-        &w,
-        bias.as_ref(),
+    let state = |x, w| LinearState { x, w, dims };
+    Ok(layer_with_bias(
+        (x, w, bias),
+        run,
         state,
-        y,
-    );
-    Ok(wrap(cast(y)))
+        (LinearBackward::<2>, LinearBackward::<3>),
+    ))
 }
 
 #[derive(Clone, Copy, Debug)]
