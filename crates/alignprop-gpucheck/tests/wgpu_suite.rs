@@ -11,6 +11,7 @@
 //! `ALIGNPROP_WGPU_SUITE_ONLY` (comma-separated name patterns), `ALIGNPROP_WGPU_SUITE=skip` (skip on purpose).
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,28 @@ fn libtest_line(passed: usize, failed: usize, ignored: usize, secs: f64) {
         "test result: {status}. {passed} passed; {failed} failed; {ignored} ignored; 0 measured; 0 filtered out; \
          finished in {secs:.2}s"
     );
+}
+
+/// Copies the committed autotune results (`crates/alignprop-gpucheck/autotune`: cubecl's cache files from a run of
+/// this suite on llvmpipe at `CUBECL_AUTOTUNE_LEVEL=minimal`) into cubecl's cache folder, each file only where
+/// that folder has none (a cache of this machine's own is never touched); returns how many it copied. On llvmpipe
+/// most of a cold run is compiling and timing the candidate kernels of each new shape: 2,487 s cold against 1,203 s
+/// warm on a 2-core AMD EPYC. cubecl checks each entry's checksum against its current kernel set and tunes again
+/// where they differ, and a GPU is another device folder, so a stale or foreign entry costs only its tuning.
+fn seed_autotune_cache(from: &Path, to: &Path) -> std::io::Result<usize> {
+    let mut copied = 0;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copied += seed_autotune_cache(&entry.path(), &target)?;
+        } else if entry.file_name().to_string_lossy().ends_with(".json.log") && !target.exists() {
+            std::fs::create_dir_all(to)?;
+            std::fs::copy(entry.path(), &target)?;
+            copied += 1;
+        }
+    }
+    Ok(copied)
 }
 
 fn main() {
@@ -57,7 +80,20 @@ fn main() {
     cmd.args(["--device", "wgpu"]);
     // cubecl keeps its autotune results under `target/` beside the nearest Cargo.toml of the working directory: run
     // from the workspace root so they land in the workspace's (ignored) `target/`.
-    cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+    cmd.current_dir(root);
+    match seed_autotune_cache(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("autotune"),
+        &root.join("target").join("autotune"),
+    ) {
+        Ok(0) => {}
+        Ok(n) => println!(
+            "wgpu suite: autotune cache seeded with {n} committed files (llvmpipe, level minimal)"
+        ),
+        Err(e) => {
+            println!("wgpu suite: autotune cache not seeded ({e}): kernels are tuned as they come")
+        }
+    }
     if let Ok(only) = std::env::var("ALIGNPROP_WGPU_SUITE_ONLY") {
         for p in only.split(',').filter(|p| !p.is_empty()) {
             cmd.args(["--only", p]);

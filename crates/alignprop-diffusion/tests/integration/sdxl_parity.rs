@@ -4,7 +4,7 @@
 //! the UNet with the `text_time` addition embedding (pooled text + sinusoids of the six time ids) and transformer
 //! depths 1 and 2, and the VAE with SDXL's scaling factor 0.13025.
 
-mod common;
+use crate::common;
 
 use alignprop_diffusion::clip::{CLIPTextModel, CLIPTextModelWithProjection};
 use alignprop_diffusion::tokenizer::CLIPTokenizer;

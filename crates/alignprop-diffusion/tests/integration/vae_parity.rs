@@ -2,7 +2,7 @@
 //! README section 5(d)), plus loading variants (legacy attention names, SD1.5-era config, 1x1-conv shaped
 //! attention weights) and loading errors.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -497,7 +497,7 @@ fn unsupported_configs_are_config_errors() {
 // ------------------------------------------------------------------------------------------------ full size
 
 /// The full SD1.5 VAE (default config) with random weights: one 64x64 latent -> a 512x512 image.
-/// `cargo test -p alignprop-diffusion --test vae_parity -- --ignored --nocapture full_size`
+/// `cargo test -p alignprop-diffusion --test integration -- --ignored --nocapture vae_parity::full_size`
 #[test]
 #[ignore = "full-size SD1.5 VAE: slow on CPU"]
 fn full_size_sd15_decode_512() {

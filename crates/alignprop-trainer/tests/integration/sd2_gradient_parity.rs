@@ -17,7 +17,7 @@
 //! (no parameter is upstream of a detached step), and the references hold no `dL/dx_T`: it is checked against the
 //! full-graph autodiff chain (`trajectory_full_graph`) for K = 1 and K = 2.
 
-mod common;
+use crate::common;
 
 use alignprop_pipeline::Conditioning;
 use alignprop_pipeline::guided_noise;

@@ -355,7 +355,7 @@ fn clip_model_config_reads_projection_and_defaults() {
 
 /// HPSv2's real shapes: open_clip ViT-H-14 (986,109,441 parameters with logit_scale, as open_clip counts them),
 /// random weights, one 224x224 forward with a prompt.
-/// Run: `cargo test --release -p alignprop-rewards --test prompt_reward_parity -- --ignored real_vit_h14`
+/// Run: `cargo test --release -p alignprop-rewards --test integration -- --ignored prompt_reward_parity::real_vit_h14`
 /// (about 45 s on 2 CPU cores; the dev profile works too, its dependencies being optimised).
 #[test]
 #[ignore = "full-size ViT-H/14: ~4 GB of random weights and a slow CPU forward (run in release mode)"]
@@ -383,7 +383,7 @@ fn real_vit_h14_hps_config_builds_and_runs() {
 
 /// PickScore's real shapes: CLIP-H/14 as transformers (laion/CLIP-ViT-H-14-laion2B-s32B-b79K's config), random
 /// weights, one 224x224 forward with a prompt.
-/// Run: `cargo test --release -p alignprop-rewards --test prompt_reward_parity -- --ignored real_clip_h14`
+/// Run: `cargo test --release -p alignprop-rewards --test integration -- --ignored prompt_reward_parity::real_clip_h14`
 /// (about 45 s on 2 CPU cores; the dev profile works too, its dependencies being optimised).
 #[test]
 #[ignore = "full-size CLIP-H/14: ~4 GB of random weights and a slow CPU forward (run in release mode)"]

@@ -5,7 +5,7 @@
 //! folder loads and its UNet gives the fixture folder's output bitwise, and files that are not SDXL base
 //! checkpoints are refused with one clear error.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -4,7 +4,7 @@
 //! and the three networks read from the original single file (OpenCLIP text tower with fused q/k/v and one block
 //! more than SD2 uses).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! Parity of the CLIP tokenizer and text encoder with transformers, on the tiny-sd fixtures
 //! (`refs/tokenizer.json`, `refs/tokenizer.safetensors`, `refs/text_encoder.safetensors`).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

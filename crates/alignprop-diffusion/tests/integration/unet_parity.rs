@@ -1,7 +1,7 @@
 //! `UNet2DConditionModel` against diffusers: the tiny SD1.5-topology fixture (`tiny-sd/unet`), the second
 //! topology (`extra/unet_2block`), the SD1.5-era config, loader errors, and the full-size architecture.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Instant;

@@ -7,7 +7,7 @@
 //! float32. The conditioning is also rebuilt by `StableDiffusion::conditioning_sized` from the prompts and checked
 //! against the stored one.
 
-mod common;
+use crate::common;
 
 use alignprop_diffusion::unet::TextTimeCond;
 use alignprop_pipeline::{AddedConditioning, Conditioning, StableDiffusion};

@@ -2,7 +2,7 @@
 //! `first_stage_model.*`, `cond_stage_model.transformer.*` names) give the same outputs as diffusers; and
 //! half-precision files (fp16 UNet, bf16 VAE, fp16 single file) load with their stored values.
 
-mod common;
+use crate::common;
 
 use alignprop_diffusion::clip::{CLIPTextConfig, CLIPTextModel};
 use alignprop_diffusion::unet::{UNet2DConditionConfig, UNet2DConditionModel};
