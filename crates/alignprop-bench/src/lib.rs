@@ -197,9 +197,10 @@ fn trainable<B: Backend, const D: usize>(shape: [usize; D], device: &B::Device) 
     randn::<B, D>(shape, device).require_grad()
 }
 
-/// Backward of `sum(out * g)`: the vector-Jacobian product with a fixed cotangent `g`.
+/// The vector-Jacobian product with a fixed cotangent `g` (torch's `out.backward(g)`), as the trainer runs it:
+/// `alignprop_kernels::vjp_scalar`.
 fn vjp<A: AutodiffBackend, const D: usize>(out: Tensor<A, D>, g: &Tensor<A, D>) {
-    let grads = (out * g.clone()).sum().backward();
+    let grads = alignprop_kernels::vjp_scalar(out, g.clone()).backward();
     drop(grads);
 }
 

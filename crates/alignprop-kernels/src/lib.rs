@@ -104,6 +104,8 @@ pub type ConvInputs<B> = (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 1>>);
 pub type LayerNormInputs<B> = (Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 1>);
 /// The inputs of [`Kernels::linear`], given back when the kernel does not apply.
 pub type LinearInputs<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>);
+/// The inputs of [`Kernels::vjp_scalar`], given back when the kernel does not apply.
+pub type VjpInputs<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>);
 
 /// A set of fused kernels. Each method computes its op when it applies to the backend `B`, the dtypes and the
 /// shapes, and gives its inputs back in `Err` otherwise (the default: a set covers only some ops).
@@ -182,6 +184,14 @@ pub trait Kernels {
     ) -> Result<Tensor<B, 2>, LinearInputs<B>> {
         Err((x, w, bias))
     }
+
+    /// `sum(out * g)` -> `[1]` with `g` (same shape as `out`) a constant: see [`vjp_scalar`].
+    fn vjp_scalar<B: Backend, const D: usize>(
+        out: Tensor<B, D>,
+        g: Tensor<B, D>,
+    ) -> Result<Tensor<B, 1>, VjpInputs<B, D>> {
+        Err((out, g))
+    }
 }
 
 /// The fused kernels of burn's CPU backend (`Flex`, `Autodiff<Flex>`, f32).
@@ -247,6 +257,12 @@ impl Kernels for FlexKernels {
     ) -> Result<Tensor<B, 2>, LinearInputs<B>> {
         flex_linear::linear(x, w, bias)
     }
+    fn vjp_scalar<B: Backend, const D: usize>(
+        out: Tensor<B, D>,
+        g: Tensor<B, D>,
+    ) -> Result<Tensor<B, 1>, VjpInputs<B, D>> {
+        flex::vjp_scalar(out, g)
+    }
 }
 
 /// Two kernel sets: the first where it applies, else the second.
@@ -310,6 +326,12 @@ impl<K1: Kernels, K2: Kernels> Kernels for (K1, K2) {
         bias: Option<Tensor<B, 1>>,
     ) -> Result<Tensor<B, 2>, LinearInputs<B>> {
         K1::linear(x, w, bias).or_else(|(x, w, b)| K2::linear(x, w, b))
+    }
+    fn vjp_scalar<B: Backend, const D: usize>(
+        out: Tensor<B, D>,
+        g: Tensor<B, D>,
+    ) -> Result<Tensor<B, 1>, VjpInputs<B, D>> {
+        K1::vjp_scalar(out, g).or_else(|(out, g)| K2::vjp_scalar(out, g))
     }
 }
 
@@ -717,6 +739,15 @@ fn linear_on<I: Backend, B: Backend>(
     Ok(cast(y))
 }
 
+/// `sum(out * g)` -> `[1]`, with `g` a constant cotangent of `out`'s shape: `.backward()` on it gives every tensor
+/// upstream of `out` its vector-Jacobian product with `g`, as torch's `out.backward(g)` does (the trainer's
+/// step-by-step backward and the benchmarks' backward passes). The fused kernel (f32 `Flex` / `Autodiff<Flex>`, `g`
+/// not requiring a gradient) reads the two tensors once and hands `g` itself to `out` as its gradient; elsewhere it
+/// is [`sum_all`]`(out * g)`, whose backward also multiplies `g` by the ones of the sum's gradient.
+pub fn vjp_scalar<B: Backend, const D: usize>(out: Tensor<B, D>, g: Tensor<B, D>) -> Tensor<B, 1> {
+    Active::vjp_scalar(out, g).unwrap_or_else(|(out, g)| sum_all(out * g))
+}
+
 pub use tensor_ops::{REDUCE_CHUNK, mean_last, sum_all, sum_last};
 
 #[cfg(test)]
@@ -776,5 +807,59 @@ mod tests {
                 a.assert_approx_eq::<f64>(&e, tol);
             }
         }
+    }
+    /// `vjp_scalar(out, g)` equals `sum(out * g)` in value, and its backward gives what `sum(out * g)`'s does: on
+    /// f32 `Autodiff<Flex>` (the fused kernel, scalar gradient 1 and 2.5), plain `Flex` (value only), f64 (the
+    /// tensor-op fallback) and with a `g` that requires a gradient (the fallback: `g` gets `out` as its gradient).
+    #[test]
+    fn vjp_scalar_is_the_vector_jacobian_product() {
+        let d = Default::default();
+        for dtype in [DType::F32, DType::F64] {
+            // 70,001 values: several parallel blocks and a tail shorter than eight lanes.
+            let shape = [7, 10, 1000 + 1];
+            let n = 7 * 10 * 1001;
+            let x0 = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), (&d, dtype));
+            let g = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), (&d, dtype));
+            for scale in [1.0, 2.5] {
+                let run = |ours: bool| {
+                    let x = x0.clone().require_grad();
+                    let y = super::silu(x.clone());
+                    let v = if ours {
+                        super::vjp_scalar(y, g.clone())
+                    } else {
+                        (y * g.clone()).sum()
+                    };
+                    let grads = (v.clone() * scale).backward();
+                    (v.into_scalar(), x.grad(&grads).unwrap().into_data())
+                };
+                let ((v, gx), (v_ref, gx_ref)) = (run(true), run(false));
+                let (v, v_ref) = (v as f64, v_ref as f64);
+                assert!(
+                    (v - v_ref).abs() <= 1e-4 * v_ref.abs().max(n as f64).sqrt(),
+                    "{dtype:?}: {v} vs {v_ref}"
+                );
+                gx.assert_approx_eq::<f64>(&gx_ref, burn::tensor::Tolerance::absolute(1e-6));
+            }
+        }
+        // Without autodiff: the value.
+        let a = Tensor::<Flex, 2>::random([300, 301], Distribution::Normal(0.0, 1.0), &d);
+        let b = Tensor::<Flex, 2>::random([300, 301], Distribution::Normal(0.0, 1.0), &d);
+        let v: f64 = super::vjp_scalar(a.clone(), b.clone()).into_scalar() as f64;
+        let v_ref: f64 = (a.cast(DType::F64) * b.cast(DType::F64))
+            .sum()
+            .into_scalar() as f64;
+        assert!((v - v_ref).abs() < 1e-3, "{v} vs {v_ref}");
+        // A cotangent that requires a gradient gets `out` as its gradient (the fallback).
+        let x = Tensor::<A, 1>::from_floats([1.0, -2.0, 3.0], &d).require_grad();
+        let g = Tensor::<A, 1>::from_floats([0.5, 0.25, -1.0], &d).require_grad();
+        let grads = super::vjp_scalar(x.clone() * 2.0, g.clone()).backward();
+        g.grad(&grads).unwrap().into_data().assert_eq(
+            &Tensor::<Flex, 1>::from_floats([2.0, -4.0, 6.0], &d).into_data(),
+            false,
+        );
+        x.grad(&grads).unwrap().into_data().assert_eq(
+            &Tensor::<Flex, 1>::from_floats([1.0, 0.5, -2.0], &d).into_data(),
+            false,
+        );
     }
 }

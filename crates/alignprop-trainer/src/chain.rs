@@ -184,7 +184,7 @@ where
             let next = scheduler
                 .step(eps, i, xi.clone(), noise(i).map(Tensor::from_inner))
                 .prev_sample;
-            let vjp = alignprop_kernels::sum_all(next.cast(carry) * Tensor::from_inner(g));
+            let vjp = alignprop_kernels::vjp_scalar(next.cast(carry), Tensor::from_inner(g));
             let grads = vjp.backward();
             acc.add(lora_grads_from(unet, &grads));
             g = xi
