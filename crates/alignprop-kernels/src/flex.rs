@@ -634,10 +634,10 @@ pub fn activation<B: Backend, const D: usize>(
     Err(x)
 }
 
-/// `sum(out * g)` -> `[1]` with `g` a constant ([`crate::vjp_scalar`]): one pass over the two tensors (products
-/// summed in f32 lanes per block of [`ELEMENTS_PER_TASK`] values, the blocks in f64); under autodiff its backward
-/// registers `g` itself (or `g` times the scalar's gradient when that is not 1) as `out`'s gradient, where burn's
-/// `(out * g).sum()` expands the sum's gradient into a tensor of ones and multiplies `g` by it.
+/// `sum(out * g)` -> `[1]` with `g` a constant ([`crate::vjp_scalar`]): one pass over the two tensors ([`dot`]);
+/// under autodiff its backward registers `g` itself (or `g` times the scalar's gradient when that is not 1) as
+/// `out`'s gradient, where burn's `(out * g).sum()` expands the sum's gradient into a tensor of ones and multiplies
+/// `g` by it.
 ///
 /// Returns the inputs back unless the backend is `Flex` or `Autodiff<Flex>`, both tensors are f32 of one shape and
 /// `g` does not require a gradient.
@@ -677,25 +677,12 @@ pub fn vjp_scalar<B: Backend, const D: usize>(
     Err((out, g))
 }
 
-/// `sum(a * b)` of two slices of one length, in parallel blocks.
+/// `sum(a * b)` of two slices of one length: [`simd::dot`] per block of [`ELEMENTS_PER_TASK`] values, in
+/// parallel, the blocks summed in f64.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.par_chunks(ELEMENTS_PER_TASK)
         .zip(b.par_chunks(ELEMENTS_PER_TASK))
-        .map(|(a, b)| {
-            // Eight lanes the compiler vectorises; the tail in the first lanes.
-            let mut lanes = [0f32; 8];
-            let (a8, a_tail) = a.split_at(a.len() / 8 * 8);
-            let (b8, b_tail) = b.split_at(a8.len());
-            for (a, b) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
-                for i in 0..8 {
-                    lanes[i] += a[i] * b[i];
-                }
-            }
-            for (i, (a, b)) in a_tail.iter().zip(b_tail).enumerate() {
-                lanes[i] += a * b;
-            }
-            lanes.iter().map(|&v| v as f64).sum::<f64>()
-        })
+        .map(|(a, b)| simd::dot(a, b) as f64)
         .sum::<f64>() as f32
 }
 
@@ -1284,6 +1271,10 @@ pub(crate) mod simd {
     multiversion!(
         /// `sum(x)` (16 partial sums).
         sum => sum_impl(x: &[f32]) -> f32
+    );
+    multiversion!(
+        /// `sum(a * b)`.
+        dot => dot_impl(a: &[f32], b: &[f32]) -> f32
     );
     multiversion!(
         /// `sum((x - mean)^2)` (16 partial sums).
