@@ -996,11 +996,19 @@ pub(crate) mod simd {
         mul_sub_impl::<FMA>(y, g, dot)
     }
 
-    /// In place `s <- exp(s - shift)`.
+    /// In place `s[i] <- exp(s[i] - shift[i])`.
     #[inline(always)]
-    fn exp_shifted_impl<const FMA: bool>(s: &mut [f32], shift: f32) {
-        for v in s.iter_mut() {
-            *v = exp::<FMA>(*v - shift);
+    fn exp_shifted_each_impl<const FMA: bool>(s: &mut [f32], shift: &[f32]) {
+        for (v, &m) in s.iter_mut().zip(shift) {
+            *v = exp::<FMA>(*v - m);
+        }
+    }
+
+    /// In place `g[i] <- p[i] * (g[i] - d[i])`.
+    #[inline(always)]
+    fn mul_sub_each_impl<const FMA: bool>(p: &[f32], g: &mut [f32], d: &[f32]) {
+        for ((o, &a), &b) in g.iter_mut().zip(p).zip(d) {
+            *o = a * (*o - b);
         }
     }
 
@@ -1310,12 +1318,12 @@ pub(crate) mod simd {
         softmax_row_backward => softmax_backward_impl(y: &[f32], g: &mut [f32])
     );
     multiversion!(
-        /// `g <- p * (g - d)`, in place.
-        mul_sub_row => mul_sub_impl(p: &[f32], g: &mut [f32], d: f32)
+        /// `s[i] <- exp(s[i] - shift[i])`, in place (one shift per element).
+        exp_shifted_each => exp_shifted_each_impl(s: &mut [f32], shift: &[f32])
     );
     multiversion!(
-        /// `s <- exp(s - shift)`, in place.
-        exp_shifted_row => exp_shifted_impl(s: &mut [f32], shift: f32)
+        /// `g[i] <- p[i] * (g[i] - d[i])`, in place (one `d` per element).
+        mul_sub_each => mul_sub_each_impl(p: &[f32], g: &mut [f32], d: &[f32])
     );
     multiversion!(
         /// `y <- x * sigmoid(beta * x)`, in place.

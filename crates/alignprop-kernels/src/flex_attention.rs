@@ -227,7 +227,8 @@ impl Backward<Flex, 3> for AttentionBackward {
 }
 
 /// Backward. Per query block, with `P` recomputed as `exp(s - lse)` and `D_i = sum(dout_i * out_i)`:
-/// `dv += Pᵀ dout`, `dP = dout vᵀ`, `dS = P * (dP - D)`, `dq = scale dS k`, `dk += scale dSᵀ q`.
+/// `dv += Pᵀ dout`, `dP = dout vᵀ`, `dS = P * (dP - D)`, `dq = scale dS k`, `dk += scale dSᵀ q`
+/// (computed on `Pᵀ`, `dPᵀ`, `dSᵀ`: `Sᵀ = k qᵀ`, `dPᵀ = v doutᵀ`).
 fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, FlexTensor) {
     let dm = st.dims;
     let (qs, ks, vs) = (f32_values(&st.q), f32_values(&st.k), f32_values(&st.v));
@@ -242,7 +243,8 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
         .div_ceil(bh)
         .clamp(1, blocks);
     let kv_len = dm.n_kv * dm.d;
-    let mut dq = vec![0f32; dm.b * dm.n_q * row];
+    // Every query row of every head's columns is written (not accumulated) by exactly one block's product.
+    let mut dq = filled_later(dm.b * dm.n_q * row);
     let dq_ptr = SharedMut(dq.as_mut_ptr());
     // Per task: dk partial then dv partial, each `[n_kv, d]`.
     let mut partial = vec![0f32; bh * groups * 2 * kv_len];
@@ -257,37 +259,44 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
             let vv = View::rows(vs, dm.base(batch, dm.n_kv, head), row);
             let (first, last) = (group * blocks / groups, (group + 1) * blocks / groups);
             with_scratch(2 * BLOCK * dm.n_kv, |scratch| {
-                let (p, dp) = scratch.split_at_mut(BLOCK * dm.n_kv);
+                // `pt`, `dst`: the block's probabilities and score gradients transposed, `[n_kv, rows]` (key
+                // `j`, query `r` at `j * rows + r`). In this layout the two products that accumulate over the
+                // block's queries (`dv`, `dk`) read a row-major operand, which gemm runs at ~1.7x the speed of
+                // the column-major one that `[rows, n_kv]` would give them (measured at head size 40).
+                let (pt, dst) = scratch.split_at_mut(BLOCK * dm.n_kv);
+                let mut d_row = [0f32; BLOCK];
                 for blk in first..last {
                     let q0 = blk * BLOCK;
                     let rows = BLOCK.min(dm.n_q - q0);
-                    let (p, dp) = (&mut p[..rows * dm.n_kv], &mut dp[..rows * dm.n_kv]);
+                    let (pt, dst) = (&mut pt[..rows * dm.n_kv], &mut dst[..rows * dm.n_kv]);
                     let q_off = dm.base(batch, dm.n_q, head) + q0 * row;
                     let qv = View::rows(qs, q_off, row);
                     let gv = View::rows(gs, q_off, row);
                     let lse = &st.lse[pair * dm.n_q + q0..pair * dm.n_q + q0 + rows];
-                    // SAFETY (all `mm` calls below): every view addresses its block inside its buffer; `p`, `dp`
-                    // and this task's partials are its own; `dq` rows `q0..q0 + rows` of this head's columns are
-                    // written by this task only.
+                    // SAFETY (all `mm` calls below): every view addresses its block inside its buffer; `pt`,
+                    // `dst` and this task's partials are its own; `dq` rows `q0..q0 + rows` of this head's
+                    // columns are written by this task only.
                     unsafe {
                         mm(
+                            dm.n_kv,
                             rows,
-                            dm.n_kv,
                             dm.d,
-                            p.as_mut_ptr(),
-                            dm.n_kv,
+                            pt.as_mut_ptr(),
+                            rows,
                             false,
-                            qv,
-                            kv.t(),
+                            kv,
+                            qv.t(),
                             dm.scale,
                         )
                     };
-                    for (r, prow) in p.chunks_mut(dm.n_kv).enumerate() {
-                        let vis = dm.visible(q0 + r);
-                        simd::exp_shifted_row(&mut prow[..vis], lse[r]);
-                        prow[vis..].fill(0.0);
+                    for (j, prow) in pt.chunks_mut(rows).enumerate() {
+                        simd::exp_shifted_each(prow, lse);
+                        if dm.causal {
+                            // Key `j` is hidden from the queries before it.
+                            prow[..j.saturating_sub(q0).min(rows)].fill(0.0);
+                        }
                     }
-                    let pv = View::rows(p, 0, dm.n_kv);
+                    let ptv = View::rows(pt, 0, rows);
                     unsafe {
                         mm(
                             dm.n_kv,
@@ -296,39 +305,45 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                             dv_part.as_mut_ptr(),
                             dm.d,
                             true,
-                            pv.t(),
+                            ptv,
                             gv,
                             1.0,
                         )
                     };
                     unsafe {
                         mm(
+                            dm.n_kv,
                             rows,
-                            dm.n_kv,
                             dm.d,
-                            dp.as_mut_ptr(),
-                            dm.n_kv,
+                            dst.as_mut_ptr(),
+                            rows,
                             false,
-                            gv,
-                            vv.t(),
+                            vv,
+                            gv.t(),
                             1.0,
                         )
                     };
-                    for (r, (prow, dprow)) in
-                        p.chunks(dm.n_kv).zip(dp.chunks_mut(dm.n_kv)).enumerate()
-                    {
+                    for (r, d_r) in d_row[..rows].iter_mut().enumerate() {
                         let o = q_off + r * row;
-                        let d_i = os[o..o + dm.d]
-                            .iter()
-                            .zip(&gs[o..o + dm.d])
-                            .map(|(a, b)| a * b)
-                            .sum::<f32>();
-                        simd::mul_sub_row(prow, dprow, d_i);
+                        *d_r = simd::dot(&os[o..o + dm.d], &gs[o..o + dm.d]);
                     }
-                    let dsv = View::rows(dp, 0, dm.n_kv);
+                    for (prow, dsrow) in pt.chunks(rows).zip(dst.chunks_mut(rows)) {
+                        simd::mul_sub_each(prow, dsrow, &d_row[..rows]);
+                    }
+                    let dsv = View::rows(dst, 0, rows);
                     unsafe {
-                        let dst = dq_ptr.get().add(q_off);
-                        mm(rows, dm.d, dm.n_kv, dst, row, false, dsv, kv, dm.scale)
+                        let dq_dst = dq_ptr.get().add(q_off);
+                        mm(
+                            rows,
+                            dm.d,
+                            dm.n_kv,
+                            dq_dst,
+                            row,
+                            false,
+                            dsv.t(),
+                            kv,
+                            dm.scale,
+                        )
                     };
                     unsafe {
                         mm(
@@ -338,7 +353,7 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                             dk_part.as_mut_ptr(),
                             dm.d,
                             true,
-                            dsv.t(),
+                            dsv,
                             qv,
                             dm.scale,
                         )
