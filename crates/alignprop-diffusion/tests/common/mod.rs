@@ -9,6 +9,17 @@ pub use alignprop_testing::{assert_close, refs, rel_err, tiny_sd};
 
 pub type B = alignprop_device::Cpu;
 
+/// A fresh, empty scratch folder `<group>/<name>` under cargo's per-target temporary directory (removed first
+/// when an earlier run left it).
+pub fn scratch(group: &str, name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(group)
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A float reference tensor, converted to `dtype`.
 pub fn ref_tensor<const D: usize>(
     src: &SafetensorsSource,

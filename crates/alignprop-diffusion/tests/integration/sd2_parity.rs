@@ -35,16 +35,6 @@ fn tokenizer_dir() -> PathBuf {
     tiny_sd2().join("tokenizer")
 }
 
-/// A fresh scratch folder for this test (under cargo's per-target temporary directory).
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("sd2_parity")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 // ------------------------------------------------------------------------------------------------ tokenizer
 
 /// transformers' ids (`refs/text_encoder.safetensors` `input_ids`): padding with `!` = 0, and the `!` ending the
@@ -106,7 +96,7 @@ fn pad_token_comes_from_the_special_tokens_map_first() {
         std::fs::write(dir.join(name), serde_json::to_string(&v).unwrap()).unwrap();
     };
     let folder = |name: &str, map: Option<&str>, config: Option<&str>| {
-        let dir = scratch(name);
+        let dir = common::scratch("sd2_parity", name);
         for f in ["vocab.json", "merges.txt"] {
             std::fs::copy(tokenizer_dir().join(f), dir.join(f)).unwrap();
         }
@@ -125,7 +115,7 @@ fn pad_token_comes_from_the_special_tokens_map_first() {
     let config_only = folder("pad_in_config_only", None, Some("!"));
     assert_eq!(config_only.pad_id(), 0);
     // A pad token outside the vocabulary names the file that asks for it.
-    let dir = scratch("unknown_pad");
+    let dir = common::scratch("sd2_parity", "unknown_pad");
     for f in ["vocab.json", "merges.txt"] {
         std::fs::copy(tokenizer_dir().join(f), dir.join(f)).unwrap();
     }

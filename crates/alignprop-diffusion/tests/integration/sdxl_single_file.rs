@@ -34,16 +34,6 @@ fn refs(name: &str) -> SafetensorsSource {
     SafetensorsSource::open(&[tiny_sdxl().join("refs").join(name)]).expect("SDXL reference file")
 }
 
-/// A fresh scratch folder for this test (under cargo's per-target temporary directory).
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("sdxl_single_file")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
-    dir
-}
-
 /// The UNet on `refs/unet.safetensors` (`sample` [2,4,8,12], `timesteps` [2], `encoder_hidden_states` [2,77,24],
 /// `text_embeds` [2,12], `time_ids` [2,6]).
 fn unet_out(unet: &UNet2DConditionModel<B>) -> Tensor<B, 4> {
@@ -161,7 +151,8 @@ fn single_file_networks_match_diffusers() {
 /// diffusers' within float32 tolerance); its second text encoder loads as a `CLIPTextModelWithProjection`.
 #[test]
 fn converted_folder_loads_and_its_unet_equals_the_folders() {
-    let out = scratch("converted");
+    // A folder that does not exist yet, as a conversion's destination usually is.
+    let out = common::scratch("sdxl_single_file", "converted").join("pipeline");
     let report = single_file_to_diffusers(
         sdxl_file(),
         &out,
@@ -236,8 +227,7 @@ fn fake_file(path: &Path, keys: &[&str], shaped: &[(&str, Vec<usize>)]) {
 /// naming the file and what was expected.
 #[test]
 fn files_that_are_not_sdxl_base_checkpoints_are_refused_clearly() {
-    let dir = scratch("bad");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch("sdxl_single_file", "bad");
     let unet = "model.diffusion_model.input_blocks.0.0.weight";
     let expect = |name: &str, keys: &[&str], shaped: &[(&str, Vec<usize>)], needles: &[&str]| {
         let path = dir.join(name);

@@ -3,7 +3,7 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use alignprop_diffusion::clip::{CLIPActivation, CLIPTextConfig, CLIPTextModel};
 use alignprop_diffusion::tokenizer::{CLIPTokenizer, TokenizerError};
@@ -34,16 +34,6 @@ fn prompt_refs() -> Vec<PromptRef> {
 
 fn tokenizer_dir() -> PathBuf {
     tiny_sd().join("tokenizer")
-}
-
-/// A fresh scratch folder for this test (under cargo's per-target temporary directory).
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("text_parity")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn check_tokenizer(tok: &CLIPTokenizer, what: &str) {
@@ -150,7 +140,7 @@ fn tokenizer_from_folder_picks_available_files() {
         "from_folder (tokenizer.json)",
     );
     // A folder with only SD1.5's slow-tokenizer files.
-    let dir = scratch("slow_tokenizer");
+    let dir = common::scratch("text_parity", "slow_tokenizer");
     for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
         std::fs::copy(tokenizer_dir().join(f), dir.join(f)).unwrap();
     }
@@ -159,7 +149,7 @@ fn tokenizer_from_folder_picks_available_files() {
         "from_folder (vocab + merges)",
     );
     // Nothing there.
-    let empty = scratch("no_tokenizer");
+    let empty = common::scratch("text_parity", "no_tokenizer");
     let err = CLIPTokenizer::from_folder(&empty).unwrap_err();
     assert!(matches!(err, TokenizerError::NotFound { .. }));
     assert!(err.to_string().contains("no_tokenizer"), "{err}");
@@ -167,7 +157,7 @@ fn tokenizer_from_folder_picks_available_files() {
 
 #[test]
 fn tokenizer_errors_name_the_file() {
-    let dir = scratch("bad_tokenizer");
+    let dir = common::scratch("text_parity", "bad_tokenizer");
     let missing = dir.join("vocab.json");
     let err =
         CLIPTokenizer::from_vocab_merges(&missing, tokenizer_dir().join("merges.txt")).unwrap_err();
@@ -420,7 +410,7 @@ fn loads_keys_without_text_model_prefix() {
         })
         .collect();
     assert_eq!(renamed.len(), 36);
-    let dir = scratch("unprefixed_text_encoder");
+    let dir = common::scratch("text_parity", "unprefixed_text_encoder");
     safetensors::serialize_to_file(renamed, None, &dir.join("model.safetensors")).unwrap();
     std::fs::copy(te_dir().join("config.json"), dir.join("config.json")).unwrap();
 

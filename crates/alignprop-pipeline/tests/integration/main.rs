@@ -7,4 +7,5 @@ mod lora_unet_parity;
 mod sample_parity;
 mod sd2_parity;
 mod sdxl_parity;
+mod shared;
 mod tokenizer_fallback;

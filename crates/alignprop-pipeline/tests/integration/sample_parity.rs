@@ -6,8 +6,10 @@ use alignprop_io::weights::TensorSource;
 use alignprop_pipeline::images::to_rgb8;
 use alignprop_pipeline::{Conditioning, StableDiffusion, guided_noise};
 use alignprop_schedulers::{DdimScheduler, Scheduler};
-use alignprop_testing::{assert_close, ref_int_on, ref_tensor_on, refs, tiny_sd};
+use alignprop_testing::{assert_close, ref_tensor_on, refs, tiny_sd};
 use burn::tensor::{DType, Tensor};
+
+use crate::shared::{assert_ddim_update, assert_prompt_ids};
 
 type B = burn::backend::Flex;
 const TOL: f64 = 1e-4;
@@ -19,22 +21,7 @@ fn t<const D: usize>(key: &str, dtype: DType) -> Tensor<B, D> {
 #[test]
 fn prompts_encode_to_the_reference_conditioning() {
     let sd = StableDiffusion::<B>::load(&tiny_sd(), &Default::default(), DType::F32).unwrap();
-    let ids = ref_int_on::<B, 2>(
-        &refs("sample.safetensors"),
-        "input_ids",
-        &Default::default(),
-    );
-    let ours = sd
-        .tokenizer
-        .input_ids::<B, _>(
-            &["", "", "cat", "a photo of a golden retriever"],
-            &Default::default(),
-        )
-        .unwrap();
-    assert_eq!(
-        ours.into_data().convert::<i64>(),
-        ids.into_data().convert::<i64>()
-    );
+    assert_prompt_ids(&sd, &refs("sample.safetensors"));
     let text = sd
         .conditioning(&["cat", "a photo of a golden retriever"], "")
         .unwrap();
@@ -92,19 +79,7 @@ fn ddim_cfg_loop_matches_diffusers_step_by_step() {
             x,
             Some(t(&format!("variance_noise.{i}"), DType::F32)),
         );
-        assert_close(
-            &format!("step{i}.pred_original_sample"),
-            out.pred_original_sample,
-            t(&format!("step{i}.pred_original_sample"), DType::F32),
-            TOL,
-        );
-        x = out.prev_sample;
-        assert_close(
-            &format!("step{i}.prev_sample"),
-            x.clone(),
-            t(&format!("step{i}.prev_sample"), DType::F32),
-            TOL,
-        );
+        x = assert_ddim_update(i, out, |key| t(key, DType::F32), TOL);
     }
     assert_close(
         "final_latents",

@@ -11,6 +11,8 @@ use alignprop_schedulers::{DdimScheduler, PredictionType, Scheduler, x0_and_eps}
 use alignprop_testing::{assert_close, ref_int_on, ref_tensor_on, refs_sd2, tiny_sd2};
 use burn::tensor::{DType, Tensor};
 
+use crate::shared::{assert_ddim_update, assert_prompt_ids};
+
 type B = burn::backend::Flex;
 const TOL: f64 = 1e-4;
 /// f64 against the `_f64` references.
@@ -39,22 +41,7 @@ fn folder_loads_as_sd2_and_prompts_encode_to_the_reference() {
     assert_eq!(sd.scheduler_config.prediction_type, "v_prediction");
     assert_eq!(sd.tokenizer.pad_id(), 0);
     assert!(sd.tokenizer_note.is_none());
-    let ids = ref_int_on::<B, 2>(
-        &refs_sd2("sample.safetensors"),
-        "input_ids",
-        &Default::default(),
-    );
-    let ours = sd
-        .tokenizer
-        .input_ids::<B, _>(
-            &["", "", "cat", "a photo of a golden retriever"],
-            &Default::default(),
-        )
-        .unwrap();
-    assert_eq!(
-        ours.into_data().convert::<i64>(),
-        ids.into_data().convert::<i64>()
-    );
+    assert_prompt_ids(&sd, &refs_sd2("sample.safetensors"));
     let text = sd
         .conditioning(&["cat", "a photo of a golden retriever"], "")
         .unwrap();
@@ -100,20 +87,7 @@ fn v_prediction_ddim_cfg_loop_matches_diffusers_step_by_step() {
             sched.alphas_cumprod()[ts],
         );
         assert_close(&step("pred_epsilon"), eps, t(&step("pred_epsilon")), TOL);
-        let out = sched.step(v, i, x, None);
-        assert_close(
-            &step("pred_original_sample"),
-            out.pred_original_sample,
-            t(&step("pred_original_sample")),
-            TOL,
-        );
-        x = out.prev_sample;
-        assert_close(
-            &step("prev_sample"),
-            x.clone(),
-            t(&step("prev_sample")),
-            TOL,
-        );
+        x = assert_ddim_update(i, sched.step(v, i, x, None), t::<4>, TOL);
     }
     assert_close("final_latents", x.clone(), t("final_latents"), TOL);
     assert_close("image", sd.vae.decode_scaled(x), t("image"), TOL);

@@ -9,6 +9,8 @@ use alignprop_schedulers::{DdimScheduler, Scheduler};
 use alignprop_testing::{assert_close, ref_int_on, ref_tensor_on, refs_sdxl, tiny_sdxl};
 use burn::tensor::{DType, Tensor};
 
+use crate::shared::assert_ddim_update;
+
 type B = burn::backend::Flex;
 const TOL: f64 = 1e-4;
 
@@ -213,20 +215,7 @@ fn ddim_cfg_loop_matches_the_sdxl_pipeline_step_by_step() {
             t(&step("eps_guided")),
             TOL,
         );
-        let out = sched.step(eps, i, x, None);
-        assert_close(
-            &step("pred_original_sample"),
-            out.pred_original_sample,
-            t(&step("pred_original_sample")),
-            TOL,
-        );
-        x = out.prev_sample;
-        assert_close(
-            &step("prev_sample"),
-            x.clone(),
-            t(&step("prev_sample")),
-            TOL,
-        );
+        x = assert_ddim_update(i, sched.step(eps, i, x, None), t::<4>, TOL);
     }
     assert_close("final_latents", x.clone(), t("final_latents"), TOL);
     assert_close("image", sd.vae.decode_scaled(x), t("image"), TOL);

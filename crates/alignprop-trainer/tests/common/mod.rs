@@ -13,7 +13,7 @@ use alignprop_pipeline::Conditioning;
 use alignprop_rewards::tiny::TinyReward;
 use alignprop_schedulers::{DdimScheduler, SchedulerConfig};
 use alignprop_testing::{ref_tensor_on, ref_values, rel_err_values, tiny_sd, values};
-use alignprop_trainer::{TrajectoryInput, TrajectoryOutput, Truncation, trajectory};
+use alignprop_trainer::{LoraGrads, TrajectoryInput, TrajectoryOutput, Truncation, trajectory};
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor};
 
@@ -138,35 +138,18 @@ pub fn check(
         "{prefix}: forward values"
     );
 
-    assert_eq!(
-        out.grads.tensors.len(),
-        n_tensors,
-        "one gradient per LoRA tensor"
-    );
-    let (mut ours, mut theirs, mut per_tensor) = (Vec::new(), Vec::new(), Vec::new());
-    for (key, g) in &out.grads.tensors {
-        let a = values(g.clone());
-        let b = ref_values(refs, &format!("{prefix}.unet.{key}"));
-        per_tensor.push((key.clone(), a.clone(), b.clone()));
-        ours.extend(a);
-        theirs.extend(b);
-    }
-    let (rel, max_abs) = rel_err_values(&ours, &theirs);
-    let norm = theirs.iter().map(|x| x * x).sum::<f64>().sqrt();
-    eprintln!("{prefix}: gradient rel L2 {rel:.3e} (max abs {max_abs:.2e}, |g| {norm:.3e})");
+    let GradComparison {
+        rel,
+        norm,
+        per_tensor,
+        ..
+    } = compare_grads(&out.grads, refs, &format!("{prefix}.unet"), n_tensors);
     assert!(
         rel <= tol,
         "{prefix}: gradient relative error {rel:.3e} > {tol:e}"
     );
     let mut worst = 0f64;
-    for (key, a, b) in per_tensor {
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y) * (x - y))
-            .sum::<f64>()
-            .sqrt();
-        let scale = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    for (key, diff, scale) in per_tensor {
         worst = worst.max(diff / (scale + norm));
         assert!(
             diff <= tol * (scale + norm),
@@ -175,6 +158,52 @@ pub fn check(
     }
     eprintln!("{prefix}: worst tensor |diff| / (|g_tensor| + |g|) {worst:.3e}");
     rel
+}
+
+/// Our LoRA gradients against the references `{prefix}.<key>` (e.g. `grad_k1_f64.unet.<key>`).
+pub struct GradComparison {
+    /// Relative L2 error of the whole concatenated gradient.
+    pub rel: f64,
+    /// The largest absolute difference of one value.
+    pub max_abs: f64,
+    /// The L2 norm of the whole reference gradient.
+    pub norm: f64,
+    /// Per LoRA tensor: `(key, |ours - reference|, |reference|)` (L2 norms).
+    pub per_tensor: Vec<(String, f64, f64)>,
+}
+
+/// Compares `grads` with the references `{prefix}.<key>` of `refs`, after asserting one gradient per LoRA tensor
+/// (`n_tensors`); prints the whole vector's error.
+pub fn compare_grads(
+    grads: &LoraGrads<I>,
+    refs: &SafetensorsSource,
+    prefix: &str,
+    n_tensors: usize,
+) -> GradComparison {
+    assert_eq!(
+        grads.tensors.len(),
+        n_tensors,
+        "one gradient per LoRA tensor"
+    );
+    let (mut ours, mut theirs, mut per_tensor) = (Vec::new(), Vec::new(), Vec::new());
+    for (key, g) in &grads.tensors {
+        let a = values(g.clone());
+        let b = ref_values(refs, &format!("{prefix}.{key}"));
+        let l2 = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+        let diff = l2(&mut a.iter().zip(&b).map(|(x, y)| x - y));
+        per_tensor.push((key.clone(), diff, l2(&mut b.iter().copied())));
+        ours.extend(a);
+        theirs.extend(b);
+    }
+    let (rel, max_abs) = rel_err_values(&ours, &theirs);
+    let norm = theirs.iter().map(|x| x * x).sum::<f64>().sqrt();
+    eprintln!("{prefix}: gradient rel L2 {rel:.3e} (max abs {max_abs:.2e}, |g| {norm:.3e})");
+    GradComparison {
+        rel,
+        max_abs,
+        norm,
+        per_tensor,
+    }
 }
 
 /// Full chain, K = 1, K = 2 with their reference names.

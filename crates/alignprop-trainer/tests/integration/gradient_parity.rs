@@ -16,6 +16,8 @@ use alignprop_trainer::{
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor};
 
+use crate::common::{GradComparison, compare_grads};
+
 type I = burn::backend::Flex;
 type A = Autodiff<I>;
 
@@ -91,31 +93,17 @@ fn check(dtype: DType, truncation: Truncation, prefix: &str, suffix: &str, tol: 
     );
     assert!(e_lat < 1e-4 && ((out.loss - j) / j).abs() < 1e-4);
     // Gradients: the whole concatenated vector, and each tensor with an absolute floor.
-    assert_eq!(out.grads.tensors.len(), 256, "one gradient per LoRA tensor");
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    let mut per_tensor = Vec::new();
-    for (key, g) in &out.grads.tensors {
-        let a = values(g.clone());
-        let b = ref_values(&r, &format!("{prefix}.unet.{key}"));
-        per_tensor.push((key.clone(), a.clone(), b.clone()));
-        ours.extend(a);
-        theirs.extend(b);
-    }
-    let (rel, max_abs) = rel_err_values(&ours, &theirs);
-    let norm = theirs.iter().map(|x| x * x).sum::<f64>().sqrt();
-    eprintln!("{prefix}: gradient rel L2 {rel:.3e} (max abs {max_abs:.2e}, |g| {norm:.3e})");
+    let GradComparison {
+        rel,
+        norm,
+        per_tensor,
+        ..
+    } = compare_grads(&out.grads, &r, &format!("{prefix}.unet"), 256);
     assert!(
         rel <= tol,
         "{prefix}: gradient relative error {rel:.3e} > {tol:e}"
     );
-    for (key, a, b) in per_tensor {
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y) * (x - y))
-            .sum::<f64>()
-            .sqrt();
-        let scale = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    for (key, diff, scale) in per_tensor {
         assert!(
             diff <= tol * scale + 1e-6 * norm,
             "{prefix}.{key}: |diff| {diff:.3e} vs |g| {scale:.3e}"

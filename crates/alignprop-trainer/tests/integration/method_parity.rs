@@ -16,6 +16,8 @@ use alignprop_trainer::{ChainError, TrajectoryInput, TrajectoryOutput};
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor};
 
+use crate::common::{GradComparison, compare_grads};
+
 type I = burn::backend::Flex;
 type A = Autodiff<I>;
 
@@ -90,17 +92,8 @@ fn compare(out: &TrajectoryOutput<A>, prefix: &str) -> f64 {
         &ref_values(&r, &format!("{prefix}.x0")),
     );
     assert!(e_x < 1e-9, "{prefix}: sample rel {e_x:.2e}");
-    assert_eq!(out.grads.tensors.len(), 256, "one gradient per LoRA tensor");
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    for (key, g) in &out.grads.tensors {
-        let a = values(g.clone());
-        let b = ref_values(&r, &format!("{prefix}.grad.unet.{key}"));
-        ours.extend(a);
-        theirs.extend(b);
-    }
-    let (rel, max_abs) = rel_err_values(&ours, &theirs);
-    let norm = theirs.iter().map(|x| x * x).sum::<f64>().sqrt();
-    eprintln!("{prefix}: gradient rel L2 {rel:.3e} (max abs {max_abs:.2e}, |g| {norm:.3e})");
+    let GradComparison { rel, norm, .. } =
+        compare_grads(&out.grads, &r, &format!("{prefix}.grad.unet"), 256);
     assert!(
         norm > 0.0 && rel <= 1e-8,
         "{prefix}: gradient relative error {rel:.3e}"
