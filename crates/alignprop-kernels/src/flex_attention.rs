@@ -126,6 +126,15 @@ impl Dims {
     fn visible(&self, i: usize) -> usize {
         if self.causal { i + 1 } else { self.n_kv }
     }
+    /// Of the `rows` queries from `q0` on, how many come before key `j` and do not see it (the transposed
+    /// counterpart of [`Dims::visible`]).
+    fn hidden_from(&self, j: usize, q0: usize, rows: usize) -> usize {
+        if self.causal {
+            j.saturating_sub(q0).min(rows)
+        } else {
+            0
+        }
+    }
 }
 
 /// Forward: the output `[b, n_q, heads * d]` and each query's log-sum-exp of its scaled scores
@@ -290,11 +299,9 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                         )
                     };
                     for (j, prow) in pt.chunks_mut(rows).enumerate() {
-                        simd::exp_shifted_each(prow, lse);
-                        if dm.causal {
-                            // Key `j` is hidden from the queries before it.
-                            prow[..j.saturating_sub(q0).min(rows)].fill(0.0);
-                        }
+                        let hidden = dm.hidden_from(j, q0, rows);
+                        prow[..hidden].fill(0.0);
+                        simd::exp_shifted_each(&mut prow[hidden..], &lse[hidden..]);
                     }
                     let ptv = View::rows(pt, 0, rows);
                     unsafe {

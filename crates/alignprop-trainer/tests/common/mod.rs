@@ -164,8 +164,6 @@ pub fn check(
 pub struct GradComparison {
     /// Relative L2 error of the whole concatenated gradient.
     pub rel: f64,
-    /// The largest absolute difference of one value.
-    pub max_abs: f64,
     /// The L2 norm of the whole reference gradient.
     pub norm: f64,
     /// Per LoRA tensor: `(key, |ours - reference|, |reference|)` (L2 norms).
@@ -189,21 +187,24 @@ pub fn compare_grads(
     for (key, g) in &grads.tensors {
         let a = values(g.clone());
         let b = ref_values(refs, &format!("{prefix}.{key}"));
-        let l2 = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
-        let diff = l2(&mut a.iter().zip(&b).map(|(x, y)| x - y));
-        per_tensor.push((key.clone(), diff, l2(&mut b.iter().copied())));
+        let diff = l2(a.iter().zip(&b).map(|(x, y)| x - y));
+        per_tensor.push((key.clone(), diff, l2(b.iter().copied())));
         ours.extend(a);
         theirs.extend(b);
     }
     let (rel, max_abs) = rel_err_values(&ours, &theirs);
-    let norm = theirs.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let norm = l2(theirs.iter().copied());
     eprintln!("{prefix}: gradient rel L2 {rel:.3e} (max abs {max_abs:.2e}, |g| {norm:.3e})");
     GradComparison {
         rel,
-        max_abs,
         norm,
         per_tensor,
     }
+}
+
+/// The L2 norm of `v`.
+fn l2(v: impl Iterator<Item = f64>) -> f64 {
+    v.map(|x| x * x).sum::<f64>().sqrt()
 }
 
 /// Full chain, K = 1, K = 2 with their reference names.
