@@ -875,6 +875,8 @@ pub(crate) mod simd {
         };
     }
 
+    pub(crate) use multiversion;
+
     /// `a * b + c`, fused where the kernel is compiled for FMA (elsewhere `mul_add` would be a libm call).
     #[inline(always)]
     fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {

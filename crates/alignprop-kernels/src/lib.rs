@@ -11,8 +11,9 @@
 //! - [`FlexKernels`] (feature `flex`, on by default): burn's pure-Rust CPU backend `Flex` and `Autodiff<Flex>` in
 //!   f32 — vectorised GroupNorm, softmax, GEGLU and the activations ([`flex`]), LayerNorm ([`flex_layer_norm`]),
 //!   FlashAttention-style attention that never stores the score matrix ([`flex_attention`]), stride-1 3x3 and 1x1
-//!   convolutions forward and backward as GEMMs on the zero-padded grid ([`flex_conv`]), linear layers with the
-//!   bias as the GEMM's starting value ([`flex_linear`]).
+//!   convolutions forward and backward as GEMMs on the zero-padded grid ([`flex_conv`]; the larger 3x3 ones by
+//!   Winograd's F(2x2, 3x3), [`flex_winograd`]), linear layers with the bias as the GEMM's starting value
+//!   ([`flex_linear`]).
 //! - [`AutodiffKernels`]: memory-efficient attention under autodiff ([`blockwise_attention`]: query blocks, only
 //!   the output and each row's log-sum-exp kept, probabilities recomputed in the backward) for `Autodiff<Flex>` in
 //!   other dtypes, `Autodiff<Cuda>` (feature `cuda`) and `Autodiff<Wgpu>` (feature `wgpu`).
@@ -37,6 +38,8 @@ pub mod flex_conv;
 pub mod flex_layer_norm;
 #[cfg(feature = "flex")]
 pub mod flex_linear;
+#[cfg(feature = "flex")]
+pub mod flex_winograd;
 pub mod flops;
 pub mod linear_op;
 pub mod tensor_ops;
