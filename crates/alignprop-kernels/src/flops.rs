@@ -8,6 +8,9 @@
 //! products in full, masked or not). A call whose inputs are tracked by autodiff also adds the products of its
 //! backward then, as if the backward runs (it does in every benchmark workload): one forward's worth per gradient
 //! a convolution or linear layer needs (input, weight) and two for attention (`dP`, `dV`, `dQ`, `dK`).
+//! Convolutions count as the direct sum whatever algorithm runs them (as PyTorch's counter does): the 3x3
+//! convolutions that the CPU backend runs by Winograd's F(2x2, 3x3) ([`crate::flex_winograd`]) do 4/9 of those
+//! multiplications, so GFLOP/s computed from this count are effective rates there.
 //!
 //! The counter is the calling thread's (the networks call these functions from the thread that runs them; the
 //! kernels' own worker threads do not call them): a benchmark counts one iteration between [`start`] and
