@@ -148,15 +148,17 @@ fn forward_tile(kdim: usize) -> usize {
 /// into the uncropped output; the crop adds the bias. 3x3 shapes where Winograd pays ([`winograd::pays`]) go to
 /// [`winograd::forward`] instead. Returns `[b, c_out, h, w]` values.
 fn forward(xs: &[f32], ws: &[f32], bias: Option<&[f32]>, g: &Geometry) -> Vec<f32> {
-    let shape = winograd::Shape {
-        b: g.b,
-        c_in: g.c_in,
-        c_out: g.c_out,
-        h: g.h,
-        w: g.w,
-    };
-    if g.k == 3 && winograd::pays(&shape) {
-        return winograd::forward(xs, ws, bias, &shape);
+    if g.k == 3 {
+        let shape = winograd::Shape {
+            b: g.b,
+            c_in: g.c_in,
+            c_out: g.c_out,
+            h: g.h,
+            w: g.w,
+        };
+        if winograd::pays(&shape) {
+            return winograd::forward(xs, ws, bias, &shape);
+        }
     }
     let (n, hw, wp, len, taps) = (g.n(), g.h * g.w, g.wp(), g.len(), g.taps());
     let kdim = g.c_in * taps;

@@ -102,8 +102,6 @@ pub(crate) fn forward(xs: &[f32], ws: &[f32], bias: Option<&[f32]>, s: &Shape) -
             let image = &xpad[bi * s.c_in * plen..][..s.c_in * plen];
             transform_input(image, v, t0, cols, s);
             for xi in 0..XI {
-                let vx = &v[xi * s.c_in * cols..];
-                let ux = &u[xi * s.c_out * s.c_in..];
                 let dst = View {
                     ptr: m[xi * s.c_out * cols..].as_mut_ptr(),
                     rs: 1,
@@ -119,16 +117,8 @@ pub(crate) fn forward(xs: &[f32], ws: &[f32], bias: Option<&[f32]>, s: &Shape) -
                         s.c_in,
                         dst,
                         false,
-                        View {
-                            ptr: vx.as_ptr(),
-                            rs: 1,
-                            cs: cols as isize,
-                        },
-                        View {
-                            ptr: ux.as_ptr(),
-                            rs: 1,
-                            cs: s.c_in as isize,
-                        },
+                        View::rows(v, xi * s.c_in * cols, cols).t(),
+                        View::rows(&u, xi * s.c_out * s.c_in, s.c_in).t(),
                         1.0,
                         false,
                     )
@@ -258,6 +248,25 @@ fn sub<const L: usize>(a: [f32; L], b: [f32; L]) -> [f32; L] {
     std::array::from_fn(|i| a[i] - b[i])
 }
 
+/// The tiles `t0 .. t0 + cols` (row-major over a grid `tw` tiles wide) as runs within one tile row: `(ty, tx0, n,
+/// offset)` for tiles `tx0 .. tx0 + n` of tile row `ty`, the run's first tile at `offset` from `t0`.
+fn tile_runs(
+    t0: usize,
+    cols: usize,
+    tw: usize,
+) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    let mut t = t0;
+    std::iter::from_fn(move || {
+        (t < t0 + cols).then(|| {
+            let (ty, tx0) = (t / tw, t % tw);
+            let n = (tw - tx0).min(t0 + cols - t);
+            let run = (ty, tx0, n, t - t0);
+            t += n;
+            run
+        })
+    })
+}
+
 /// `L` values of `s` from `at`.
 #[inline(always)]
 fn load<const L: usize>(s: &[f32], at: usize) -> [f32; L] {
@@ -305,10 +314,7 @@ fn transform_input_impl<const FMA: bool>(
     let (pw, plen) = (s.pw(), s.plen());
     let half = pw / 2;
     let plane = s.c_in * cols;
-    let mut t = t0;
-    while t < t0 + cols {
-        let (ty, tx0) = (t / tw, t % tw);
-        let n = (tw - tx0).min(t0 + cols - t);
+    for (ty, tx0, n, offset) in tile_runs(t0, cols, tw) {
         for i in 0..s.c_in {
             let ch = &image[i * plen..][..plen];
             // Padded rows `2 ty .. 2 ty + 4`: even and odd columns from tile `tx0` on.
@@ -316,7 +322,7 @@ fn transform_input_impl<const FMA: bool>(
                 let (e, o) = ch[(2 * ty + r) * pw..][..pw].split_at(half);
                 (&e[tx0..], &o[tx0..])
             });
-            let base = i * cols + (t - t0);
+            let base = i * cols + offset;
             let mut j = 0;
             while j + LANES <= n {
                 let d = std::array::from_fn(|r| {
@@ -338,7 +344,6 @@ fn transform_input_impl<const FMA: bool>(
                 }
             }
         }
-        t += n;
     }
 }
 
@@ -383,15 +388,12 @@ fn transform_output_impl<const FMA: bool>(
     let plane = s.c_out * cols;
     // Tiles wholly inside the columns: `2 tx + 1 < w`.
     let full_x = s.w / 2;
-    let mut t = t0;
-    while t < t0 + cols {
-        let (ty, tx0) = (t / tw, t % tw);
-        let n = (tw - tx0).min(t0 + cols - t);
+    for (ty, tx0, n, offset) in tile_runs(t0, cols, tw) {
         let two_rows = 2 * ty + 1 < s.h;
         let n_full = full_x.saturating_sub(tx0).min(n);
         for o in 0..s.c_out {
             let b = bias.map_or(0.0, |b| b[o]);
-            let base = o * cols + (t - t0);
+            let base = o * cols + offset;
             let ms: [&[f32]; XI] = std::array::from_fn(|xi| &m[xi * plane + base..][..n]);
             // SAFETY: rows `2 ty` and (when inside) `2 ty + 1`, columns `2 tx0 .. 2 (tx0 + n)` (cut at `w`) of
             // channel `o` of image `bi`: inside the output and written by this task only (see the caller).
@@ -437,7 +439,6 @@ fn transform_output_impl<const FMA: bool>(
                 }
             }
         }
-        t += n;
     }
 }
 
