@@ -278,8 +278,8 @@ pub(crate) fn par_mm(
         // GFLOP/s, 170 at other strides. One transposed copy by 8 x 8 register transposes, shared by the
         // parts, makes the packing a contiguous copy (4.3 instead of 6.5 ms there).
         let mut bt = filled_later(k * n);
-        // SAFETY: `b` addresses `k x n` values (rows of `b` at unit stride, columns `b.cs` apart).
-        unsafe { transpose(b.ptr, n, k, b.cs as usize, &mut bt) };
+        // SAFETY: `b` addresses `k x n` values, so `bᵀ` addresses `n` rows of `k` at unit stride.
+        unsafe { transpose(b.t(), n, k, &mut bt) };
         return par_mm(m, n, k, dst, accumulate, a, View::rows(&bt, 0, n));
     }
     let dst = SharedMut(dst.as_mut_ptr());
@@ -329,32 +329,29 @@ fn gather_aliases(stride: usize) -> bool {
     stride > 1 && (stride * size_of::<f32>()).is_multiple_of(2048)
 }
 
-/// `dst[c * rows + r] = src[r * src_rs + c]` for `r < rows`, `c < cols`: a row-major `[rows, cols]` block (row
-/// stride `src_rs`) written as the row-major `[cols, rows]` transpose, in parallel over strips of 16 columns, by
-/// 8 x 8 register transposes (AVX) where the CPU has them.
+/// `dst[c * rows + r] = src(r, c)` for `r < rows`, `c < cols`: a `[rows, cols]` view with unit column stride
+/// written as the row-major `[cols, rows]` transpose, in parallel over strips of 16 columns, by 8 x 8 register
+/// transposes (AVX) where the CPU has them.
 ///
 /// # Safety
-/// `src` must address `rows` rows of `cols` values, `src_rs` apart; `dst` holds `rows * cols` values.
-pub(crate) unsafe fn transpose(
-    src: *const f32,
-    rows: usize,
-    cols: usize,
-    src_rs: usize,
-    dst: &mut [f32],
-) {
+/// `src` must address `rows x cols` values; `dst` holds `rows * cols` values.
+pub(crate) unsafe fn transpose(src: View, rows: usize, cols: usize, dst: &mut [f32]) {
     const STRIP: usize = 16;
+    assert_eq!(src.cs, 1, "transpose reads rows at unit stride");
     assert_eq!(dst.len(), rows * cols);
     if dst.is_empty() {
         return;
     }
-    let src = SharedMut(src as *mut f32);
+    let src_rs = src.rs as usize;
     dst.par_chunks_mut(STRIP * rows)
         .enumerate()
         .for_each(|(strip, d)| {
             let c0 = strip * STRIP;
             let width = d.len() / rows;
-            // SAFETY: strip `strip` reads columns `c0 .. c0 + width` of the caller's `rows x cols` block.
-            unsafe { transpose_strip(src.get().add(c0), rows, width, src_rs, d) };
+            // The whole view (Sync), not its pointer field alone, is what the closure captures.
+            let src: View = src;
+            // SAFETY: strip `strip` reads columns `c0 .. c0 + width` of the caller's `rows x cols` view.
+            unsafe { transpose_strip(src.ptr.add(c0), rows, width, src_rs, d) };
         });
 }
 
@@ -1547,12 +1544,20 @@ mod tests {
     #[test]
     fn transpose_and_par_mm_with_a_column_stored_b() {
         let value = |i: usize| ((i * 7919) % 1000) as f32 / 100.0 - 5.0;
-        for (rows, cols) in [(0, 5), (1, 1), (8, 8), (9, 17), (40, 33), (77, 64), (16, 100)] {
+        for (rows, cols) in [
+            (0, 5),
+            (1, 1),
+            (8, 8),
+            (9, 17),
+            (40, 33),
+            (77, 64),
+            (16, 100),
+        ] {
             let src_rs = cols + 3;
             let src: Vec<f32> = (0..rows * src_rs).map(value).collect();
             let mut dst = vec![f32::NAN; rows * cols];
             // SAFETY: `src` holds `rows` rows of `src_rs >= cols` values.
-            unsafe { transpose(src.as_ptr(), rows, cols, src_rs, &mut dst) };
+            unsafe { transpose(View::rows(&src, 0, src_rs), rows, cols, &mut dst) };
             for r in 0..rows {
                 for c in 0..cols {
                     assert_eq!(
