@@ -4,7 +4,9 @@
 //! n_q, n_kv]`: 64 MiB for one self-attention at 32x32 latents, 1 GiB at SD's 64x64), passes over it several
 //! times in memory, and under autodiff keeps it for the backward. Here, per `(batch, head, block of 64
 //! queries)`: scores into a small buffer that stays in cache (GEMM), `exp(s - max)` in place (vectorised),
-//! times `v` (GEMM) straight into the output, whose rows are then divided by their sums; only each query's log-sum-exp is kept. The backward recomputes each block's
+//! times `v` (GEMM), divided by the sums; only each query's log-sum-exp is kept. The block's scores and output are
+//! held transposed (queries along the rows gemm vectorises) and the exponentials taken in base 2. The backward
+//! recomputes each block's
 //! probabilities from `q`, `k` and the log-sum-exp (as FlashAttention does) and accumulates `dk`, `dv` per task.
 //!
 //! Tensors stay in the token layout `[batch, tokens, heads * head_dim]` that the projections produce and
@@ -13,6 +15,7 @@
 //! `Autodiff<Flex>` with f32 tensors take this path, everything else the tensor-op path.
 
 use std::any::TypeId;
+use std::f32::consts::{LN_2, LOG2_E};
 
 use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -122,12 +125,8 @@ impl Dims {
     fn base(&self, batch: usize, n: usize, head: usize) -> usize {
         batch * n * self.row() + head * self.d
     }
-    /// Keys visible to query `i`.
-    fn visible(&self, i: usize) -> usize {
-        if self.causal { i + 1 } else { self.n_kv }
-    }
-    /// Of the `rows` queries from `q0` on, how many come before key `j` and do not see it (the transposed
-    /// counterpart of [`Dims::visible`]).
+    /// Of the `rows` queries from `q0` on, how many come before key `j` and do not see it (query `i` sees keys
+    /// `0..=i` when causal).
     fn hidden_from(&self, j: usize, q0: usize, rows: usize) -> usize {
         if self.causal {
             j.saturating_sub(q0).min(rows)
@@ -139,6 +138,12 @@ impl Dims {
 
 /// Forward: the output `[b, n_q, heads * d]` and each query's log-sum-exp of its scaled scores
 /// `[b, heads, n_q]`.
+///
+/// A block's scores are computed transposed, `sᵀ = k qᵀ` (`[n_kv, rows]`), and its output as `outᵀ = vᵀ pᵀ`
+/// (`[d, rows]`, then scattered into the token layout): in both products the block's queries are gemm's
+/// vectorised dimension, so its 64-row kernel runs full whatever the head size (with `[rows, n_kv]` scores, `p v`
+/// vectorises over the head's `d` columns: half-empty vectors at `d = 8`, 40 of 48 lanes at `d = 40`), and the
+/// softmax runs down the columns with each query's maximum and sum in a vector lane.
 fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dm: &Dims) -> (FlexTensor, Vec<f32>) {
     let (qs, ks, vs) = (f32_values(q), f32_values(k), f32_values(v));
     let (qs, ks, vs) = (&*qs, &*ks, &*vs);
@@ -159,48 +164,65 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dm: &Dims) -> (FlexTe
                 .for_each(|(blk, lse_blk)| {
                     let q0 = blk * BLOCK;
                     let rows = lse_blk.len();
-                    with_scratch(rows * dm.n_kv, |s| {
+                    with_scratch(rows * (dm.n_kv + dm.d), |scratch| {
+                        let (st, ot) = scratch.split_at_mut(rows * dm.n_kv);
                         let qv = View::rows(qs, dm.base(batch, dm.n_q, head) + q0 * row, row);
                         let kv = View::rows(ks, dm.base(batch, dm.n_kv, head), row);
                         let vv = View::rows(vs, dm.base(batch, dm.n_kv, head), row);
-                        // SAFETY: q block `rows x d`, kᵀ `d x n_kv` and `s` `rows x n_kv` lie in their buffers.
+                        // SAFETY: k `n_kv x d`, the q block transposed `d x rows` and `st` `n_kv x rows` lie in
+                        // their buffers.
                         unsafe {
                             mm(
+                                dm.n_kv,
                                 rows,
-                                dm.n_kv,
                                 dm.d,
-                                s.as_mut_ptr(),
-                                dm.n_kv,
+                                st.as_mut_ptr(),
+                                rows,
                                 false,
-                                qv,
-                                kv.t(),
-                                dm.scale,
+                                kv,
+                                qv.t(),
+                                dm.scale * LOG2_E,
                             )
                         };
-                        // Unnormalised numerators `exp(s - max)`; the output rows are divided by their sums
-                        // after the product with `v` (d values per row instead of n_kv).
-                        let mut inv_sum = [0f32; BLOCK];
-                        for (r, (srow, l)) in
-                            s.chunks_mut(dm.n_kv).zip(lse_blk.iter_mut()).enumerate()
-                        {
-                            let vis = dm.visible(q0 + r);
-                            let (max, sum) = simd::exp_sum_row(&mut srow[..vis]);
-                            srow[vis..].fill(0.0);
-                            *l = max + sum.ln();
-                            inv_sum[r] = 1.0 / sum;
+                        for (j, srow) in st.chunks_mut(rows).enumerate() {
+                            srow[..dm.hidden_from(j, q0, rows)].fill(f32::NEG_INFINITY);
                         }
-                        let pv = View::rows(s, 0, dm.n_kv);
+                        // Unnormalised numerators `exp(s - max) = 2^(s log2(e) - max)` (the scores are in base 2);
+                        // the output is divided by the sums after the product with `v` (d values per query
+                        // instead of n_kv). The log-sum-exp is kept in base e.
+                        let (mut max, mut sum) = ([0f32; BLOCK], [0f32; BLOCK]);
+                        simd::exp2_sum_cols(st, rows, &mut max[..rows], &mut sum[..rows]);
+                        for (l, (m, s)) in lse_blk.iter_mut().zip(max.iter().zip(&sum)) {
+                            *l = (m + s.log2()) * LN_2;
+                        }
+                        let ptv = View::rows(st, 0, rows);
+                        // SAFETY: vᵀ `d x n_kv`, pᵀ `n_kv x rows` and `ot` `d x rows` lie in their buffers.
+                        unsafe {
+                            mm(
+                                dm.d,
+                                rows,
+                                dm.n_kv,
+                                ot.as_mut_ptr(),
+                                rows,
+                                false,
+                                vv.t(),
+                                ptv,
+                                1.0,
+                            )
+                        };
+                        let inv: [f32; BLOCK] = std::array::from_fn(|r| 1.0 / sum[r]);
                         // SAFETY: this task's output rows `q0..q0 + rows` of head `head`'s columns are written
-                        // by no other task; the views lie in their buffers.
+                        // by no other task and lie in `out`.
                         unsafe {
                             let dst = out_ptr.get().add(dm.base(batch, dm.n_q, head) + q0 * row);
-                            mm(rows, dm.d, dm.n_kv, dst, row, false, pv, vv, 1.0);
-                            for (r, inv) in inv_sum[..rows].iter().enumerate() {
+                            for r in 0..rows {
                                 let out_row =
                                     std::slice::from_raw_parts_mut(dst.add(r * row), dm.d);
-                                out_row.iter_mut().for_each(|o| *o *= inv);
+                                for (c, o) in out_row.iter_mut().enumerate() {
+                                    *o = ot[c * rows + r] * inv[r];
+                                }
                             }
-                        };
+                        }
                     })
                 })
         });
@@ -237,7 +259,8 @@ impl Backward<Flex, 3> for AttentionBackward {
 
 /// Backward. Per query block, with `P` recomputed as `exp(s - lse)` and `D_i = sum(dout_i * out_i)`:
 /// `dv += Pᵀ dout`, `dP = dout vᵀ`, `dS = P * (dP - D)`, `dq = scale dS k`, `dk += scale dSᵀ q`
-/// (computed on `Pᵀ`, `dPᵀ`, `dSᵀ`: `Sᵀ = k qᵀ`, `dPᵀ = v doutᵀ`).
+/// (computed on `Pᵀ`, `dPᵀ`, `dSᵀ`: `Sᵀ = k qᵀ`, `dPᵀ = v doutᵀ`; `P = 2^(s log2(e) - lse log2(e))`, as in the
+/// forward).
 fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, FlexTensor) {
     let dm = st.dims;
     let (qs, ks, vs) = (f32_values(&st.q), f32_values(&st.k), f32_values(&st.v));
@@ -281,7 +304,11 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                     let q_off = dm.base(batch, dm.n_q, head) + q0 * row;
                     let qv = View::rows(qs, q_off, row);
                     let gv = View::rows(gs, q_off, row);
-                    let lse = &st.lse[pair * dm.n_q + q0..pair * dm.n_q + q0 + rows];
+                    // The block's log-sum-exps in base 2, as its scores are recomputed.
+                    let mut lse = [0f32; BLOCK];
+                    for (l2, l) in lse.iter_mut().zip(&st.lse[pair * dm.n_q + q0..][..rows]) {
+                        *l2 = l * LOG2_E;
+                    }
                     // SAFETY (all `mm` calls below): every view addresses its block inside its buffer; `pt`,
                     // `dst` and this task's partials are its own; `dq` rows `q0..q0 + rows` of this head's
                     // columns are written by this task only.
@@ -295,13 +322,13 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                             false,
                             kv,
                             qv.t(),
-                            dm.scale,
+                            dm.scale * LOG2_E,
                         )
                     };
                     for (j, prow) in pt.chunks_mut(rows).enumerate() {
                         let hidden = dm.hidden_from(j, q0, rows);
                         prow[..hidden].fill(0.0);
-                        simd::exp_shifted_each(&mut prow[hidden..], &lse[hidden..]);
+                        simd::exp2_shifted_each(&mut prow[hidden..], &lse[hidden..rows]);
                     }
                     let ptv = View::rows(pt, 0, rows);
                     unsafe {
