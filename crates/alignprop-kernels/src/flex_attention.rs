@@ -290,17 +290,21 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
             let kv = View::rows(ks, dm.base(batch, dm.n_kv, head), row);
             let vv = View::rows(vs, dm.base(batch, dm.n_kv, head), row);
             let (first, last) = (group * blocks / groups, (group + 1) * blocks / groups);
-            with_scratch(2 * BLOCK * dm.n_kv, |scratch| {
+            with_scratch(2 * BLOCK * dm.n_kv + BLOCK * dm.d, |scratch| {
                 // `pt`, `dst`: the block's probabilities and score gradients transposed, `[n_kv, rows]` (key
                 // `j`, query `r` at `j * rows + r`). In this layout the two products that accumulate over the
                 // block's queries (`dv`, `dk`) read a row-major operand, which gemm runs at ~1.7x the speed of
                 // the column-major one that `[rows, n_kv]` would give them (measured at head size 40).
-                let (pt, dst) = scratch.split_at_mut(BLOCK * dm.n_kv);
+                // `dqt`: the block's `dq` transposed, `[d, rows]`, so that gemm vectorises that product along
+                // the queries rather than along the head's `d` columns (8 or 40: partly empty vectors).
+                let (pt, rest) = scratch.split_at_mut(BLOCK * dm.n_kv);
+                let (dst, dqt) = rest.split_at_mut(BLOCK * dm.n_kv);
                 let mut d_row = [0f32; BLOCK];
                 for blk in first..last {
                     let q0 = blk * BLOCK;
                     let rows = BLOCK.min(dm.n_q - q0);
                     let (pt, dst) = (&mut pt[..rows * dm.n_kv], &mut dst[..rows * dm.n_kv]);
+                    let dqt = &mut dqt[..dm.d * rows];
                     let q_off = dm.base(batch, dm.n_q, head) + q0 * row;
                     let qv = View::rows(qs, q_off, row);
                     let gv = View::rows(gs, q_off, row);
@@ -366,18 +370,26 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                     }
                     let dsv = View::rows(dst, 0, rows);
                     unsafe {
-                        let dq_dst = dq_ptr.get().add(q_off);
                         mm(
-                            rows,
                             dm.d,
+                            rows,
                             dm.n_kv,
-                            dq_dst,
-                            row,
+                            dqt.as_mut_ptr(),
+                            rows,
                             false,
-                            dsv.t(),
-                            kv,
+                            kv.t(),
+                            dsv,
                             dm.scale,
-                        )
+                        );
+                        for r in 0..rows {
+                            let dq_row = std::slice::from_raw_parts_mut(
+                                dq_ptr.get().add(q_off + r * row),
+                                dm.d,
+                            );
+                            for (c, o) in dq_row.iter_mut().enumerate() {
+                                *o = dqt[c * rows + r];
+                            }
+                        }
                     };
                     unsafe {
                         mm(

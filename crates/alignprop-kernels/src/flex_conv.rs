@@ -278,16 +278,25 @@ impl<const N: usize> Backward<Flex, N> for ConvBackward<N> {
 
 /// The weight of the input gradient's convolution: `W'[i, o, ky, kx] = W[o, i, k-1-ky, k-1-kx]`, so that
 /// `dx = conv_same(dy, W')` (stride 1, "same" padding).
+///
+/// A task writes `TILE` rows `i` of `W'` and reads, from every row `o` of `W`, the `TILE * taps` floats that
+/// follow each other there (row by row the reads are a few contiguous cache lines, not one `taps`-long piece
+/// per page: the weight is usually not in cache when the backward runs).
 fn flipped_transposed(ws: &[f32], g: &Geometry) -> Vec<f32> {
+    const TILE: usize = 16;
     let taps = g.taps();
     let mut out = filled_later(ws.len());
-    out.par_chunks_mut(g.c_out * taps)
+    out.par_chunks_mut(TILE * g.c_out * taps)
         .enumerate()
-        .for_each(|(i, dst)| {
-            for (o, row) in dst.chunks_mut(taps).enumerate() {
-                let src = &ws[(o * g.c_in + i) * taps..][..taps];
-                for (d, s) in row.iter_mut().zip(src.iter().rev()) {
-                    *d = *s;
+        .for_each(|(t, dst)| {
+            let (i0, n_i) = (t * TILE, dst.len() / (g.c_out * taps));
+            for o in 0..g.c_out {
+                let src = &ws[(o * g.c_in + i0) * taps..][..n_i * taps];
+                for (ii, s) in src.chunks_exact(taps).enumerate() {
+                    let d = &mut dst[(ii * g.c_out + o) * taps..][..taps];
+                    for (d, s) in d.iter_mut().zip(s.iter().rev()) {
+                        *d = *s;
+                    }
                 }
             }
         });
@@ -486,6 +495,8 @@ mod tests {
             (1, 3, 5, 4, 6, 1, false),
             (1, 3, 4, 5, 5, 5, true),
             (2, 4, 3, 7, 4, 3, false),
+            // 21 input channels: the flipped weight's tiles of 16 and a partial one.
+            (1, 21, 6, 9, 7, 3, false),
             // Winograd F(2x2, 3x3) for the forward and the input gradient (32+ channels, 256+ positions).
             (1, 32, 40, 17, 19, 3, true),
         ] {
