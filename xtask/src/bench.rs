@@ -60,8 +60,8 @@ Options:
                        from PyPI when missing), right after ours; the table gets time and memory ratios
   --only P[,P..]       only the workloads whose name contains one of the patterns (e.g. op/,unet/mid_fwd)
   --threads N          threads on both sides (RAYON_NUM_THREADS, torch.set_num_threads); default 2
-  --iters N            timed iterations per workload (1 warm-up); default per workload: ops 3+20, models 2+5,
-                       steps, scaling and parallel 1+3
+  --iters N            timed iterations per workload (1 warm-up); default per workload: ops 3+20 (the sub-
+                       millisecond norms and ddim/step 10+1000), models 2+5, steps, scaling and parallel 1+3
   --quick              ops and models only, fewer iterations (a smoke run)
   --criterion          run the criterion benchmarks (cargo bench -p alignprop-bench) first
   --no-append          do not append the table to BENCHMARKS.md

@@ -96,9 +96,21 @@ pub fn names() -> Vec<&'static str> {
     [OPS, MODELS, STEPS, SCALING, parallel::PARALLEL].concat()
 }
 
+/// Workloads of well under a millisecond: 1000 timed runs (0.1-0.5 s in all), so that their median is not one
+/// moment of a shared host (20 runs of 0.1 ms moved their median up to 2x between runs). `bench_torch.py` has
+/// the same list.
+pub const FAST_OPS: [&str; 4] = [
+    "op/groupnorm_fwd",
+    "op/groupnorm_fwdbwd",
+    "op/layernorm_fwd",
+    "ddim/step",
+];
+
 /// Default `(warmup, iters)` for a workload: cheap ops are repeated more than training steps.
 pub fn default_iters(name: &str) -> (usize, usize) {
-    if name.starts_with("op/") || name == "ddim/step" {
+    if FAST_OPS.contains(&name) {
+        (10, 1000)
+    } else if name.starts_with("op/") || name == "ddim/step" {
         (3, 20)
     } else if name.starts_with("gpu/") {
         (1, 2)
