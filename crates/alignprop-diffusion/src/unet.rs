@@ -799,17 +799,14 @@ impl<B: Backend> Transformer2DModel<B> {
     /// `x`: `[batch, channels, h, w]`; `context`: `[batch, context_tokens, cross_dim]`. Same shape out.
     pub fn forward(&self, x: Tensor<B, 4>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let tokens = self
-            .norm
-            .forward(x.clone())
-            .reshape([b, c, h * w])
-            .swap_dims(1, 2);
+        let tokens =
+            alignprop_kernels::swap_last2(self.norm.forward(x.clone()).reshape([b, c, h * w]));
         let mut t = self.proj_in.forward(tokens);
         for block in &self.transformer_blocks {
             t = block.forward(t, context);
         }
         let t = self.proj_out.forward(t);
-        t.swap_dims(1, 2).reshape([b, c, h, w]) + x
+        alignprop_kernels::swap_last2(t).reshape([b, c, h, w]) + x
     }
 }
 

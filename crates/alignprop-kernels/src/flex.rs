@@ -976,6 +976,58 @@ impl Backward<Flex, 1> for GegluBackward {
     }
 }
 
+/// `x` `[batch, m, n]` -> `[batch, n, m]`, contiguous, by [`transpose`] per batch; under autodiff its backward is
+/// the same swap of the gradient. Returns the input back unless the backend is `Flex` or `Autodiff<Flex>` and it
+/// is f32.
+pub fn swap_last2<B: Backend>(x: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+    if x.dtype() != DType::F32 {
+        return Err(x);
+    }
+    let wrap =
+        |p: B::FloatTensorPrimitive| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(p));
+    if TypeId::of::<B>() == TypeId::of::<Flex>() {
+        let x: FlexTensor = cast(x.into_primitive().tensor());
+        return Ok(wrap(cast(swap_last2_values(&x))));
+    }
+    if TypeId::of::<B>() == TypeId::of::<AdFlex>() {
+        let x: AdPrimitive = cast(x.into_primitive().tensor());
+        let y = swap_last2_values(&x.primitive);
+        let out = SwapBackward
+            .prepare::<NoCheckpointing>([x.node.clone()])
+            .compute_bound()
+            .stateless(y);
+        return Ok(wrap(cast(out)));
+    }
+    Err(x)
+}
+
+fn swap_last2_values(x: &FlexTensor) -> FlexTensor {
+    let shape = x.layout().shape().to_vec();
+    let (b, m, n) = (shape[0], shape[1], shape[2]);
+    let xs = f32_values(x);
+    let mut y = filled_later(b * m * n);
+    for (src, dst) in xs.chunks_exact(m * n).zip(y.chunks_exact_mut(m * n)) {
+        // SAFETY: `src` is `m` rows of `n` values, row-major, inside `xs`.
+        unsafe { transpose(View::rows(src, 0, n), m, n, dst) };
+    }
+    flex_tensor(y, vec![b, n, m])
+}
+
+#[derive(Debug)]
+struct SwapBackward;
+
+impl Backward<Flex, 1> for SwapBackward {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy: FlexTensor = grads.consume::<Flex>(&ops.node);
+        let [px] = ops.parents;
+        if let Some(node) = px {
+            grads.register::<Flex>(node.id, swap_last2_values(&dy));
+        }
+    }
+}
+
 /// Row kernels written so that LLVM vectorises them (fixed-width lane arrays, no float reductions in loop order,
 /// no saturating casts), compiled three times: for AVX-512, for AVX2 + FMA (both with fused multiply-adds), and
 /// for the baseline target (separate multiply and add); the widest the CPU has is picked at run time.
@@ -1744,6 +1796,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn swap_last2_matches_swap_dims_forward_and_backward() {
+        type A = AdFlex;
+        let d = Default::default();
+        // Edges of the 8 x 8 register blocks and of the 16-column strips; a single row; the UNet's [b, 64, 1024].
+        for [b, m, n] in [[2, 13, 37], [1, 1, 9], [3, 16, 8], [2, 64, 1024]] {
+            let x = Tensor::<A, 3>::random([b, m, n], Distribution::Normal(0.0, 1.0), &d);
+            let g = Tensor::<A, 3>::random([b, n, m], Distribution::Normal(0.0, 1.0), &d);
+            let run = |fused: bool| {
+                let x = x.clone().require_grad();
+                let y = if fused {
+                    swap_last2(x.clone()).unwrap()
+                } else {
+                    x.clone().swap_dims(1, 2)
+                };
+                let grads = (y.clone() * g.clone()).sum().backward();
+                (y.inner(), x.grad(&grads).unwrap())
+            };
+            let ((y1, dx1), (y0, dx0)) = (run(true), run(false));
+            assert_eq!(y1.dims(), [b, n, m]);
+            assert_eq!(max_diff(y1, y0), 0.0, "[{b}, {m}, {n}]");
+            assert_eq!(max_diff(dx1, dx0), 0.0, "[{b}, {m}, {n}]");
+        }
+        let x = Tensor::<Flex, 3>::random([2, 5, 3], Distribution::Normal(0.0, 1.0), &d);
+        let y = swap_last2(x.clone()).unwrap();
+        assert_eq!(max_diff(y, x.clone().swap_dims(1, 2)), 0.0);
+        assert!(swap_last2(x.cast(DType::F64)).is_err());
     }
 
     #[test]

@@ -159,6 +159,11 @@ pub trait Kernels {
         Err(h)
     }
 
+    /// `x` `[batch, m, n]` -> `[batch, n, m]`, contiguous.
+    fn swap_last2<B: Backend>(x: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+        Err(x)
+    }
+
     /// An element-wise [`Activation`].
     fn activation<B: Backend, const D: usize>(
         x: Tensor<B, D>,
@@ -238,6 +243,9 @@ impl Kernels for FlexKernels {
     fn geglu<B: Backend>(h: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
         flex::geglu(h)
     }
+    fn swap_last2<B: Backend>(x: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+        flex::swap_last2(x)
+    }
     fn activation<B: Backend, const D: usize>(
         x: Tensor<B, D>,
         act: Activation,
@@ -306,6 +314,9 @@ impl<K1: Kernels, K2: Kernels> Kernels for (K1, K2) {
     }
     fn geglu<B: Backend>(h: Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
         K1::geglu(h).or_else(K2::geglu)
+    }
+    fn swap_last2<B: Backend>(x: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+        K1::swap_last2(x).or_else(K2::swap_last2)
     }
     fn activation<B: Backend, const D: usize>(
         x: Tensor<B, D>,
@@ -558,6 +569,13 @@ pub fn scaled_dot_product_attention<B: Backend>(
 /// GEGLU of `h` `[rows, 2 * inner]`: `h[:, :inner] * gelu(h[:, inner:])` -> `[rows, inner]`.
 pub fn geglu<B: Backend>(h: Tensor<B, 2>) -> Tensor<B, 2> {
     Active::geglu(h).unwrap_or_else(tensor_ops::geglu)
+}
+
+/// `x` `[batch, m, n]` -> `[batch, n, m]` (`swap_dims(1, 2)`), e.g. `[b, channels, h w]` <-> `[b, h w, channels]`
+/// around a transformer block. On the CPU backend the result is a contiguous copy made by register transposes (burn's
+/// own copy of the swapped view walks it one element at a time); elsewhere it is burn's strided view.
+pub fn swap_last2<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+    Active::swap_last2(x).unwrap_or_else(|x| x.swap_dims(1, 2))
 }
 
 /// An element-wise activation of the networks.
