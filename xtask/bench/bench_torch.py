@@ -424,7 +424,7 @@ def main():
     ap.add_argument("--list", action="store_true", help="print the workload names, one per line")
     ap.add_argument("--workload", help="the workload to run (see --list)")
     ap.add_argument("--iters", type=int, help="timed iterations (default per class: op 20, fast op 1000, model 5, step 3)")
-    ap.add_argument("--warmup", type=int, help="untimed iterations first (default: op 3, model 2, step 1)")
+    ap.add_argument("--warmup", type=int, help="untimed iterations first (default: op 3, fast op 10, model 2, step 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--fixtures", default=DEFAULT_FIXTURES, help="tiny-sd fixture folder (for unet/tiny_fwd)")
     ap.add_argument("--attn-impl", choices=["sdpa", "explicit"], default="sdpa",

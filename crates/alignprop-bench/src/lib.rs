@@ -110,7 +110,7 @@ pub const FAST_OPS: [&str; 4] = [
 pub fn default_iters(name: &str) -> (usize, usize) {
     if FAST_OPS.contains(&name) {
         (10, 1000)
-    } else if name.starts_with("op/") || name == "ddim/step" {
+    } else if name.starts_with("op/") {
         (3, 20)
     } else if name.starts_with("gpu/") {
         (1, 2)

@@ -6,8 +6,8 @@
 //! queries)`: scores into a small buffer that stays in cache (GEMM), `exp(s - max)` in place (vectorised),
 //! times `v` (GEMM), divided by the sums; only each query's log-sum-exp is kept. The block's scores and output are
 //! held transposed (queries along the rows gemm vectorises) and the exponentials taken in base 2. The backward
-//! recomputes each block's
-//! probabilities from `q`, `k` and the log-sum-exp (as FlashAttention does) and accumulates `dk`, `dv` per task.
+//! recomputes each block's probabilities from `q`, `k` and the log-sum-exp (as FlashAttention does) and accumulates
+//! `dk`, `dv` per task.
 //!
 //! Tensors stay in the token layout `[batch, tokens, heads * head_dim]` that the projections produce and
 //! consume, so splitting into heads and merging back costs no copies: a head is a column range, read through
@@ -15,7 +15,7 @@
 //! `Autodiff<Flex>` with f32 tensors take this path, everything else the tensor-op path.
 
 use std::any::TypeId;
-use std::f32::consts::{LN_2, LOG2_E};
+use std::f32::consts::LOG2_E;
 
 use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -136,8 +136,8 @@ impl Dims {
     }
 }
 
-/// Forward: the output `[b, n_q, heads * d]` and each query's log-sum-exp of its scaled scores
-/// `[b, heads, n_q]`.
+/// Forward: the output `[b, n_q, heads * d]` and each query's log-sum-exp of its scaled scores in base 2
+/// (`log2 sum_j 2^(s_j log2(e))`, what the backward's base-2 recomputation subtracts) `[b, heads, n_q]`.
 ///
 /// A block's scores are computed transposed, `sᵀ = k qᵀ` (`[n_kv, rows]`), and its output as `outᵀ = vᵀ pᵀ`
 /// (`[d, rows]`, then scattered into the token layout): in both products the block's queries are gemm's
@@ -189,11 +189,11 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dm: &Dims) -> (FlexTe
                         }
                         // Unnormalised numerators `exp(s - max) = 2^(s log2(e) - max)` (the scores are in base 2);
                         // the output is divided by the sums after the product with `v` (d values per query
-                        // instead of n_kv). The log-sum-exp is kept in base e.
+                        // instead of n_kv).
                         let (mut max, mut sum) = ([0f32; BLOCK], [0f32; BLOCK]);
                         simd::exp2_sum_cols(st, rows, &mut max[..rows], &mut sum[..rows]);
                         for (l, (m, s)) in lse_blk.iter_mut().zip(max.iter().zip(&sum)) {
-                            *l = (m + s.log2()) * LN_2;
+                            *l = m + s.log2();
                         }
                         let ptv = View::rows(st, 0, rows);
                         // SAFETY: vᵀ `d x n_kv`, pᵀ `n_kv x rows` and `ot` `d x rows` lie in their buffers.
@@ -210,23 +210,39 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dm: &Dims) -> (FlexTe
                                 1.0,
                             )
                         };
-                        let inv: [f32; BLOCK] = std::array::from_fn(|r| 1.0 / sum[r]);
                         // SAFETY: this task's output rows `q0..q0 + rows` of head `head`'s columns are written
                         // by no other task and lie in `out`.
                         unsafe {
                             let dst = out_ptr.get().add(dm.base(batch, dm.n_q, head) + q0 * row);
-                            for r in 0..rows {
-                                let out_row =
-                                    std::slice::from_raw_parts_mut(dst.add(r * row), dm.d);
-                                for (c, o) in out_row.iter_mut().enumerate() {
-                                    *o = ot[c * rows + r] * inv[r];
-                                }
-                            }
+                            scatter_rows(ot, rows, dm.d, dst, row, |r| 1.0 / sum[r]);
                         }
                     })
                 })
         });
     (flex_tensor(out, vec![dm.b, dm.n_q, row]), lse)
+}
+
+/// Writes a block's product held transposed, `src` `[d, rows]`, into the token layout: row `r` (its `d` values
+/// times `scale(r)`) at `dst + r * row`.
+///
+/// # Safety
+/// `dst` must address `rows` rows of `d` writable values, `row` apart, that nothing else accesses meanwhile.
+unsafe fn scatter_rows(
+    src: &[f32],
+    rows: usize,
+    d: usize,
+    dst: *mut f32,
+    row: usize,
+    scale: impl Fn(usize) -> f32,
+) {
+    for r in 0..rows {
+        // SAFETY: row `r` of the caller's destination.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.add(r * row), d) };
+        let f = scale(r);
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = src[c * rows + r] * f;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -259,8 +275,8 @@ impl Backward<Flex, 3> for AttentionBackward {
 
 /// Backward. Per query block, with `P` recomputed as `exp(s - lse)` and `D_i = sum(dout_i * out_i)`:
 /// `dv += Pᵀ dout`, `dP = dout vᵀ`, `dS = P * (dP - D)`, `dq = scale dS k`, `dk += scale dSᵀ q`
-/// (computed on `Pᵀ`, `dPᵀ`, `dSᵀ`: `Sᵀ = k qᵀ`, `dPᵀ = v doutᵀ`; `P = 2^(s log2(e) - lse log2(e))`, as in the
-/// forward).
+/// (computed on `Pᵀ`, `dPᵀ`, `dSᵀ`: `Sᵀ = k qᵀ`, `dPᵀ = v doutᵀ`; in base 2 as in the forward, with `s` times
+/// `log2(e)` and the forward's base-2 log-sum-exp).
 fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, FlexTensor) {
     let dm = st.dims;
     let (qs, ks, vs) = (f32_values(&st.q), f32_values(&st.k), f32_values(&st.v));
@@ -308,11 +324,7 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                     let q_off = dm.base(batch, dm.n_q, head) + q0 * row;
                     let qv = View::rows(qs, q_off, row);
                     let gv = View::rows(gs, q_off, row);
-                    // The block's log-sum-exps in base 2, as its scores are recomputed.
-                    let mut lse = [0f32; BLOCK];
-                    for (l2, l) in lse.iter_mut().zip(&st.lse[pair * dm.n_q + q0..][..rows]) {
-                        *l2 = l * LOG2_E;
-                    }
+                    let lse = &st.lse[pair * dm.n_q + q0..][..rows];
                     // SAFETY (all `mm` calls below): every view addresses its block inside its buffer; `pt`,
                     // `dst` and this task's partials are its own; `dq` rows `q0..q0 + rows` of this head's
                     // columns are written by this task only.
@@ -332,7 +344,7 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                     for (j, prow) in pt.chunks_mut(rows).enumerate() {
                         let hidden = dm.hidden_from(j, q0, rows);
                         prow[..hidden].fill(0.0);
-                        simd::exp2_shifted_each(&mut prow[hidden..], &lse[hidden..rows]);
+                        simd::exp2_shifted_each(&mut prow[hidden..], &lse[hidden..]);
                     }
                     let ptv = View::rows(pt, 0, rows);
                     unsafe {
@@ -381,15 +393,7 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                             dsv,
                             dm.scale,
                         );
-                        for r in 0..rows {
-                            let dq_row = std::slice::from_raw_parts_mut(
-                                dq_ptr.get().add(q_off + r * row),
-                                dm.d,
-                            );
-                            for (c, o) in dq_row.iter_mut().enumerate() {
-                                *o = dqt[c * rows + r];
-                            }
-                        }
+                        scatter_rows(dqt, rows, dm.d, dq_ptr.get().add(q_off), row, |_| 1.0);
                     };
                     unsafe {
                         mm(
