@@ -310,6 +310,11 @@ pub(crate) fn f64_values<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> 
 /// The same trajectory differentiated the plain way: the autodiff graph of every kept step is built during the
 /// forward pass and freed only after one backward. Memory grows linearly with the number of kept steps; kept for
 /// comparison (tests, benchmarks) with the checkpointed [`trajectory`], whose output it returns in full.
+///
+/// Its time also grows faster than linearly with the kept steps on burn-autodiff 0.21: each trainable tensor starts
+/// a graph of its own, and that version's graph merging re-merges the LoRA matrices' graphs on later uses, moving
+/// the whole graph about half the time (28% of `scale/k20_nockpt`'s time on the mid model; BENCHMARKS.md, 2026-12-07
+/// midday). The checkpointed [`trajectory`] builds one step's graph at a time.
 pub fn trajectory_full_graph<B, F>(
     input: TrajectoryInput<'_, B, F>,
 ) -> Result<TrajectoryOutput<B>, ChainError>
