@@ -32,7 +32,7 @@ use burn::tensor::{DType, Tensor};
 
 use alignprop_rewards::RewardError;
 
-use crate::lora_params::{LoraGrads, lora_grads_from};
+use crate::lora_params::{LoraGrads, adapters, lora_grads_from};
 
 /// Why a trajectory cannot be differentiated as asked.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -307,14 +307,36 @@ pub(crate) fn f64_values<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> 
         .expect("f64 values")
 }
 
+/// Puts `x` and every trainable LoRA matrix of `unet` into one burn-autodiff graph, by one operation that has them
+/// all as parents (a concatenation of one value of each, dropped unused: no gradient flows through it).
+///
+/// Why: burn-autodiff 0.21 starts a graph for each tensor that requires a gradient and merges graphs when an
+/// operation joins them, into one chosen by hash order; the merged graph's origin (here a LoRA matrix's node id) is
+/// pointed at the surviving graph but not registered with it, so once that graph is merged in turn, the matrix's
+/// id points at an emptied graph and every later product with it merges again, half the time moving the whole
+/// trajectory's graph (28% of `scale/k20_nockpt`'s samples, growing with the kept steps). Joined in a single merge
+/// before the first step, while each matrix is still the origin of its own graph (fresh tensors, as after every
+/// optimiser step), no later operation meets two graphs: `scale/k20_nockpt` 15.6 -> 8.3 s (AMD EPYC, 2 threads;
+/// BENCHMARKS.md, 2026-12-07 midday). Matrices already used in an earlier graph keep their stale entries (a cost in
+/// time only).
+fn join_graphs<B: AutodiffBackend>(unet: &UNet2DConditionModel<B>, x: &Tensor<B, 4>) {
+    let one = |t: Tensor<B, 1>| t.slice([0..1]).cast(x.dtype());
+    let mut parts = vec![one(x.clone().flatten(0, 3))];
+    for (_, l) in adapters(unet) {
+        for p in [l.down.val(), l.up.val()] {
+            if p.is_require_grad() && p.dims()[0] * p.dims()[1] > 0 {
+                parts.push(one(p.flatten(0, 1)));
+            }
+        }
+    }
+    drop(Tensor::cat(parts, 0));
+}
+
 /// The same trajectory differentiated the plain way: the autodiff graph of every kept step is built during the
 /// forward pass and freed only after one backward. Memory grows linearly with the number of kept steps; kept for
 /// comparison (tests, benchmarks) with the checkpointed [`trajectory`], whose output it returns in full.
-///
-/// Its time also grows faster than linearly with the kept steps on burn-autodiff 0.21: each trainable tensor starts
-/// a graph of its own, and that version's graph merging re-merges the LoRA matrices' graphs on later uses, moving
-/// the whole graph about half the time (28% of `scale/k20_nockpt`'s time on the mid model; BENCHMARKS.md, 2026-12-07
-/// midday). The checkpointed [`trajectory`] builds one step's graph at a time.
+/// The LoRA matrices and the first kept latent are joined into one autodiff graph before the first kept step (a
+/// workaround for burn-autodiff 0.21's graph merging, which otherwise grows faster than linearly with the graph).
 pub fn trajectory_full_graph<B, F>(
     input: TrajectoryInput<'_, B, F>,
 ) -> Result<TrajectoryOutput<B>, ChainError>
@@ -339,6 +361,7 @@ where
         if i == first {
             x = x.require_grad();
             x_first = Some(x.clone());
+            join_graphs(unet, &x);
         }
         let t = scheduler.timesteps()[i] as f64;
         let eps = if grad_steps[i] {
