@@ -11,7 +11,9 @@
 //! `alignprop_kernels::flops` over the first warm-up run.
 //!
 //! Threads: the CPU backend uses rayon's global pool; set `RAYON_NUM_THREADS` to pin its size (`cargo xtask
-//! bench` sets it to the `--threads` it gives PyTorch).
+//! bench` sets it to the `--threads` it gives PyTorch). A CPU workload runs on one of the pool's workers
+//! (`alignprop_kernels::in_pool`, all threads on the main heap: `alignprop_device::one_heap`), as the CLI runs
+//! single-device jobs; the data-parallel ones run as the CLI runs those.
 
 use std::process::ExitCode;
 
@@ -219,7 +221,16 @@ fn main() -> ExitCode {
         };
     }
     let result = match args.device {
-        DeviceChoice::Cpu => run::<CpuAutodiff>(&name, &Default::default(), warmup, iters),
+        // On a worker of the kernels' thread pool with all threads on the main heap, as the CLI runs single-device
+        // jobs (the data-parallel workloads returned above, as the CLI runs them).
+        DeviceChoice::Cpu => {
+            if args.malloc_tuning {
+                device::one_heap();
+            }
+            alignprop_kernels::in_pool(|| {
+                run::<CpuAutodiff>(&name, &Default::default(), warmup, iters)
+            })
+        }
         DeviceChoice::Cuda(i) => match device::cuda_device(i) {
             Ok(d) => run::<CudaAutodiff>(&name, &d, warmup, iters),
             Err(e) => Err(e),

@@ -227,7 +227,7 @@ pub fn wgpu_device(index: usize) -> Result<burn::backend::wgpu::WgpuDevice, Stri
 /// `mmap` for the main thread's allocations: SD's 64 MiB attention scores and VAE activations were a fresh
 /// `mmap`, 16,384 page faults and a `munmap` per call) and turns trimming off. Memory freed after the peak stays
 /// mapped for reuse. Call it once at start, before the first allocation of tensors. Returns whether the settings
-/// were applied (glibc only; elsewhere a no-op).
+/// were applied (glibc only; elsewhere a no-op). See also [`one_heap`].
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -238,6 +238,28 @@ pub fn keep_freed_memory() -> bool {
             let c = libc::mallopt(libc::M_MMAP_MAX, 0);
             a == 1 && b == 1 && c == 1
         }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Serves every thread's allocations from the main heap (glibc's arena limit set to one), for a single job run
+/// on a worker of the kernels' thread pool (`alignprop_kernels::in_pool`).
+///
+/// glibc gives each thread that allocates its own arena, whose heaps are at most 64 MiB and are unmapped when
+/// emptied: a job on a pool worker would then get its large tensors as fresh pages every time (the 64 MiB
+/// attention scores of `op/attn_scores_softmax`: 106-111 ms per call, against 36-38 ms on the main heap with
+/// [`keep_freed_memory`]'s settings; AMD EPYC, 2 threads). Not for several threads that allocate at the same time,
+/// such as data-parallel workers on the CPU: they contend for the one heap's lock (`parallel/tiny_w2`: 534-593 ms
+/// per step with an arena per thread, 644-704 ms with one). Call it before the pool's threads first allocate
+/// (before the first `in_pool`). Returns whether it was applied (glibc only; elsewhere a no-op).
+pub fn one_heap() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator parameters; it is safe to call at any time.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) == 1 }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
