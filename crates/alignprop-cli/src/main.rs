@@ -58,15 +58,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train_cmd::run(args),
         // On a worker of the CPU kernels' thread pool, all threads on the main heap: no hand-off to the pool per
-        // operation (see `alignprop_kernels::in_pool`, `device::one_heap`). `train` does the same on one device.
-        Command::Sample(args) => {
-            device::one_heap();
-            alignprop_kernels::in_pool(|| sample_cmd::run(args))
-        }
-        Command::Eval(args) => {
-            device::one_heap();
-            alignprop_kernels::in_pool(|| eval_cmd::run(args))
-        }
+        // operation (`device::single_job`). `train` does the same on one device.
+        Command::Sample(args) => device::single_job(|| sample_cmd::run(args)),
+        Command::Eval(args) => device::single_job(|| eval_cmd::run(args)),
         Command::Lora(cmd) => lora_cmd::run(cmd),
         Command::Convert(cmd) => convert_cmd::run(cmd),
         Command::FitCompressibility(args) => fit_cmd::run(args),

@@ -367,11 +367,10 @@ fn train_on<B: AutodiffBackend>(
         }
     };
     let summary = if devices.len() == 1 {
-        // On a worker of the CPU kernels' thread pool, all threads on the main heap (`alignprop_kernels::in_pool`,
-        // `alignprop_device::one_heap`). Not the data-parallel run: its workers wait for each other and must not
-        // hold the pool's threads while they do, and they allocate at the same time (one heap would be contended).
-        alignprop_device::one_heap();
-        alignprop_kernels::in_pool(|| {
+        // On a worker of the CPU kernels' thread pool, all threads on the main heap (`alignprop_device::single_job`).
+        // Not the data-parallel run: its workers wait for each other and must not hold the pool's threads while
+        // they do, and they allocate at the same time (one heap would be contended).
+        alignprop_device::single_job(|| {
             alignprop_trainer::run::<B>(cfg, &devices[0], resume, &STOP, &mut on_step, &mut on_eval)
         })?
     } else {

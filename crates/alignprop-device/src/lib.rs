@@ -267,6 +267,14 @@ pub fn one_heap() -> bool {
     }
 }
 
+/// Runs one single-device job the way the CPU kernels run fastest: every thread on the main heap ([`one_heap`]),
+/// then `f` on a worker of the kernels' thread pool ([`alignprop_kernels::in_pool`]). The `alignprop` command runs
+/// `train` on one device, `sample` and `eval` through it; not data-parallel workers (see both functions).
+pub fn single_job<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    one_heap();
+    alignprop_kernels::in_pool(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
