@@ -347,19 +347,7 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                         simd::exp2_shifted_each(&mut prow[hidden..], &lse[hidden..]);
                     }
                     let ptv = View::rows(pt, 0, rows);
-                    unsafe {
-                        mm(
-                            dm.n_kv,
-                            dm.d,
-                            rows,
-                            dv_part.as_mut_ptr(),
-                            dm.d,
-                            true,
-                            ptv,
-                            gv,
-                            1.0,
-                        )
-                    };
+                    unsafe { accumulate_over_queries(dm.n_kv, dm.d, rows, dv_part, ptv, gv, 1.0) };
                     unsafe {
                         mm(
                             dm.n_kv,
@@ -396,17 +384,7 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                         scatter_rows(dqt, rows, dm.d, dq_ptr.get().add(q_off), row, |_| 1.0);
                     };
                     unsafe {
-                        mm(
-                            dm.n_kv,
-                            dm.d,
-                            rows,
-                            dk_part.as_mut_ptr(),
-                            dm.d,
-                            true,
-                            dsv,
-                            qv,
-                            dm.scale,
-                        )
+                        accumulate_over_queries(dm.n_kv, dm.d, rows, dk_part, dsv, qv, dm.scale)
                     };
                 }
             })
@@ -440,6 +418,138 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
         flex_tensor(dk, kv_shape.clone()),
         flex_tensor(dv, kv_shape),
     )
+}
+
+/// `part[j, c] += alpha * sum_r a[j, r] b[r, c]` for keys `j < n_kv`, head columns `c < d`, the block's `rows`
+/// queries `r`: the backward's `dv` and `dk` partials (`a` the block's probabilities or score gradients, key-major
+/// `[n_kv, rows]`; `b` its output gradient or queries, `[rows, d]` at the token layout's row stride).
+///
+/// gemm vectorises such a product along `d`, the output's contiguous side: at `d = 8` (the "mid" UNet's first
+/// level) half of each 16-lane vector is empty and its 16 x 6 kernel loads more than it multiplies (one vector and
+/// six broadcasts per six half-empty multiply-adds). For `d = 8` and an even `rows` on AVX-512,
+/// [`keys_x8_avx512`] fills the vectors with two queries at once instead.
+///
+/// # Safety
+/// `a` must address `n_kv x rows` values, `b` `rows x d`; `part` holds `n_kv * d`.
+unsafe fn accumulate_over_queries(
+    n_kv: usize,
+    d: usize,
+    rows: usize,
+    part: &mut [f32],
+    a: View,
+    b: View,
+    alpha: f32,
+) {
+    debug_assert_eq!(part.len(), n_kv * d);
+    #[cfg(target_arch = "x86_64")]
+    if d == 8
+        && rows.is_multiple_of(2)
+        && a.cs == 1
+        && a.rs == rows as isize
+        && b.cs == 1
+        && std::arch::is_x86_feature_detected!("avx512f")
+    {
+        // SAFETY: the checks above and the caller's contract.
+        unsafe { keys_x8_avx512(n_kv, rows, part, a.ptr, b, alpha) };
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { mm(n_kv, d, rows, part.as_mut_ptr(), d, true, a, b, alpha) }
+}
+
+/// [`accumulate_over_queries`] at `d = 8`: `a` row-major `[n_kv, rows]` (`rows` even) at `a`.
+///
+/// The block's `b` is first interleaved by pairs of queries, `bi[p][2 c + e] = b[2 p + e, c]`, so that one 16-lane
+/// vector holds two queries' 8 columns; each key's pair `a[j, 2 p], a[j, 2 p + 1]`, broadcast as one 64-bit value,
+/// multiplies it in one full multiply-add. Twelve keys are accumulated at a time (one vector and twelve broadcasts
+/// per twelve multiply-adds); at the end the even and odd lanes of two keys' sums are added into those keys' 16
+/// output values.
+///
+/// # Safety
+/// As [`accumulate_over_queries`]; the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn keys_x8_avx512(
+    n_kv: usize,
+    rows: usize,
+    part: &mut [f32],
+    a: *const f32,
+    b: View,
+    alpha: f32,
+) {
+    use std::arch::x86_64::*;
+    let pairs = rows / 2;
+    let mut bi = vec![0f32; pairs * 16];
+    for (p, chunk) in bi.chunks_exact_mut(16).enumerate() {
+        for (i, v) in chunk.iter_mut().enumerate() {
+            let (c, e) = (i / 2, i % 2);
+            // SAFETY: row `2 p + e < rows`, column `c < 8` of `b`.
+            *v = unsafe { *b.ptr.offset((2 * p + e) as isize * b.rs + c as isize) };
+        }
+    }
+    let bi = bi.as_ptr();
+    let out = part.as_mut_ptr();
+    /// Keys `j .. j + J` (`J` even, or 1 for the last odd key).
+    #[inline(always)]
+    unsafe fn keys<const J: usize>(
+        j: usize,
+        rows: usize,
+        pairs: usize,
+        a: *const f32,
+        bi: *const f32,
+        out: *mut f32,
+        alpha: f32,
+    ) {
+        // SAFETY: keys `j .. j + J` lie inside `a`'s `n_kv` rows and `out`'s (the caller's loop); `bi` holds
+        // `pairs` vectors; the CPU has AVX-512F.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); J];
+            for p in 0..pairs {
+                let v = _mm512_loadu_ps(bi.add(16 * p));
+                for (jj, acc) in acc.iter_mut().enumerate() {
+                    let pair = a.add((j + jj) * rows + 2 * p) as *const f64;
+                    let w = _mm512_castpd_ps(_mm512_set1_pd(pair.read_unaligned()));
+                    *acc = _mm512_fmadd_ps(w, v, *acc);
+                }
+            }
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            let alpha = _mm512_set1_ps(alpha);
+            if J == 1 {
+                let s = _mm512_add_ps(
+                    _mm512_permutexvar_ps(even, acc[0]),
+                    _mm512_permutexvar_ps(odd, acc[0]),
+                );
+                let o = out.add(j * 8);
+                let cur = _mm512_maskz_loadu_ps(0xFF, o);
+                _mm512_mask_storeu_ps(o, 0xFF, _mm512_fmadd_ps(s, alpha, cur));
+            } else {
+                for jj in (0..J).step_by(2) {
+                    let s = _mm512_add_ps(
+                        _mm512_permutex2var_ps(acc[jj], even, acc[jj + 1]),
+                        _mm512_permutex2var_ps(acc[jj], odd, acc[jj + 1]),
+                    );
+                    let o = out.add((j + jj) * 8);
+                    _mm512_storeu_ps(o, _mm512_fmadd_ps(s, alpha, _mm512_loadu_ps(o)));
+                }
+            }
+        }
+    }
+    let mut j = 0;
+    // SAFETY (each call): `j + J <= n_kv`.
+    unsafe {
+        while j + 12 <= n_kv {
+            keys::<12>(j, rows, pairs, a, bi, out, alpha);
+            j += 12;
+        }
+        while j + 2 <= n_kv {
+            keys::<2>(j, rows, pairs, a, bi, out, alpha);
+            j += 2;
+        }
+        if j < n_kv {
+            keys::<1>(j, rows, pairs, a, bi, out, alpha);
+        }
+    }
 }
 
 #[cfg(test)]
