@@ -430,6 +430,10 @@ def main():
     ap.add_argument("--attn-impl", choices=["sdpa", "explicit"], default="sdpa",
                     help="op/attention_*: F.scaled_dot_product_attention (default, what diffusers uses) or "
                          "explicit softmax(q k^T * scale) @ v (diagnostic)")
+    ap.add_argument("--autocast-bf16", action="store_true",
+                    help="run under torch.autocast('cpu', dtype=torch.bfloat16) (linear layers, matrix products and "
+                         "convolutions in bf16; compare with alignprop-bench --bf16-products, which takes only the "
+                         "linear layers in bf16)")
     args = ap.parse_args()
 
     if args.list:
@@ -468,7 +472,8 @@ def main():
         from torch.utils.flop_counter import FlopCounterMode
 
         times = []
-        with ctx():
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast_bf16)
+        with ctx(), autocast:
             # The first warm-up iteration (or one extra, untimed) counts the FLOPs of one iteration with torch's
             # own counter (matrix products, convolutions, SDPA; backward and checkpoint recomputation included).
             counter = FlopCounterMode(display=False)
@@ -490,7 +495,7 @@ def main():
             "workload": args.workload, "side": "torch",
             "median_ms": round(statistics.median(times), 4), "min_ms": round(min(times), 4),
             "max_ms": round(max(times), 4), "iters": iters, "warmup": warmup, "threads": args.threads,
-            "flops": int(flops),
+            "flops": int(flops), "autocast_bf16": args.autocast_bf16,
             "torch": version("torch"), "diffusers": version("diffusers"),
             "peak_rss_mib": round(proc_status_mib("VmHWM"), 1), "baseline_rss_mib": round(baseline_rss, 1),
         }

@@ -32,7 +32,7 @@ use alignprop_trainer::{
     AdamW, AdamWConfig, TrajectoryInput, Truncation, trajectory, trajectory_full_graph,
 };
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, Distribution, Int, Tensor};
+use burn::tensor::{DType, Distribution, ElementConversion, Int, Tensor};
 
 /// One iteration of a workload.
 pub type Workload = Box<dyn FnMut()>;
@@ -490,6 +490,59 @@ fn alignprop_step<A: AutodiffBackend>(d: &A::Device, spec: &StepSpec) -> Result<
             trajectory_full_graph(input).expect("trajectory").grads
         };
         opt.step(&mut unet, grads);
+    }))
+}
+
+/// The LoRA gradient of the `unet/mid_fwdbwd` workload (the "mid" UNet with fresh rank-4 adapters: up factors 0,
+/// so the up factors carry the whole gradient) computed twice on one model, with the linear layers' products in f32
+/// and in bf16 (`alignprop_kernels::flex_bf16`): the relative error of the whole gradient (`|g_bf16 - g_f32| /
+/// |g_f32|` over all LoRA tensors), the largest per-tensor one, and the cosine of the two. One JSON object.
+pub fn bf16_lora_gradient_error<A: AutodiffBackend>(
+    device: &A::Device,
+) -> Result<serde_json::Value, String> {
+    use alignprop_kernels::flex_bf16::set_bf16_products;
+    let mut unet = UNet2DConditionModel::new(
+        &mid_unet_config(),
+        &VarBuilder::<A>::random(device, DType::F32),
+    )
+    .map_err(|e| e.to_string())?;
+    alignprop_lora::inject_seeded(&mut unet, &Default::default(), 1).map_err(|e| e.to_string())?;
+    let x = randn::<A, 4>([2, 4, 32, 32], device);
+    let text = randn::<A, 3>([2, 77, 768], device);
+    let g = randn::<A, 4>([2, 4, 32, 32], device);
+    let grads = |bf16: bool| {
+        set_bf16_products(bf16);
+        let out = unet.forward_with_timestep(x.clone(), 500.0, text.clone());
+        let grads = alignprop_kernels::vjp_scalar(out, g.clone()).backward();
+        set_bf16_products(false);
+        alignprop_trainer::lora_params::lora_grads_from(&unet, &grads)
+    };
+    let (f32s, bf16s) = (grads(false), grads(true));
+    let sum = |t: Tensor<A::InnerBackend, 2>| t.sum().into_scalar().elem::<f64>();
+    let (mut diff2, mut norm2, mut dot, mut other2, mut worst) = (0.0, 0.0, 0.0, 0.0, 0f64);
+    for (key, a) in &f32s.tensors {
+        let b = bf16s
+            .tensors
+            .get(key)
+            .ok_or(format!("{key}: no bf16 gradient"))?;
+        let (d2, a2) = (
+            sum((b.clone() - a.clone()).powi_scalar(2)),
+            sum(a.clone().powi_scalar(2)),
+        );
+        diff2 += d2;
+        norm2 += a2;
+        dot += sum(a.clone() * b.clone());
+        other2 += sum(b.clone().powi_scalar(2));
+        if a2 > 0.0 {
+            worst = worst.max((d2 / a2).sqrt());
+        }
+    }
+    Ok(serde_json::json!({
+        "workload": "unet/mid_fwdbwd",
+        "lora_tensors": f32s.tensors.len(),
+        "relative_error": (diff2 / norm2).sqrt(),
+        "worst_tensor_relative_error": worst,
+        "cosine": dot / (norm2.sqrt() * other2.sqrt()),
     }))
 }
 

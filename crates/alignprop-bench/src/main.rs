@@ -3,6 +3,8 @@
 //! ```text
 //! alignprop-bench --list
 //! alignprop-bench --workload unet/mid_fwd [--iters N] [--warmup W] [--device cpu|cuda[:N]] [--no-malloc-tuning]
+//!                 [--bf16-products]
+//! alignprop-bench --bf16-grad-error                          # the mid UNet's LoRA gradient, bf16 products vs f32
 //! alignprop-bench --plot-scaling RESULTS.json OUT.png     # the scaling curves of a `cargo xtask bench` run
 //! alignprop-bench --peak [THREADS]                          # the machine's float32 FMA peak, one JSON line
 //! ```
@@ -31,6 +33,10 @@ struct Args {
     /// `--peak`: the thread count to measure the FMA peak with.
     peak: Option<usize>,
     malloc_tuning: bool,
+    /// `--bf16-products`: the linear layers' products in bf16 with f32 sums (`alignprop_kernels::flex_bf16`).
+    bf16_products: bool,
+    /// `--bf16-grad-error`: print `alignprop_bench::bf16_lora_gradient_error` and exit.
+    bf16_grad_error: bool,
     plot: Option<(String, String)>,
 }
 
@@ -43,6 +49,8 @@ fn parse_args() -> Result<Args, String> {
         list: false,
         peak: None,
         malloc_tuning: true,
+        bf16_products: false,
+        bf16_grad_error: false,
         plot: None,
     };
     let mut it = std::env::args().skip(1);
@@ -76,6 +84,8 @@ fn parse_args() -> Result<Args, String> {
             }
             "--device" => a.device = value("--device")?.parse()?,
             "--no-malloc-tuning" => a.malloc_tuning = false,
+            "--bf16-products" => a.bf16_products = true,
+            "--bf16-grad-error" => a.bf16_grad_error = true,
             "--plot-scaling" => {
                 let json = value("--plot-scaling")?;
                 a.plot = Some((json, value("--plot-scaling (PNG path)")?));
@@ -83,8 +93,10 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 println!(
                     "alignprop-bench --list | --peak | --workload NAME [--iters N] [--warmup W] \
-                     [--device cpu|cuda[:N]|wgpu[:N]] [--no-malloc-tuning]\n\
-                     --peak: the float32 FMA peak of RAYON_NUM_THREADS threads (default: every CPU), one JSON line"
+                     [--device cpu|cuda[:N]|wgpu[:N]] [--no-malloc-tuning] [--bf16-products]\n\
+                     --peak: the float32 FMA peak of RAYON_NUM_THREADS threads (default: every CPU), one JSON line\n\
+                     --bf16-products: the linear layers' products in bf16 with f32 sums (CPU with AVX512_BF16)\n\
+                     --bf16-grad-error: the mid UNet's LoRA gradient with bf16 products against f32, one JSON line"
                 );
                 std::process::exit(0);
             }
@@ -177,6 +189,26 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if args.bf16_grad_error {
+        if !alignprop_kernels::flex_bf16::bf16_supported() {
+            eprintln!("error: --bf16-grad-error needs a CPU with AVX512_BF16 (this one has none)");
+            return ExitCode::FAILURE;
+        }
+        device::one_heap();
+        let r = alignprop_kernels::in_pool(|| {
+            alignprop_bench::bf16_lora_gradient_error::<CpuAutodiff>(&Default::default())
+        });
+        return match r {
+            Ok(v) => {
+                println!("{v}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: --bf16-grad-error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.list {
         for n in names() {
             println!("{n}");
@@ -188,6 +220,13 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     let tuned = args.malloc_tuning && device::keep_freed_memory();
+    if args.bf16_products {
+        if !alignprop_kernels::flex_bf16::bf16_supported() {
+            eprintln!("error: --bf16-products needs a CPU with AVX512_BF16 (this one has none)");
+            return ExitCode::FAILURE;
+        }
+        alignprop_kernels::flex_bf16::set_bf16_products(true);
+    }
     let (dw, di) = default_iters(&name);
     let (warmup, iters) = (args.warmup.unwrap_or(dw), args.iters.unwrap_or(di));
     if let Some((_, workers)) = parse_parallel(&name) {
@@ -254,6 +293,7 @@ fn main() -> ExitCode {
                 "device": args.device.to_string(),
                 "burn": "0.21.0",
                 "malloc_tuning": tuned,
+                "bf16_products": args.bf16_products,
                 "threads": std::env::var("RAYON_NUM_THREADS").ok(),
             });
             println!("{line}");

@@ -415,7 +415,7 @@ pub(crate) unsafe fn transpose_into<const ADD: bool>(
 ///
 /// # Safety
 /// As [`transpose`] for `width` columns.
-unsafe fn transpose_strip<const ADD: bool>(
+pub(crate) unsafe fn transpose_strip<const ADD: bool>(
     src: *const f32,
     rows: usize,
     width: usize,

@@ -12,6 +12,9 @@
 //! - Backward: `dx = dy w` (`[rows, out] x [out, in]`) and `dw = dyᵀ x` (`[out, rows] x [rows, in]`, `dyᵀ` a
 //!   view) split the same way; `db` is the column sums of `dy`, in parallel over column blocks.
 //!
+//! - bf16 (opt-in, [`crate::flex_bf16`]): the forward's and the input gradient's products with both operands rounded
+//!   to bf16 and f32 sums, on CPUs with AVX512_BF16; `dw` and `db` stay f32.
+//!
 //! Taken for `Flex` and `Autodiff<Flex>` with f32 `x`, `w`, `b`; every other backend or dtype gets the inputs back.
 //! Shapes: `x` `[rows, in]`, `w` `[out, in]` (PyTorch's layout), `b` `[out]`, `y` `[rows, out]`.
 
@@ -27,6 +30,7 @@ use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::flex::{AdFlex, View, f32_values, filled_later, flex_tensor, layer_with_bias, par_mm};
+use crate::flex_bf16;
 
 /// The inputs of [`linear`], given back when the kernel does not apply.
 pub type LinearInputs<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 1>>);
@@ -80,8 +84,16 @@ fn forward(xs: &[f32], ws: &[f32], bias: Option<&[f32]>, d: Dims) -> Vec<f32> {
     }
     let x = View::rows(xs, 0, d.inp);
     let wt = View::rows(ws, 0, d.inp).t();
-    par_mm(d.rows, d.out, d.inp, &mut y, bias.is_some(), x, wt);
+    product(d.rows, d.out, d.inp, &mut y, bias.is_some(), x, wt);
     y
+}
+
+/// [`par_mm`], or its bf16 version when switched on and the shape and CPU allow ([`crate::flex_bf16`]): the
+/// forward's `x wᵀ` and the input gradient's `dy w` (the weight gradient stays f32).
+fn product(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: View, b: View) {
+    if !(flex_bf16::wants(m, n, k) && flex_bf16::par_mm_bf16(m, n, k, dst, accumulate, a, b)) {
+        par_mm(m, n, k, dst, accumulate, a, b);
+    }
 }
 
 /// `N` parents: input, weight and, when the layer has one, bias.
@@ -109,7 +121,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
             // dx = dy w: [rows, out] x [out, in].
             let ws = f32_values(&st.w);
             let mut dx = filled_later(d.rows * d.inp);
-            par_mm(
+            product(
                 d.rows,
                 d.inp,
                 d.out,

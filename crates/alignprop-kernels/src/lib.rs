@@ -13,7 +13,8 @@
 //!   FlashAttention-style attention that never stores the score matrix ([`flex_attention`]), stride-1 3x3 and 1x1
 //!   convolutions forward and backward as GEMMs on the zero-padded grid ([`flex_conv`]; the larger 3x3 ones by
 //!   Winograd's F(2x2, 3x3), [`flex_winograd`]), linear layers with the bias as the GEMM's starting value
-//!   ([`flex_linear`]).
+//!   ([`flex_linear`]); opt-in bf16 products with f32 accumulation for the linear layers on CPUs with
+//!   AVX512_BF16 ([`flex_bf16`]).
 //! - [`AutodiffKernels`]: memory-efficient attention under autodiff ([`blockwise_attention`]: query blocks, only
 //!   the output and each row's log-sum-exp kept, probabilities recomputed in the backward) for `Autodiff<Flex>` in
 //!   other dtypes, `Autodiff<Cuda>` (feature `cuda`) and `Autodiff<Wgpu>` (feature `wgpu`).
@@ -33,6 +34,8 @@ pub mod blockwise_attention;
 pub mod flex;
 #[cfg(feature = "flex")]
 pub mod flex_attention;
+#[cfg(feature = "flex")]
+pub mod flex_bf16;
 #[cfg(feature = "flex")]
 pub mod flex_conv;
 #[cfg(feature = "flex")]

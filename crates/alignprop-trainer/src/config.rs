@@ -35,6 +35,11 @@ pub struct ModelConfig {
     /// `f32` (CPU, GPU) or `bf16` (frozen networks in bfloat16; LoRA, optimiser and the latent gradient in f32).
     /// `f16` is refused for training (no loss scaling: float16 gradients underflow); `f64` for tests.
     pub dtype: String,
+    /// CPU, `dtype = "f32"`: the linear layers' forward and input-gradient products in bf16 with f32 sums
+    /// (`alignprop_kernels::flex_bf16`, about twice the multiply-adds per cycle; needs AVX512_BF16: AMD Zen 4+,
+    /// Intel Cooper Lake / Sapphire Rapids+). The LoRA weight gradients, convolutions and attention stay f32. No
+    /// effect on GPU backends. Off by default.
+    pub bf16_products: bool,
 }
 
 impl Default for ModelConfig {
@@ -42,6 +47,7 @@ impl Default for ModelConfig {
         Self {
             path: None,
             dtype: "f32".into(),
+            bf16_products: false,
         }
     }
 }

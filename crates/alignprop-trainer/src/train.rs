@@ -1,6 +1,7 @@
 //! The AlignProp training loop: sample trajectories, backpropagate the reward through them (checkpointed),
 //! accumulate LoRA gradients, AdamW, evaluate on fixed prompts and noise, log, save the LoRA.
 
+use std::any::TypeId;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +16,7 @@ use alignprop_rewards::Reward;
 use alignprop_rewards::compose::{Targeted, WeightedSum, WeightedTerm};
 use alignprop_rewards::registry::{SUM_KIND, trainable_kind};
 use alignprop_schedulers::{DdimScheduler, Scheduler};
+use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor};
@@ -283,6 +285,17 @@ impl<B: AutodiffBackend> Trainer<B> {
                 )));
             }
         };
+        if TypeId::of::<B>() == TypeId::of::<Autodiff<Flex>>() {
+            let bf16 = config.model.bf16_products;
+            if bf16 && !alignprop_kernels::flex_bf16::bf16_supported() {
+                return Err(TrainError::Config(
+                    "model.bf16_products = true needs a CPU with AVX512_BF16 (AMD Zen 4+, Intel Cooper Lake / \
+                     Sapphire Rapids+); this CPU has none: set it to false"
+                        .into(),
+                ));
+            }
+            alignprop_kernels::flex_bf16::set_bf16_products(bf16);
+        }
         // No model configured: the built-in demo model (embedded, written to the cache folder on first use).
         let model_dir = match config.model.path.clone() {
             Some(p) => p,
