@@ -478,12 +478,14 @@ mod tests {
         let cfg = demo_with(&[
             "sampling.guidance_scale=7",
             "model.dtype=bf16",
+            "model.bf16_products=true",
             "reward.kind=sum",
         ]);
         // `sum` without terms is a validate() error, not a parse error: the parse succeeds.
         let cfg = cfg.unwrap();
         assert_eq!(cfg.sampling.guidance_scale, 7.0);
         assert_eq!(cfg.model.dtype, "bf16");
+        assert!(cfg.model.bf16_products);
     }
 
     /// Paths given with --set are relative to the working folder; the config's own stay relative to the config.
