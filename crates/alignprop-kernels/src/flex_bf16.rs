@@ -2,7 +2,7 @@
 //! Lake, Sapphire Rapids and later): an opt-in precision for the linear layers, as PyTorch's CPU autocast to
 //! bfloat16 is.
 //!
-//! When switched on ([`set_bf16_products`]; the training config's `bf16_products`), the linear layers' forward
+//! When switched on ([`set_bf16_products`]; the training config's `model.bf16_products`), the linear layers' forward
 //! product `x wᵀ` and input gradient `dy w` round both operands to bf16 (round to nearest even, 8 significant bits)
 //! and accumulate in f32: one `VDPBF16PS` multiplies 16 pairs of bf16 values and adds them into 16 f32 sums, twice the
 //! multiply-adds of an f32 FMA of the same width (measured, AMD EPYC Zen 4, 2 threads: 366-392 GFLOP/s at UNet
