@@ -189,11 +189,15 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if (args.bf16_products || args.bf16_grad_error)
+        && !alignprop_kernels::flex_bf16::bf16_supported()
+    {
+        eprintln!(
+            "error: --bf16-products / --bf16-grad-error need a CPU with AVX512_BF16 (this one has none)"
+        );
+        return ExitCode::FAILURE;
+    }
     if args.bf16_grad_error {
-        if !alignprop_kernels::flex_bf16::bf16_supported() {
-            eprintln!("error: --bf16-grad-error needs a CPU with AVX512_BF16 (this one has none)");
-            return ExitCode::FAILURE;
-        }
         device::one_heap();
         let r = alignprop_kernels::in_pool(|| {
             alignprop_bench::bf16_lora_gradient_error::<CpuAutodiff>(&Default::default())
@@ -221,10 +225,6 @@ fn main() -> ExitCode {
     };
     let tuned = args.malloc_tuning && device::keep_freed_memory();
     if args.bf16_products {
-        if !alignprop_kernels::flex_bf16::bf16_supported() {
-            eprintln!("error: --bf16-products needs a CPU with AVX512_BF16 (this one has none)");
-            return ExitCode::FAILURE;
-        }
         alignprop_kernels::flex_bf16::set_bf16_products(true);
     }
     let (dw, di) = default_iters(&name);

@@ -291,29 +291,10 @@ pub(crate) fn par_mm(
         // GFLOP/s, -> 2304 177 -> 207, -> 1280 155 -> 182, 77 x 768 -> 768 133 -> 164, 128 x 640 -> 640 160 -> 181;
         // no gain from 2 m > min(n, k) on (308 x 768 -> 768 178 / 181, 256 x 320 -> 320 194 / 184, 1024 rows 200 /
         // 184).
+        // `dstᵀ = bᵀ aᵀ` by this function itself: split along `n` (its longer side now), each part's row-major
+        // destination handed to gemm as the column-major `dst` part it is (`2 n > min(m, k)`: no deeper recursion).
         let mut dt = filled_later(m * n);
-        let threads = rayon::current_num_threads();
-        let parts = threads.min(n.div_ceil(16)).max(1);
-        let step = n.div_ceil(parts).div_ceil(16) * 16;
-        let d = SharedMut(dt.as_mut_ptr());
-        (0..n.div_ceil(step)).into_par_iter().for_each(|part| {
-            let (s, e) = (part * step, ((part + 1) * step).min(n));
-            let (a, b): (View, View) = (a, b);
-            // SAFETY: part `part` writes rows `s .. e` of `dstᵀ` (`[n, m]`), which no other part touches; `b`'s
-            // columns `s .. e` lie inside its `k x n` values.
-            unsafe {
-                let b = View {
-                    ptr: b.ptr.offset(s as isize * b.cs),
-                    ..b
-                };
-                let dv = View {
-                    ptr: d.get().add(s * m),
-                    rs: 1,
-                    cs: m as isize,
-                };
-                mm_strided(m, e - s, k, dv, false, a, b, 1.0, false);
-            }
-        });
+        par_mm(n, m, k, &mut dt, false, b.t(), a.t());
         // SAFETY: `dt` holds `n` rows of `m` values; `dst` holds `m * n`.
         unsafe {
             if accumulate {

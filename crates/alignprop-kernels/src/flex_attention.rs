@@ -479,8 +479,9 @@ unsafe fn keys_x8_avx512(
 ) {
     use std::arch::x86_64::*;
     let pairs = rows / 2;
-    let mut bi = vec![0f32; pairs * 16];
-    for (p, chunk) in bi.chunks_exact_mut(16).enumerate() {
+    debug_assert!(rows <= BLOCK);
+    let mut bi = [0f32; 16 * BLOCK / 2];
+    for (p, chunk) in bi[..pairs * 16].chunks_exact_mut(16).enumerate() {
         for (i, v) in chunk.iter_mut().enumerate() {
             let (c, e) = (i / 2, i % 2);
             // SAFETY: row `2 p + e < rows`, column `c < 8` of `b`.

@@ -48,10 +48,10 @@ pub fn bf16_supported() -> bool {
     }
 }
 
-/// Whether a product `[m, k] x [k, n]` is to be taken in bf16: switched on, every side at least [`MIN_SIDE`], the
-/// CPU able.
+/// Whether a product `[m, k] x [k, n]` is to be taken in bf16: switched on and every side at least [`MIN_SIDE`]
+/// ([`par_mm_bf16`] then checks the CPU and the layouts).
 pub(crate) fn wants(m: usize, n: usize, k: usize) -> bool {
-    bf16_products() && m.min(n).min(k) >= MIN_SIDE && bf16_supported()
+    bf16_products() && m.min(n).min(k) >= MIN_SIDE
 }
 
 /// `dst (m x n, row-major) = [dst +] a (m x k) b (k x n)` with `a` and `b` rounded to bf16, summed in f32, across
