@@ -1011,7 +1011,7 @@ impl<B: Backend> UpBlock2D<B> {
             let skip = skips
                 .pop()
                 .expect("one skip connection per up-block resnet");
-            x = resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb));
+            x = resnet.forward(alignprop_kernels::cat_channels(x, skip), Some(temb));
         }
         match &self.upsampler {
             Some(up) => up.forward(x, upsample_size),
@@ -1044,7 +1044,7 @@ impl<B: Backend> CrossAttnUpBlock2D<B> {
                 .pop()
                 .expect("one skip connection per up-block resnet");
             x = attn.forward(
-                resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb)),
+                resnet.forward(alignprop_kernels::cat_channels(x, skip), Some(temb)),
                 context,
             );
         }

@@ -1080,6 +1080,113 @@ impl Backward<Flex, 1> for SwapBackward {
     }
 }
 
+/// `cat([a, b], 1)`: `a` `[batch, c_a, h, w]` and `b` `[batch, c_b, h, w]` -> `[batch, c_a + c_b, h, w]`,
+/// contiguous (the UNet's up blocks concatenate their input with the skip connection). Under autodiff its backward
+/// hands each input a contiguous copy of its channels of the gradient: burn's `cat` backward hands out strided
+/// slices of it, which the gradient sums of the skip tensors (each also feeds the next down layer) and the copies
+/// into contiguous values then walk one element at a time on one thread. Returns the inputs back unless the
+/// backend is `Flex` or `Autodiff<Flex>`, both are f32 and all but the channel dimension agree.
+#[allow(clippy::type_complexity)]
+pub fn cat_channels<B: Backend>(
+    a: Tensor<B, 4>,
+    b: Tensor<B, 4>,
+) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)> {
+    let ([n, ca, h, w], [nb, cb, hb, wb]) = (a.dims(), b.dims());
+    if a.dtype() != DType::F32
+        || b.dtype() != DType::F32
+        || (n, h, w) != (nb, hb, wb)
+        || n * ca * cb * h * w == 0
+    {
+        return Err((a, b));
+    }
+    let split = Split {
+        batch: n,
+        a: ca * h * w,
+        b: cb * h * w,
+    };
+    let shape = vec![n, ca + cb, h, w];
+    let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
+    let wrap =
+        |p: B::FloatTensorPrimitive| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
+    if TypeId::of::<B>() == TypeId::of::<Flex>() {
+        let (a, b): (FlexTensor, FlexTensor) = (cast(prim(a)), cast(prim(b)));
+        return Ok(wrap(cast(flex_tensor(split.join(&a, &b), shape))));
+    }
+    if TypeId::of::<B>() == TypeId::of::<AdFlex>() {
+        let (a, b): (AdPrimitive, AdPrimitive) = (cast(prim(a)), cast(prim(b)));
+        let out = flex_tensor(split.join(&a.primitive, &b.primitive), shape);
+        let out = match CatBackward
+            .prepare::<NoCheckpointing>([a.node.clone(), b.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                prep.finish((split, vec![n, ca, h, w], vec![n, cb, h, w]), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        return Ok(wrap(cast(out)));
+    }
+    Err((a, b))
+}
+
+/// The per-image extents of [`cat_channels`]: `batch` images of `a` then `b` values each.
+#[derive(Clone, Copy, Debug)]
+struct Split {
+    batch: usize,
+    a: usize,
+    b: usize,
+}
+
+impl Split {
+    /// Per image, `a`'s values then `b`'s.
+    fn join(&self, a: &FlexTensor, b: &FlexTensor) -> Vec<f32> {
+        let (av, bv) = (f32_values(a), f32_values(b));
+        let mut out = filled_later(self.batch * (self.a + self.b));
+        out.par_chunks_mut(self.a + self.b)
+            .zip(
+                av.par_chunks(self.a.max(1))
+                    .zip(bv.par_chunks(self.b.max(1))),
+            )
+            .for_each(|(dst, (sa, sb))| {
+                dst[..self.a].copy_from_slice(sa);
+                dst[self.a..].copy_from_slice(sb);
+            });
+        out
+    }
+    /// Of every image of `joined`, its first `self.a` values (`first`) or its last `self.b`, contiguous.
+    fn part(&self, joined: &[f32], first: bool) -> Vec<f32> {
+        let (off, len) = if first { (0, self.a) } else { (self.a, self.b) };
+        let mut out = filled_later(self.batch * len);
+        out.par_chunks_mut(len.max(1))
+            .enumerate()
+            .for_each(|(i, dst)| {
+                dst.copy_from_slice(&joined[i * (self.a + self.b) + off..][..len])
+            });
+        out
+    }
+}
+
+#[derive(Debug)]
+struct CatBackward;
+
+impl Backward<Flex, 2> for CatBackward {
+    type State = (Split, Vec<usize>, Vec<usize>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy: FlexTensor = grads.consume::<Flex>(&ops.node);
+        let (split, shape_a, shape_b) = ops.state;
+        let dys = f32_values(&dy);
+        let [pa, pb] = ops.parents;
+        if let Some(node) = pa {
+            grads.register::<Flex>(node.id, flex_tensor(split.part(&dys, true), shape_a));
+        }
+        if let Some(node) = pb {
+            grads.register::<Flex>(node.id, flex_tensor(split.part(&dys, false), shape_b));
+        }
+    }
+}
+
 /// Row kernels written so that LLVM vectorises them (fixed-width lane arrays, no float reductions in loop order,
 /// no saturating casts), compiled three times: for AVX-512, for AVX2 + FMA (both with fused multiply-adds), and
 /// for the baseline target (separate multiply and add); the widest the CPU has is picked at run time.
@@ -1886,6 +1993,57 @@ mod tests {
         let y = swap_last2(x.clone()).unwrap();
         assert_eq!(max_diff(y, x.clone().swap_dims(1, 2)), 0.0);
         assert!(swap_last2(x.cast(DType::F64)).is_err());
+    }
+
+    #[test]
+    fn cat_channels_matches_burn_cat_forward_and_backward() {
+        type A = AdFlex;
+        let d = Default::default();
+        // One image, the UNet's batch of 2, a 1x1 map; `b` also used on its own (its gradient is a sum, as for
+        // the skip connections); `a` tracked or not.
+        for ([n, ca, cb, h, w], a_tracked) in [
+            ([1, 3, 5, 4, 6], true),
+            ([2, 16, 8, 8, 8], true),
+            ([3, 2, 7, 1, 1], false),
+        ] {
+            let a = Tensor::<A, 4>::random([n, ca, h, w], Distribution::Normal(0.0, 1.0), &d);
+            let b = Tensor::<A, 4>::random([n, cb, h, w], Distribution::Normal(0.0, 1.0), &d);
+            let g = Tensor::<A, 4>::random([n, ca + cb, h, w], Distribution::Normal(0.0, 1.0), &d);
+            let g2 = Tensor::<A, 4>::random([n, cb, h, w], Distribution::Normal(0.0, 1.0), &d);
+            let run = |fused: bool| {
+                let a = if a_tracked {
+                    a.clone().require_grad()
+                } else {
+                    a.clone()
+                };
+                let b = b.clone().require_grad();
+                let y = if fused {
+                    cat_channels(a.clone(), b.clone()).unwrap_or_else(|_| panic!("applies"))
+                } else {
+                    Tensor::cat(vec![a.clone(), b.clone()], 1)
+                };
+                let loss = (y.clone() * g.clone()).sum() + (b.clone() * g2.clone()).sum();
+                let grads = loss.backward();
+                (y.inner(), a.grad(&grads), b.grad(&grads).unwrap())
+            };
+            let ((y1, da1, db1), (y0, da0, db0)) = (run(true), run(false));
+            let case = format!("[{n}, {ca}+{cb}, {h}, {w}]");
+            assert_eq!(y1.dims(), [n, ca + cb, h, w]);
+            assert_eq!(max_diff(y1, y0), 0.0, "{case}");
+            assert_eq!(max_diff(db1, db0), 0.0, "{case}");
+            assert_eq!(da1.is_some(), a_tracked, "{case}");
+            if let (Some(da1), Some(da0)) = (da1, da0) {
+                assert_eq!(max_diff(da1, da0), 0.0, "{case}");
+            }
+        }
+        let t = |c: usize, h: usize| {
+            Tensor::<Flex, 4>::random([2, c, h, 3], Distribution::Normal(0.0, 1.0), &d)
+        };
+        let (a, b) = (t(2, 3), t(4, 3));
+        let y = cat_channels(a.clone(), b.clone()).unwrap_or_else(|_| panic!("applies"));
+        assert_eq!(max_diff(y, Tensor::cat(vec![a.clone(), b], 1)), 0.0);
+        assert!(cat_channels(a.clone(), t(4, 5)).is_err());
+        assert!(cat_channels(a.clone().cast(DType::F64), t(4, 3).cast(DType::F64)).is_err());
     }
 
     #[test]

@@ -168,6 +168,15 @@ pub trait Kernels {
         Err(x)
     }
 
+    /// `cat([a, b], 1)` of `[batch, channels, h, w]` tensors, contiguous, with a contiguous backward.
+    #[allow(clippy::type_complexity)]
+    fn cat_channels<B: Backend>(
+        a: Tensor<B, 4>,
+        b: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)> {
+        Err((a, b))
+    }
+
     /// An element-wise [`Activation`].
     fn activation<B: Backend, const D: usize>(
         x: Tensor<B, D>,
@@ -250,6 +259,12 @@ impl Kernels for FlexKernels {
     fn swap_last2<B: Backend>(x: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
         flex::swap_last2(x)
     }
+    fn cat_channels<B: Backend>(
+        a: Tensor<B, 4>,
+        b: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)> {
+        flex::cat_channels(a, b)
+    }
     fn activation<B: Backend, const D: usize>(
         x: Tensor<B, D>,
         act: Activation,
@@ -321,6 +336,12 @@ impl<K1: Kernels, K2: Kernels> Kernels for (K1, K2) {
     }
     fn swap_last2<B: Backend>(x: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
         K1::swap_last2(x).or_else(K2::swap_last2)
+    }
+    fn cat_channels<B: Backend>(
+        a: Tensor<B, 4>,
+        b: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)> {
+        K1::cat_channels(a, b).or_else(|(a, b)| K2::cat_channels(a, b))
     }
     fn activation<B: Backend, const D: usize>(
         x: Tensor<B, D>,
@@ -580,6 +601,13 @@ pub fn geglu<B: Backend>(h: Tensor<B, 2>) -> Tensor<B, 2> {
 /// own copy of the swapped view walks it one element at a time); elsewhere it is burn's strided view.
 pub fn swap_last2<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
     Active::swap_last2(x).unwrap_or_else(|x| x.swap_dims(1, 2))
+}
+
+/// `cat([a, b], 1)`: `[batch, c_a, h, w]`, `[batch, c_b, h, w]` -> `[batch, c_a + c_b, h, w]` (the UNet's skip
+/// connections). On the CPU backend a contiguous copy whose backward hands each input a contiguous part of the
+/// gradient; elsewhere burn's `cat`.
+pub fn cat_channels<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    Active::cat_channels(a, b).unwrap_or_else(|(a, b)| Tensor::cat(vec![a, b], 1))
 }
 
 /// An element-wise activation of the networks.
