@@ -3,10 +3,11 @@
 //!
 //! The networks (`alignprop-diffusion`, `alignprop-rewards`) call the free functions of this crate: [`group_norm`],
 //! [`layer_norm`], [`softmax`], [`multi_head_attention`] / [`scaled_dot_product_attention`], [`geglu`], the
-//! activations ([`silu`], [`quick_gelu`], [`gelu`]), [`conv2d`] and [`linear`] / [`linear_with_bias`]. Each asks the
-//! kernel set for a fused kernel ([`Kernels`], one method per op: it gives its inputs back in `Err` when it does not
-//! apply to the backend, dtype or shape) and otherwise runs the tensor-op version of [`tensor_ops`]. Dispatch is by
-//! backend type at run time, so model code stays generic over `B: Backend` with no extra trait bound on users' code.
+//! activations ([`silu`], [`quick_gelu`], [`gelu`]), [`conv2d`], [`linear`] / [`linear_with_bias`] and
+//! [`cat_channels`]. Each asks the kernel set for a fused kernel ([`Kernels`], one method per op: it gives its inputs
+//! back in `Err` when it does not apply to the backend, dtype or shape) and otherwise runs the tensor-op version of
+//! [`tensor_ops`] (or burn's own op). Dispatch is by backend type at run time, so model code stays generic over
+//! `B: Backend` with no extra trait bound on users' code.
 //!
 //! - [`FlexKernels`] (feature `flex`, on by default): burn's pure-Rust CPU backend `Flex` and `Autodiff<Flex>` in
 //!   f32 — vectorised GroupNorm, softmax, GEGLU and the activations ([`flex`]), LayerNorm ([`flex_layer_norm`]),
