@@ -328,46 +328,59 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
                     // SAFETY (all `mm` calls below): every view addresses its block inside its buffer; `pt`,
                     // `dst` and this task's partials are its own; `dq` rows `q0..q0 + rows` of this head's
                     // columns are written by this task only.
-                    unsafe {
-                        mm(
-                            dm.n_kv,
-                            rows,
-                            dm.d,
-                            pt.as_mut_ptr(),
-                            rows,
-                            false,
-                            kv,
-                            qv.t(),
-                            dm.scale * LOG2_E,
-                        )
-                    };
-                    for (j, prow) in pt.chunks_mut(rows).enumerate() {
-                        let hidden = dm.hidden_from(j, q0, rows);
-                        prow[..hidden].fill(0.0);
-                        simd::exp2_shifted_each(&mut prow[hidden..], &lse[hidden..]);
-                    }
-                    let ptv = View::rows(pt, 0, rows);
-                    unsafe { accumulate_over_queries(dm.n_kv, dm.d, rows, dv_part, ptv, gv, 1.0) };
-                    unsafe {
-                        mm(
-                            dm.n_kv,
-                            rows,
-                            dm.d,
-                            dst.as_mut_ptr(),
-                            rows,
-                            false,
-                            vv,
-                            gv.t(),
-                            1.0,
-                        )
-                    };
                     for (r, d_r) in d_row[..rows].iter_mut().enumerate() {
                         let o = q_off + r * row;
                         *d_r = simd::dot(&os[o..o + dm.d], &gs[o..o + dm.d]);
                     }
-                    for (prow, dsrow) in pt.chunks(rows).zip(dst.chunks_mut(rows)) {
-                        simd::mul_sub_each(prow, dsrow, &d_row[..rows]);
+                    let fused = unsafe {
+                        probs_and_score_grads(
+                            &dm,
+                            rows,
+                            [kv, vv, qv, gv],
+                            lse,
+                            &d_row[..rows],
+                            pt,
+                            dst,
+                        )
+                    };
+                    if !fused {
+                        unsafe {
+                            mm(
+                                dm.n_kv,
+                                rows,
+                                dm.d,
+                                pt.as_mut_ptr(),
+                                rows,
+                                false,
+                                kv,
+                                qv.t(),
+                                dm.scale * LOG2_E,
+                            )
+                        };
+                        for (j, prow) in pt.chunks_mut(rows).enumerate() {
+                            let hidden = dm.hidden_from(j, q0, rows);
+                            prow[..hidden].fill(0.0);
+                            simd::exp2_shifted_each(&mut prow[hidden..], &lse[hidden..]);
+                        }
+                        unsafe {
+                            mm(
+                                dm.n_kv,
+                                rows,
+                                dm.d,
+                                dst.as_mut_ptr(),
+                                rows,
+                                false,
+                                vv,
+                                gv.t(),
+                                1.0,
+                            )
+                        };
+                        for (prow, dsrow) in pt.chunks(rows).zip(dst.chunks_mut(rows)) {
+                            simd::mul_sub_each(prow, dsrow, &d_row[..rows]);
+                        }
                     }
+                    let ptv = View::rows(pt, 0, rows);
+                    unsafe { accumulate_over_queries(dm.n_kv, dm.d, rows, dv_part, ptv, gv, 1.0) };
                     let dsv = View::rows(dst, 0, rows);
                     unsafe {
                         mm(
@@ -418,6 +431,136 @@ fn backward(dout: &FlexTensor, st: &AttentionState) -> (FlexTensor, FlexTensor, 
         flex_tensor(dk, kv_shape.clone()),
         flex_tensor(dv, kv_shape),
     )
+}
+
+/// The backward's probabilities and score gradients of one query block in one pass over the keys, at head size 8
+/// without a causal mask: `pt[j, r] = 2^(scale log2(e) k_j · q_r - lse_r)` and `dst[j, r] = pt[j, r] (v_j · g_r -
+/// D_r)`, both key-major `[n_kv, rows]`. Returns `false` (nothing written) where it does not apply: another head
+/// size, causal, `rows` not a multiple of 16, or no AVX-512.
+///
+/// The general path makes both through two GEMMs of inner size 8 and two element-wise passes over the block
+/// (`exp`, then `p (dp - D)`); here 16 queries sit in the lanes of a vector, their `q` and `g` in 16 registers,
+/// and each key's 8 + 8 values are broadcast into the multiply-adds, so the block's scores are written once, as
+/// probabilities, and never re-read before the products that use them.
+///
+/// # Safety
+/// `views` = `[k, v, q, g]`: `k`, `v` address `n_kv` rows of `d` values, `q`, `g` the block's `rows`; `lse` and
+/// `d_row` hold `rows` values; `pt` and `dst` `n_kv * rows`.
+unsafe fn probs_and_score_grads(
+    dm: &Dims,
+    rows: usize,
+    views: [View; 4],
+    lse: &[f32],
+    d_row: &[f32],
+    pt: &mut [f32],
+    dst: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if dm.d == 8
+        && !dm.causal
+        && rows.is_multiple_of(16)
+        && views.iter().all(|v| v.cs == 1)
+        && std::arch::is_x86_feature_detected!("avx512f")
+    {
+        debug_assert!(pt.len() >= dm.n_kv * rows && dst.len() >= dm.n_kv * rows);
+        // SAFETY: the checks above and the caller's contract.
+        unsafe {
+            probs_and_score_grads_x8_avx512(
+                dm.n_kv,
+                rows,
+                views,
+                dm.scale * LOG2_E,
+                lse,
+                d_row,
+                pt.as_mut_ptr(),
+                dst.as_mut_ptr(),
+            )
+        };
+        return true;
+    }
+    let _ = (dm, rows, views, lse, d_row, pt, dst);
+    false
+}
+
+/// [`probs_and_score_grads`] on AVX-512: 16 queries at a time; `2^x` as [`simd::exp2_nonpos`] computes it
+/// (the same operations, so the same values as the general path's pass).
+///
+/// # Safety
+/// As [`probs_and_score_grads`], with `d = 8`, unit column strides, `rows` a multiple of 16 and AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn probs_and_score_grads_x8_avx512(
+    n_kv: usize,
+    rows: usize,
+    [k, v, q, g]: [View; 4],
+    scale2: f32,
+    lse: &[f32],
+    d_row: &[f32],
+    pt: *mut f32,
+    dst: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): every pointer stays within the views' and buffers' extents (the caller's contract);
+    // the CPU has AVX-512F.
+    unsafe {
+        let round = _mm512_set1_ps(12_582_912.0);
+        let floor = _mm512_set1_ps(-127.0);
+        let coef = [
+            1.535_336_2e-4f32,
+            1.339_887_4e-3,
+            9.618_437e-3,
+            5.550_332_4e-2,
+            2.402_264_8e-1,
+            6.931_472e-1,
+            1.0,
+        ]
+        .map(|c| _mm512_set1_ps(c));
+        for r0 in (0..rows).step_by(16) {
+            // The 16 queries' columns: `qc[c]` lane `l` = `scale2 q[r0 + l, c]`, `gc[c]` = `g[r0 + l, c]`.
+            let lanes = |view: View, c: usize, f: f32| {
+                let vals: [f32; 16] = std::array::from_fn(|l| {
+                    f * *view.ptr.offset((r0 + l) as isize * view.rs + c as isize)
+                });
+                _mm512_loadu_ps(vals.as_ptr())
+            };
+            let qc: [__m512; 8] = std::array::from_fn(|c| lanes(q, c, scale2));
+            let gc: [__m512; 8] = std::array::from_fn(|c| lanes(g, c, 1.0));
+            let l = _mm512_loadu_ps(lse.as_ptr().add(r0));
+            let dd = _mm512_loadu_ps(d_row.as_ptr().add(r0));
+            for j in 0..n_kv {
+                let kp = k.ptr.offset(j as isize * k.rs);
+                let vp = v.ptr.offset(j as isize * v.rs);
+                let b = |p: *const f32, c: usize| _mm512_set1_ps(*p.add(c));
+                // Two chains each for `s` and `dp`.
+                let mut s0 = _mm512_mul_ps(qc[0], b(kp, 0));
+                let mut s1 = _mm512_mul_ps(qc[1], b(kp, 1));
+                let mut d0 = _mm512_mul_ps(gc[0], b(vp, 0));
+                let mut d1 = _mm512_mul_ps(gc[1], b(vp, 1));
+                for c in (2..8).step_by(2) {
+                    s0 = _mm512_fmadd_ps(qc[c], b(kp, c), s0);
+                    s1 = _mm512_fmadd_ps(qc[c + 1], b(kp, c + 1), s1);
+                    d0 = _mm512_fmadd_ps(gc[c], b(vp, c), d0);
+                    d1 = _mm512_fmadd_ps(gc[c + 1], b(vp, c + 1), d1);
+                }
+                let x = _mm512_max_ps(_mm512_sub_ps(_mm512_add_ps(s0, s1), l), floor);
+                let t = _mm512_add_ps(x, round);
+                let r = _mm512_sub_ps(x, _mm512_sub_ps(t, round));
+                let mut e = _mm512_fmadd_ps(coef[0], r, coef[1]);
+                for c in &coef[2..] {
+                    e = _mm512_fmadd_ps(e, r, *c);
+                }
+                let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+                    _mm512_castps_si512(t),
+                    _mm512_set1_epi32(127),
+                )));
+                let p = _mm512_mul_ps(e, two_n);
+                let ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_add_ps(d0, d1), dd));
+                _mm512_storeu_ps(pt.add(j * rows + r0), p);
+                _mm512_storeu_ps(dst.add(j * rows + r0), ds);
+            }
+        }
+    }
 }
 
 /// `part[j, c] += alpha * sum_r a[j, r] b[r, c]` for keys `j < n_kv`, head columns `c < d`, the block's `rows`
