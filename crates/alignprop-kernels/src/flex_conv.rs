@@ -652,7 +652,7 @@ mod tests {
         let dev = Default::default();
         // An im2col matrix above `GATHERED_MAX`: the padded grid, over more than one tile (45 x 70 positions on
         // the padded width, K = 9 * 30: tiles of 512 positions); small ones (gathered); 5x5 kernels; no bias.
-        assert!(30 * 9 * 3 * 45 * 68 > GATHERED_MAX);
+        const { assert!(30 * 9 * 3 * 45 * 68 > GATHERED_MAX) };
         for (b, ci, co, h, w, k, with_bias) in [
             (3, 30, 17, 45, 68, 3, true),
             (1, 2, 5, 4, 3, 3, false),
