@@ -222,6 +222,69 @@ fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dm: &Dims) -> (FlexTe
     (flex_tensor(out, vec![dm.b, dm.n_q, row]), lse)
 }
 
+/// `2^x` for 16 lanes by the operations of [`simd::exp2_nonpos`] (its values exactly). No target feature of its
+/// own, so that it is inlined into its AVX-512 callers rather than called with its vectors in memory (as are
+/// intrinsics inside closures: a fused forward written with `std::array::from_fn` closures ran 3x slower).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp2_x16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX-512F (the caller's contract).
+    unsafe {
+        let round = _mm512_set1_ps(12_582_912.0);
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-127.0));
+        let t = _mm512_add_ps(x, round);
+        let r = _mm512_sub_ps(x, _mm512_sub_ps(t, round));
+        let mut e = _mm512_fmadd_ps(
+            _mm512_set1_ps(1.535_336_2e-4),
+            r,
+            _mm512_set1_ps(1.339_887_4e-3),
+        );
+        for c in [
+            9.618_437e-3f32,
+            5.550_332_4e-2,
+            2.402_264_8e-1,
+            6.931_472e-1,
+            1.0,
+        ] {
+            e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
+        }
+        let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_castps_si512(t),
+            _mm512_set1_epi32(127),
+        )));
+        _mm512_mul_ps(e, two_n)
+    }
+}
+
+/// Rows `r0 .. r0 + 16` of `view` (8 columns, unit column stride) times `f`, one vector per column: lane `l` of
+/// vector `c` is `f view[r0 + l, c]`.
+///
+/// # Safety
+/// The 16 rows lie in the view; the CPU has AVX-512F (inlined into the AVX-512 kernels).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn lanes_x8(view: View, r0: usize, f: f32) -> [std::arch::x86_64::__m512; 8] {
+    use std::arch::x86_64::*;
+    let mut vals = [[0f32; 16]; 8];
+    for l in 0..16 {
+        // SAFETY: row `r0 + l`, columns `0..8` of the view (the caller's contract).
+        let src = unsafe { view.ptr.offset((r0 + l) as isize * view.rs) };
+        for (c, col) in vals.iter_mut().enumerate() {
+            col[l] = f * unsafe { *src.add(c) };
+        }
+    }
+    let mut out = [unsafe { _mm512_setzero_ps() }; 8];
+    for (o, col) in out.iter_mut().zip(&vals) {
+        // SAFETY: 16 floats; AVX-512F (the caller's contract).
+        *o = unsafe { _mm512_loadu_ps(col.as_ptr()) };
+    }
+    out
+}
+
 /// Writes a block's product held transposed, `src` `[d, rows]`, into the token layout: row `r` (its `d` values
 /// times `scale(r)`) at `dst + r * row`.
 ///
@@ -482,8 +545,8 @@ unsafe fn probs_and_score_grads(
     false
 }
 
-/// [`probs_and_score_grads`] on AVX-512: 16 queries at a time; `2^x` as [`simd::exp2_nonpos`] computes it
-/// (the same operations, so the same values as the general path's pass).
+/// [`probs_and_score_grads`] on AVX-512: 16 queries at a time; `2^x` by [`exp2_x16`] (the values of the general
+/// path's pass).
 ///
 /// # Safety
 /// As [`probs_and_score_grads`], with `d = 8`, unit column strides, `rows` a multiple of 16 and AVX-512F.
@@ -504,57 +567,27 @@ unsafe fn probs_and_score_grads_x8_avx512(
     // SAFETY (whole body): every pointer stays within the views' and buffers' extents (the caller's contract);
     // the CPU has AVX-512F.
     unsafe {
-        let round = _mm512_set1_ps(12_582_912.0);
-        let floor = _mm512_set1_ps(-127.0);
-        let coef = [
-            1.535_336_2e-4f32,
-            1.339_887_4e-3,
-            9.618_437e-3,
-            5.550_332_4e-2,
-            2.402_264_8e-1,
-            6.931_472e-1,
-            1.0,
-        ]
-        .map(|c| _mm512_set1_ps(c));
         for r0 in (0..rows).step_by(16) {
             // The 16 queries' columns: `qc[c]` lane `l` = `scale2 q[r0 + l, c]`, `gc[c]` = `g[r0 + l, c]`.
-            let lanes = |view: View, c: usize, f: f32| {
-                let vals: [f32; 16] = std::array::from_fn(|l| {
-                    f * *view.ptr.offset((r0 + l) as isize * view.rs + c as isize)
-                });
-                _mm512_loadu_ps(vals.as_ptr())
-            };
-            let qc: [__m512; 8] = std::array::from_fn(|c| lanes(q, c, scale2));
-            let gc: [__m512; 8] = std::array::from_fn(|c| lanes(g, c, 1.0));
+            let qc = lanes_x8(q, r0, scale2);
+            let gc = lanes_x8(g, r0, 1.0);
             let l = _mm512_loadu_ps(lse.as_ptr().add(r0));
             let dd = _mm512_loadu_ps(d_row.as_ptr().add(r0));
             for j in 0..n_kv {
                 let kp = k.ptr.offset(j as isize * k.rs);
                 let vp = v.ptr.offset(j as isize * v.rs);
-                let b = |p: *const f32, c: usize| _mm512_set1_ps(*p.add(c));
                 // Two chains each for `s` and `dp`.
-                let mut s0 = _mm512_mul_ps(qc[0], b(kp, 0));
-                let mut s1 = _mm512_mul_ps(qc[1], b(kp, 1));
-                let mut d0 = _mm512_mul_ps(gc[0], b(vp, 0));
-                let mut d1 = _mm512_mul_ps(gc[1], b(vp, 1));
+                let mut s0 = _mm512_mul_ps(qc[0], _mm512_set1_ps(*kp.add(0)));
+                let mut s1 = _mm512_mul_ps(qc[1], _mm512_set1_ps(*kp.add(1)));
+                let mut d0 = _mm512_mul_ps(gc[0], _mm512_set1_ps(*vp.add(0)));
+                let mut d1 = _mm512_mul_ps(gc[1], _mm512_set1_ps(*vp.add(1)));
                 for c in (2..8).step_by(2) {
-                    s0 = _mm512_fmadd_ps(qc[c], b(kp, c), s0);
-                    s1 = _mm512_fmadd_ps(qc[c + 1], b(kp, c + 1), s1);
-                    d0 = _mm512_fmadd_ps(gc[c], b(vp, c), d0);
-                    d1 = _mm512_fmadd_ps(gc[c + 1], b(vp, c + 1), d1);
+                    s0 = _mm512_fmadd_ps(qc[c], _mm512_set1_ps(*kp.add(c)), s0);
+                    s1 = _mm512_fmadd_ps(qc[c + 1], _mm512_set1_ps(*kp.add(c + 1)), s1);
+                    d0 = _mm512_fmadd_ps(gc[c], _mm512_set1_ps(*vp.add(c)), d0);
+                    d1 = _mm512_fmadd_ps(gc[c + 1], _mm512_set1_ps(*vp.add(c + 1)), d1);
                 }
-                let x = _mm512_max_ps(_mm512_sub_ps(_mm512_add_ps(s0, s1), l), floor);
-                let t = _mm512_add_ps(x, round);
-                let r = _mm512_sub_ps(x, _mm512_sub_ps(t, round));
-                let mut e = _mm512_fmadd_ps(coef[0], r, coef[1]);
-                for c in &coef[2..] {
-                    e = _mm512_fmadd_ps(e, r, *c);
-                }
-                let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
-                    _mm512_castps_si512(t),
-                    _mm512_set1_epi32(127),
-                )));
-                let p = _mm512_mul_ps(e, two_n);
+                let p = exp2_x16(_mm512_sub_ps(_mm512_add_ps(s0, s1), l));
                 let ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_add_ps(d0, d1), dd));
                 _mm512_storeu_ps(pt.add(j * rows + r0), p);
                 _mm512_storeu_ps(dst.add(j * rows + r0), ds);
