@@ -1144,10 +1144,7 @@ impl Split {
         let (av, bv) = (f32_values(a), f32_values(b));
         let mut out = filled_later(self.batch * (self.a + self.b));
         out.par_chunks_mut(self.a + self.b)
-            .zip(
-                av.par_chunks(self.a.max(1))
-                    .zip(bv.par_chunks(self.b.max(1))),
-            )
+            .zip(av.par_chunks(self.a).zip(bv.par_chunks(self.b)))
             .for_each(|(dst, (sa, sb))| {
                 dst[..self.a].copy_from_slice(sa);
                 dst[self.a..].copy_from_slice(sb);
@@ -1158,11 +1155,9 @@ impl Split {
     fn part(&self, joined: &[f32], first: bool) -> Vec<f32> {
         let (off, len) = if first { (0, self.a) } else { (self.a, self.b) };
         let mut out = filled_later(self.batch * len);
-        out.par_chunks_mut(len.max(1))
-            .enumerate()
-            .for_each(|(i, dst)| {
-                dst.copy_from_slice(&joined[i * (self.a + self.b) + off..][..len])
-            });
+        out.par_chunks_mut(len).enumerate().for_each(|(i, dst)| {
+            dst.copy_from_slice(&joined[i * (self.a + self.b) + off..][..len])
+        });
         out
     }
 }
@@ -1268,18 +1263,30 @@ pub(crate) mod simd {
     /// Fewer operations than [`exp`] (no range reduction by `ln 2`, no upper clamp, no select).
     #[inline(always)]
     pub(crate) fn exp2_nonpos<const FMA: bool>(x: f32) -> f32 {
-        const ROUND: f32 = 12_582_912.0;
         let xc = if x < -127.0 { -127.0 } else { x };
-        let t = xc + ROUND;
-        let r = xc - (t - ROUND);
-        let p = madd::<FMA>(1.535_336_2e-4, r, 1.339_887_4e-3);
-        let p = madd::<FMA>(p, r, 9.618_437e-3);
-        let p = madd::<FMA>(p, r, 5.550_332_4e-2);
-        let p = madd::<FMA>(p, r, 2.402_264_8e-1);
-        let p = madd::<FMA>(p, r, 6.931_472e-1);
-        let e = madd::<FMA>(p, r, 1.0);
+        let t = xc + EXP2_ROUND;
+        let r = xc - (t - EXP2_ROUND);
+        let mut e = EXP2_POLY[0];
+        for c in &EXP2_POLY[1..] {
+            e = madd::<FMA>(e, r, *c);
+        }
         e * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
     }
+
+    /// [`exp2_nonpos`]'s rounding constant (`1.5 * 2^23`: `x + ROUND - ROUND` is `x` rounded to an integer, whose
+    /// bits sit in the low bits of `x + ROUND`).
+    pub(crate) const EXP2_ROUND: f32 = 12_582_912.0;
+    /// [`exp2_nonpos`]'s polynomial for `2^r`, highest degree first (evaluated by Horner's rule from
+    /// `EXP2_POLY[0]`); also the AVX-512 attention kernels' (`flex_attention`).
+    pub(crate) const EXP2_POLY: [f32; 7] = [
+        1.535_336_2e-4,
+        1.339_887_4e-3,
+        9.618_437e-3,
+        5.550_332_4e-2,
+        2.402_264_8e-1,
+        6.931_472e-1,
+        1.0,
+    ];
 
     /// `erf(x)` to about 1.5e-7 absolute (Abramowitz and Stegun 7.1.26, with the vectorised `exp`).
     #[inline(always)]

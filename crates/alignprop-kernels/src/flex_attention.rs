@@ -234,23 +234,13 @@ unsafe fn exp2_x16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     // SAFETY: AVX-512F (the caller's contract).
     unsafe {
-        let round = _mm512_set1_ps(12_582_912.0);
+        let round = _mm512_set1_ps(simd::EXP2_ROUND);
         let x = _mm512_max_ps(x, _mm512_set1_ps(-127.0));
         let t = _mm512_add_ps(x, round);
         let r = _mm512_sub_ps(x, _mm512_sub_ps(t, round));
-        let mut e = _mm512_fmadd_ps(
-            _mm512_set1_ps(1.535_336_2e-4),
-            r,
-            _mm512_set1_ps(1.339_887_4e-3),
-        );
-        for c in [
-            9.618_437e-3f32,
-            5.550_332_4e-2,
-            2.402_264_8e-1,
-            6.931_472e-1,
-            1.0,
-        ] {
-            e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
+        let mut e = _mm512_set1_ps(simd::EXP2_POLY[0]);
+        for c in &simd::EXP2_POLY[1..] {
+            e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(*c));
         }
         let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
             _mm512_castps_si512(t),
