@@ -270,21 +270,9 @@ pub(crate) fn par_mm(
     } else {
         threads.min(m.max(n).div_ceil(16)).max(1)
     };
-    if parts > 1 && b.rs == 1 && gather_aliases(b.cs.unsigned_abs()) {
-        // gemm computes a row-major `dst` as `dstᵀ = bᵀ aᵀ` and packs `bᵀ` into register panels (64 rows with
-        // AVX-512); from a `b` stored column by column (a linear layer's `wᵀ`, a convolution's transposed input)
-        // that packing gathers one value at a time from rows `b.cs` apart, and at the strides of `gather_aliases`
-        // those rows fall into a few L1 sets: CLIP's MLP output layer [154, 3072] x [3072, 768] ran at 111
-        // GFLOP/s, 170 at other strides. One transposed copy by 8 x 8 register transposes, shared by the
-        // parts, makes the packing a contiguous copy (4.3 instead of 6.5 ms there).
-        let mut bt = filled_later(k * n);
-        // SAFETY: `b` addresses `k x n` values, so `bᵀ` addresses `n` rows of `k` at unit stride.
-        unsafe { transpose(b.t(), n, k, &mut bt) };
-        return par_mm(m, n, k, dst, accumulate, a, View::rows(&bt, 0, n));
-    }
     if b.rs == 1 && m * n * k >= SERIAL_MACS && 2 * m <= n.min(k) {
         // A column-stored `b` with few rows of `a` (CLIP's 154 tokens through its 768-wide layers, the UNet's
-        // cross-attention keys and values): gemm would pack `bᵀ`, the big operand, by gathers (above) for only `m`
+        // cross-attention keys and values): gemm would pack `bᵀ`, the big operand, by gathers (below) for only `m`
         // uses of each value. Computed as `dstᵀ` instead (gemm's natural column-major destination), gemm reads `b`'s
         // columns in place and packs only `a`; one 8 x 8-block transpose then writes (or adds) `dstᵀ` into `dst`.
         // Measured (AMD EPYC, AVX-512, 2 threads, [rows, in] -> [rows, out]): 154 x 768 -> 768 165 -> 186
@@ -304,6 +292,20 @@ pub(crate) fn par_mm(
             }
         };
         return;
+    }
+    if parts > 1 && b.rs == 1 && gather_aliases(b.cs.unsigned_abs()) {
+        // gemm computes a row-major `dst` as `dstᵀ = bᵀ aᵀ` and packs `bᵀ` into register panels (64 rows with
+        // AVX-512); from a `b` stored column by column (a linear layer's `wᵀ`, a convolution's transposed input)
+        // that packing gathers one value at a time from rows `b.cs` apart, and at the strides of `gather_aliases`
+        // those rows fall into a few L1 sets (linear layers of 128-2048 rows from 512, 1024 or 3072 inputs: 92-141
+        // GFLOP/s, 170-220 at other strides). One transposed copy by 8 x 8 register transposes, shared by the
+        // parts, makes the packing a contiguous copy. With few rows of `a` the branch above comes first: it packs
+        // `a` instead and copies no weight (CLIP's MLP output layer [154, 3072] x [3072, 768]: 111 GFLOP/s
+        // gathering, 157 with the weight's transposed copy, 199 computed as `dstᵀ`).
+        let mut bt = filled_later(k * n);
+        // SAFETY: `b` addresses `k x n` values, so `bᵀ` addresses `n` rows of `k` at unit stride.
+        unsafe { transpose(b.t(), n, k, &mut bt) };
+        return par_mm(m, n, k, dst, accumulate, a, View::rows(&bt, 0, n));
     }
     let dst = SharedMut(dst.as_mut_ptr());
     let split_rows = m >= n;
@@ -1861,10 +1863,12 @@ mod tests {
                 && !gather_aliases(768)
                 && !gather_aliases(1)
         );
-        // (40, 203, 600) and (9, 64, 640) take the transposed destination (2 m <= min(n, k)), added to or
-        // overwriting `dst`.
+        // (154, 77, 512) and (120, 203, 1024) take the weight's transposed copy (split by rows and by columns);
+        // (37, 203, 1024), (40, 203, 600) and (9, 64, 640) the transposed destination (2 m <= min(n, k)), added to
+        // or overwriting `dst`, the first with `a`'s transposed copy inside (a row stride of 1024).
         for (m, n, k, accumulate) in [
             (154, 77, 512, true),
+            (120, 203, 1024, false),
             (37, 203, 1024, true),
             (300, 300, 9, true),
             (40, 203, 600, true),
