@@ -1535,6 +1535,14 @@ pub(crate) mod simd {
         sums.iter().sum::<f32>() + x[split..].iter().sum::<f32>()
     }
 
+    #[inline(always)]
+    fn add_into_impl<const FMA: bool>(acc: &mut [f32], x: &[f32]) {
+        debug_assert_eq!(acc.len(), x.len());
+        for (a, v) in acc.iter_mut().zip(x) {
+            *a += v;
+        }
+    }
+
     /// `sum((x - mean)^2)`.
     #[inline(always)]
     fn centred_square_sum_impl<const FMA: bool>(x: &[f32], mean: f32) -> f32 {
@@ -1708,6 +1716,10 @@ pub(crate) mod simd {
     multiversion!(
         /// `sum(x)` (16 partial sums).
         sum => sum_impl(x: &[f32]) -> f32
+    );
+    multiversion!(
+        /// `acc[i] += x[i]` (equal lengths).
+        add_into => add_into_impl(acc: &mut [f32], x: &[f32])
     );
     multiversion!(
         /// `sum(a * b)`.

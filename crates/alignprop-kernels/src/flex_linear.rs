@@ -10,7 +10,7 @@
 //!   (rows of `x` or features of `w`), each part one single-threaded GEMM on a strided view: `wᵀ` is `w` read with
 //!   swapped strides, never copied.
 //! - Backward: `dx = dy w` (`[rows, out] x [out, in]`) and `dw = dyᵀ x` (`[out, rows] x [rows, in]`, `dyᵀ` a
-//!   view) split the same way; `db` is the column sums of `dy`, in parallel over column blocks.
+//!   view) split the same way; `db` is the column sums of `dy`, in parallel over blocks of rows.
 //!
 //! - bf16 (opt-in, [`crate::flex_bf16`]): the forward's and the input gradient's products with both operands rounded
 //!   to bf16 and f32 sums, on CPUs with AVX512_BF16; `dw` and `db` stay f32.
@@ -29,7 +29,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::flex::{AdFlex, View, f32_values, filled_later, flex_tensor, layer_with_bias, par_mm};
+use crate::flex::{
+    AdFlex, View, f32_values, filled_later, flex_tensor, layer_with_bias, par_mm, simd,
+};
 use crate::flex_bf16;
 
 /// The inputs of [`linear`], given back when the kernel does not apply.
@@ -155,21 +157,31 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
     }
 }
 
-/// `db[o] = sum_r dy[r, o]`: column blocks in parallel, each summing the rows in order (vectorised adds).
+/// `db[o] = sum_r dy[r, o]`: blocks of [`SUM_ROWS`] whole rows in parallel, each summed row by row into its own
+/// partial (vectorised, contiguous), then the partials added in block order: the same sums in the same order
+/// whatever the thread count. (Column blocks summed down the rows read `dy` in strided pieces and split unevenly
+/// across two threads: 0.26-0.49 ms for `[2048, 1280]`.)
 fn column_sums(dys: &[f32], d: Dims) -> Vec<f32> {
-    const BLOCK: usize = 256;
-    let mut db = vec![0f32; d.out];
-    db.par_chunks_mut(BLOCK).enumerate().for_each(|(blk, acc)| {
-        let c0 = blk * BLOCK;
-        for row in dys.chunks_exact(d.out) {
-            let cols = &row[c0..c0 + acc.len()];
-            for (a, v) in acc.iter_mut().zip(cols) {
-                *a += v;
+    let partials: Vec<Vec<f32>> = dys
+        .par_chunks(SUM_ROWS * d.out)
+        .map(|block| {
+            let mut acc = block[..d.out].to_vec();
+            for row in block.chunks_exact(d.out).skip(1) {
+                simd::add_into(&mut acc, row);
             }
-        }
-    });
+            acc
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut db = parts.next().unwrap_or_else(|| vec![0.0; d.out]);
+    for p in parts {
+        simd::add_into(&mut db, &p);
+    }
     db
 }
+
+/// Rows per partial sum of [`column_sums`].
+const SUM_ROWS: usize = 128;
 
 #[cfg(test)]
 mod tests {
