@@ -19,7 +19,8 @@
 //!   their im2col at the real positions of all images instead ([`forward_gathered`]: one GEMM, no padded-width
 //!   positions to crop; 1.1-1.8x faster there).
 //! - Input gradient: the forward (im2col or Winograd) on `dy` with the flipped, transposed weight
-//!   (`W'[i, o, ky, kx] = W[o, i, k-1-ky, k-1-kx]`).
+//!   (`W'[i, o, ky, kx] = W[o, i, k-1-ky, k-1-kx]`); on small maps ([`input_gradient_gathered`]) one GEMM with the
+//!   weight as it lies, `T = Wᵀ dy`, and a col2im sum of `T`'s shifted rows (no flipped copy of the weight).
 //! - Weight gradient ([`weight_gradient`]): `dW[:, :, ky, kx] = dy_pad · x_pad[:, shift..]ᵀ` with `K` = the
 //!   positions, `dy` laid on the padded width with zeros in the extra columns; one task per (tap, block of output
 //!   channels), each a single-threaded GEMM per image.
@@ -153,13 +154,7 @@ fn forward_tile(kdim: usize) -> usize {
 /// [`forward_gathered`]. Returns `[b, c_out, h, w]` values.
 fn forward(xs: &[f32], ws: &[f32], bias: Option<&[f32]>, g: &Geometry) -> Vec<f32> {
     if g.k == 3 {
-        let shape = winograd::Shape {
-            b: g.b,
-            c_in: g.c_in,
-            c_out: g.c_out,
-            h: g.h,
-            w: g.w,
-        };
+        let shape = winograd_shape(g);
         if winograd::pays(&shape) {
             return winograd::forward(xs, ws, bias, &shape);
         }
@@ -168,6 +163,17 @@ fn forward(xs: &[f32], ws: &[f32], bias: Option<&[f32]>, g: &Geometry) -> Vec<f3
         return forward_gathered(xs, ws, bias, g);
     }
     forward_padded_grid(xs, ws, bias, g)
+}
+
+/// The Winograd view of a 3x3 geometry.
+fn winograd_shape(g: &Geometry) -> winograd::Shape {
+    winograd::Shape {
+        b: g.b,
+        c_in: g.c_in,
+        c_out: g.c_out,
+        h: g.h,
+        w: g.w,
+    }
 }
 
 /// [`forward`] on the padded grid (the module docs): per image and block of grid positions, the im2col rows are
@@ -384,10 +390,75 @@ fn flipped_transposed(ws: &[f32], g: &Geometry) -> Vec<f32> {
     out
 }
 
+/// The input gradient for small maps (the shapes whose forward is [`forward_gathered`]) without flipping the
+/// weight: `T = Wᵀ · dy` with `W` read as it lies (`[c_out, c_in * k * k]`, a transposed view) and `dy` as
+/// `[c_out, b * h * w]` (positions image-major), one GEMM with `K = c_out`; then the col2im sum
+/// `dx[bi, i, y, x] = sum_tap T[(i, tap), (bi, y - ky + p, x - kx + p)]` over the taps that land inside the map.
+///
+/// The flipped, transposed weight ([`flipped_transposed`]) is as large as the weight (the UNet's 256- and 512-channel
+/// weights sit on its 8x8 and 4x4 maps) and was written for one use; `T` holds `c_in * k * k` values per position,
+/// a few hundred KiB there. Measured (AMD EPYC, AVX-512, 2 threads, batch 2, weights out of cache; flipped weight
+/// and gathered forward -> this): 256 <- 256 channels at 8x8 1.01 -> 0.79 ms, 512 <- 256 at 8x8 1.96 -> 1.61,
+/// 384 <- 256 at 8x8 1.52 -> 1.20, 256 <- 256 at 4x4 0.46 -> 0.39, 512 <- 256 at 4x4 1.62 -> 0.80, 4 <- 64 at
+/// 32x32 0.13 -> 0.09; but 64 <- 4 at 32x32 0.08 -> 0.28 (`K = 4`, `T` 16x larger than `dx`): taken for
+/// `c_in <= 2 c_out` only. Returns `[b, c_in, h, w]` values.
+fn input_gradient_gathered(dys: &[f32], ws: &[f32], g: &Geometry) -> Vec<f32> {
+    let (hw, taps) = (g.h * g.w, g.taps());
+    let (kdim, positions) = (g.c_in * taps, g.b * hw);
+    // dy as `[c_out, b * hw]`: image `bi`'s rows side by side (a view of `dy` itself for one image).
+    let gathered;
+    let dyc: &[f32] = if g.b == 1 {
+        dys
+    } else {
+        let mut v = filled_later(g.c_out * positions);
+        v.par_chunks_mut(positions)
+            .enumerate()
+            .for_each(|(o, row)| {
+                for (bi, dst) in row.chunks_mut(hw).enumerate() {
+                    dst.copy_from_slice(&dys[(bi * g.c_out + o) * hw..][..hw]);
+                }
+            });
+        gathered = v;
+        &gathered
+    };
+    let mut t = filled_later(kdim * positions);
+    par_mm(
+        kdim,
+        positions,
+        g.c_out,
+        &mut t,
+        false,
+        View::rows(ws, 0, kdim).t(),
+        View::rows(dyc, 0, positions),
+    );
+    let mut dx = vec![0f32; g.b * g.c_in * hw];
+    dx.par_chunks_mut(hw).enumerate().for_each(|(row, dst)| {
+        let (bi, i) = (row / g.c_in, row % g.c_in);
+        for tap in 0..taps {
+            let (ky, kx) = (tap / g.k, tap % g.k);
+            // dx columns `x0 .. x1` read T columns `x0 + p - kx ..` (inside the map).
+            let x0 = kx.saturating_sub(g.p);
+            let x1 = (g.w + kx).saturating_sub(g.p).min(g.w);
+            if x0 >= x1 {
+                continue;
+            }
+            let src = &t[(i * taps + tap) * positions + bi * hw..][..hw];
+            for (y, out) in dst.chunks_mut(g.w).enumerate() {
+                let sy = (y + g.p).wrapping_sub(ky);
+                if sy < g.h {
+                    let s = sy * g.w + x0 + g.p - kx;
+                    crate::flex::simd::add_into(&mut out[x0..x1], &src[s..s + x1 - x0]);
+                }
+            }
+        }
+    });
+    dx
+}
+
 /// Gradients for the input, weight and bias (each only when asked for).
 ///
 /// `dx` is the forward's convolution of `dy` with the flipped, transposed weight ([`flipped_transposed`]): one
-/// GEMM per block of positions with `K = c_out * k * k`. `dW` is `k * k` GEMMs per image over all positions:
+/// GEMM per block of positions with `K = c_out * k * k`; or, on small maps, [`input_gradient_gathered`]. `dW` is `k * k` GEMMs per image over all positions:
 /// `dW[:, :, tap] += dy_pad · x_pad[:, shift(tap)..]ᵀ` (`K` = the positions; rayon's threads inside each GEMM).
 fn backward(
     dy: &FlexTensor,
@@ -407,6 +478,12 @@ fn backward(
             c_out: g.c_in,
             ..g
         };
+        if g.k == 3 && winograd::pays(&winograd_shape(&transposed)) {
+            return forward(&dys, &flipped_transposed(&ws, &g), None, &transposed);
+        }
+        if g.c_in <= 2 * g.c_out && g.c_in * g.taps() * g.b * g.h * g.w <= GATHERED_MAX {
+            return input_gradient_gathered(&dys, &ws, &g);
+        }
         forward(&dys, &flipped_transposed(&ws, &g), None, &transposed)
     });
     let dw = want_dw.then(|| weight_gradient(&dys, &xs, &g));
@@ -576,11 +653,16 @@ mod tests {
             (1, 3, 5, 4, 6, 1, false),
             (1, 3, 4, 5, 5, 5, true),
             (2, 4, 3, 7, 4, 3, false),
-            // 21 input channels: the flipped weight's tiles of 16 and a partial one.
+            // 21 input channels: the flipped weight's tiles of 16 and a partial one (c_in > 2 c_out: the flipped
+            // weight with the gathered forward; the small cases above take `input_gradient_gathered`).
             (1, 21, 6, 9, 7, 3, false),
             // Winograd F(2x2, 3x3) for the forward and the input gradient (32+ channels, 256+ positions).
             (1, 32, 40, 17, 19, 3, true),
+            // An input gradient above `GATHERED_MAX` and without Winograd (20 < 32 channels): the flipped weight on
+            // the padded grid; every case above takes `input_gradient_gathered` (or Winograd).
+            (1, 30, 20, 90, 90, 3, false),
         ] {
+            const { assert!(30 * 9 * 90 * 90 > GATHERED_MAX) };
             let p = (k - 1) / 2;
             let x = Tensor::<A, 4>::random([b, ci, h, w], Distribution::Normal(0.0, 1.0), &dev);
             let wt = Tensor::<A, 4>::random([co, ci, k, k], Distribution::Normal(0.0, 0.3), &dev);
