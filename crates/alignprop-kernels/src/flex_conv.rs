@@ -458,8 +458,9 @@ fn input_gradient_gathered(dys: &[f32], ws: &[f32], g: &Geometry) -> Vec<f32> {
 /// Gradients for the input, weight and bias (each only when asked for).
 ///
 /// `dx` is the forward's convolution of `dy` with the flipped, transposed weight ([`flipped_transposed`]): one
-/// GEMM per block of positions with `K = c_out * k * k`; or, on small maps, [`input_gradient_gathered`]. `dW` is `k * k` GEMMs per image over all positions:
-/// `dW[:, :, tap] += dy_pad · x_pad[:, shift(tap)..]ᵀ` (`K` = the positions; rayon's threads inside each GEMM).
+/// GEMM per block of positions with `K = c_out * k * k`; or, on small maps, [`input_gradient_gathered`]. `dW` is
+/// `k * k` GEMMs per image over all positions: `dW[:, :, tap] += dy_pad · x_pad[:, shift(tap)..]ᵀ` (`K` = the
+/// positions; rayon's threads inside each GEMM).
 fn backward(
     dy: &FlexTensor,
     st: &ConvState,
@@ -478,10 +479,9 @@ fn backward(
             c_out: g.c_in,
             ..g
         };
-        if g.k == 3 && winograd::pays(&winograd_shape(&transposed)) {
-            return forward(&dys, &flipped_transposed(&ws, &g), None, &transposed);
-        }
-        if g.c_in <= 2 * g.c_out && g.c_in * g.taps() * g.b * g.h * g.w <= GATHERED_MAX {
+        let winograd = g.k == 3 && winograd::pays(&winograd_shape(&transposed));
+        let small = g.c_in * g.taps() * g.b * g.h * g.w <= GATHERED_MAX;
+        if !winograd && small && g.c_in <= 2 * g.c_out {
             return input_gradient_gathered(&dys, &ws, &g);
         }
         forward(&dys, &flipped_transposed(&ws, &g), None, &transposed)
@@ -659,7 +659,7 @@ mod tests {
             // Winograd F(2x2, 3x3) for the forward and the input gradient (32+ channels, 256+ positions).
             (1, 32, 40, 17, 19, 3, true),
             // An input gradient above `GATHERED_MAX` and without Winograd (20 < 32 channels): the flipped weight on
-            // the padded grid; every case above takes `input_gradient_gathered` (or Winograd).
+            // the padded grid (the 3x3 and 5x5 cases above with c_in <= 2 c_out take `input_gradient_gathered`).
             (1, 30, 20, 90, 90, 3, false),
         ] {
             const { assert!(30 * 9 * 90 * 90 > GATHERED_MAX) };

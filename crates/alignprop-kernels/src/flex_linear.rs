@@ -160,7 +160,7 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward<N> {
 /// `db[o] = sum_r dy[r, o]`: blocks of [`SUM_ROWS`] whole rows in parallel, each summed row by row into its own
 /// partial (vectorised, contiguous), then the partials added in block order: the same sums in the same order
 /// whatever the thread count. (Column blocks summed down the rows read `dy` in strided pieces and split unevenly
-/// across two threads: 0.26-0.49 ms for `[2048, 1280]`.)
+/// across two threads: `[2048, 1280]` 0.26-0.49 ms, this 0.09-0.11; AMD EPYC, AVX-512, 2 threads.)
 fn column_sums(dys: &[f32], d: Dims) -> Vec<f32> {
     let partials: Vec<Vec<f32>> = dys
         .par_chunks(SUM_ROWS * d.out)
