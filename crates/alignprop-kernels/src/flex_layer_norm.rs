@@ -159,12 +159,8 @@ fn backward(dy: &FlexTensor, st: &LayerNormState) -> (FlexTensor, FlexTensor, Fl
         .collect();
     let (mut dgamma, mut dbeta) = (vec![0f32; f], vec![0f32; f]);
     for (dg, db) in &partials {
-        for (a, v) in dgamma.iter_mut().zip(dg) {
-            *a += v;
-        }
-        for (a, v) in dbeta.iter_mut().zip(db) {
-            *a += v;
-        }
+        simd::add_into(&mut dgamma, dg);
+        simd::add_into(&mut dbeta, db);
     }
     (
         flex_tensor(dx, shape),
